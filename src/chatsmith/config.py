@@ -1,0 +1,204 @@
+"""Config dataclasses are the single source of truth for every setting.
+
+Each command has one dataclass; its fields *are* the command-line flags (``out`` -> ``--out``,
+``max_steps`` -> ``--max-steps``) and the keys of ``--config file.yaml``. Precedence, lowest first:
+field default < YAML file < explicit command-line flag.
+
+    @dataclass
+    class SFTConfig:
+        model: str = arg("runs/base", "Model directory to fine-tune.")
+        lr: float = arg(2e-5, "Peak learning rate.")
+
+    cfg = parse_config(SFTConfig, ["--lr", "1e-4"])
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from chatsmith.errors import ChatsmithError
+
+T = typing.TypeVar("T")
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", *, choices: typing.Sequence[Any] | None = None,
+        short: str | None = None) -> Any:
+    """A dataclass field that documents itself as a CLI flag."""
+    meta = {"help": help, "choices": list(choices) if choices is not None else None, "short": short}
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or string value to the field's declared type, with a clear error."""
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ChatsmithError(f"{where}: expected a value of type {getattr(base, '__name__', base)}, got null")
+    origin = get_origin(base)
+    try:
+        if origin is Literal:
+            allowed = get_args(base)
+            if value not in allowed:
+                raise ChatsmithError(f"{where}: expected one of {list(allowed)}, got {value!r}")
+            return value
+        if origin in (list, tuple):
+            (inner,) = get_args(base)[:1] or (str,)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [_coerce(v, inner, where) for v in items]
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ChatsmithError(f"{where}: expected a mapping, got {value!r}")
+            return dict(value)
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ChatsmithError(f"{where}: expected true or false, got {value!r}")
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ChatsmithError(
+            f"{where}: expected {getattr(base, '__name__', base)}, got {value!r}") from None
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Build ``cls`` from a mapping; unknown keys and wrong types are errors that name the key."""
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            close = [n for n in names if n.split("_")[0] == name.split("_")[0]]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ChatsmithError(f"{source}: unknown setting {key!r} for {cls.__name__}{hint}")
+        kwargs[name] = _coerce(value, hints[name], f"{source}: field {key!r}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ChatsmithError(f"{source}: {exc}") from None
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ChatsmithError(f"--config {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ChatsmithError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ChatsmithError(f"{path}: expected a mapping of setting: value at the top level")
+    return data
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per dataclass field. Defaults are SUPPRESSed so we can tell what was given."""
+    hints = _field_types(cls)
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="Read settings from a YAML file (keys are the flag names); flags override it.")
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, _ = _unwrap_optional(hints[f.name])
+        meta = f.metadata or {}
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        help_text = meta.get("help", "")
+        names = [flag_name(f.name)]
+        if meta.get("short"):
+            names.insert(0, meta["short"])
+        if "_" in f.name:
+            names.append("--" + f.name)
+        if tp is bool:
+            help_text = f"{help_text} (default: {'on' if default else 'off'})"
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        origin = get_origin(tp)
+        if origin is Literal:
+            kwargs["choices"] = list(get_args(tp))
+        elif meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if origin in (list, tuple):
+            kwargs["nargs"] = "+"
+            kwargs["metavar"] = f.name.upper()
+        else:
+            kwargs["metavar"] = {int: "N", float: "X"}.get(tp, f.name.split("_")[-1].upper())
+        if default is not None and default != [] and default != "":
+            help_text = f"{help_text} (default: {default})"
+        kwargs["help"] = help_text
+        parser.add_argument(*names, **kwargs)
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None = None,
+                 description: str | None = None, parser: argparse.ArgumentParser | None = None) -> T:
+    parser = parser or argparse.ArgumentParser(prog=prog, description=description,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, cls)
+    ns = parser.parse_args(argv)
+    return config_from_namespace(cls, ns)
+
+
+def config_from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
+    values: dict[str, Any] = {}
+    config_path = getattr(ns, "config", None)
+    if config_path:
+        values.update({k.replace("-", "_"): v for k, v in load_yaml_config(config_path).items()})
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name, value in vars(ns).items():
+        if name in names:
+            values[name] = value
+    return config_from_dict(cls, values, source=config_path or "command line")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    from chatsmith.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,191 @@
+"""Small shared helpers: seeding, atomic file writes, JSONL, rank awareness, metrics logging."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def rank() -> int:
+    """Global rank under torchrun (RANK), 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+# ----------------------------------------------------------------------------- seeding / devices
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' picks cuda (the local rank's GPU under torchrun), then mps, then cpu."""
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank()}" if world_size() > 1 else "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over the target.
+
+    A crash at any point leaves either the old file or the new one, never a torn mix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp directory; on success it atomically replaces ``path``.
+
+    The previous directory is moved aside first and deleted only after the new one is in place,
+    so a crash or Ctrl-C at any moment leaves a complete ``path`` (old or new) or a complete
+    ``path.old`` that :func:`recover_directory` puts back.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def recover_directory(path: str | Path) -> None:
+    """Undo a replacement interrupted between its two renames."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Strict reader for files chatsmith wrote itself (user data goes through chatsmith.data)."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if line:
+                out.append(json.loads(line))
+    return out
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_text(path, text)
+    return text.count("\n")
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class MetricsLogger:
+    """Appends one JSON object per call to ``OUT/metrics.jsonl`` (main process only)."""
+
+    def __init__(self, out_dir: str | Path, stage: str | None = None, enabled: bool | None = None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.stage = stage
+        self.enabled = is_main_process() if enabled is None else enabled
+        self.start = time.time()
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, **metrics: Any) -> dict[str, Any]:
+        row: dict[str, Any] = {"step": step}
+        if self.stage:
+            row["stage"] = self.stage
+        row["time"] = round(time.time() - self.start, 3)
+        for k, v in metrics.items():
+            if hasattr(v, "item"):
+                v = v.item()
+            if isinstance(v, float):
+                v = round(v, 6)
+            row[k] = v
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        return row
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint so the file matches the run."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / "metrics.jsonl"
+    return read_jsonl(path) if path.exists() else []
