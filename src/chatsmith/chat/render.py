@@ -1,0 +1,507 @@
+"""Render a conversation to token ids with an exact assistant-only loss mask, for any Jinja chat template.
+
+    from chatsmith.chat import get_format, render_chat, render_prompt
+    fmt = get_format("chatml")
+    r = render_chat(messages, tokenizer, fmt)     # r.input_ids, r.assistant_mask (same length), r.text
+    prompt_ids = render_prompt(messages, tokenizer, fmt)   # for generation (gen prompt appended)
+
+How the mask is made exact without `{% generation %}` markers
+1. The conversation is rendered once more with every content replaced by a unique private-use character
+   (a "sentinel"). That "skeleton" splits into the template's own text (literals) and content slots, in
+   the order the template writes them: injected default system prompts, headers, separators, reordered or
+   merged system prompts all end up in literals. Skeletons depend only on the conversation's structure
+   (roles, which fields are empty, other keys), so they are cached with everything derived from them.
+2. The real rendering is aligned to skeleton + contents, accepting each content verbatim or
+   whitespace-stripped (`trim`, `lstrip`, `rstrip` in templates). Anything else (a template that drops,
+   repeats or rewrites an assistant reply, or rewrites another message) raises `TemplateError` naming
+   the template and the message index: a mask is never silently wrong.
+3. End of turn: rendering the conversation up to and including assistant message k shows what the
+   template writes right after the reply (`<|im_end|>`, ` </s>`, `<|eot_id|>`); trailing whitespace is
+   not part of it (the model never has to generate it). A template that closes turns with the next
+   role's header (`User: …\\n\\nAssistant: …\\n\\n`) has no such text; the mask then covers the template
+   text up to the next message's content, whitespace-stripped on the right (`\\n\\nUser:`), so the model
+   learns to stop.
+4. Tokenization is done segment by segment: template text with special tokens recognised, message
+   contents as plain text (`encode_special_tokens`, so a typed `<|im_end|>` or `</s>` stays text). The ids
+   are therefore what the model sees at inference: the prompt tokenized, then reply tokens generated — no
+   BPE merge crosses a message boundary. The result is checked with `decode(ids) == text`; a tokenizer
+   that cannot round-trip segments (e.g. SentencePiece adding a prefix space to each piece) falls back
+   to tokenizing the whole text with offsets: a token is in the mask if any of its characters is, and a
+   control token inside a message content is refused with a `DataError`.
+
+Built-in templates insert contents verbatim, so for them the text is assembled from the cached skeleton
+without running Jinja (tests check it equals the Jinja rendering).
+
+Not thread-safe per tokenizer: plain-text encoding flips the fast tokenizer's `encode_special_tokens`
+flag for the duration of one call (and restores it).
+
+Run the tests: `python -m pytest tests/test_chat_templates.py -q`.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from chatsmith.chat.templates import ChatFormat, get_format
+from chatsmith.errors import DataError, TemplateError
+
+CONTENT_FIELDS = ("content", "input")  # message fields holding free text ("input": Alpaca context)
+_SENTINEL_BASES = ((0x100000, 0xFFFE), (0xF0000, 0xFFFE), (0xE000, 0x1900))  # (first code point, count)
+_MAX_PLANS_PER_TOKENIZER = 4096
+
+
+@dataclass
+class RenderedChat:
+    """`input_ids` and `assistant_mask` are both `(t,)`; `text` is the rendered conversation."""
+
+    input_ids: list[int]
+    assistant_mask: list[int]
+    text: str
+
+
+# ----------------------------------------------------------------------------- tokenizer access
+
+class _Codec:
+    """Encode template text (special tokens recognised) and message text (plain) with one tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)  # caches built with this codec are stale once tokens are added
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        control = set(getattr(tokenizer, "all_special_ids", []) or [])
+        for token_id, added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
+            if getattr(added, "special", False):
+                control.add(int(token_id))
+        self.control_ids = control
+
+    def _encode(self, texts: list[str], plain: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        if self.backend is None:  # slow (Python) tokenizer
+            return [self.tokenizer.encode(t, add_special_tokens=False, split_special_tokens=plain) if t else []
+                    for t in texts]
+        previous = self.backend.encode_special_tokens
+        self.backend.encode_special_tokens = plain
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            self.backend.encode_special_tokens = previous
+
+    def encode_template(self, texts: list[str]) -> list[list[int]]:
+        return self._encode(texts, plain=False)
+
+    def encode_plain(self, texts: list[str]) -> list[list[int]]:
+        return self._encode(texts, plain=True)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.backend is not None:
+            return self.backend.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if self.backend is not None:
+            previous = self.backend.encode_special_tokens
+            self.backend.encode_special_tokens = False
+            try:
+                enc = self.backend.encode(text, add_special_tokens=False)
+            finally:
+                self.backend.encode_special_tokens = previous
+            return list(enc.ids), list(enc.offsets)
+        raise TemplateError("this tokenizer cannot tokenize message contents separately (decode(ids) != text) and "
+                            "has no offsets mapping (slow tokenizer); use a fast tokenizer")
+
+
+_CODECS: "weakref.WeakKeyDictionary[Any, _Codec]" = weakref.WeakKeyDictionary()
+
+
+def _codec(tokenizer) -> _Codec:
+    try:
+        codec = _CODECS.get(tokenizer)
+        if codec is None or codec.vocab_size != len(tokenizer):
+            codec = _CODECS[tokenizer] = _Codec(tokenizer)
+        return codec
+    except TypeError:  # not weak-referenceable / hashable
+        return _Codec(tokenizer)
+
+
+# ----------------------------------------------------------------------------- conversation structure
+
+def _check_messages(messages) -> list[dict]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise DataError(f"a conversation must be a non-empty list of messages, got {type(messages).__name__}")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"message {i}: expected a dict with 'role' and 'content', got {type(message).__name__}")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise DataError(f"message {i}: 'role' must be a string (system/user/assistant), got {role!r}")
+        for field in CONTENT_FIELDS:
+            value = message.get(field)
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"message {i} ({role}): {field!r} must be a string, got {type(value).__name__}")
+        if "content" not in message or message["content"] is None:
+            raise DataError(f"message {i} ({role}): missing 'content'")
+        # transformers drops None-valued keys before rendering; so do we (same text, same structure key)
+        checked.append(message if None not in message.values() else {k: v for k, v in message.items() if v is not None})
+    return checked
+
+
+def _slots_and_key(messages: list[dict]) -> tuple[list[tuple[int, str, str, bool]], tuple]:
+    """Content slots `(message index, field, text, masked)` and a hashable key of the structure.
+
+    Every assistant content gets a slot (so its end of turn can be located even when empty); other text
+    fields only when non-empty, so `{% if message.input %}` sees the same truthiness in the skeleton.
+    """
+    slots = []
+    key = []
+    for i, message in enumerate(messages):
+        role = message["role"]
+        flags = []
+        for field in CONTENT_FIELDS:
+            value = message.get(field)
+            flags.append(0 if value is None else (2 if value else 1))
+            if value is None:
+                continue
+            is_reply = role == "assistant" and field == "content"
+            if value or is_reply:
+                slots.append((i, field, value, is_reply))
+        if len(message) > 2:
+            extras = tuple(sorted((k, repr(v)) for k, v in message.items() if k != "role" and k not in CONTENT_FIELDS))
+        else:
+            extras = ()
+        key.append((role, tuple(flags), extras))
+    return slots, tuple(key)
+
+
+_PRIVATE_USE = re.compile("[\ue000-\uf8ff\U000f0000-\U0010fffd]")
+
+
+def _sentinel_base(values: list[str], n_slots: int) -> int:
+    """First code point of `n_slots` consecutive private-use characters that no content contains."""
+    highest = max((max(v) for v in values if v), default="\x00")
+    if highest < chr(_SENTINEL_BASES[-1][0]):
+        return _SENTINEL_BASES[0][0]
+    used = sorted({ord(c) for v in values for c in _PRIVATE_USE.findall(v)})
+    for first, count in _SENTINEL_BASES:
+        base = first
+        for code in used:  # walk the used code points of this range, looking for a gap of n_slots
+            if code < base:
+                continue
+            if code >= base + n_slots:
+                break
+            base = code + 1
+        if base + n_slots <= first + count:
+            return base
+    raise TemplateError(f"cannot find {n_slots} private-use characters absent from the conversation to "
+                        "use as content markers")
+
+
+# ----------------------------------------------------------------------------- plans (cached per structure)
+
+@dataclass
+class _Literal:
+    text: str
+    ids: list[int]
+    mask: list[int]
+    masked_prefix: int  # how many leading characters of `text` are end-of-turn text (mask 1)
+
+
+@dataclass
+class _Plan:
+    pieces: list  # `_Literal` or slot index (int), in the order the template writes them
+    masked_slots: frozenset
+
+
+def _role_of(messages, slots, slot):
+    i = slots[slot][0]
+    return i, messages[i]["role"]
+
+
+def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, base: int,
+                add_generation_prompt: bool) -> _Plan:
+    sentinels = [chr(base + j) for j in range(len(slots))]
+    skeleton_messages = [dict(m) for m in messages]
+    for j, (i, field, _, _) in enumerate(slots):
+        skeleton_messages[i][field] = sentinels[j]
+    skeleton = fmt.render_text(skeleton_messages, add_generation_prompt)
+
+    parts = re.split(f"([{chr(base)}-{chr(base + len(slots) - 1)}])", skeleton) if slots else [skeleton]
+    raw_pieces: list = []
+    for k, part in enumerate(parts):
+        if k % 2:
+            raw_pieces.append(ord(part) - base)
+        elif part:
+            raw_pieces.append(part)
+
+    counts = Counter(p for p in raw_pieces if isinstance(p, int))
+    masked = frozenset(j for j, slot in enumerate(slots) if slot[3])
+    for j in sorted(masked):
+        i = slots[j][0]
+        if counts[j] == 0:
+            raise TemplateError(f"chat template {fmt.name!r} drops assistant message {i} (it does not appear in the "
+                                "rendered text), so the assistant mask cannot be made exact")
+        if counts[j] > 1:
+            raise TemplateError(f"chat template {fmt.name!r} writes assistant message {i} {counts[j]} times, so "
+                                "which copy the model should learn is ambiguous")
+
+    # End-of-turn text after each assistant reply (masked), see the module docstring (step 3).
+    closing: dict[int, int] = {}  # piece index of the literal after a reply -> length of its masked prefix
+    for position, piece in enumerate(raw_pieces):
+        if not (isinstance(piece, int) and piece in masked):
+            continue
+        follower = raw_pieces[position + 1] if position + 1 < len(raw_pieces) else None
+        after = follower if isinstance(follower, str) else ""
+        turn_end = _turn_end_text(fmt, skeleton_messages, slots[piece][0], sentinels[piece])
+        if turn_end and after.startswith(turn_end):
+            closing[position + 1] = len(turn_end)
+        elif after.rstrip():
+            # Closed by the next header: up to the next message's text. Empty contents have no slot in the
+            # skeleton, so find that boundary in a rendering where every text field is marked.
+            header = _next_header_text(fmt, messages, slots, base, add_generation_prompt, piece)
+            if header is None or not after.startswith(header):
+                later_text = any(isinstance(p, int) for p in raw_pieces[position + 1:])
+                header = after.rstrip() if later_text else ""  # never the generation prompt
+            if header:
+                closing[position + 1] = len(header)
+
+    # Tokenize the template's text once per structure: end-of-turn text and the rest as separate segments.
+    segment_texts: list[str] = []
+    for position, piece in enumerate(raw_pieces):
+        if isinstance(piece, str):
+            cut = closing.get(position, 0)
+            segment_texts += [piece[:cut], piece[cut:]]
+    segment_ids = iter(codec.encode_template([t for t in segment_texts if t]))
+    pieces: list = []
+    for position, piece in enumerate(raw_pieces):
+        if isinstance(piece, int):
+            pieces.append(piece)
+            continue
+        cut = closing.get(position, 0)
+        head = next(segment_ids) if cut else []
+        tail = next(segment_ids) if cut < len(piece) else []
+        pieces.append(_Literal(piece, list(head) + list(tail), [1] * len(head) + [0] * len(tail), cut))
+    return _Plan(pieces, masked)
+
+
+def _next_header_text(fmt: ChatFormat, messages: list[dict], slots, base: int, add_generation_prompt: bool,
+                      reply_slot: int) -> str | None:
+    """Template text between assistant reply `reply_slot` and the next marked text field, right-stripped,
+    rendering with *every* present text field marked (empty ones too); None if that rendering fails."""
+    marked = [dict(m) for m in messages]
+    reply_marker = None
+    extra = len(slots)
+    slot_of = {(i, field): j for j, (i, field, _, _) in enumerate(slots)}
+    for i, message in enumerate(marked):
+        for field in CONTENT_FIELDS:
+            if field not in message:
+                continue
+            j = slot_of.get((i, field))
+            if j is None:
+                j, extra = extra, extra + 1
+            message[field] = chr(base + j)
+            if j == reply_slot:
+                reply_marker = message[field]
+    try:
+        rendered = fmt.render_text(marked, add_generation_prompt)
+    except TemplateError:
+        return None
+    at = rendered.find(reply_marker) if reply_marker else -1
+    if at < 0:
+        return None
+    match = re.compile(f"[{chr(base)}-{chr(base + extra - 1)}]").search(rendered, at + 1)
+    if match is None:  # no later message: what follows is the generation prompt or nothing
+        return ""
+    return rendered[at + 1:match.start()].rstrip()
+
+
+def _turn_end_text(fmt: ChatFormat, skeleton_messages: list[dict], index: int, sentinel: str) -> str:
+    """What the template writes right after assistant message `index` when it ends the conversation."""
+    try:
+        rendered = fmt.render_text(skeleton_messages[: index + 1], False)
+    except TemplateError:
+        return ""
+    at = rendered.rfind(sentinel)
+    if at < 0:
+        return ""
+    return rendered[at + 1:].rstrip()
+
+
+def _get_plan(fmt: ChatFormat, tokenizer, codec: _Codec, messages, slots, key, base, add_generation_prompt) -> _Plan:
+    if fmt._plans is None:
+        fmt._plans = weakref.WeakKeyDictionary()
+    try:
+        per_tokenizer = fmt._plans.get(tokenizer)
+        if per_tokenizer is None:
+            per_tokenizer = fmt._plans[tokenizer] = {}
+    except TypeError:
+        per_tokenizer = {}
+    plan_key = (codec.vocab_size, base, bool(add_generation_prompt), key)
+    plan = per_tokenizer.get(plan_key)
+    if plan is None:
+        if len(per_tokenizer) >= _MAX_PLANS_PER_TOKENIZER:
+            per_tokenizer.clear()
+        plan = per_tokenizer[plan_key] = _build_plan(fmt, codec, messages, slots, base, add_generation_prompt)
+    return plan
+
+
+# ----------------------------------------------------------------------------- alignment
+
+def _variants(content: str) -> list[str]:
+    out = [content]
+    for v in (content.strip(), content.lstrip(), content.rstrip()):
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _align(fmt: ChatFormat, plan: _Plan, text: str, messages, slots) -> list[str]:
+    """The text each slot occurrence has in `text` (content as is or stripped); raises if none fits.
+
+    Depth-first search over the variants with memoised dead ends; in practice the first variant fits.
+    """
+    pieces = plan.pieces
+    values = [slot[2] for slot in slots]
+    # Common case: every content inserted verbatim.
+    quick = [values[p] if isinstance(p, int) else None for p in pieces]
+    if "".join(q if q is not None else p.text for q, p in zip(quick, pieces)) == text:
+        return [q for q in quick if q is not None]
+
+    n, length = len(pieces), len(text)
+    chosen: list[str | None] = [None] * n
+    dead: set[tuple[int, int]] = set()
+    stack: list[tuple[int, int, list[str], int]] = []  # (piece index, position, variants, variant tried)
+    i, pos, furthest = 0, 0, 0
+    while True:
+        furthest = max(furthest, i)
+        ok = True
+        while ok and i < n:
+            piece = pieces[i]
+            if isinstance(piece, _Literal):
+                ok = text.startswith(piece.text, pos)
+                if ok:
+                    pos += len(piece.text)
+                    i += 1
+            elif (i, pos) in dead:
+                ok = False
+            else:
+                stack.append((i, pos, _variants(values[piece]), -1))
+                ok = False  # let the backtracking loop pick the first fitting variant
+                break
+            furthest = max(furthest, i)
+        if ok and i == n and pos == length:
+            return [c for c, p in zip(chosen, pieces) if isinstance(p, int)]  # type: ignore[misc]
+        # Advance the innermost open choice to its next fitting variant, unwinding exhausted ones.
+        while stack:
+            si, spos, variants, tried = stack.pop()
+            nxt = next((k for k in range(tried + 1, len(variants)) if text.startswith(variants[k], spos)), None)
+            if nxt is None:
+                dead.add((si, spos))
+                continue
+            stack.append((si, spos, variants, nxt))
+            chosen[si] = variants[nxt]
+            i, pos = si + 1, spos + len(variants[nxt])
+            break
+        else:
+            _raise_misaligned(fmt, plan, messages, slots, furthest)
+
+
+def _raise_misaligned(fmt, plan, messages, slots, furthest: int):
+    pieces = plan.pieces
+    slot = next((p for p in reversed(pieces[: furthest + 1]) if isinstance(p, int)), None)
+    if slot is None:
+        slot = next((p for p in pieces if isinstance(p, int)), None)
+    if slot is None:
+        raise TemplateError(f"chat template {fmt.name!r} renders differently than its structure predicts")
+    i, role = _role_of(messages, slots, slot)
+    field = slots[slot][1]
+    raise TemplateError(
+        f"chat template {fmt.name!r} rewrites message {i} ({role}) or the text around it: its {field!r} does not "
+        "appear verbatim or whitespace-stripped where the template puts it, so the assistant mask cannot be made "
+        "exact")
+
+
+# ----------------------------------------------------------------------------- public API
+
+def render_chat(messages: list[dict], tokenizer, fmt: ChatFormat | str | None,
+                add_generation_prompt: bool = False, *, verify: bool = True) -> RenderedChat:
+    """Render `messages` to `RenderedChat(input_ids (t,), assistant_mask (t,), text)`.
+
+    Mask = 1 exactly on assistant reply tokens and the end-of-turn text closing each reply; 0 on
+    system/user text, headers and the generation prompt. `verify` checks `decode(input_ids) == text`
+    (and falls back to whole-text tokenization with offsets if segments do not round-trip).
+    """
+    if not isinstance(fmt, ChatFormat):
+        fmt = get_format(fmt, tokenizer)
+    messages = _check_messages(messages)
+    slots, key = _slots_and_key(messages)
+    n_fields = sum(1 for m in messages for field in CONTENT_FIELDS if field in m)
+    base = _sentinel_base([s[2] for s in slots], n_fields)
+    codec = _codec(tokenizer)
+    plan = _get_plan(fmt, tokenizer, codec, messages, slots, key, base, add_generation_prompt)
+
+    if fmt.verbatim_contents:
+        contents = [slots[p][2] for p in plan.pieces if isinstance(p, int)]
+        text = None
+    else:
+        text = fmt.render_text(messages, add_generation_prompt)
+        contents = _align(fmt, plan, text, messages, slots)
+
+    content_ids = iter(codec.encode_plain([c for c in contents if c]))
+    contents_iter = iter(contents)
+    ids: list[int] = []
+    mask: list[int] = []
+    parts: list[str] = []
+    for piece in plan.pieces:
+        if isinstance(piece, _Literal):
+            ids += piece.ids
+            mask += piece.mask
+            parts.append(piece.text)
+        else:
+            content = next(contents_iter)
+            parts.append(content)
+            if content:
+                piece_ids = next(content_ids)
+                ids += piece_ids
+                mask += [1 if piece in plan.masked_slots else 0] * len(piece_ids)
+    if text is None:
+        text = "".join(parts)
+    if verify and codec.decode(ids) != text:
+        ids, mask = _whole_text_tokens(codec, plan, parts, text)
+    return RenderedChat(ids, mask, text)
+
+
+def render_prompt(messages: list[dict], tokenizer, fmt: ChatFormat | str | None) -> list[int]:
+    """Token ids for generation: the conversation rendered with the generation prompt appended.
+
+    Tokenized exactly like `render_chat`, so a prompt's ids are a prefix of the training ids of the same
+    conversation continued by a reply.
+    """
+    return render_chat(messages, tokenizer, fmt, add_generation_prompt=True).input_ids
+
+
+def _whole_text_tokens(codec: _Codec, plan: _Plan, parts: list[str], text: str) -> tuple[list[int], list[int]]:
+    """Fallback: tokenize the whole text with offsets; a token is masked if any of its characters is."""
+    masked_chars = bytearray(len(text) + 1)
+    content_spans: list[tuple[int, int]] = []
+    pos = 0
+    for piece, part in zip(plan.pieces, parts):
+        if isinstance(piece, _Literal):
+            masked_chars[pos:pos + piece.masked_prefix] = b"\x01" * piece.masked_prefix
+        else:
+            content_spans.append((pos, pos + len(part)))
+            if piece in plan.masked_slots:
+                masked_chars[pos:pos + len(part)] = b"\x01" * len(part)
+        pos += len(part)
+    ids, offsets = codec.encode_with_offsets(text)
+    mask = []
+    for token_id, (start, end) in zip(ids, offsets):
+        if token_id in codec.control_ids and any(a <= start and end <= b for a, b in content_spans):
+            raise DataError(f"a message contains the control token {text[start:end]!r}; this tokenizer cannot "
+                            "keep it as plain text (its pieces do not round-trip), remove it from the data")
+        mask.append(1 if end > start and any(masked_chars[start:end]) else 0)
+    return ids, mask

@@ -1,0 +1,177 @@
+"""`chatsmith data check FILE`: validate a data file and show what matters before training.
+
+    chatsmith data check data/sft.jsonl
+    chatsmith data check data/sft.jsonl --tokenizer runs/base --template chatml --max-len 256
+    chatsmith data check prefs.parquet --format preference --on-bad-row skip
+
+Prints the detected format and what it is used as, rows read / usable / bad, every bad row as
+`file:line` (or `file#row N`) with its reason, and, given `--tokenizer DIR`, the token-length
+distribution (min/median/p90/p99/max) of the rendered examples and how many rows `--max-len` would
+truncate (at a turn boundary) or drop. Exit status: 0 = usable as is; 1 = bad rows (with the default
+`--on-bad-row error`, training would stop on them; with `skip` they are listed but the status is 0),
+rows that the chat template cannot render, or no usable row; 2 = the file cannot be read at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from chatsmith.config import arg
+from chatsmith.data.formats import (FORMATS, KINDS, ChatExample, LoadResult, PreferenceExample, TextExample,
+                                    fit_to_length, load_examples)
+from chatsmith.errors import ChatsmithError
+
+
+@dataclass
+class DataCheckConfig:
+    path: str = arg("", "The data file (JSONL, JSON, Parquet) or saved `datasets` directory to check.")
+    format: str | None = arg(None, f"Row format instead of auto-detection: {', '.join(FORMATS)}.")
+    kind: str | None = arg(None, "Check as this kind of data (default: the format's own).", choices=KINDS)
+    on_bad_row: str = arg("error", "What training would do with bad rows: error (exit 1 here) or skip.",
+                          choices=["error", "skip"])
+    template: str | None = arg(None, "Chat template for token lengths: chatml, llama2, alpaca, jinja (the "
+                                     "tokenizer's own, default) or a .jinja file.")
+    tokenizer: str | None = arg(None, "Model or tokenizer directory; enables the token-length report.")
+    max_len: int | None = arg(None, "Report how many rows this many tokens would truncate or drop.")
+    show_bad: int = arg(20, "How many bad rows to list.")
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> int:
+    """Nearest-rank percentile (q in [0, 100]) of an ascending list: a value that occurs in the data."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def length_line(lengths: Sequence[int]) -> str:
+    values = sorted(lengths)
+    return (f"min {values[0]}  median {percentile(values, 50)}  p90 {percentile(values, 90)}  "
+            f"p99 {percentile(values, 99)}  max {values[-1]}  (n={len(values)})")
+
+
+def _load_tokenizer(path: str) -> Any:
+    if not Path(path).is_dir():
+        raise ChatsmithError(f"--tokenizer {path}: not a directory (give a model or tokenizer directory)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ChatsmithError(f"--tokenizer {path}: cannot load a tokenizer: {exc}") from None
+
+
+def _token_report(cfg: DataCheckConfig, result: LoadResult) -> bool:
+    """Print the token-length report; returns False if some rows cannot be rendered."""
+    tokenizer = _load_tokenizer(cfg.tokenizer)
+    examples = result.examples
+    if not examples:
+        return True
+    if result.kind == "text":
+        lengths = [len(tokenizer(ex.text, add_special_tokens=False)["input_ids"]) for ex in examples
+                   if isinstance(ex, TextExample)]
+        print(f"token lengths (documents): {length_line(lengths)}")
+        if cfg.max_len:
+            over = sum(n > cfg.max_len for n in lengths)
+            print(f"max length {cfg.max_len}: {over} of {len(lengths)} documents are longer (pretraining "
+                  "packs text into rows of max length, so nothing is lost)")
+        return True
+
+    try:
+        from chatsmith.chat.render import render_chat, render_prompt
+        from chatsmith.chat.templates import get_format
+    except ImportError as exc:
+        print(f"token lengths: skipped (chatsmith.chat.render is not available: {exc})")
+        return True
+    try:
+        fmt = get_format(cfg.template, tokenizer)
+    except ChatsmithError as exc:
+        print(f"token lengths: cannot use the chat template: {exc}")
+        return False
+
+    lengths: list[int] = []
+    outcomes = {"truncate": {"kept": 0, "truncated": 0, "dropped": 0}, "drop": {"kept": 0, "truncated": 0, "dropped": 0}}
+    failures: list[str] = []
+    unit = {"chat": "conversations", "prompt": "prompts", "preference": "prompt+response sequences"}[result.kind]
+    for ex in examples:
+        try:
+            if isinstance(ex, PreferenceExample):
+                sequences = [render_chat(ex.prompt + [{"role": "assistant", "content": r}], tokenizer, fmt)
+                             for r in ex.responses]
+                rendered = [(s.input_ids, s.assistant_mask) for s in sequences]
+            elif result.kind == "prompt":
+                ids = render_prompt(ex.messages, tokenizer, fmt)
+                rendered = [(ids, [0] * len(ids))]
+            else:
+                assert isinstance(ex, ChatExample)
+                chat = render_chat(ex.messages, tokenizer, fmt)
+                rendered = [(chat.input_ids, chat.assistant_mask)]
+        except ChatsmithError as exc:
+            failures.append(f"{ex.origin}: cannot render with template {fmt.name}: {exc}")
+            continue
+        for ids, mask in rendered:
+            lengths.append(len(ids))
+            if cfg.max_len:
+                for policy in outcomes:
+                    outcomes[policy][fit_to_length(ids, mask, None, cfg.max_len, policy).status] += 1
+
+    if lengths:
+        print(f"token lengths ({unit}, template {fmt.name}): {length_line(lengths)}")
+    if cfg.max_len and lengths:
+        over = len(lengths) - outcomes["drop"]["kept"]
+        line = f"max length {cfg.max_len}: {over} of {len(lengths)} {unit} are longer"
+        if over and result.kind == "chat":
+            t = outcomes["truncate"]
+            line += (f"; truncate: {t['truncated']} truncated at a turn boundary, {t['dropped']} dropped (not even "
+                     f"the first reply fits); drop: {over} dropped")
+        elif over:
+            line += f"; they would be dropped ({result.kind} data is never cut)"
+        print(line)
+    if failures:
+        print(f"rows the template cannot render: {len(failures)}")
+        for line in failures[:cfg.show_bad]:
+            print(f"  {line}")
+        if len(failures) > cfg.show_bad:
+            print(f"  ... and {len(failures) - cfg.show_bad} more")
+    return not failures
+
+
+def check_data(cfg: DataCheckConfig) -> int:
+    """Run the check; returns the exit status (see the module docstring)."""
+    if not cfg.path:
+        raise ChatsmithError("give the data file to check: chatsmith data check FILE")
+    if cfg.max_len is not None and cfg.max_len <= 0:
+        raise ChatsmithError(f"--max-len must be positive, got {cfg.max_len}")
+    result = load_examples(cfg.path, format=cfg.format, on_bad_row="skip", kind=cfg.kind, allow_empty=True)
+    how = "auto-detected" if result.format_detected else "given"
+    print(f"file:    {result.path}")
+    print(f"format:  {result.format} ({how}), used as {result.kind} data")
+    print(f"rows:    {result.rows_read} read, {len(result.examples)} usable, {len(result.bad_rows)} bad")
+    if result.bad_rows:
+        reasons = ", ".join(f"{k}: {v}" for k, v in result.skipped_by_reason().items())
+        print(f"bad rows ({reasons}):")
+        for bad in result.bad_rows[:cfg.show_bad]:
+            print(f"  {bad}")
+        if len(result.bad_rows) > cfg.show_bad:
+            print(f"  ... and {len(result.bad_rows) - cfg.show_bad} more")
+
+    rendered_ok = True
+    if cfg.tokenizer:
+        rendered_ok = _token_report(cfg, result)
+    elif cfg.template or cfg.max_len:
+        print("token lengths: give --tokenizer DIR (a model or tokenizer directory) to see them")
+
+    if not result.examples:
+        print("result:  FAILED (no usable rows)")
+        return 1
+    if result.bad_rows and cfg.on_bad_row == "error":
+        print(f"result:  FAILED ({len(result.bad_rows)} bad rows; training stops on them: fix them or pass "
+              "--on-bad-row skip)")
+        return 1
+    if not rendered_ok:
+        print("result:  FAILED (some rows cannot be rendered with this chat template)")
+        return 1
+    skipped = f" ({len(result.bad_rows)} bad rows would be skipped)" if result.bad_rows else ""
+    print(f"result:  OK{skipped}")
+    return 0

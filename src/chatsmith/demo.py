@@ -1,0 +1,513 @@
+"""`chatsmith demo`: the whole journey from raw text to an aligned chat model, on the built-in world.
+
+    chatsmith demo                              # --profile quick: about 10 minutes on 2 CPU cores
+    chatsmith demo --profile full               # better models, up to an hour
+    chatsmith demo --override ppo.kl_coef=0.1 sft.max_steps=400     # tune one stage setting
+    chatsmith demo --until sft                  # stop after a stage
+
+Stages, each in its own directory under --out (runs/demo):
+  1. export    the built-in world as files (data/: corpus, sft, preferences, prompts, eval/)
+  2. pretrain  a byte-level BPE tokenizer + a `tiny` Llama base model on the corpus (base/). Cached
+               outside --out (keyed by the world and pretraining settings), so a second demo reuses it.
+  3. sft       supervised fine-tuning on the demonstrations (sft/)
+  4. reward    a reward model on the preference pairs (rm/)
+  5. ppo       RLHF with PPO against the reward model (ppo/)
+  6. dpo       DPO on the same preferences, for comparison (dpo/)
+  7. eval      the held-out behaviour suite on base, SFT, PPO and DPO (report/: report.json, .md, .html)
+It ends by printing the answers of base, SFT and PPO side by side, the metrics table and what to try next.
+
+Resuming: after each stage a marker (`.demo/STAGE.json`, written atomically) records its settings and wall
+time; re-running the same command skips finished stages and resumes an interrupted one from its checkpoint.
+A marker whose settings differ from the current ones stops the demo with a message (use another --out or
+--no-resume). Every stage's settings per profile live in PROFILES below: one place to tune them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chatsmith.config import _coerce, arg
+from chatsmith.errors import ChatsmithError
+from chatsmith.utils import atomic_directory, atomic_write_text
+
+STAGES = ("export", "pretrain", "sft", "reward", "ppo", "dpo", "eval")
+
+# Per profile: the settings of every stage (fields of that stage's config dataclass; anything not set
+# here keeps the stage's own default), plus `seconds`: the expected wall time of each stage on 2 CPU
+# cores, used only to weight the pipeline's progress bar and its ETA.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    # CI-sized: the whole pipeline end to end in well under 2 minutes. The models learn nothing useful.
+    "toy": {
+        "export": {"seed": 0, "scale": 0.05, "eval_size": 2},
+        "pretrain": {"preset": "tiny", "vocab_size": 512, "max_steps": 6, "batch_size": 4, "max_len": 64,
+                     "warmup_steps": 2, "eval_batches": 1, "save_every": 0, "log_every": 1},
+        "sft": {"max_steps": 4, "batch_size": 4, "max_len": 128, "warmup_steps": 1, "save_every": 0,
+                "log_every": 1},
+        "reward": {"max_steps": 3, "batch_size": 4, "max_len": 128, "warmup_steps": 1, "save_every": 0,
+                   "log_every": 1, "norm_samples": 4, "norm_max_new_tokens": 8},
+        "ppo": {"max_steps": 2, "rollout_batch_size": 4, "batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 8,
+                "max_len": 128, "sample_every": 0, "save_every": 0},
+        "dpo": {"max_steps": 3, "batch_size": 4, "max_len": 128, "warmup_steps": 1, "save_every": 0,
+                "log_every": 1},
+        "eval": {"max_items": 1, "max_new_tokens": 8, "batch_size": 16, "kl_samples": 4},
+        "seconds": {"export": 2, "pretrain": 10, "sft": 5, "reward": 5, "ppo": 8, "dpo": 5, "eval": 20},
+    },
+    # The default: <= 10 minutes on 2 CPU cores (issue 5's targets are for this profile).
+    "quick": {
+        "export": {"seed": 0, "scale": 1.0, "eval_size": 50},
+        "pretrain": {"preset": "tiny", "max_steps": 200, "batch_size": 16, "max_len": 256, "lr": 2e-3},
+        "sft": {"max_steps": 300, "batch_size": 16, "max_len": 256, "lr": 1e-3},
+        "reward": {"epochs": 1.0, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 64},
+        "ppo": {"max_steps": 40, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 4, "lr": 1e-5,
+                "kl_coef": 0.05, "max_new_tokens": 48, "temperature": 0.7, "sample_every": 0},
+        "dpo": {"epochs": 1.0, "batch_size": 16, "max_len": 256, "lr": 5e-5, "beta": 0.1},
+        "eval": {"max_items": 0, "max_new_tokens": 64, "batch_size": 64, "kl_samples": 64},
+        "seconds": {"export": 8, "pretrain": 180, "sft": 100, "reward": 60, "ppo": 120, "dpo": 60, "eval": 90},
+    },
+    # Better models for a longer wait: <= 60 minutes on 2 CPU cores.
+    "full": {
+        "export": {"seed": 0, "scale": 2.0, "eval_size": 100},
+        "pretrain": {"preset": "tiny", "max_steps": 1200, "batch_size": 16, "max_len": 256, "lr": 2e-3},
+        "sft": {"max_steps": 1000, "batch_size": 16, "max_len": 256, "lr": 1e-3},
+        "reward": {"epochs": 2.0, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 128},
+        "ppo": {"max_steps": 150, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 4, "lr": 1e-5,
+                "kl_coef": 0.05, "max_new_tokens": 48, "temperature": 0.7, "sample_every": 0},
+        "dpo": {"epochs": 2.0, "batch_size": 16, "max_len": 256, "lr": 5e-5, "beta": 0.1},
+        "eval": {"max_items": 0, "max_new_tokens": 64, "batch_size": 64, "kl_samples": 128},
+        "seconds": {"export": 15, "pretrain": 1100, "sft": 600, "reward": 240, "ppo": 900, "dpo": 240,
+                    "eval": 200},
+    },
+}
+
+SHOWN_MODELS = ("base", "sft", "ppo")   # the side-by-side columns at the end
+
+
+@dataclass
+class DemoConfig:
+    out: str = arg("runs/demo", "Directory for every stage's output (data/, base/, sft/, rm/, ppo/, dpo/, report/).")
+    profile: str = arg("quick", "quick (about 10 min on 2 CPU cores), full (up to 60 min), or toy (CI, seconds).",
+                       choices=list(PROFILES))
+    seed: int = arg(0, "Seed of every training stage (the world's seed is set per profile).")
+    override: list[str] = arg([], "Stage settings on top of the profile, as STAGE.FIELD=VALUE "
+                                  "(e.g. ppo.kl_coef=0.1 sft.max_steps=400).")
+    until: str = arg("eval", "Stop after this stage.", choices=list(STAGES))
+    resume: bool = arg(True, "Continue an earlier run in --out: finished stages are skipped, an interrupted one "
+                             "resumes from its checkpoint (--no-resume deletes the earlier stage outputs first).")
+    cache: bool = arg(True, "Reuse (and store) pretrained base models in --cache-dir.")
+    cache_dir: str = arg("", "Base-model cache (default: $CHATSMITH_CACHE or ~/.cache/chatsmith).")
+    device: str = arg("auto", "cpu, cuda, mps or auto.")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def stage_settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
+    """The profile's settings per stage with --override applied (values parsed to the field's type)."""
+    profile = PROFILES[cfg.profile]
+    settings = {stage: dict(profile.get(stage, {})) for stage in STAGES}
+    for item in cfg.override:
+        key, sep, value = item.partition("=")
+        stage, dot, field_name = key.partition(".")
+        if not sep or not dot or stage not in STAGES:
+            raise ChatsmithError(f"--override {item!r}: expected STAGE.FIELD=VALUE with STAGE one of "
+                                 f"{', '.join(STAGES)}")
+        settings[stage][field_name.replace("-", "_")] = value
+    for stage in STAGES:
+        cls = _config_class(stage)
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        for name, value in list(settings[stage].items()):
+            if name not in names:
+                raise ChatsmithError(f"profile {cfg.profile!r}, stage {stage}: {cls.__name__} has no setting "
+                                     f"{name!r}")
+            settings[stage][name] = _coerce(value, hints[name], f"--override {stage}.{name}")
+    return settings
+
+
+def _config_class(stage: str) -> type:
+    if stage == "export":
+        from chatsmith.data.world import WorldExportConfig as cls
+    elif stage == "pretrain":
+        from chatsmith.train.pretrain import PretrainConfig as cls
+    elif stage == "sft":
+        from chatsmith.train.sft import SFTConfig as cls
+    elif stage == "reward":
+        from chatsmith.train.reward import RewardConfig as cls
+    elif stage == "ppo":
+        from chatsmith.train.ppo import PPOConfig as cls
+    elif stage == "dpo":
+        from chatsmith.train.dpo import DPOConfig as cls
+    else:
+        from chatsmith.eval.behaviour import EvalConfig as cls
+    return cls
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class PipelineProgress:
+    """One progress display for the whole pipeline: stage i/N, the stage's step, and the pipeline's ETA.
+
+    Stages run with their own bars off; a background thread reads the running stage's metrics.jsonl
+    (its last logged step) against its step budget (train_config.yaml, written when training starts).
+    The bar's unit is an expected second of work (PROFILES[...]["seconds"]), so the ETA weighs stages
+    by their usual cost. On a non-interactive stderr it prints a status line every 20 seconds instead.
+    """
+
+    def __init__(self, weights: dict[str, float], enabled: bool = True):
+        self.weights = weights
+        self.total = float(sum(weights.values()))
+        self.done_weight = 0.0
+        self.stage: str | None = None
+        self.index = 0
+        self.stage_dir: Path | None = None
+        self.stage_start = time.time()
+        self.start = time.time()
+        self.enabled = enabled
+        self.interactive = enabled and sys.stderr.isatty()
+        self.bar = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_line = 0.0
+        if self.interactive:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=round(self.total), unit="s", dynamic_ncols=True, file=sys.stderr,
+                            bar_format="{desc} |{bar}| {percentage:3.0f}% [{elapsed}<{remaining}]")
+        if enabled:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+
+    def begin(self, index: int, stage: str, directory: Path | None) -> None:
+        self.index, self.stage, self.stage_dir = index, stage, directory
+        self.stage_start = time.time()
+        self._show(force=True)
+
+    def end(self, stage: str, skipped: bool = False) -> None:
+        self.done_weight += self.weights.get(stage, 0.0)
+        if skipped:
+            self.log(f"[demo {self.index}/{len(STAGES)}] {stage}: already done, skipped")
+        self.stage = None
+        self._show(force=True)
+
+    def stage_fraction(self) -> tuple[float, str]:
+        """(fraction of the running stage done, 'step k/n' or '')."""
+        if self.stage_dir is None:
+            return 0.0, ""
+        total = _planned_steps(self.stage_dir)
+        step = _last_logged_step(self.stage_dir)
+        if not total or step is None:
+            return 0.0, ""
+        return min(1.0, step / total), f"step {step}/{total}"
+
+    def _show(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        fraction, step_text = self.stage_fraction() if self.stage else (0.0, "")
+        position = self.done_weight + fraction * self.weights.get(self.stage or "", 0.0)
+        label = f"demo {self.index}/{len(STAGES)} {self.stage}" if self.stage else "demo"
+        if step_text:
+            label += f" ({step_text})"
+        if self.bar is not None:
+            self.bar.set_description_str(label, refresh=False)
+            self.bar.n = min(round(position), round(self.total))
+            self.bar.refresh()
+        elif force or time.time() - self._last_line >= 20:
+            self._last_line = time.time()
+            elapsed = time.time() - self.start
+            eta = (elapsed / position * (self.total - position)) if position > 1 else None
+            eta_text = f", ETA {_clock(eta)}" if eta is not None else ""
+            print(f"[{label}] elapsed {_clock(elapsed)}{eta_text}", file=sys.stderr, flush=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self._show()
+            except Exception:  # noqa: BLE001 - a display glitch must never stop training
+                pass
+
+    def log(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _planned_steps(directory: Path) -> int | None:
+    path = directory / "train_config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        import yaml
+
+        value = (yaml.safe_load(path.read_text()) or {}).get("max_steps")
+        return int(value) if value else None
+    except Exception:  # noqa: BLE001 - a file being rewritten; try again on the next poll
+        return None
+
+
+def _last_logged_step(directory: Path) -> int | None:
+    path = directory / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            lines = [line for line in fh.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        for line in reversed(lines):
+            try:
+                return int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    except OSError:
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class _Paths:
+    """Where each stage writes, under --out."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.data, self.base, self.sft = self.root / "data", self.root / "base", self.root / "sft"
+        self.rm, self.ppo, self.dpo = self.root / "rm", self.root / "ppo", self.root / "dpo"
+        self.report, self.markers = self.root / "report", self.root / ".demo"
+
+
+STAGE_DIRS = {"export": "data", "pretrain": "base", "sft": "sft", "reward": "rm", "ppo": "ppo", "dpo": "dpo",
+              "eval": "report"}
+
+
+def _cache_root(cfg: DemoConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("CHATSMITH_CACHE") or Path.home() / ".cache" / "chatsmith")
+
+
+def _build_stage_config(stage: str, paths: _Paths, cfg: DemoConfig, settings: dict[str, Any],
+                        resume: bool) -> Any:
+    """The stage's config: wiring between the stages (paths) + the profile's settings."""
+    cls = _config_class(stage)
+    data = paths.data
+    wiring: dict[str, Any] = {
+        "export": {"out": str(data)},
+        "pretrain": {"data": str(data / "corpus.jsonl"), "out": str(paths.base)},
+        "sft": {"model": str(paths.base), "data": str(data / "sft.jsonl"), "out": str(paths.sft)},
+        "reward": {"model": str(paths.sft), "data": str(data / "preferences.jsonl"), "out": str(paths.rm)},
+        "ppo": {"policy": str(paths.sft), "reward_model": str(paths.rm), "prompts": str(data / "prompts.jsonl"),
+                "out": str(paths.ppo)},
+        "dpo": {"model": str(paths.sft), "data": str(data / "preferences.jsonl"), "out": str(paths.dpo)},
+        "eval": {"models": [str(paths.base), str(paths.sft), str(paths.ppo), str(paths.dpo)],
+                 "names": ["base", "sft", "ppo", "dpo"], "base": ["base"], "suite": str(data / "eval"),
+                 "reward_model": str(paths.rm), "reference": str(paths.sft), "out": str(paths.report),
+                 "runs": [str(paths.rm)]},
+    }[stage]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    common = {"seed": cfg.seed, "device": cfg.device, "resume": resume, "progress": False}
+    values = {k: v for k, v in common.items() if k in fields and stage != "export"}
+    values.update(settings)
+    values.update(wiring)
+    return cls(**values)
+
+
+def _copy_model_dir(src: Path, dst: Path) -> None:
+    """Copy a model directory (without its training checkpoint) atomically."""
+    with atomic_directory(dst) as tmp:
+        for item in src.iterdir():
+            if item.name == "checkpoint" or item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_demo(cfg: DemoConfig) -> int:
+    """`chatsmith demo`: run (or resume) every stage, then print the side-by-side answers and the metrics."""
+    from chatsmith.utils import set_seed
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    paths = _Paths(Path(cfg.out))
+    settings = stage_settings(cfg)
+    until = STAGES.index(cfg.until)
+    if not cfg.resume:
+        for stage in STAGES:
+            shutil.rmtree(paths.root / STAGE_DIRS[stage], ignore_errors=True)
+        shutil.rmtree(paths.markers, ignore_errors=True)
+    paths.markers.mkdir(parents=True, exist_ok=True)
+
+    # A stage's key covers its own settings and everything upstream, so changing the world or the base
+    # model invalidates every later stage.
+    keys: dict[str, str] = {}
+    upstream = ""
+    for stage in STAGES:
+        upstream = keys[stage] = _digest([upstream, stage, settings[stage], cfg.seed if stage != "export" else None])
+
+    weights = {s: float(PROFILES[cfg.profile]["seconds"].get(s, 60)) for s in STAGES[:until + 1]}
+    progress = PipelineProgress(weights)
+    times: dict[str, float] = {}
+    progress.log(f"chatsmith demo: profile {cfg.profile}, output in {paths.root}/ "
+                 f"(stages: {', '.join(STAGES[:until + 1])})")
+    current = None
+    try:
+        for index, stage in enumerate(STAGES[:until + 1], 1):
+            current = stage
+            marker_path = paths.markers / f"{stage}.json"
+            marker = _read_marker(marker_path)
+            stage_dir = paths.root / STAGE_DIRS[stage]
+            if marker is not None:
+                if marker.get("key") != keys[stage]:
+                    raise ChatsmithError(
+                        f"{paths.root} holds a '{stage}' stage made with other settings (profile "
+                        f"{marker.get('profile')!r}); use another --out, or --no-resume to start over there")
+                if stage_dir.exists():
+                    times[stage] = float(marker.get("seconds", 0.0))
+                    progress.begin(index, stage, None)
+                    progress.end(stage, skipped=True)
+                    continue
+            progress.begin(index, stage, stage_dir if stage != "export" else None)
+            start = time.time()
+            set_seed(cfg.seed)
+            cached = False
+            if stage == "eval":
+                from chatsmith.eval.behaviour import evaluate_all
+
+                eval_cfg = _build_stage_config(stage, paths, cfg, settings[stage], resume=False)
+                # The eval's own wall time is added to the report after it ran (below).
+                evaluate_all(eval_cfg, stage_seconds=dict(times), log=progress.log)
+            elif stage == "pretrain" and cfg.cache:
+                cache_dir = _cache_root(cfg) / f"base-{keys[stage]}"
+                if (cache_dir / "config.json").is_file() and not (stage_dir / "config.json").is_file():
+                    _copy_model_dir(cache_dir, stage_dir)
+                    cached = True
+                    progress.log(f"[demo {index}/{len(STAGES)}] pretrain: reusing the cached base model {cache_dir}")
+                else:
+                    _run_stage(stage, _build_stage_config(stage, paths, cfg, settings[stage],
+                                                          resume=stage_dir.exists()))
+                    try:
+                        _copy_model_dir(stage_dir, cache_dir)
+                    except OSError as exc:  # a read-only home is no reason to fail the demo
+                        progress.log(f"chatsmith demo: could not cache the base model in {cache_dir}: {exc}")
+            else:
+                resume = stage != "export" and stage_dir.exists()
+                _run_stage(stage, _build_stage_config(stage, paths, cfg, settings[stage], resume=resume))
+            times[stage] = round(time.time() - start, 2)
+            atomic_write_text(marker_path, json.dumps({
+                "stage": stage, "key": keys[stage], "profile": cfg.profile, "seconds": times[stage],
+                "cached": cached, "settings": settings[stage], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                indent=2, default=str) + "\n")
+            progress.end(stage)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"\nchatsmith demo: interrupted during '{current}'. Run the same command again to resume "
+              f"(finished stages are kept in {paths.root}/).", file=sys.stderr)
+        raise
+    finally:
+        progress.close()
+
+    if until < STAGES.index("eval"):
+        print(f"chatsmith demo: stopped after '{cfg.until}' (--until); outputs in {paths.root}/")
+        return 0
+    report = _finish_report(paths, times)
+    print(final_summary(report, paths, cfg))
+    return 0
+
+
+def _run_stage(stage: str, stage_cfg: Any) -> Any:
+    if stage == "export":
+        from chatsmith.data.world import export_world as fn
+    elif stage == "pretrain":
+        from chatsmith.train.pretrain import pretrain as fn
+    elif stage == "sft":
+        from chatsmith.train.sft import sft as fn
+    elif stage == "reward":
+        from chatsmith.train.reward import train_reward_model as fn
+    elif stage == "ppo":
+        from chatsmith.train.ppo import ppo as fn
+    else:
+        from chatsmith.train.dpo import dpo as fn
+    return fn(stage_cfg)
+
+
+def _finish_report(paths: _Paths, times: dict[str, float]) -> dict:
+    """Put the wall time of every stage (the eval included) into report.json/.md/.html."""
+    from chatsmith.eval.report import rewrite_report
+
+    report = json.loads((paths.report / "report.json").read_text(encoding="utf-8"))
+    report["stage_seconds"] = {stage: times[stage] for stage in STAGES if stage in times}
+    rewrite_report(paths.report, report)
+    return report
+
+
+def final_summary(report: dict, paths: _Paths, cfg: DemoConfig, width: int | None = None) -> str:
+    """What the terminal shows at the end: side-by-side answers, metrics, wall times, next commands."""
+    from chatsmith.eval.report import metrics_table, side_by_side, stage_table
+
+    width = width or min(140, shutil.get_terminal_size((120, 40)).columns)
+    shown = [m for m in SHOWN_MODELS if m in report.get("showcase", {})]
+    rule = "═" * width
+    parts = [rule, "Base model → SFT → RLHF (PPO): the same prompts", rule,
+             side_by_side(report, shown, width=width), "", rule,
+             f"Held-out behaviour ({report['n_items']} items; ✓/✗ = meets the quick-profile target)", rule,
+             metrics_table(report), "", "Wall time per stage:", stage_table(report), "",
+             f"Report: {paths.report / 'report.html'} (also report.md, report.json, samples.jsonl)", "",
+             "Next, try:",
+             f"  chatsmith chat {paths.ppo}                      # talk to the RLHF model",
+             f"  chatsmith chat {paths.sft}                      # ... and to the SFT model it started from",
+             f"  chatsmith generate {paths.base} --prompt \"What is the capital of France?\"   # the base model",
+             f"  chatsmith eval {paths.base} {paths.sft} {paths.ppo} {paths.dpo} --reward-model {paths.rm} "
+             f"--suite {paths.data / 'eval'} --out runs/my-eval"]
+    if cfg.profile != "full":
+        parts.append(f"  chatsmith demo --profile full --out {paths.root}-full   # bigger budget, better models")
+    return "\n".join(parts)
+
+
+def load_stage_times(out: str | Path) -> dict[str, float]:
+    """Wall time of every finished stage of a demo directory (from its markers)."""
+    markers = Path(out) / ".demo"
+    times = {}
+    for stage in STAGES:
+        marker = _read_marker(markers / f"{stage}.json")
+        if marker:
+            times[stage] = float(marker.get("seconds", 0.0))
+    return times

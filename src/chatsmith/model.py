@@ -1,0 +1,251 @@
+"""Models and tokenizers: create one from a preset, load any local Hugging Face causal LM, save atomically.
+
+    from chatsmith.model import build_tokenizer, create_model, load_model, save_model
+    tok = build_tokenizer(corpus_texts, vocab_size=4096, fmt="chatml")   # byte-level BPE + chat template
+    model = create_model("tiny", tok)                                      # Llama: RoPE, RMSNorm, SwiGLU, SDPA
+    save_model(model, tok, "runs/base")                                    # a standard HF directory
+    loaded = load_model("runs/base")                                        # Loaded(model, tokenizer, fmt)
+
+Any HF causal LM directory loads (`AutoModelForCausalLM` + `AutoTokenizer`). A model without a pad
+token gets `<|pad|>` added (embeddings resized); a tokenizer without a chat template needs
+`template=` (`chatml`, `llama2`, `alpaca` or a `.jinja` file), which is set on the tokenizer so the saved
+model carries it. Saved directories hold `config.json`, `model.safetensors` and tokenizer files with the
+`chat_template`, so plain `transformers` loads them and `apply_chat_template` renders what chatsmith does.
+
+Tests: `python -m pytest tests/test_model.py -q`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple
+
+import torch
+from torch import nn
+
+from chatsmith.errors import ChatsmithError
+
+PAD_TOKEN = "<|pad|>"
+DOCUMENT_SEPARATOR = "<|endoftext|>"   # ends every pretraining document when the format has no eos
+
+# Llama-architecture presets (Touvron et al. 2023): RoPE positions, RMSNorm, SwiGLU MLP, SDPA attention.
+# `vocab_size` is the size of the BPE vocabulary to train; the model takes len(tokenizer).
+# tiny: ~4.2 M parameters with a 4096 vocabulary (embeddings tied to the LM head), small enough that
+# a few minutes of pretraining on 2 CPU cores give a usable base on the built-in world corpus.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, intermediate_size=688, max_position_embeddings=512,
+                 tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-5),
+    "small": dict(vocab_size=8192, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=8, intermediate_size=1536, max_position_embeddings=1024,
+                  tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-5),
+}
+
+
+class Loaded(NamedTuple):
+    model: Any          # a transformers PreTrainedModel (causal LM), in eval mode
+    tokenizer: Any      # PreTrainedTokenizerFast with a pad token
+    fmt: Any            # chatsmith.chat.templates.ChatFormat, or None (no template and none required)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def _resolve_format(fmt: Any, tokenizer: Any = None) -> Any:
+    from chatsmith.chat.templates import get_format
+
+    return get_format(fmt, tokenizer) if not hasattr(fmt, "render_text") else fmt
+
+
+def _format_special_tokens(fmt: Any) -> list[str]:
+    from chatsmith.chat.templates import BUILTIN_SPECIAL_TOKENS
+
+    tokens = list(BUILTIN_SPECIAL_TOKENS.get(getattr(fmt, "name", ""), []))
+    for extra in (getattr(fmt, "bos_token", None), getattr(fmt, "eos_token", None)):
+        if extra and extra not in tokens:
+            tokens.append(extra)
+    return tokens
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int, fmt: Any) -> Any:
+    """Train a byte-level BPE tokenizer on ``texts`` with the chat format's special tokens.
+
+    Byte-level (GPT-2 style, Radford et al. 2019) with ``add_prefix_space=False`` and no normaliser, so
+    ``decode(encode(s)) == s`` for any unicode string. Special tokens: ``<|pad|>`` (id 0, distinct from
+    the end-of-turn token), ``<|endoftext|>`` (document separator) and the format's own tokens.
+    bos/eos are the format's (eos falls back to ``<|endoftext|>``); ``chat_template`` is the format's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    fmt = _resolve_format(fmt)
+    if vocab_size < 300:
+        raise ChatsmithError(f"vocab_size: expected at least 300 (256 bytes + special tokens + merges), got {vocab_size}")
+    specials = [PAD_TOKEN, DOCUMENT_SEPARATOR]
+    specials += [t for t in _format_special_tokens(fmt) if t not in specials]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator((t for t in texts if t), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        pad_token=PAD_TOKEN,
+        bos_token=fmt.bos_token or None,
+        eos_token=fmt.eos_token or DOCUMENT_SEPARATOR,
+        clean_up_tokenization_spaces=False,   # lossless: decode must not touch spaces
+    )
+    tokenizer.chat_template = fmt.template
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- create / load / save
+
+def create_model(preset: str | dict[str, Any], tokenizer: Any) -> Any:
+    """A randomly initialised LlamaForCausalLM sized by ``preset`` (a PRESETS name or a dict of
+    LlamaConfig fields) with ``len(tokenizer)`` embeddings. Sets ``tokenizer.model_max_length``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ChatsmithError(f"preset: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+        fields = dict(PRESETS[preset])
+    else:
+        fields = dict(PRESETS["tiny"], **preset)
+    fields["vocab_size"] = len(tokenizer)
+    for name in ("pad", "bos", "eos"):
+        fields[f"{name}_token_id"] = getattr(tokenizer, f"{name}_token_id", None)
+    config = LlamaConfig(**fields)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config)
+    tokenizer.model_max_length = config.max_position_embeddings
+    return model
+
+
+def max_context_length(model: Any, tokenizer: Any = None) -> int:
+    """The longest sequence (prompt + generation) the model takes, from its config or tokenizer."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return int(value) if isinstance(value, int) and 0 < value < 10**8 else 2048
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ChatsmithError(f"dtype: expected one of {', '.join(names)} or auto, got {dtype!r}")
+    return names[dtype]
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: Any = None, template: str | None = None,
+               require_template: bool = True) -> Loaded:
+    """Load any local HF causal LM directory. Returns ``Loaded(model, tokenizer, fmt)`` (model in eval mode).
+
+    - ``template`` (a built-in name, ``jinja``, or a ``.jinja`` path) overrides/sets the chat template;
+      without one the tokenizer's own ``chat_template`` is used; if there is none either, a
+      ChatsmithError asks for ``--template`` (unless ``require_template=False``: then ``fmt`` is None).
+    - The format's special tokens (e.g. ``<|im_start|>``) are added to the vocabulary if missing, and a
+      ``<|pad|>`` pad token if the tokenizer has none or its pad token is an end-of-turn token;
+      embeddings are resized to match.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatsmith.utils import resolve_device
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ChatsmithError(f"{path}: model directory not found")
+    if not (path / "config.json").is_file():
+        raise ChatsmithError(f"{path}: not a Hugging Face model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
+        raise ChatsmithError(f"{path}: cannot load the tokenizer: {exc}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_resolve_dtype(dtype))
+    except Exception as exc:  # noqa: BLE001
+        raise ChatsmithError(f"{path}: cannot load a causal language model: {exc}") from None
+
+    fmt = None
+    if template:
+        fmt = _resolve_format(template, tokenizer)
+        tokenizer.chat_template = fmt.template
+    elif getattr(tokenizer, "chat_template", None):
+        fmt = _resolve_format(None, tokenizer)
+    elif require_template:
+        raise ChatsmithError(f"{path}: the tokenizer has no chat_template; pass --template "
+                             "chatml|llama2|alpaca|FILE.jinja to choose the chat format")
+
+    added = False
+    if fmt is not None:
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in _format_special_tokens(fmt) if t not in vocab]
+        if missing:
+            tokenizer.add_tokens(missing, special_tokens=True)
+            added = True
+        if fmt.eos_token and tokenizer.eos_token is None:
+            tokenizer.eos_token = fmt.eos_token
+    stop_ids = set(fmt.stop_token_ids(tokenizer)) if fmt is not None else set()
+    if tokenizer.eos_token_id is not None:
+        stop_ids.add(tokenizer.eos_token_id)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id in stop_ids:
+        # padding with the end-of-turn token would teach (or mask) the wrong thing: use a token of its own
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        added = True
+    if added or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(resolve_device(device))
+    model.eval()
+    return Loaded(model, tokenizer, fmt)
+
+
+def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``out`` atomically as a standard HF directory (config.json, model.safetensors, tokenizer
+    files with the chat_template), plus ``extra_files`` (relative name -> text)."""
+    from chatsmith.utils import atomic_directory
+
+    out = Path(out)
+    model = getattr(model, "module", model)   # unwrap DistributedDataParallel
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+    return out
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Turn every dropout off (modules, attention-probability dropout attributes, config), in place.
+
+    RL (PPO/GRPO) compares log-probabilities of the same tokens under the policy at sampling time and
+    at update time; dropout would make the ratio of an unchanged policy differ from 1.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout_p"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for name, value in list(vars(config).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(config, name, 0.0)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

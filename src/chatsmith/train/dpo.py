@@ -1,0 +1,247 @@
+"""Direct Preference Optimization: fine-tune a chat model on preferences without a reward model.
+
+    chatsmith dpo --model runs/sft --data preferences.jsonl --out runs/dpo [--beta 0.1]
+
+Loss (Rafailov et al. 2023, eq. 7): `-logsigmoid(beta * [(log pi(y_c|x) - log ref(y_c|x)) -
+(log pi(y_r|x) - log ref(y_r|x))])`, where log pi(y|x) is the SUM of the response tokens' log-probs
+(the final reply and its end-of-turn token, i.e. the assistant mask of `render_chat`). The reference is
+the SFT model itself: its log-probs are computed ONCE, before training, with the starting weights (no
+second model is kept in memory; on `--resume` they are recomputed from `--model`, not from the
+checkpoint). K-way rankings give all C(K, 2) pairs within one example, each response's log-prob
+computed once, the loss averaged per example (as InstructGPT does for reward models). The prompt shared
+by an example's responses is computed once (tree packing) and logits are computed only at positions
+whose next token is a response token. Optional: conservative DPO (`--label-smoothing`, Mitchell 2023)
+and IPO (`--loss-type ipo`, Azar et al. 2023).
+
+Reports per step and on a held-out split: implicit reward accuracy (share of pairs where
+beta * log(pi/ref) ranks the chosen response higher), mean implicit reward margin, chosen/rejected
+rewards and log-probs. Checkpoints and `--resume` go through the shared `train/loop.py` Trainer; the
+result in `--out` is a standard HF chat model directory.
+
+Run the tests: `python -m pytest tests/test_dpo.py -q`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from chatsmith.config import arg
+from chatsmith.errors import ChatsmithError
+from chatsmith.train.loop import TrainConfig
+from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, dpo_loss, expand_rankings,
+                                                   pack_trees, segment_mean, segment_sum, token_logprobs)
+from chatsmith.train.reward import (_load_preferences, _note, backbone_hidden, split_train_eval, steps_for_epochs,
+                                    tokenize_preferences)
+
+__all__ = ["DPOConfig", "dpo", "DPOBatch", "packed_logprobs", "reference_logprobs", "make_dpo_loss",
+           "evaluate_dpo"]
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    model: str = arg("runs/sft", "SFT model directory: the starting policy and the frozen reference.")
+    data: str = arg("data/preferences.jsonl", "Preference data: prompt + chosen/rejected, or a ranked list.")
+    out: str = arg("runs/dpo", "Output directory (HF chat model dir + metrics).")
+    template: str | None = arg(None, "Chat format if the model has none: chatml, llama2, alpaca or a .jinja path.")
+    eval_data: str | None = arg(None, "Held-out preference file (default: hold out --eval-fraction of --data).")
+    eval_fraction: float = arg(0.05, "Fraction of --data held out (the same deterministic split as `reward`).")
+    beta: float = arg(0.1, "DPO beta: strength of the implicit KL to the reference (Rafailov et al. 2023).")
+    loss_type: str = arg("sigmoid", "sigmoid (DPO) or ipo (Azar et al. 2023).", choices=["sigmoid", "ipo"])
+    label_smoothing: float = arg(0.0, "Conservative DPO: probability that a preference label is flipped.")
+    epochs: float = arg(1.0, "Passes over the training pairs when --max-steps is 0.")
+    max_steps: int = arg(0, "Optimizer steps (0 = --epochs passes over the data).")
+    lr: float = arg(5e-5, "Peak learning rate (AdamW).")
+    warmup_steps: int = arg(5, "Linear warmup steps.")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    batch_size: int = arg(16, "Preference examples (pairs or rankings) per micro-batch.")
+    max_len: int = arg(256, "Maximum tokens of one conversation (prompt + response); longer ones lose their start.")
+    share_prompt: bool = arg(True, "Compute each example's shared prompt once (tree packing); same result.")
+    eval_every: int = arg(0, "Evaluate every N steps (0 = only at the end).")
+    save_every: int = arg(50, "Write OUT/checkpoint every N steps (0 = only at the end).")
+    log_every: int = arg(5, "Write a metrics row every N steps.")
+
+
+@dataclass
+class DPOBatch:
+    """A packed batch plus the precomputed reference log-probs of its conversations `(n,)`."""
+
+    packed: PackedTrees
+    reference_logps: torch.Tensor
+
+    @property
+    def n_targets(self) -> int:
+        return self.packed.n_targets
+
+    @property
+    def n_tokens(self) -> int:
+        return self.packed.n_tokens
+
+
+def packed_logprobs(model: nn.Module, batch: PackedTrees) -> torch.Tensor:
+    """Summed response log-probs `(n,)` float32 of every conversation in a packed batch (with targets).
+
+    Runs the transformer once over the packed rows, then the LM head only on the `(m, h)` hidden states
+    that predict a response token. Assumes logits = lm_head(hidden) (Llama, Qwen2, Mistral, GPT-2).
+    """
+    if batch.logit_index is None:
+        raise ChatsmithError("packed_logprobs needs a batch packed with with_targets=True")
+    hidden = backbone_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+    picked = hidden.reshape(-1, hidden.shape[-1])[batch.logit_index]
+    logits = model.get_output_embeddings()(picked)
+    logp = token_logprobs(logits, batch.target_ids)
+    return segment_sum(logp, batch.target_response, len(batch.last_token))
+
+
+class _Collate:
+    """Picklable collate: (tree, reference log-probs) items -> DPOBatch."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[tuple[PrefixTree, torch.Tensor]]) -> DPOBatch:
+        packed = pack_trees([tree for tree, _ in items], self.pad_id, with_targets=True)
+        return DPOBatch(packed, torch.cat([ref for _, ref in items]))
+
+
+@torch.no_grad()
+def reference_logprobs(model: nn.Module, trees: Sequence[PrefixTree], pad_id: int, batch_size: int,
+                       device: str, amp_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Per tree, the `(K,)` summed response log-probs under `model` (the frozen reference), on CPU."""
+    from chatsmith.train.loop import autocast_context, move_to_device
+
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = []
+    try:
+        for start in range(0, len(trees), batch_size):
+            chunk = list(trees[start:start + batch_size])
+            packed = move_to_device(pack_trees(chunk, pad_id, with_targets=True), device)
+            with autocast_context(device, amp_dtype):
+                logps = packed_logprobs(model, packed).float().cpu()
+            out.extend(torch.split(logps, [len(t.suffixes) for t in chunk]))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _pairwise_stats(policy_logps: torch.Tensor, reference_logps: torch.Tensor, num_responses: list[int],
+                    cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-example DPO loss `(g,)` and per-pair statistics from per-conversation log-probs `(n,)`."""
+    better, worse, group = expand_rankings(num_responses, policy_logps.device)
+    losses, chosen_r, rejected_r = dpo_loss(policy_logps[better], policy_logps[worse], reference_logps[better],
+                                            reference_logps[worse], beta=cfg.beta,
+                                            label_smoothing=cfg.label_smoothing, loss_type=cfg.loss_type)
+    per_example = segment_mean(losses, group, len(num_responses))
+    stats = {"chosen_reward": chosen_r, "rejected_reward": rejected_r,
+             "chosen_logp": policy_logps[better].detach(), "rejected_logp": policy_logps[worse].detach()}
+    return per_example, stats
+
+
+def _summarise(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    margin = stats["chosen_reward"] - stats["rejected_reward"]
+    return {"reward_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean()),
+            "chosen_reward": float(stats["chosen_reward"].mean()),
+            "rejected_reward": float(stats["rejected_reward"].mean()),
+            "chosen_logp": float(stats["chosen_logp"].mean()), "rejected_logp": float(stats["rejected_logp"].mean())}
+
+
+def make_dpo_loss(cfg: DPOConfig):
+    """`loss_fn(model, DPOBatch) -> (sum of per-example losses, n_examples, metrics)` for the Trainer."""
+
+    def loss_fn(model: nn.Module, batch: DPOBatch):
+        policy = packed_logprobs(model, batch.packed)
+        per_example, stats = _pairwise_stats(policy, batch.reference_logps.to(policy.device),
+                                             batch.packed.num_responses, cfg)
+        return per_example.sum(), batch.n_targets, _summarise(stats)
+
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate_dpo(model: nn.Module, batches: Sequence[DPOBatch], cfg: DPOConfig) -> dict[str, float]:
+    """Held-out DPO loss, implicit reward accuracy and margin over pre-collated batches."""
+    from chatsmith.train.loop import move_to_device
+
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    collected: dict[str, list[torch.Tensor]] = {}
+    for batch in batches:
+        batch = move_to_device(batch, device)
+        policy = packed_logprobs(model, batch.packed)
+        per_example, stats = _pairwise_stats(policy, batch.reference_logps, batch.packed.num_responses, cfg)
+        total += float(per_example.sum())
+        n += batch.n_targets
+        for k, v in stats.items():
+            collected.setdefault(k, []).append(v.float().cpu())
+    if not n:
+        return {}
+    return {"loss": total / n, **_summarise({k: torch.cat(v) for k, v in collected.items()})}
+
+
+def dpo(cfg: DPOConfig) -> dict[str, Any]:
+    """`chatsmith dpo`: train the policy with DPO against its own starting weights; returns final metrics."""
+    from chatsmith.model import load_model
+    from chatsmith.train.loop import ShardedBatchSource, Trainer, resolve_dtype
+    from chatsmith.utils import atomic_write_text, is_main_process, resolve_device, set_seed
+
+    if cfg.beta <= 0:
+        raise ChatsmithError(f"--beta must be > 0, got {cfg.beta}")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise ChatsmithError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    set_seed(cfg.seed)
+    examples = _load_preferences(cfg.data, "--data")
+    if cfg.eval_data:
+        train_examples, eval_examples = examples, _load_preferences(cfg.eval_data, "--eval-data")
+    else:
+        train_idx, eval_idx = split_train_eval(len(examples), cfg.eval_fraction, seed=0)
+        train_examples = [examples[i] for i in train_idx]
+        eval_examples = [examples[i] for i in eval_idx]
+    loaded = load_model(cfg.model, device="cpu", template=cfg.template)
+    model, tokenizer, fmt = loaded.model, loaded.tokenizer, loaded.fmt
+    if getattr(model, "get_output_embeddings", lambda: None)() is None:
+        raise ChatsmithError(f"{cfg.model}: DPO needs a causal LM with an output (LM) head")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_tok = tokenize_preferences(train_examples, tokenizer, fmt, cfg.max_len, cfg.share_prompt, with_masks=True)
+    eval_tok = tokenize_preferences(eval_examples, tokenizer, fmt, cfg.max_len, cfg.share_prompt, with_masks=True)
+    if train_tok.n_truncated or eval_tok.n_truncated:
+        _note(f"dpo: {train_tok.n_truncated + eval_tok.n_truncated} conversation(s) longer than --max-len "
+              f"{cfg.max_len} lost tokens from the start of their prompt")
+    if cfg.max_steps <= 0:
+        cfg = dataclasses.replace(cfg, max_steps=steps_for_epochs(len(train_tok.trees), cfg, cfg.epochs))
+    _note(f"dpo: {len(train_tok.trees)} training examples ({train_tok.n_pairs} pairs), "
+          f"{len(eval_tok.trees)} held out ({eval_tok.n_pairs} pairs); {cfg.max_steps} steps, beta {cfg.beta}")
+
+    # Reference log-probs, once, from the starting (SFT) weights; the reference is not kept afterwards.
+    device = resolve_device(cfg.device)
+    amp = resolve_dtype(cfg.dtype, device)
+    model.to(device)
+    ref_train = reference_logprobs(model, train_tok.trees, pad_id, cfg.batch_size, device, amp)
+    ref_eval = reference_logprobs(model, eval_tok.trees, pad_id, cfg.batch_size, device, amp)
+    _note(f"dpo: reference log-probs computed for {sum(len(r) for r in ref_train + ref_eval)} responses")
+
+    collate = _Collate(pad_id)
+    items = list(zip(train_tok.trees, ref_train))
+    source = ShardedBatchSource(items, cfg.batch_size, collate=collate, seed=cfg.seed)
+    eval_items = list(zip(eval_tok.trees, ref_eval))
+    eval_batches = [collate(eval_items[i:i + cfg.batch_size]) for i in range(0, len(eval_items), cfg.batch_size)]
+    trainer = Trainer(cfg, model, tokenizer, source, make_dpo_loss(cfg),
+                      eval_fn=(lambda m: evaluate_dpo(m, eval_batches, cfg)) if eval_batches else None,
+                      stage="dpo", count_fn=lambda b: b.n_targets, token_count_fn=lambda b: b.n_tokens)
+    result = trainer.run()
+    final = {k if k.startswith("eval") else f"eval_{k}": v for k, v in (result.eval or {}).items()}
+    final.update({"train_examples": len(train_tok.trees), "train_pairs": train_tok.n_pairs,
+                  "eval_examples": len(eval_tok.trees), "eval_pairs": eval_tok.n_pairs, "beta": cfg.beta,
+                  "steps": result.step, "final_train_loss": result.loss})
+    if is_main_process():
+        atomic_write_text(Path(cfg.out) / "dpo_summary.json", json.dumps(final, indent=1) + "\n")
+    if "eval_reward_accuracy" in final:
+        _note(f"dpo: saved {cfg.out}; held-out implicit reward accuracy {final['eval_reward_accuracy']:.1%}, "
+              f"margin {final['eval_reward_margin']:.3f}")
+    return final

@@ -1,0 +1,294 @@
+"""GRPO: group relative policy optimisation - RL without a value model (Shao et al. 2024, DeepSeekMath).
+
+    chatsmith grpo --model runs/sft --prompts data/prompts.jsonl --reward world --out runs/grpo
+    chatsmith grpo --model runs/sft --prompts data/prompts.jsonl --reward rm:runs/rm --out runs/grpo
+
+Each step draws `--prompts-per-step` prompts and samples `--num-generations` (G) responses to each with
+the KV-cache engine. Every response gets one reward - the world's programmatic judge (`world`, a
+verifiable reward) or a reward model (`rm:PATH`) - and its advantage is its reward minus the mean of its
+group, over the group's std (`rl_functional.group_advantages`): the group is the baseline, so no value
+model is needed. Every token of a response shares its advantage. The loss is PPO's clipped surrogate
+(0.2) plus beta * k3-KL to the frozen reference (`rl_functional.grpo_loss`, Shao et al. eq. 3-4).
+`--num-iterations` updates are made per batch (1 = on-policy: the "old" log-probs are the current ones
+and the ratio is exactly 1, as in TRL's GRPOTrainer with num_iterations=1).
+
+Metrics per step: reward (mean, std, per-group std), kl, clip_fraction, entropy, response length, the
+time of rollout / scoring / update and episodes/s. Checkpoints and `--resume` as every stage; OUT is a
+standard HF chat model directory.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from chatsmith.config import arg, save_config
+from chatsmith.errors import ChatsmithError
+from chatsmith.train import rl_functional as F
+from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, TrainConfig, TrainingDiverged,
+                                  autocast_context, build_optimizer, build_scheduler, resolve_dtype)
+from chatsmith.train.ppo import _note, _step_seed, format_samples_table, save_policy_into
+from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout, disable_dropout,
+                                     freeze, load_policy, load_prompts, make_scorer, response_forward)
+from chatsmith.utils import MetricsLogger, is_main_process, read_jsonl, resolve_device, set_seed
+
+__all__ = ["GRPOConfig", "grpo", "GRPOTrainer", "GRPOResult"]
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    model: str = arg("runs/sft", "SFT model directory (the policy starts here; the reference is a frozen copy).")
+    prompts: str = arg("data/prompts.jsonl", "Prompts (conversations ending with a user turn).")
+    reward: str = arg("world", "Reward: 'world' (the built-in world's judge; prompts need category + expected) "
+                      "or 'rm:PATH' (a reward model from `chatsmith reward`).")
+    out: str = arg("runs/grpo", "Output directory: final policy (HF chat model), metrics, samples, checkpoint.")
+    template: str | None = arg(None, "Chat format if the model's tokenizer has none.")
+    max_steps: int = arg(50, "GRPO steps (each = one batch of groups + --num-iterations updates).")
+    prompts_per_step: int = arg(4, "Prompts (groups) per step.")
+    num_generations: int = arg(4, "G: responses sampled per prompt (the group).")
+    num_iterations: int = arg(1, "Updates per batch (mu in Shao et al.); > 1 reuses the samples off-policy.")
+    batch_size: int = arg(16, "Episodes per forward/backward micro-batch during the update.")
+    lr: float = arg(1e-5, "Peak learning rate (AdamW).")
+    warmup_steps: int = arg(0, "Linear warmup steps.")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    max_new_tokens: int = arg(32, "Longest response sampled.")
+    temperature: float = arg(1.0, "Sampling temperature (log-probs use logits / temperature).")
+    max_len: int = arg(256, "Longest prompt + response (longer prompts are skipped).")
+    beta: float = arg(0.04, "Weight of the k3 KL to the reference in the loss (0 = no reference model).")
+    clip_range: float = arg(0.2, "Ratio clip epsilon.")
+    scale_rewards: bool = arg(True, "Divide group-centred rewards by the group std (off = Dr. GRPO).")
+    loss_type: str = arg("grpo", "Token aggregation: 'grpo' (mean per response, then over responses) or "
+                         "'token' (mean over all tokens).", choices=["grpo", "token"])
+    no_eos_penalty: float | None = arg(None, "Reward given to responses that never end their turn (None = keep).")
+    forward_batch_size: int = arg(32, "Rows per no-grad forward pass.")
+    sample_every: int = arg(10, "Print and save a table of sample responses every N steps (0 = off).")
+    num_samples: int = arg(4, "Rows in that table.")
+    save_every: int = arg(25, "Write OUT/checkpoint every N steps (0 = only at the end).")
+    log_every: int = arg(1, "Write a metrics row every N steps.")
+    entropy: bool = arg(True, "Log the policy's entropy (computed from the update's logits).")
+
+
+@dataclass
+class GRPOResult:
+    out: Path
+    step: int
+    metrics: dict[str, float]
+    resumed_from: int | None
+
+
+class GRPOTrainer:
+    """Policy + (optional) frozen reference + a reward function; runs GRPO steps. `grpo(cfg)` is the command."""
+
+    def __init__(self, cfg: GRPOConfig, policy: nn.Module | None = None, tokenizer: Any = None, fmt: Any = None,
+                 reference: nn.Module | None = None, scorer: Any = None, prompts: list[PromptItem] | None = None,
+                 generate_fn: Any = None):
+        for ok, message in [
+            (cfg.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.max_steps}"),
+            (cfg.num_generations >= 2, f"--num-generations must be >= 2 (a group needs a baseline), "
+                                       f"got {cfg.num_generations}"),
+            (cfg.prompts_per_step >= 1 and cfg.batch_size >= 1, "--prompts-per-step and --batch-size must be >= 1"),
+            (cfg.num_iterations >= 1, f"--num-iterations must be >= 1, got {cfg.num_iterations}"),
+            (cfg.temperature > 0, f"--temperature must be > 0 for RL sampling, got {cfg.temperature}"),
+            (cfg.max_len > cfg.max_new_tokens, "--max-len must exceed --max-new-tokens"),
+        ]:
+            if not ok:
+                raise ChatsmithError(message)
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
+        set_seed(cfg.seed)
+        if policy is None:
+            policy, tokenizer, fmt = load_policy(cfg.model, self.device, cfg.template)
+        if reference is None and cfg.beta != 0.0:
+            reference, _, _ = load_policy(cfg.model, self.device, cfg.template)
+        self.policy = disable_dropout(policy.to(self.device))
+        self.reference = freeze(disable_dropout(reference.to(self.device))) if reference is not None else None
+        self.tokenizer, self.fmt = tokenizer, fmt
+        self.stop_token_ids = list(fmt.stop_token_ids(tokenizer)) if fmt is not None else []
+        if not self.stop_token_ids and tokenizer.eos_token_id is not None:
+            self.stop_token_ids = [int(tokenizer.eos_token_id)]
+        if not self.stop_token_ids:
+            raise ChatsmithError(f"{cfg.model}: the chat format has no single-token end-of-turn marker")
+        self.scorer = scorer if scorer is not None else make_scorer(cfg.reward, tokenizer, self.device,
+                                                                    cfg.forward_batch_size)
+        if hasattr(self.scorer, "skip_unfinished"):
+            self.scorer.skip_unfinished = cfg.no_eos_penalty is not None
+        if prompts is None:
+            prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
+            if dropped:
+                _note(f"grpo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
+        self.prompts = prompts
+        self.source = ShardedBatchSource(list(range(len(prompts))), cfg.prompts_per_step, collate=list, seed=cfg.seed)
+        self.optimizer = build_optimizer(self.policy, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, cfg.max_steps * cfg.num_iterations)
+        self.checkpointer = Checkpointer(self.out)
+        self.logger = MetricsLogger(self.out, stage="grpo")
+        self.generate_fn = generate_fn
+        self.step = 0
+        self._last_samples: tuple | None = None
+
+    # ------------------------------------------------------------------------- one step
+    def rollout(self) -> Rollout:
+        cfg = self.cfg
+        groups = self.source.next_batch()
+        # G consecutive copies of each prompt: rows [g*G, (g+1)*G) form group g.
+        index = [i for i in groups for _ in range(cfg.num_generations)]
+        with autocast_context(self.device, self.amp_dtype):
+            return collect_rollout(self.policy, self.reference if cfg.beta != 0.0 else None, self.tokenizer,
+                                   [self.prompts[i].ids for i in index], index,
+                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                   stop_token_ids=self.stop_token_ids, seed=_step_seed(cfg.seed, self.step),
+                                   forward_batch_size=cfg.forward_batch_size,
+                                   need_policy_logprobs=cfg.num_iterations > 1, generate_fn=self.generate_fn)
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        rollout = self.rollout()
+        t1 = time.perf_counter()
+        rewards = self.scorer(rollout, self.prompts).float()
+        rewards = apply_no_eos_penalty(rewards, rollout.finished, cfg.no_eos_penalty)
+        advantages = F.group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)
+        t2 = time.perf_counter()
+        stats = self._update(rollout, advantages)
+        t3 = time.perf_counter()
+        self.step += 1
+        self._last_samples = (rollout, rewards)
+        grouped = rewards.view(-1, cfg.num_generations)
+        return {
+            "reward": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "group_reward_std": float(grouped.std(-1).mean()),
+            "zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
+            "response_length": float(rollout.response_lengths.float().mean()),
+            "no_eos_rate": float((~rollout.finished).float().mean()),
+            **stats,
+            "rollout_s": t1 - t0, "generate_s": rollout.timings.get("generate_s", 0.0), "score_s": t2 - t1,
+            "update_s": t3 - t2, "episodes": rollout.batch_size,
+            "episodes_per_s": rollout.batch_size / max(1e-9, t3 - t0),
+        }
+
+    def _update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """`--num-iterations` optimizer steps, each over the whole batch in micro-batches."""
+        cfg = self.cfg
+        b = rollout.batch_size
+        mask = rollout.response_mask
+        total_tokens = float(mask.sum().clamp(min=1))
+        sums: dict[str, float] = {}
+        self.policy.train()
+        for _ in range(cfg.num_iterations):
+            step_stats: dict[str, float] = {}
+            for start in range(0, b, cfg.batch_size):
+                rows = slice(start, start + cfg.batch_size)
+                m = mask[rows]
+                # Weights that make the sum over micro-batches equal the loss of the whole batch.
+                weight = (m.shape[0] / b) if cfg.loss_type == "grpo" else float(m.sum()) / total_tokens
+                with autocast_context(self.device, self.amp_dtype):
+                    logprobs, entropy = response_forward(self.policy, rollout.input_ids[rows],
+                                                         rollout.attention_mask[rows], rollout.prompt_len,
+                                                         cfg.temperature, with_entropy=cfg.entropy)
+                old = rollout.logprobs[rows] if rollout.logprobs is not None else logprobs.detach()
+                ref = rollout.ref_logprobs[rows] if rollout.ref_logprobs is not None else None
+                loss, stats = F.grpo_loss(logprobs, old, ref, advantages[rows], m, cfg.clip_range, cfg.beta,
+                                          cfg.loss_type)
+                (loss * weight).backward()
+                stats = {"loss": loss.detach(), **stats}
+                if entropy is not None:
+                    stats["entropy"] = F.masked_mean(entropy.detach(), m)
+                for k, v in stats.items():
+                    step_stats[k] = step_stats.get(k, 0.0) + float(v) * weight
+            if not math.isfinite(step_stats["loss"]):
+                raise TrainingDiverged(f"grpo: loss became {step_stats['loss']} at step {self.step + 1}; "
+                                       f"try a lower --lr")
+            params = [p for p in self.policy.parameters() if p.grad is not None]
+            if params and cfg.grad_clip and cfg.grad_clip > 0:
+                step_stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            step_stats["lr"] = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            for k, v in step_stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return {k: v / cfg.num_iterations for k, v in sums.items()}
+
+    # ------------------------------------------------------------------------- samples, checkpoints
+    def sample_rows(self, n: int) -> list[dict[str, Any]]:
+        rollout, rewards = self._last_samples
+        rows = []
+        # One response from each of the first groups, so the table shows different prompts.
+        for i in list(range(0, rollout.batch_size, self.cfg.num_generations))[:n]:
+            prompt = self.prompts[rollout.prompt_index[i]]
+            user = next((m["content"] for m in reversed(prompt.messages) if m["role"] == "user"), "")
+            rows.append({"step": self.step, "prompt": user, "response": rollout.texts[i],
+                         "score": round(float(rewards[i]), 4), "ended_turn": bool(rollout.finished[i])})
+        return rows
+
+    def _write_samples(self, rows: list[dict[str, Any]]) -> None:
+        if not is_main_process():
+            return
+        import json
+
+        with open(self.out / "samples.jsonl", "a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(format_samples_table(rows), file=sys.stderr, flush=True)
+
+    def save_checkpoint(self) -> None:
+        self.checkpointer.save(self.step, self.policy, self.optimizer, self.scheduler, self.source.state_dict(),
+                               info={"stage": "grpo", "max_steps": self.cfg.max_steps})
+
+    def run(self) -> GRPOResult:
+        import json
+
+        from chatsmith.utils import atomic_write_text
+
+        cfg = self.cfg
+        resumed_from = None
+        samples = self.out / "samples.jsonl"
+        if cfg.resume and self.checkpointer.exists():
+            state = self.checkpointer.load(self.policy, self.optimizer, self.scheduler, self.source)
+            self.step = resumed_from = int(state["step"])
+            self.logger.truncate_after(self.step)
+            if is_main_process() and samples.exists():
+                kept = [r for r in read_jsonl(samples) if int(r.get("step", 0)) <= self.step]
+                atomic_write_text(samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+            _note(f"grpo: resuming from {self.checkpointer.path} at step {self.step}")
+        elif is_main_process():
+            for path in (self.out / "metrics.jsonl", samples):
+                path.unlink(missing_ok=True)
+        if is_main_process():
+            save_config(cfg, self.out / "train_config.yaml")
+        progress = Progress(cfg.max_steps, initial=self.step, desc="grpo", enabled=cfg.progress and sys.stderr.isatty())
+        metrics: dict[str, float] = {}
+        try:
+            while self.step < cfg.max_steps:
+                metrics = self.train_step()
+                progress.update(1, int(metrics["episodes"]), reward=metrics["reward"], kl=metrics.get("kl", 0.0))
+                if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps:
+                    self.logger.log(self.step, **metrics)
+                    if progress.bar is None and cfg.progress and is_main_process():
+                        _note(f"grpo step {self.step}/{cfg.max_steps} reward {metrics['reward']:.3f} "
+                              f"kl {metrics.get('kl', 0.0):.4f} len {metrics['response_length']:.1f}")
+                if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
+                    self._write_samples(self.sample_rows(cfg.num_samples))
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+        if resumed_from is None or self.step > resumed_from:
+            self.save_checkpoint()
+        if is_main_process():
+            save_policy_into(self.policy, self.tokenizer, self.out)
+        return GRPOResult(self.out, self.step, metrics, resumed_from)
+
+
+def grpo(cfg: GRPOConfig) -> GRPOResult:
+    """`chatsmith grpo`: see the module docstring."""
+    return GRPOTrainer(cfg).run()

@@ -1,0 +1,477 @@
+"""Rollouts for RL fine-tuning, shared by PPO (`train/ppo.py`) and GRPO (`train/grpo.py`).
+
+One rollout = sample a response to each prompt with the KV-cache engine (`chatsmith.generate`), cut
+each response after its end-of-turn token, and recompute, in one full forward pass, the log-probs of
+the sampled tokens under the policy and the frozen reference - from the logits divided by the
+sampling temperature, so they are the log-probs of the distribution the tokens were drawn from
+(Huang et al. 2024, "The N+ implementation details of RLHF with PPO"). The engine's own incremental
+(KV-cache) log-probs are not reused for training: the PPO ratio must compare like with like, i.e. the
+same batched forward that the update later differentiates.
+
+Layout of a rollout batch (`b` episodes, `p` longest prompt, `r` longest response):
+
+    input_ids      (b, p + r)   prompts LEFT-padded to p, responses RIGHT-padded to r
+    attention_mask (b, p + r)   1 on real prompt tokens and on response tokens up to end-of-turn
+    response_mask  (b, r)       1 on response tokens up to and including end-of-turn, 0 after
+    logprobs       (b, r)       log pi(y_t | x, y_<t) at temperature T (0 where masked)
+
+The logits that score response token t sit at position p - 1 + t; a value model reads its value for
+token t from the same position (the state before the token is emitted), as in the reference PPO code.
+
+Scoring (`RewardModelScorer`, `WorldJudgeScorer`) turns responses into one scalar each; a response that
+never produced end-of-turn gets a fixed penalty instead (Huang et al. 2024: "penalty_reward_value = -1"
+for responses without EOS), so the policy cannot farm the reward model with endless text.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from chatsmith.errors import ChatsmithError
+from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_logits
+
+__all__ = [
+    "Rollout", "PromptItem", "load_policy", "disable_dropout", "load_prompts", "make_scorer", "freeze", "truncate_at_stop", "pad_rollout", "response_forward", "policy_logprobs",
+    "sample", "collect_rollout", "apply_no_eos_penalty", "RewardModelScorer", "WorldJudgeScorer",
+    "position_ids_from_mask", "value_forward",
+]
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class PromptItem:
+    """One RL prompt: the conversation so far (ends with a user turn) and, if known, the world metadata.
+
+    `meta` keeps every other field of the row (`id`, `category`, `expected`, ...) so a programmatic
+    judge can score the response; `origin` is "path:line" for error messages.
+    """
+
+    messages: list[dict]
+    origin: str = ""
+    meta: dict = field(default_factory=dict)
+    ids: list[int] | None = None     # render_prompt(messages) - filled in once per run
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled episodes; tensors on one device. See the module docstring for the layout."""
+
+    input_ids: torch.Tensor          # (b, p + r)
+    attention_mask: torch.Tensor     # (b, p + r)
+    prompt_len: int                  # p
+    response_ids: torch.Tensor       # (b, r)
+    response_mask: torch.Tensor      # (b, r) float
+    response_lengths: torch.Tensor   # (b,) long, end-of-turn included
+    finished: torch.Tensor           # (b,) bool: the response ended with an end-of-turn token
+    texts: list[str]                 # decoded responses, end-of-turn text stripped
+    prompt_index: list[int]          # which prompt each episode answers
+    logprobs: torch.Tensor | None = None      # (b, r) policy at rollout time
+    ref_logprobs: torch.Tensor | None = None  # (b, r) frozen reference
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> "Rollout":
+        """The sub-batch of the given rows (a minibatch); trailing all-pad response columns are kept."""
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        rows_l = rows_t.tolist()
+        pick = lambda t: None if t is None else t[rows_t]  # noqa: E731
+        return Rollout(self.input_ids[rows_t], self.attention_mask[rows_t], self.prompt_len,
+                       self.response_ids[rows_t], self.response_mask[rows_t], self.response_lengths[rows_t],
+                       self.finished[rows_t], [self.texts[i] for i in rows_l],
+                       [self.prompt_index[i] for i in rows_l], pick(self.logprobs), pick(self.ref_logprobs))
+
+
+# ----------------------------------------------------------------------------- masks and padding
+
+def truncate_at_stop(tokens: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """Cut a response after its first end-of-turn token. Returns `(tokens kept, ended with a stop)`.
+
+    Everything after the first stop token is discarded, even if the engine kept sampling for that row
+    (in a batch the longest row decides when sampling ends); those tokens were never part of the
+    assistant's turn and must carry neither reward nor gradient.
+    """
+    stops = set(int(t) for t in stop_token_ids)
+    for i, tok in enumerate(tokens):
+        if int(tok) in stops:
+            return [int(t) for t in tokens[: i + 1]], True
+    return [int(t) for t in tokens], False
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions `(b, t)` counting real tokens only, so a left-padded prompt starts at position 0."""
+    mask = attention_mask.long()
+    return ((mask.cumsum(-1) - 1) * mask).clamp(min=0)
+
+
+def pad_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor,
+                                                             torch.Tensor]:
+    """Left-pad prompts and right-pad responses into one batch.
+
+    Returns `input_ids (b, p + r)`, `attention_mask (b, p + r)`, `p`, `response_ids (b, r)`,
+    `response_mask (b, r)` (float). Rows with an empty response get an all-zero response mask; `r` is at
+    least 1 so shapes never collapse.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    p = max(len(x) for x in prompts)
+    r = max(1, max(len(y) for y in responses))
+    b = len(prompts)
+    input_ids = torch.full((b, p + r), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, p + r), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(prompts, responses)):
+        input_ids[i, p - len(x):p] = torch.tensor(list(x), dtype=torch.long)
+        attention_mask[i, p - len(x):p] = 1
+        if len(y):
+            input_ids[i, p:p + len(y)] = torch.tensor(list(y), dtype=torch.long)
+            attention_mask[i, p:p + len(y)] = 1
+    response_ids = input_ids[:, p:].clone()
+    response_mask = attention_mask[:, p:].float()
+    return (input_ids.to(device), attention_mask.to(device), p, response_ids.to(device), response_mask.to(device))
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+def _call_lm(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits `(b, keep, v)` of the last `keep` positions; the LM head is not run on the prompt."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    try:
+        return model(**kwargs, logits_to_keep=keep).logits[:, -keep:]
+    except TypeError:  # an architecture without `logits_to_keep`: compute all, slice
+        return model(**kwargs).logits[:, -keep:]
+
+
+def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                     temperature: float = 1.0, with_entropy: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs `(b, r)` of the response tokens (and entropy `(b, r)` if asked) in one forward pass.
+
+    input_ids / attention_mask `(b, p + r)` laid out as `pad_rollout` makes them. Logits at position
+    p - 1 + t score response token t; they are divided by `temperature` before the log-softmax, so
+    these are the log-probs of the sampling distribution (Huang et al. 2024). Entropy is of the same
+    tempered distribution. Masked positions are not zeroed here (callers mask).
+    """
+    r = input_ids.shape[1] - prompt_len
+    logits = _call_lm(model, input_ids, attention_mask, r + 1)[:, :-1]   # (b, r, v)
+    if temperature != 1.0:
+        logits = logits.float() / temperature
+    logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logprobs, entropy
+
+
+@torch.no_grad()
+def policy_logprobs(model: nn.Module, rollout: Rollout, temperature: float, micro_batch: int = 0) -> torch.Tensor:
+    """No-grad log-probs `(b, r)` of the rollout's responses, computed `micro_batch` rows at a time."""
+    b = rollout.batch_size
+    step = micro_batch if micro_batch and micro_batch > 0 else b
+    parts = []
+    for start in range(0, b, step):
+        ids = rollout.input_ids[start:start + step]
+        mask = rollout.attention_mask[start:start + step]
+        lp, _ = response_forward(model, ids, mask, rollout.prompt_len, temperature)
+        parts.append(lp)
+    return torch.cat(parts) * rollout.response_mask
+
+
+def value_forward(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  prompt_len: int) -> torch.Tensor:
+    """Per-token values `(b, r)` from a sequence-classification model used as a value model.
+
+    The backbone's hidden states `(b, p + r, h)` go through the model's scalar head (`score`, a
+    `Linear(h, 1)`) at every position - a value head per token, initialised from the reward model
+    (Ziegler et al. 2019; Huang et al. 2024). The value of response token t is read at position
+    p - 1 + t, the state in which token t is chosen.
+    """
+    backbone = getattr(value_model, value_model.base_model_prefix)
+    head = value_model.score
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    r = input_ids.shape[1] - prompt_len
+    return head(hidden[:, prompt_len - 1:prompt_len - 1 + r]).squeeze(-1).float()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+           temperature: float, stop_token_ids: Sequence[int], seed: int | None,
+           generate_fn: Callable | None = None) -> tuple[list[list[int]], list[bool]]:
+    """Sample one response per prompt with the KV-cache engine; cut after end-of-turn.
+
+    Sampling is plain ancestral sampling at `temperature` (no top-k / top-p / repetition penalty): any
+    other filter would make the recomputed log-probs differ from the distribution the tokens came from.
+    Returns `(responses, finished)`.
+    """
+    if temperature <= 0:
+        raise ChatsmithError("RL sampling needs --temperature > 0 (the policy must explore, and log-probs "
+                             "of greedy decoding are not those of the sampled distribution)")
+    if generate_fn is None:
+        try:
+            from chatsmith.generate import SamplingConfig, generate
+        except ImportError:  # the engine is not installed: plain HF sampling, same distribution, slower
+            generate_fn = _hf_generate
+    if generate_fn is None:
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+                             repetition_penalty=1.0, seed=seed, stop_token_ids=tuple(stop_token_ids),
+                             stop_strings=())
+        if hasattr(cfg, "logprobs"):
+            cfg.logprobs = False   # recomputed below in a full forward pass; skip the engine's copy
+        out = generate(model, tokenizer, [list(p) for p in prompt_ids], cfg)
+        sequences = out.sequences
+    else:
+        sequences = generate_fn(model, tokenizer, prompt_ids, max_new_tokens, temperature, stop_token_ids, seed)
+    responses, finished = [], []
+    for seq in sequences:
+        kept, done = truncate_at_stop(seq[:max_new_tokens], stop_token_ids)
+        responses.append(kept)
+        finished.append(done)
+    return responses, finished
+
+
+def _hf_generate(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                 temperature: float, stop_token_ids: Sequence[int], seed: int | None) -> list[list[int]]:
+    """Fallback sampler through `transformers`' `generate` (left padding, ancestral sampling)."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                             eos_token_id=list(stop_token_ids), pad_token_id=pad_id)
+    return [row[width:].tolist() for row in out]
+
+
+def collect_rollout(policy: nn.Module, reference: nn.Module | None, tokenizer: Any,
+                    prompt_ids: Sequence[Sequence[int]], prompt_index: Sequence[int], *, max_new_tokens: int,
+                    temperature: float, stop_token_ids: Sequence[int], seed: int | None,
+                    forward_batch_size: int = 0, need_policy_logprobs: bool = True,
+                    generate_fn: Callable | None = None) -> Rollout:
+    """Sample, pad, and compute rollout-time policy and reference log-probs (no grad).
+
+    `need_policy_logprobs=False` skips the policy forward: with a single update per batch the "old"
+    log-probs equal the current ones, and the update computes them with grad anyway (GRPO's default,
+    as in TRL's GRPOTrainer with num_iterations=1).
+    """
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    t0 = time.perf_counter()
+    responses, finished = sample(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, stop_token_ids=stop_token_ids, seed=seed,
+                                 generate_fn=generate_fn)
+    t1 = time.perf_counter()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids, attention_mask, p, response_ids, response_mask = pad_rollout(prompt_ids, responses, pad_id, device)
+    stop_set = set(int(t) for t in stop_token_ids)
+    texts = [tokenizer.decode([t for t in y if t not in stop_set], skip_special_tokens=False) for y in responses]
+    rollout = Rollout(input_ids, attention_mask, p, response_ids, response_mask,
+                      torch.tensor([len(y) for y in responses], dtype=torch.long, device=device),
+                      torch.tensor(finished, dtype=torch.bool, device=device), texts, list(prompt_index))
+    if need_policy_logprobs:
+        rollout.logprobs = policy_logprobs(policy, rollout, temperature, forward_batch_size)
+    if reference is not None:
+        rollout.ref_logprobs = policy_logprobs(reference, rollout, temperature, forward_batch_size)
+    policy.train(was_training)
+    rollout.timings = {"generate_s": t1 - t0, "logprob_s": time.perf_counter() - t1}
+    return rollout
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def apply_no_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Replace the score of every response without an end-of-turn token by `penalty` (`(b,)` -> `(b,)`).
+
+    Huang et al. 2024 (detail "no EOS token penalty"): a truncated response gets a fixed low score
+    instead of the reward model's, which was never trained on unfinished turns. `None` = keep RM scores.
+    """
+    if penalty is None:
+        return scores
+    return torch.where(finished, scores, torch.full_like(scores, float(penalty)))
+
+
+class RewardModelScorer:
+    """Scores episodes with a frozen reward model (`chatsmith.train.reward.RewardModel`).
+
+    When the reward model shares the policy's vocabulary (both come from the same SFT model, the usual
+    case) it reads the sampled token ids directly - prompt + response up to the end-of-turn token, no
+    decode / re-encode round trip that could change the tokens - and its scalar is read at the last
+    token. Otherwise each response is decoded and the conversation re-rendered in the reward model's
+    own chat format. Scores are normalised with the (mean, std) saved with the reward model.
+    Responses without end-of-turn are not scored when a no-EOS penalty will replace their score.
+    """
+
+    def __init__(self, rm: Any, same_vocabulary: bool = True, policy_tokenizer: Any = None,
+                 forward_batch_size: int = 16):
+        self.rm, self.same_vocabulary = rm, same_vocabulary
+        self.policy_tokenizer = policy_tokenizer
+        self.forward_batch_size = max(1, forward_batch_size or 16)
+        self.skip_unfinished = False
+
+    @property
+    def model(self) -> nn.Module:
+        return self.rm.model
+
+    @torch.no_grad()
+    def __call__(self, rollout: Rollout, prompts: Sequence[PromptItem] | None = None) -> torch.Tensor:
+        b = rollout.batch_size
+        rows = [i for i in range(b) if not (self.skip_unfinished and not bool(rollout.finished[i]))]
+        scores = torch.zeros(b, dtype=torch.float32)
+        if rows and self.same_vocabulary:
+            mask = rollout.attention_mask.bool()
+            seqs = [rollout.input_ids[i][mask[i]].tolist() for i in rows]
+            scores[rows] = self.rm.score_token_ids(seqs, batch_size=self.forward_batch_size)
+        elif rows:
+            if prompts is None:
+                raise ChatsmithError("scoring with a reward model of another vocabulary needs the prompts")
+            from chatsmith.train.reward import score_conversations
+
+            convs = [list(prompts[rollout.prompt_index[i]].messages)
+                     + [{"role": "assistant", "content": rollout.texts[i]}] for i in rows]
+            scores[rows] = score_conversations(self.rm, conversations=convs, batch_size=self.forward_batch_size)
+        return scores.to(rollout.input_ids.device)
+
+
+class WorldJudgeScorer:
+    """A verifiable reward: the built-in world's programmatic judge (`chatsmith.data.judge.score`).
+
+    Needs prompt rows that carry `category` and `expected` (as `chatsmith world export` writes them).
+    The judge is told whether the response ended its turn, so a truncated reply loses points there.
+    """
+
+    def __init__(self):
+        from chatsmith.data import judge as judge_module
+
+        self.judge = judge_module
+        self._items: dict[int, Any] = {}
+
+    def item(self, prompts: Sequence[PromptItem], index: int) -> Any:
+        if index not in self._items:
+            prompt = prompts[index]
+            meta = prompt.meta
+            if "category" not in meta or "expected" not in meta:
+                raise ChatsmithError(f"{prompt.origin}: --reward world needs prompt rows with 'category' and "
+                                     f"'expected' fields (as written by `chatsmith world export`)")
+            row = {"id": meta.get("id", prompt.origin), "category": meta["category"],
+                   "messages": prompt.messages, "expected": meta["expected"]}
+            self._items[index] = self.judge.EvalItem.from_dict(row, prompt.origin)
+        return self._items[index]
+
+    def __call__(self, rollout: Rollout, prompts: Sequence[PromptItem]) -> torch.Tensor:
+        scores = [self.judge.score(self.item(prompts, idx), text, finished=done)
+                  for text, idx, done in zip(rollout.texts, rollout.prompt_index, rollout.finished.tolist())]
+        return torch.tensor(scores, dtype=torch.float32, device=rollout.input_ids.device)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off everywhere (Huang et al. 2024, detail "disable dropout"): with dropout on, the
+    rollout-time log-probs and values would not be those the update recomputes, and the PPO ratio of
+    an unchanged policy would not be 1. Uses `chatsmith.model.disable_dropout` when present."""
+    try:
+        from chatsmith.model import disable_dropout as shared
+    except ImportError:
+        shared = None
+    if shared is not None:
+        shared(model)
+        return model
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob", "summary_first_dropout"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+    for module in model.modules():  # attention modules copy the rate at construction time
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: the frozen reference and reward models."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_policy(path: str, device: str, template: str | None = None) -> tuple[nn.Module, Any, Any]:
+    """`(model, tokenizer, chat format)` of a local HF causal-LM directory, dropout off.
+
+    Through `chatsmith.model.load_model` (which adds a pad token and sets the template if missing).
+    """
+    from chatsmith.model import load_model
+
+    loaded = load_model(path, device=device, template=template)
+    model, tokenizer, fmt = loaded.model, loaded.tokenizer, loaded.fmt
+    disable_dropout(model)
+    return model, tokenizer, fmt
+
+
+def load_prompts(path: str, tokenizer: Any, fmt: Any, max_prompt_len: int) -> tuple[list[PromptItem], int]:
+    """RL prompts from any conversation file `load_examples` reads (messages up to the last user turn).
+
+    Each prompt is rendered once with the generation prompt appended. Prompts longer than
+    `max_prompt_len` tokens are dropped (returned count) rather than cut, since a cut prompt is a
+    different question. Every other field of a row (`id`, `category`, `expected`, ...) is kept in
+    `PromptItem.meta` for programmatic judges.
+    """
+    from pathlib import Path
+
+    from chatsmith.chat.render import render_prompt
+    from chatsmith.data.formats import load_examples
+
+    if not Path(path).exists():
+        raise ChatsmithError(f"--prompts {path}: file not found (export the world's prompts with "
+                             f"`chatsmith world export DIR`, or give a JSONL of {{\"messages\": [...]}} rows)")
+    result = load_examples(path, kind="prompt")
+    items, dropped = [], 0
+    for ex in result.examples:
+        ids = render_prompt(ex.messages, tokenizer, fmt)
+        if len(ids) > max_prompt_len:
+            dropped += 1
+            continue
+        items.append(PromptItem(ex.messages, ex.origin, dict(ex.meta), ids))
+    if not items:
+        raise ChatsmithError(f"{path}: none of the {len(result.examples)} prompts fits in {max_prompt_len} tokens "
+                             f"(raise --max-len or lower --max-new-tokens)")
+    return items, dropped
+
+
+def _same_vocabulary(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def make_scorer(spec: str, policy_tokenizer: Any, device: str, forward_batch_size: int = 16):
+    """A reward function `(rollout, prompts) -> scores (b,)` from a spec.
+
+    - `world`: the built-in world's programmatic judge (verifiable reward);
+    - `rm:PATH` or a bare `PATH`: a reward model written by `chatsmith reward` (normalised scores).
+    """
+    if spec == "world":
+        return WorldJudgeScorer()
+    path = spec[3:] if spec.startswith("rm:") else spec
+    from chatsmith.train.reward import load_reward_model
+
+    rm = load_reward_model(path, device=device)
+    return RewardModelScorer(rm, same_vocabulary=_same_vocabulary(rm.tokenizer, policy_tokenizer),
+                             policy_tokenizer=policy_tokenizer, forward_batch_size=forward_batch_size)

@@ -1,0 +1,257 @@
+"""`chatsmith sft`: supervised fine-tuning on conversations, with the loss on assistant tokens only.
+
+    chatsmith sft --model runs/base --data data/sft.jsonl --template chatml --out runs/sft
+    chatsmith chat runs/sft
+
+What happens:
+1. Conversations are read with `chatsmith.data.formats.load_examples(kind="chat")` (messages, ShareGPT,
+   Alpaca, prompt/completion; bad rows reported with file:line) and rendered with
+   `chatsmith.chat.render.render_chat`, which gives the token ids and the exact assistant mask (reply tokens
+   and the end-of-turn token closing each reply, so the model learns to stop).
+2. Over-length conversations (> `--max-len`) are truncated after the last assistant turn that fits
+   (`--overlength truncate`) or dropped (`--overlength drop`); the counts are printed.
+3. A micro-batch is `--batch-size` conversations. With `--packing` (default) they are packed best-fit into
+   rows of at most `--max-len` tokens with position ids restarting at 0 per conversation and a
+   block-diagonal causal attention mask, so no conversation sees another and no compute goes to padding.
+   Packing changes only the layout, not the maths: the loss equals the unpacked loss of the same batch.
+4. The loss is the sum of the cross-entropies of all assistant tokens of the whole accumulated batch
+   divided by their number (the Trainer's normalisation, `chatsmith.train.loop`), and the LM head is applied
+   only at positions whose next token is an assistant token (`lm_loss_on_targets`).
+
+The result in `OUT/` is a standard HF model directory whose tokenizer carries the chat template used here.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from chatsmith.config import arg
+from chatsmith.errors import ChatsmithError, DataError, TemplateError
+from chatsmith.train.loop import (ShardedBatchSource, TrainConfig, Trainer, TrainResult, evaluate_loss,
+                                  lm_loss_on_targets)
+from chatsmith.utils import is_main_process, set_seed
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    model: str = arg("runs/base", "Model directory to fine-tune (any local HF causal LM).")
+    data: str = arg("data/sft.jsonl", "Conversations (messages / ShareGPT / Alpaca / prompt-completion).")
+    template: str | None = arg(None, "Chat format: chatml, llama2, alpaca, jinja, or a .jinja file "
+                                     "(default: the model's own chat_template).")
+    format: str | None = arg(None, "Data format override (default: auto-detected).")
+    on_bad_row: str = arg("error", "What to do with invalid rows.", choices=["error", "skip"])
+    overlength: str = arg("truncate", "Conversations longer than --max-len: truncate at a turn boundary "
+                                      "or drop.", choices=["truncate", "drop"])
+    packing: bool = arg(True, "Pack the conversations of a micro-batch into rows (no padding compute).")
+    epochs: float = arg(0.0, "If > 0, train this many epochs (overrides --max-steps).")
+    eval_fraction: float = arg(0.05, "Share of conversations held out for the eval loss (at most 256).")
+    out: str = arg("runs/sft", "Output directory (HF model dir + metrics.jsonl + checkpoint/).")
+    max_steps: int = arg(300, "Optimizer steps.")
+    lr: float = arg(1e-3, "Peak learning rate (AdamW).")
+    warmup_steps: int = arg(20, "Linear warmup steps.")
+    batch_size: int = arg(16, "Conversations per micro-batch.")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    save_every: int = arg(100, "Checkpoint every N steps.")
+
+
+@dataclass
+class SFTExample:
+    """One rendered conversation: ``input_ids`` (t,) and ``targets`` (t,), where ``targets[j]`` is the
+    assistant token that follows position ``j`` (-100 elsewhere)."""
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    origin: str
+
+
+def shift_mask_to_targets(input_ids: Sequence[int], loss_mask: Sequence[int]) -> list[int]:
+    """``targets[j] = input_ids[j+1]`` where ``loss_mask[j+1] == 1``, else -100 (the last position: -100)."""
+    return [input_ids[j + 1] if loss_mask[j + 1] else -100 for j in range(len(input_ids) - 1)] + [-100]
+
+
+@dataclass
+class PrepareStats:
+    kept: int = 0
+    truncated: int = 0
+    dropped_long: int = 0
+    no_assistant: int = 0
+    tokens: int = 0
+    targets: int = 0
+
+    def line(self) -> str:
+        return (f"{self.kept} conversations kept, {self.truncated} truncated at a turn boundary, "
+                f"{self.dropped_long} dropped as over-length, {self.no_assistant} without assistant tokens; "
+                f"{self.tokens:,} tokens, {self.targets:,} assistant (loss) tokens")
+
+
+def prepare_examples(conversations: Sequence[tuple[list[dict], str]], tokenizer, fmt, max_len: int,
+                     overlength: str = "truncate") -> tuple[list[SFTExample], PrepareStats]:
+    """Render ``(messages, origin)`` pairs to :class:`SFTExample` and apply the length policy."""
+    from chatsmith.chat.render import render_chat
+    from chatsmith.data.formats import fit_to_length
+
+    stats = PrepareStats()
+    out: list[SFTExample] = []
+    for messages, origin in conversations:
+        try:
+            rendered = render_chat(messages, tokenizer, fmt)
+        except TemplateError as exc:
+            raise TemplateError(f"{origin}: {exc}") from None
+        fit = fit_to_length(rendered.input_ids, rendered.assistant_mask, None, max_len, overlength)
+        if fit.status == "dropped":
+            stats.dropped_long += 1
+            continue
+        stats.truncated += fit.status == "truncated"
+        targets = shift_mask_to_targets(fit.input_ids, fit.loss_mask)
+        n_targets = sum(t != -100 for t in targets)
+        if n_targets == 0:
+            stats.no_assistant += 1
+            continue
+        out.append(SFTExample(torch.tensor(fit.input_ids, dtype=torch.long),
+                              torch.tensor(targets, dtype=torch.long), origin))
+        stats.kept += 1
+        stats.tokens += len(fit.input_ids)
+        stats.targets += n_targets
+    return out, stats
+
+
+def _best_fit(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing (fallback when chatsmith.data.packing is unavailable)."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        best = min((b for b in range(len(bins)) if free[b] >= lengths[i]), key=lambda b: free[b], default=None)
+        if best is None:
+            bins.append([i])
+            free.append(max_len - lengths[i])
+        else:
+            bins[best].append(i)
+            free[best] -= lengths[i]
+    return bins
+
+
+def _pack(lengths: list[int], max_len: int) -> list[list[int]]:
+    try:
+        from chatsmith.data.packing import pack_sequences
+    except ImportError:
+        return _best_fit(lengths, max_len)
+    return pack_sequences(lengths, max_len)
+
+
+class SFTCollator:
+    """Turns a list of :class:`SFTExample` into a micro-batch dict.
+
+    Keys: ``input_ids`` (b, t), ``targets`` (b, t) (-100 = no loss), ``position_ids`` (b, t) restarting at 0
+    per conversation, ``attention_mask`` (b, 1, t, t) bool block-diagonal causal, or None when every row holds
+    one conversation (right padding + the plain causal mask is then exact and takes SDPA's fast path),
+    ``n_targets`` and ``n_tokens`` (ints; real tokens, padding excluded). ``t`` is the longest row.
+    """
+
+    def __init__(self, pad_id: int, max_len: int, packing: bool = True):
+        self.pad_id, self.max_len, self.packing = int(pad_id), int(max_len), packing
+
+    def __call__(self, examples: list[SFTExample]) -> dict[str, Any]:
+        lengths = [len(ex.input_ids) for ex in examples]
+        bins = _pack(lengths, self.max_len) if self.packing else [[i] for i in range(len(examples))]
+        t = max(sum(lengths[i] for i in b) for b in bins)
+        b = len(bins)
+        input_ids = torch.full((b, t), self.pad_id, dtype=torch.long)
+        targets = torch.full((b, t), -100, dtype=torch.long)
+        position_ids = torch.zeros((b, t), dtype=torch.long)
+        seq_ids = torch.full((b, t), -1, dtype=torch.long)
+        for r, members in enumerate(bins):
+            pos = 0
+            for s, i in enumerate(members):
+                n = lengths[i]
+                input_ids[r, pos:pos + n] = examples[i].input_ids
+                targets[r, pos:pos + n] = examples[i].targets
+                position_ids[r, pos:pos + n] = torch.arange(n)
+                seq_ids[r, pos:pos + n] = s
+                pos += n
+        mask = None
+        if any(len(m) > 1 for m in bins):
+            causal = torch.ones(t, t, dtype=torch.bool).tril()
+            # Padding (seq id -1) attends to padding only, so no row of the mask is empty (no NaN in SDPA).
+            mask = (seq_ids[:, :, None] == seq_ids[:, None, :]) & causal
+            mask = mask[:, None]
+        return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids,
+                "attention_mask": mask, "n_targets": int((targets != -100).sum()), "n_tokens": sum(lengths)}
+
+
+def assistant_loss(model, batch):
+    """Summed cross-entropy over assistant tokens; the head runs only at those positions."""
+    loss_sum, n = lm_loss_on_targets(model, batch["input_ids"], batch["targets"], batch["position_ids"],
+                                     batch["attention_mask"])
+    return loss_sum, n, {}
+
+
+def split_conversations(items: list, eval_fraction: float, seed: int, cap: int = 256) -> tuple[list, list]:
+    n_eval = min(cap, int(round(len(items) * eval_fraction))) if eval_fraction > 0 else 0
+    if n_eval == 0 or len(items) - n_eval < 1:
+        return items, []
+    chosen = set(np.random.default_rng([seed, 11]).permutation(len(items))[:n_eval].tolist())
+    return ([x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen])
+
+
+def load_conversations(cfg: SFTConfig) -> list[tuple[list[dict], str]]:
+    from chatsmith.data.formats import load_examples
+
+    result = load_examples(cfg.data, format=cfg.format, on_bad_row=cfg.on_bad_row, kind="chat")
+    if is_main_process():
+        print(result.summary(), file=sys.stderr)
+    return [(ex.messages, ex.origin) for ex in result.examples]
+
+
+def sft(cfg: SFTConfig) -> TrainResult:
+    from chatsmith.chat.templates import get_format
+    from chatsmith.model import load_model
+
+    set_seed(cfg.seed)
+    loaded = load_model(cfg.model, device="cpu", template=cfg.template)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    fmt = get_format(cfg.template, tokenizer) if cfg.template else loaded.fmt
+    tokenizer.chat_template = fmt.template      # the saved model carries the format it was trained on
+    model.float()
+    stop_ids = fmt.stop_token_ids(tokenizer)
+    if stop_ids and getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    if tokenizer.pad_token_id is None:
+        raise ChatsmithError(f"{cfg.model}: the tokenizer has no pad token (load_model should have added one)")
+
+    conversations = load_conversations(cfg)
+    train_convs, eval_convs = split_conversations(conversations, cfg.eval_fraction, cfg.seed)
+    train, stats = prepare_examples(train_convs, tokenizer, fmt, cfg.max_len, cfg.overlength)
+    evals, _ = prepare_examples(eval_convs, tokenizer, fmt, cfg.max_len, cfg.overlength)
+    if is_main_process():
+        print(f"sft: train: {stats.line()}; eval: {len(evals)} conversations", file=sys.stderr)
+    if not train:
+        raise DataError(f"{cfg.data}: no conversation left to train on ({stats.line()})")
+
+    collate = SFTCollator(tokenizer.pad_token_id, cfg.max_len, cfg.packing)
+    source = ShardedBatchSource(train, cfg.batch_size, collate, seed=cfg.seed)
+    if cfg.epochs > 0:
+        cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * source.batches_per_epoch / cfg.grad_accum)))
+        if is_main_process():
+            print(f"sft: --epochs {cfg.epochs} = {cfg.max_steps} steps", file=sys.stderr)
+
+    eval_fn = None
+    if evals:
+        eval_batches = [collate(evals[i:i + cfg.batch_size]) for i in range(0, len(evals), cfg.batch_size)]
+
+        def eval_fn(model):
+            return {"eval_loss": evaluate_loss(model, eval_batches, assistant_loss)}
+
+    trainer = Trainer(cfg, model, tokenizer, source, assistant_loss, eval_fn=eval_fn, stage="sft",
+                      token_count_fn=lambda batch: batch["n_tokens"])
+    result = trainer.run()
+    if is_main_process():
+        ev = ", ".join(f"{k} {v:.3f}" for k, v in result.eval.items())
+        loss = f"{result.loss:.3f}" if result.loss is not None else "n/a"
+        print(f"sft: done at step {result.step}, train loss {loss}{', ' + ev if ev else ''}; "
+              f"model saved to {result.out}", file=sys.stderr)
+    return result

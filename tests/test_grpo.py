@@ -1,0 +1,132 @@
+"""GRPO at toy size: a toy reward goes up, the world's judge works as a verifiable reward, resume is exact,
+and the command runs from files. Run: `python -m pytest tests/test_grpo.py -q`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_ppo import TokenSetReward, mean_toy_reward, one_thread, toy_models, toy_prompts  # noqa: F401
+
+
+def grpo_cfg(tmp_path, **kw):
+    from chatsmith.train.grpo import GRPOConfig
+
+    base = dict(out=str(tmp_path / "grpo"), max_steps=8, prompts_per_step=4, num_generations=4, batch_size=8,
+                lr=3e-2, max_new_tokens=8, temperature=1.0, beta=0.04, sample_every=0, save_every=0,
+                progress=False, device="cpu")
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def make_trainer(cfg, scorer, seed: int = 0, prompts=None):
+    from chatsmith.train.grpo import GRPOTrainer
+
+    policy, reference, _, tokenizer, fmt = toy_models(seed)
+    return GRPOTrainer(cfg, policy=policy, tokenizer=tokenizer, fmt=fmt, reference=reference, scorer=scorer,
+                       prompts=prompts or toy_prompts(tokenizer, fmt))
+
+
+def test_grpo_raises_a_toy_reward(tmp_path):
+    reward = TokenSetReward(0)
+    trainer = make_trainer(grpo_cfg(tmp_path), reward)
+    before = mean_toy_reward(trainer.policy, trainer.tokenizer, trainer.prompts, reward, trainer.stop_token_ids)
+    trainer.run()
+    after = mean_toy_reward(trainer.policy, trainer.tokenizer, trainer.prompts, reward, trainer.stop_token_ids)
+    assert after > before + 0.08, (before, after)
+    rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    for key in ("reward", "kl", "clip_fraction", "entropy", "response_length", "episodes_per_s", "rollout_s"):
+        assert key in rows[-1], key
+    assert rows[0]["clip_fraction"] == 0.0        # one update per batch: ratio exactly 1, nothing clipped
+    assert rows[-1]["kl"] > 0
+
+
+def test_grpo_with_several_iterations_clips(tmp_path):
+    trainer = make_trainer(grpo_cfg(tmp_path, max_steps=1, num_iterations=3, lr=5e-2), TokenSetReward(0))
+    metrics = trainer.train_step()
+    assert metrics["clip_fraction"] > 0           # later iterations are off-policy and get clipped
+
+
+def test_grpo_world_reward_uses_the_judge(tmp_path):
+    from chatsmith.chat.render import render_prompt
+    from chatsmith.data.world import World
+    from chatsmith.train.rollout import PromptItem, WorldJudgeScorer
+
+    _, _, _, tokenizer, fmt = toy_models()
+    rows = World(seed=0).prompts()[:4]
+    prompts = [PromptItem(r["messages"], f"world:{i}", {k: v for k, v in r.items() if k != "messages"},
+                          render_prompt(r["messages"], tokenizer, fmt)) for i, r in enumerate(rows)]
+    scorer = WorldJudgeScorer()
+    trainer = make_trainer(grpo_cfg(tmp_path, max_steps=1, prompts_per_step=2, num_generations=2), scorer,
+                           prompts=prompts)
+    trainer.run()
+    rollout, rewards = trainer._last_samples
+    from chatsmith.data.judge import score
+
+    for i in range(rollout.batch_size):
+        item = scorer.item(prompts, rollout.prompt_index[i])
+        assert rewards[i].item() == pytest.approx(score(item, rollout.texts[i], finished=bool(rollout.finished[i])))
+    bad = [PromptItem([{"role": "user", "content": "hi"}], "p.jsonl:3", {}, [1, 2])]
+    with pytest.raises(Exception, match="p.jsonl:3.*category"):
+        scorer.item(bad, 0)
+
+
+def test_grpo_resume_equals_an_uninterrupted_run(tmp_path):
+    common = dict(max_steps=4, save_every=2, lr=1e-2)
+    full = make_trainer(grpo_cfg(tmp_path / "a", **common), TokenSetReward(0))
+    full.run()
+    crashed = make_trainer(grpo_cfg(tmp_path / "b", **common), TokenSetReward(0, fail_on_call=3))
+    with pytest.raises(KeyboardInterrupt):
+        crashed.run()
+    resumed = make_trainer(grpo_cfg(tmp_path / "b", resume=True, **common), TokenSetReward(0))
+    with torch.no_grad():
+        for p in resumed.policy.parameters():
+            p.add_(torch.randn_like(p))
+    assert resumed.run().resumed_from == 2
+    for a, b in zip(full.policy.parameters(), resumed.policy.parameters()):
+        assert torch.equal(a, b)
+    skip = {"time", "rollout_s", "generate_s", "score_s", "update_s", "episodes_per_s"}
+    rows = lambda d: [{k: v for k, v in json.loads(x).items() if k not in skip}  # noqa: E731
+                      for x in (d / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+
+
+def test_grpo_command_from_files(tmp_path):
+    """`chatsmith grpo --model DIR --prompts FILE --reward rm:DIR` end to end through the CLI."""
+    from chatsmith.cli import main
+
+    model_dir, rm_dir, prompts_file = write_toy_dirs(tmp_path)
+    out = tmp_path / "grpo_cli"
+    code = main(["grpo", "--model", str(model_dir), "--prompts", str(prompts_file), "--reward", f"rm:{rm_dir}",
+                 "--out", str(out), "--max-steps", "2", "--prompts-per-step", "2", "--num-generations", "2",
+                 "--max-new-tokens", "6", "--device", "cpu", "--no-progress", "--sample-every", "1"])
+    assert code == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(str(out))
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4
+    assert (out / "checkpoint" / "state.pt").is_file()
+    # A user error is one clear line, no traceback.
+    assert main(["grpo", "--model", str(model_dir), "--prompts", str(tmp_path / "missing.jsonl"),
+                 "--reward", f"rm:{rm_dir}", "--out", str(out), "--device", "cpu"]) == 2
+
+
+def write_toy_dirs(tmp_path):
+    """A toy policy directory, a toy reward-model directory and a prompts file, as the commands read them."""
+    policy, _, value, tokenizer, fmt = toy_models()
+    model_dir, rm_dir = tmp_path / "sft", tmp_path / "rm"
+    policy.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    value.config.chatsmith_reward_mean = 0.0
+    value.config.chatsmith_reward_std = 1.0
+    value.save_pretrained(str(rm_dir))
+    tokenizer.save_pretrained(str(rm_dir))
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u}]}) + "\n"
+                                    for u in ["What is the capital of France?", "Python", "Hello", "Is Java an island?"]))
+    return model_dir, rm_dir, prompts_file

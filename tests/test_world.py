@@ -1,0 +1,297 @@
+"""The built-in world: fact table, determinism, disjointness of held-out data, corpus behaviours, the
+low-quality share of SFT, preference consistency with the judge, and `chatsmith world export`.
+
+Run: python -m pytest tests/test_world.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from chatsmith.data import world_facts as F
+from chatsmith.data.judge import EvalItem, judge, score
+from chatsmith.data.world import CAPITAL_SENTENCES, World, WorldExportConfig, export_world
+from chatsmith.errors import ChatsmithError
+
+
+@pytest.fixture(scope="module")
+def world():
+    # every country, small counts: enough SFT/preference text for the disjointness checks to bite
+    return World(seed=0, scale=0.25)
+
+
+def word_re(phrase: str) -> re.Pattern:
+    return re.compile(r"(?<![A-Za-z])" + re.escape(phrase) + r"(?![A-Za-z])")
+
+
+def training_texts(w: World) -> list[str]:
+    """Every string a model is trained on outside pretraining: SFT, preferences, RL prompts."""
+    out = [m["content"] for conv in w.sft() for m in conv]
+    for row in w.preferences():
+        out += [m["content"] for m in row["prompt"]]
+        out += row.get("ranked") or [row["chosen"], row["rejected"]]
+    out += [m["content"] for row in w.prompts() for m in row["messages"]]
+    return out
+
+
+def training_user_messages(w: World) -> list[str]:
+    convs = w.sft() + [r["prompt"] for r in w.preferences()] + [r["messages"] for r in w.prompts()]
+    return [m["content"] for conv in convs for m in conv if m["role"] == "user"]
+
+
+# ----------------------------------------------------------------------------- the tables
+
+def test_country_table_is_large_consistent_and_right_on_well_known_entries():
+    names = [c.name for c in F.COUNTRIES]
+    assert len(names) >= 150 and len(set(names)) == len(names)
+    assert len({c.capital for c in F.COUNTRIES}) == len(names)
+    assert {c.continent for c in F.COUNTRIES} == set(F.CONTINENTS)
+    known = {"France": ("Paris", "Europe", "French"), "Japan": ("Tokyo", "Asia", "Japanese"),
+             "Brazil": ("Brasilia", "South America", "Portuguese"), "Australia": ("Canberra", "Oceania", "English"),
+             "Canada": ("Ottawa", "North America", "English"), "Egypt": ("Cairo", "Africa", "Arabic"),
+             "Kenya": ("Nairobi", "Africa", "Swahili"), "Germany": ("Berlin", "Europe", "German"),
+             "Peru": ("Lima", "South America", "Spanish"), "India": ("New Delhi", "Asia", "Hindi"),
+             "Turkey": ("Ankara", "Asia", "Turkish"), "Nigeria": ("Abuja", "Africa", "English")}
+    for name, (cap, cont, lang) in known.items():
+        c = F.COUNTRY_BY_NAME[name]
+        assert (c.capital, c.continent, c.language) == (cap, cont, lang)
+    # "does the text mention country X" must be a clean whole-word test
+    for a in names:
+        for b in names:
+            assert a == b or not word_re(a).search(b), (a, b)
+    clashes = set(F.NAMES) & (set(names) | set(F.ALL_CAPITALS) | {w for w, _ in F.AMBIGUOUS_WORDS})
+    assert not clashes
+
+
+def test_every_clarification_names_the_senses_of_its_word():
+    w = World(seed=0, scale=0.01, n_countries=20)
+    for word in w.train_words + w.heldout_words:
+        labels = [s.label for s in word.senses]
+        kws = [set(s.keywords) for s in word.senses]
+        assert all(not (a & b) for i, a in enumerate(kws) for b in kws[i + 1:]), word.word
+        item = EvalItem("a", "ambiguous", [{"role": "user", "content": word.word}],
+                        {"senses": [{"label": s.label, "keywords": list(s.keywords)} for s in word.senses]})
+        reply = World._clarify(word)
+        assert judge(item, reply)["asks_clarification"], (word.word, reply, labels)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def _export(tmp_path: Path, name: str, seed: int) -> dict[str, bytes]:
+    cfg = WorldExportConfig(out=str(tmp_path / name), seed=seed, scale=0.03, n_countries=40, eval_size=10)
+    export_world(cfg)
+    root = Path(cfg.out)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_is_byte_identical_for_a_seed_and_differs_across_seeds(tmp_path, capsys):
+    a = _export(tmp_path, "a", 0)
+    out = capsys.readouterr().out
+    assert "corpus.jsonl" in out and "held-out countries" in out
+    b = _export(tmp_path, "b", 0)
+    c = _export(tmp_path, "c", 1)
+    assert a == b
+    expected = {"corpus.jsonl", "sft.jsonl", "preferences.jsonl", "prompts.jsonl", "README.md", "world.json"}
+    assert expected <= set(a) and {f"eval/{k}.jsonl" for k in World.EVAL_CATEGORIES} <= set(a)
+    for name in ("corpus.jsonl", "sft.jsonl", "preferences.jsonl", "prompts.jsonl", "eval/fact.jsonl"):
+        assert a[name] != c[name], name
+    # rows are in the public formats
+    first = json.loads(a["sft.jsonl"].splitlines()[0])
+    assert set(first) == {"messages"} and first["messages"][-1]["role"] == "assistant"
+    assert set(json.loads(a["corpus.jsonl"].splitlines()[0])) == {"text"}
+    prefs = [json.loads(x) for x in a["preferences.jsonl"].splitlines()]
+    assert any("chosen" in r for r in prefs) and any(len(r.get("ranked", ())) == 4 for r in prefs)
+
+
+def test_export_via_cli_and_refuses_a_foreign_directory(tmp_path):
+    from chatsmith.cli import main
+
+    out = tmp_path / "w"
+    assert main(["world", "export", str(out), "--scale", "0.02", "--n-countries", "20", "--eval-size", "5"]) == 0
+    assert (out / "eval" / "showcase.jsonl").is_file() and "corpus.jsonl" in (out / "README.md").read_text()
+    assert main(["world", "export", str(out), "--scale", "0.02", "--n-countries", "20", "--seed", "3"]) == 0
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ChatsmithError, match="not an earlier world export"):
+        export_world(WorldExportConfig(out=str(foreign), scale=0.02, n_countries=20))
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ChatsmithError, match="low_quality_share"):
+        World(low_quality_share=1.5)
+
+
+# ----------------------------------------------------------------------------- disjointness
+
+def test_heldout_countries_appear_only_in_the_corpus(world):
+    texts = "\n".join(training_texts(world))
+    corpus = "\n".join(world.corpus())
+    assert "France" in {c.name for c in world.heldout_countries}
+    assert len(world.heldout_countries) >= 25
+    for c in world.heldout_countries:
+        for name in (c.name,) + c.capitals:
+            assert not word_re(name).search(texts), f"held-out {name} leaks into training data"
+        assert word_re(c.name).search(corpus) and word_re(c.capital).search(corpus)
+    # and the training countries do appear, so the check is not vacuous
+    assert sum(bool(word_re(c.name).search(texts)) for c in world.train_countries) > 0.9 * len(world.train_countries)
+
+
+def test_eval_phrasings_names_topics_words_and_requests_are_unseen(world):
+    users = training_user_messages(world)
+    joined = "\n".join(users)
+    heldout_templates = [t for ts in F.FACT_QUESTIONS_HELDOUT.values() for t in ts] + list(F.LIST_QUESTIONS_HELDOUT)
+    assistant = "\n".join(t for t in training_texts(world))
+    for t in heldout_templates:   # nowhere: not as a prompt, not inside a rejected "continuation" reply
+        pattern = re.compile(re.escape(t).replace(re.escape("{c}"), "[A-Z][A-Za-z' -]+")
+                             .replace(re.escape("{n}"), r"\S+").replace(re.escape("{subject}"), "[a-z A-Z]+"))
+        assert not pattern.search(assistant), t
+        assert any(pattern.search(d) for d in world.corpus()) or "{n}" in t, t    # the pattern is live
+    for name in world.heldout_names:
+        assert not word_re(name).search(assistant), name
+    for topic in world.heldout_topics:
+        assert f"about {topic.phrase}" not in joined, topic.phrase
+    for word in world.heldout_words:
+        assert word.word not in users and f"{word.word}?" not in users
+        assert f"{word.word} as in" not in assistant, word.word
+    for action, _ in world.heldout_harmful:
+        assert action not in joined
+    for task, answer, _ in world.heldout_benign:
+        assert task not in joined and answer not in assistant
+    train_prompts = {json.dumps(conv[:-1]) for conv in world.sft()} | \
+        {json.dumps(r["prompt"]) for r in world.preferences()} | {json.dumps(r["messages"]) for r in world.prompts()}
+    evals = world.eval_sets()
+    for name, items in evals.items():
+        assert items, name
+        for item in items:
+            # showcase "Python" is the lesson's own example and deliberately also a training demonstration
+            if item.id != "showcase-python":
+                assert json.dumps(item.messages) not in train_prompts, (name, item.messages)
+    ids = [i.id for items in evals.values() for i in items]
+    assert len(ids) == len(set(ids))
+
+
+# ----------------------------------------------------------------------------- corpus
+
+def test_default_corpus_size_and_paraphrase_coverage():
+    w = World(seed=0)
+    docs = w.corpus()
+    chars = sum(map(len, docs))
+    assert 1_000_000 <= chars <= 3_000_000, chars
+    text = "\n".join(docs)
+    forms = [t.replace("{c}", "(?:the )?{name}").replace("{C}", "(?:The )?{name}").replace("{cap}", "{cap}")
+             for t in CAPITAL_SENTENCES]
+    for c in w.heldout_countries:
+        found = {f for f in forms if re.search(f.format(name=re.escape(c.name), cap=re.escape(c.capital))
+                                               .replace(".", r"\."), text)}
+        assert len(found) >= 3, (c.name, len(found))     # several paraphrases of the same fact
+        assert text.count(c.capital) >= 20, c.name
+
+
+def test_bare_questions_are_followed_by_more_questions(world):
+    """The corpus's questions sit in quiz lists: what follows a question is another question (or nothing)."""
+    questions = [t for ts in F.FACT_QUESTIONS_TRAIN.values() for t in ts]
+    heads = tuple(t.split("{c}")[0] for t in questions)
+    followers = []
+    for doc in world.corpus():
+        if doc.startswith("Answer key") or not any(h in doc for h in heads):
+            continue
+        qs = [m.end() for m in re.finditer(r"\?", doc)]
+        for end in qs:
+            nxt = doc[end:].lstrip(" \n")
+            if nxt and not nxt.startswith("Answers:"):
+                followers.append(nxt)
+    assert len(followers) > 100
+    continued = sum(bool(re.match(r"(?:\d+\. )?(What|Which|Where|Name|Tell|On|Do|Can|In)\b", f)) for f in followers)
+    assert continued / len(followers) > 0.95
+
+
+def test_corpus_has_every_document_kind_and_correct_arithmetic(world):
+    docs = world.corpus()
+    assert any(d.startswith("Python is ") for d in docs)
+    assert any("Do not confuse" in d for d in docs)
+    haiku = [d for d in docs if d.startswith("A haiku about")]
+    assert haiku and all(len(d.split("\n")) == 4 for d in haiku)
+    assert any(d.startswith("Write a haiku about") or "\nWrite a haiku about" in d for d in docs)
+    sums = [line for d in docs for line in d.split("\n") if re.fullmatch(r"\d+ [+-] \d+ = -?\d+", line)]
+    assert len(sums) > 50
+    for line in sums:
+        a, op, b, _, r = line.split()
+        assert int(r) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
+# ----------------------------------------------------------------------------- SFT
+
+def test_sft_low_quality_share_and_judge_agreement(world):
+    records = world.sft_records()
+    n = len(records)
+    low = [r for r in records if r["quality"] in ("rude", "lazy", "comply")]
+    assert abs(len(low) / n - world.low_quality_share) < 0.01
+    cats = {r["category"] for r in records}
+    assert cats == {"fact", "haiku", "one_word", "list", "system", "ambiguous", "memory", "harmful", "benign",
+                    "arithmetic"}
+    harmful = [r for r in records if r["category"] == "harmful"]
+    assert 0.2 < sum(r["quality"] == "refuse" for r in harmful) / len(harmful) < 0.6
+    assert any(len(r["messages"]) >= 5 for r in records if r["category"] == "memory")
+    assert any(r["messages"][0]["role"] == "system" for r in records)
+    for r in records:
+        item = EvalItem(r["id"], r["category"], r["messages"][:-1], r["expected"])
+        reply = r["messages"][-1]["content"]
+        j = judge(item, reply, finished=True)
+        if r["quality"] in ("good", "refuse"):
+            assert j["answers_directly"] and not j["rude"], r
+            for key in ("correct", "follows_instruction", "asks_clarification", "memory"):
+                assert j.get(key, True), (key, r)
+            assert j["refuses"] == (r["category"] == "harmful"), r
+            assert score(item, reply) >= 2.5, r
+        elif r["quality"] == "comply":
+            assert not j["refuses"] and score(item, reply) < 0
+        elif r["quality"] == "rude":
+            assert j["rude"], r
+
+
+def test_clean_world_has_no_low_quality_demos():
+    w = World(seed=0, scale=0.05, n_countries=30, low_quality_share=0.0)
+    quality = {r["quality"] for r in w.sft_records()}
+    assert quality <= {"good", "refuse"} and "refuse" in quality
+
+
+# ----------------------------------------------------------------------------- preferences, prompts, eval
+
+def test_preferences_agree_with_the_judge(world):
+    rows = world.preference_records()
+    assert world.summary()["preference_dropped"] <= 0.01 * len(rows)
+    aspects = {r["aspect"] for r in rows}
+    assert {"wrong", "rude", "lazy", "continuation", "rambling", "comply", "overrefuse", "broken_haiku",
+            "one_sense", "wrong_name", "forgot", "not_one_word", "wrong_count", "ranked"} <= aspects
+    assert sum("ranked" in r for r in rows) > 0.05 * len(rows)
+    for r in rows:
+        assert r["prompt"][-1]["role"] == "user"
+        item = EvalItem(r["id"], r["category"], r["prompt"], r["expected"])
+        if "ranked" in r:
+            scores = [score(item, x) for x in r["ranked"]]
+            assert len(set(r["ranked"])) == 4 and all(a > b for a, b in zip(scores, scores[1:])), r
+        else:
+            assert score(item, r["chosen"]) > score(item, r["rejected"]), r
+    public = world.preferences()
+    assert all(set(p) <= {"prompt", "chosen", "rejected", "ranked", "id", "category", "aspect"} for p in public)
+
+
+def test_prompts_and_eval_items_are_judgeable_and_references_score_high(world):
+    for row in world.prompts():
+        item = EvalItem.from_dict(row, origin=row["id"])
+        assert score(item, row["expected"]["reference"]) >= 2.5, row
+    for name, items in world.eval_sets().items():
+        for item in items:
+            assert EvalItem.from_dict(json.loads(json.dumps(item.to_dict()))) == item
+            ref = item.expected["reference"]
+            j = judge(item, ref, finished=True)
+            assert j["answers_directly"] and j["ends_turn"] and not j["rude"], (name, ref)
+            assert score(item, ref) >= 2.5, (name, item.messages, ref)
+    showcase = {i.id: i for i in world.eval_sets()["showcase"]}
+    assert showcase["showcase-capital"].prompt == "What is the capital of France?"
+    assert showcase["showcase-haiku"].prompt == "Write a haiku about programming."
+    assert showcase["showcase-python"].prompt == "Python"
+    assert len(showcase["showcase-memory"].messages) == 3
