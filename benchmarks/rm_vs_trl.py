@@ -127,7 +127,7 @@ def run_chatsmith(work: Path, args) -> dict:
 
     from chatsmith.train.loop import ShardedBatchSource, Trainer
     from chatsmith.train.preference_functional import prefix_tree
-    from chatsmith.train.reward import RewardConfig, _Collate, make_reward_loss
+    from chatsmith.train.reward import RewardConfig, TreeCollate, make_reward_loss
 
     tokenizer = AutoTokenizer.from_pretrained(str(work / "rm"))
     model = AutoModelForSequenceClassification.from_pretrained(str(work / "rm"), dtype=torch.float32)
@@ -136,7 +136,7 @@ def run_chatsmith(work: Path, args) -> dict:
     cfg = RewardConfig(out=str(work / "chatsmith_out"), max_steps=args.steps, lr=args.lr, warmup_steps=0,
                        min_lr_ratio=1.0, batch_size=args.batch_size, max_len=args.max_len, weight_decay=0.0,
                        grad_clip=1.0, device="cpu", dtype="fp32", progress=False, save_every=0)
-    source = ShardedBatchSource(trees, cfg.batch_size, _Collate(tokenizer.pad_token_id), seed=0, shuffle=False)
+    source = ShardedBatchSource(trees, cfg.batch_size, TreeCollate(tokenizer.pad_token_id), seed=0, shuffle=False)
     trainer = Trainer(cfg, model, tokenizer, source, make_reward_loss(0.0), stage="bench", save_final=False,
                       count_fn=lambda b: b.n_targets, token_count_fn=lambda b: b.n_tokens)
     model.train()
@@ -239,7 +239,7 @@ def have_trl() -> bool:
 
 def run_rm_bench(steps: int = 30, batch_size: int = 16, max_len: int = 256, lr: float = 1e-4,
                  vocab_size: int = 4096, seed: int = 0, share_prompt: bool = True, only: str | None = None,
-                 verbose: bool = True) -> dict:
+                 threads: int = 0, verbose: bool = True) -> dict:
     """Run both sides (each in a child process) and return the figures.
 
     Keys: `chatsmith_rm_pairs_per_s`, `trl_rm_pairs_per_s` (None without TRL), `rm_ratio` (None without
@@ -284,7 +284,7 @@ def run_rm_bench(steps: int = 30, batch_size: int = 16, max_len: int = 256, lr: 
         tokenizer.save_pretrained(str(work / "rm"))
         (work / "pairs.json").write_text(json.dumps(pairs))
         argv = ["--steps", str(steps), "--batch-size", str(batch_size), "--max-len", str(max_len), "--lr", str(lr),
-                "--seed", str(seed)] + ([] if share_prompt else ["--no-share"])
+                "--seed", str(seed), "--threads", str(threads)] + ([] if share_prompt else ["--no-share"])
         for side in ("chatsmith", "trl"):
             if only and side != only:
                 continue
@@ -298,7 +298,7 @@ def run_rm_bench(steps: int = 30, batch_size: int = 16, max_len: int = 256, lr: 
 
     out: dict = {"steps": steps, "batch_size": batch_size, "max_len": max_len, "params_m": round(n_params / 1e6, 3),
                  "data": origin, "mean_pair_tokens": round(sum(lengths) / len(lengths), 1),
-                 "threads": torch.get_num_threads(), "share_prompt": share_prompt}
+                 "threads": threads or torch.get_num_threads(), "share_prompt": share_prompt}
     for name, (_, s) in sides.items():
         out[f"{name}_rm_pairs_per_s"] = round(s["pairs_per_s"], 2)
         out[f"{name}_rm_tokens_per_s"] = round(s["tokens_per_s"], 1)
@@ -321,7 +321,7 @@ def run_rm_bench(steps: int = 30, batch_size: int = 16, max_len: int = 256, lr: 
         print(f"data: {len(pairs)} pairs ({origin}), mean {out['mean_pair_tokens']:.0f} tokens per pair (chosen + "
               f"rejected), max {max(lengths)}; model: Llama {n_params / 1e6:.2f} M parameters + scalar head, vocab "
               f"{len(tokenizer)}; batch {batch_size} pairs, max length {max_len}, {steps} steps, "
-              f"{torch.get_num_threads()} threads")
+              f"{threads or torch.get_num_threads()} threads")
         print(f"{'':12}{'pairs/s':>9}{'tokens/s':>10}{'pairs/CPU-s':>13}{'step s':>9}{'loss@end':>10}"
               f"{'peak RSS MB':>13}")
         for name, (_, s) in sides.items():
@@ -342,6 +342,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-share", action="store_true", help="chatsmith side: do not share the prompt")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in both children (0 = torch's default)")
     parser.add_argument("--only", choices=["chatsmith", "trl"], default=None)
     parser.add_argument("--child", choices=["chatsmith", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -349,12 +350,15 @@ def main() -> None:
     if args.child:
         import torch
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
         result = (run_chatsmith if args.child == "chatsmith" else run_trl)(Path(args.work), args)
         print(json.dumps(result))
         return
     out = run_rm_bench(steps=args.steps, batch_size=args.batch_size, max_len=args.max_len, lr=args.lr,
-                       vocab_size=args.vocab_size, seed=args.seed, share_prompt=not args.no_share, only=args.only)
+                       vocab_size=args.vocab_size, seed=args.seed, share_prompt=not args.no_share, only=args.only,
+                       threads=args.threads)
     print(json.dumps(out))
 
 

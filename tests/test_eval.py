@@ -21,6 +21,15 @@ from chatsmith.eval import behaviour as B
 from chatsmith.eval import report as R
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny matrices gain nothing from a second thread; on a busy machine it costs several times."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @dataclass
 class Item:  # the EvalItem contract: id, category, messages, expected
     id: str

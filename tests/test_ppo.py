@@ -5,6 +5,7 @@ Run: `python -m pytest tests/test_ppo.py -q`. Also provides the toy setup reused
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -28,15 +29,24 @@ USER_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."
                 "Say something in French.", "Where is Paris?"]
 
 
-def toy_models(seed: int = 0, hidden: int = 32):
-    """(policy, reference, value model, tokenizer, chat format) of a random 2-layer Llama with chatml."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    from chatsmith.chat.templates import BUILTIN_TEMPLATES, get_format
+@functools.lru_cache(maxsize=1)
+def toy_tokenizer():
+    """The conftest BPE tokenizer with the chatml template (trained once per test process)."""
+    from chatsmith.chat.templates import BUILTIN_TEMPLATES
     from conftest import make_tokenizer
 
     tokenizer = make_tokenizer()
     tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"]
+    return tokenizer
+
+
+def toy_models(seed: int = 0, hidden: int = 32):
+    """(policy, reference, value model, tokenizer, chat format) of a random 2-layer Llama with chatml."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from chatsmith.chat.templates import get_format
+
+    tokenizer = toy_tokenizer()
     fmt = get_format("chatml")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

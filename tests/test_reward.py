@@ -186,6 +186,8 @@ def test_train_reward_model_end_to_end(tmp_path, sft_dir, capsys):
         result["eval_accuracy"] >= max(0.9, untrained["eval_accuracy"] + 0.2)
     assert result["eval_margin"] > untrained["eval_margin"] + 0.5
     assert result["reward_norm_source"] in ("sft_samples", "preference_responses")
+    assert result["eval_accuracy_by_group"]["all"]["pairs"] == result["eval_pairs"]
+    assert json.loads((out / "reward_normalization.json").read_text())["std"] == pytest.approx(result["reward_std"])
     rows = read_jsonl(out / "metrics.jsonl")
     assert any("accuracy" in r for r in rows) and rows[-1]["reward_std"] > 0
 

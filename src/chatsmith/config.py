@@ -149,8 +149,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         names = [flag_name(f.name)]
         if meta.get("short"):
             names.insert(0, meta["short"])
-        if "_" in f.name:
-            names.append("--" + f.name)
         if tp is bool:
             help_text = f"{help_text} (default: {'on' if default else 'off'})"
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,

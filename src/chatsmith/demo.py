@@ -173,6 +173,7 @@ class PipelineProgress:
         self.weights = weights
         self.total = float(sum(weights.values()))
         self.done_weight = 0.0
+        self.actual: dict[str, float] = {}     # wall seconds of the stages run (not skipped) so far
         self.stage: str | None = None
         self.index = 0
         self.stage_dir: Path | None = None
@@ -188,7 +189,7 @@ class PipelineProgress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=round(self.total), unit="s", dynamic_ncols=True, file=sys.stderr,
-                            bar_format="{desc} |{bar}| {percentage:3.0f}% [{elapsed}<{remaining}]")
+                            bar_format="{desc} |{bar}| {percentage:3.0f}% [{postfix}]")
         if enabled:
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
@@ -200,6 +201,8 @@ class PipelineProgress:
 
     def end(self, stage: str, skipped: bool = False) -> None:
         self.done_weight += self.weights.get(stage, 0.0)
+        if not skipped:
+            self.actual[stage] = time.time() - self.stage_start
         if skipped:
             self.log(f"[demo {self.index}/{len(STAGES)}] {stage}: already done, skipped")
         self.stage = None
@@ -215,6 +218,22 @@ class PipelineProgress:
             return 0.0, ""
         return min(1.0, step / total), f"step {step}/{total}"
 
+    def eta(self, fraction: float) -> float:
+        """Seconds left: the running stage extrapolated from its own step rate once it has logged a step,
+        else from its expected time; later stages from their expected times, scaled by how fast the
+        finished stages ran compared with their expectation (this machine's speed)."""
+        elapsed_in_stage = time.time() - self.stage_start
+        measured = [(self.actual[s], self.weights[s]) for s in self.actual if self.weights.get(s, 0) >= 20]
+        speed = (sum(a for a, _ in measured) / sum(w for _, w in measured)) if measured else 1.0
+        if self.stage is None:
+            current = 0.0
+        elif fraction > 0.02:
+            current = elapsed_in_stage * (1 - fraction) / fraction
+        else:
+            current = max(0.0, self.weights.get(self.stage, 0.0) * speed - elapsed_in_stage)
+        later = list(self.weights)[list(self.weights).index(self.stage) + 1:] if self.stage in self.weights else []
+        return current + speed * sum(self.weights[s] for s in later)
+
     def _show(self, force: bool = False) -> None:
         if not self.enabled:
             return
@@ -223,16 +242,15 @@ class PipelineProgress:
         label = f"demo {self.index}/{len(STAGES)} {self.stage}" if self.stage else "demo"
         if step_text:
             label += f" ({step_text})"
+        timing = f"elapsed {_clock(time.time() - self.start)}, ETA {_clock(self.eta(fraction))}"
         if self.bar is not None:
             self.bar.set_description_str(label, refresh=False)
+            self.bar.set_postfix_str(timing, refresh=False)
             self.bar.n = min(round(position), round(self.total))
             self.bar.refresh()
         elif force or time.time() - self._last_line >= 20:
             self._last_line = time.time()
-            elapsed = time.time() - self.start
-            eta = (elapsed / position * (self.total - position)) if position > 1 else None
-            eta_text = f", ETA {_clock(eta)}" if eta is not None else ""
-            print(f"[{label}] elapsed {_clock(elapsed)}{eta_text}", file=sys.stderr, flush=True)
+            print(f"[{label}] {timing}", file=sys.stderr, flush=True)
 
     def _poll(self) -> None:
         while not self._stop.wait(1.0):

@@ -17,6 +17,7 @@ Tests: `python -m pytest tests/test_model.py -q`.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
@@ -40,6 +41,20 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_key_value_heads=8, intermediate_size=1536, max_position_embeddings=1024,
                   tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-5),
 }
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-file progress bars while loading/saving tiny models (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 class Loaded(NamedTuple):
@@ -168,7 +183,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
     except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
         raise ChatsmithError(f"{path}: cannot load the tokenizer: {exc}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_resolve_dtype(dtype))
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_resolve_dtype(dtype))
     except Exception as exc:  # noqa: BLE001
         raise ChatsmithError(f"{path}: cannot load a causal language model: {exc}") from None
 
@@ -183,6 +199,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
                              "chatml|llama2|alpaca|FILE.jinja to choose the chat format")
 
     added = False
+    old_rows = model.get_input_embeddings().weight.shape[0]
     if fmt is not None:
         vocab = tokenizer.get_vocab()
         missing = [t for t in _format_special_tokens(fmt) if t not in vocab]
@@ -199,13 +216,30 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         added = True
     if added or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+        # new rows start at the mean of the old embeddings (Hewitt 2021), not at random
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        _init_new_rows_to_mean(model, old_rows)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(resolve_device(device))
     model.eval()
     return Loaded(model, tokenizer, fmt)
+
+
+def _init_new_rows_to_mean(model: Any, old_rows: int) -> None:
+    """Set embedding (and untied output) rows added by a resize to the mean of the old rows.
+
+    The mean keeps the new tokens' initial logits at the average (Hewitt 2021, "Initializing new word
+    embeddings for pretrained language models"); transformers' default also adds noise drawn from the
+    embeddings' covariance and prints a notice about it.
+    """
+    with torch.no_grad():
+        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None}.values():
+            weight = layer.weight
+            if weight.shape[0] > old_rows > 0:
+                weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True)
 
 
 def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:
@@ -215,7 +249,7 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[st
 
     out = Path(out)
     model = getattr(model, "module", model)   # unwrap DistributedDataParallel
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out) as tmp, _quiet_transformers():
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

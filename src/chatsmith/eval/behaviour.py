@@ -82,7 +82,8 @@ class EvalConfig:
     out: str = arg("runs/eval", "Output directory: report.json, report.md, report.html, samples.jsonl, plots/.")
     names: list[str] = arg([], "A display name per model (default: each directory's name).")
     base: list[str] = arg(["base"], "Names of models evaluated as base models (raw-text completion).")
-    suite: str = arg("world", "'world' (the built-in world's held-out sets) or a JSONL file of eval items.")
+    suite: str = arg("world", "'world' (the built-in world's held-out sets), a directory of eval JSONL files "
+                              "(`world export`'s DIR/eval/), or one JSONL file of eval items.")
     world_seed: int = arg(0, "Seed of the built-in world (must match the one the models were trained on).")
     template: str = arg("", "Chat template for models whose tokenizer has none (chatml, llama2, alpaca, FILE).")
     max_new_tokens: int = arg(64, "Longest answer generated per item (greedy decoding).")
@@ -92,7 +93,8 @@ class EvalConfig:
     reference: str = arg("", "Reference (SFT) model for kl_to_sft (default: the model named 'sft', if any).")
     kl_samples: int = arg(64, "Prompts sampled (temperature 1) per model to estimate kl_to_sft (0 = off).")
     runs: list[str] = arg([], "Extra run directories whose metrics.jsonl is plotted (e.g. the reward model).")
-    timings: str = arg("", "JSON file {stage: seconds} of stage wall times to include in the report.")
+    timings: str = arg("", "JSON file {stage: seconds} of stage wall times to include in the report "
+                           "(default: the demo's, when the models live in a `chatsmith demo` directory).")
     probe_prompt: str = arg(PROBE_PROMPT, "Prompt of the 'probability shift' plot (next-token distribution).")
     device: str = arg("auto", "cpu, cuda, mps or auto.")
     seed: int = arg(0, "Seed of the sampled responses used for kl_to_sft.")
@@ -436,7 +438,9 @@ def evaluate_model(mut: ModelUnderTest, items: Sequence[Any], *, max_new_tokens:
         if reference.path == mut.path:
             metrics["kl_to_sft"] = 0.0 if not mut.is_base else None
         else:
-            metrics["kl_to_sft"] = kl_to_reference(mut, reference, conversations[:kl_samples],
+            # Evenly spaced items, so every category is represented (the suite is grouped by category).
+            stride = max(1, len(conversations) // kl_samples)
+            metrics["kl_to_sft"] = kl_to_reference(mut, reference, conversations[::stride][:kl_samples],
                                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
                                                    seed=seed)
         counts["kl_to_sft"] = min(kl_samples, len(conversations)) if metrics["kl_to_sft"] is not None else 0
@@ -568,16 +572,22 @@ def evaluate_all(cfg: EvalConfig, *, stage_seconds: dict[str, float] | None = No
     shift = {m.name: {"mode": m.mode, "top": next_token_distribution(m, cfg.probe_prompt)} for m in muts}
 
     stage_seconds = dict(stage_seconds or {})
+    if not stage_seconds and not cfg.timings:
+        from chatsmith.demo import load_stage_times
+
+        stage_seconds = load_stage_times(Path(cfg.models[0]).resolve().parent)
     if cfg.timings:
         try:
             stage_seconds.update(json.loads(Path(cfg.timings).read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError) as exc:
             raise ChatsmithError(f"--timings {cfg.timings}: expected a JSON file {{stage: seconds}} ({exc})") from None
     run_dirs = {m.name: m.path for m in muts}
-    for extra in cfg.runs:
-        run_dirs.setdefault(Path(extra).resolve().name, extra)
-    if cfg.reward_model:
-        run_dirs.setdefault("reward", cfg.reward_model)
+    extra_runs = list(cfg.runs) + ([cfg.reward_model] if cfg.reward_model else [])
+    seen = {Path(p).resolve() for p in run_dirs.values()}
+    for extra in extra_runs:
+        if Path(extra).resolve() not in seen:
+            seen.add(Path(extra).resolve())
+            run_dirs.setdefault(Path(extra).resolve().name, extra)
 
     out = Path(cfg.out)
     write_jsonl(out / "samples.jsonl", [s for ev in evaluations for s in ev.samples])

@@ -58,8 +58,8 @@ METRIC_HELP: dict[str, str] = {
     "kl_to_sft": "KL to the SFT model per response, nats",
 }
 
-SHOWCASE_TITLES = {"capital": "What is the capital of France?", "haiku": "Write a haiku about programming.",
-                   "ambiguous": "Python", "harmful": "A harmful request", "memory": "Two-turn memory check"}
+SHOWCASE_TITLES = {"harmful": "A harmful request", "memory": "Two-turn memory check"}
+"""Titles of showcase prompts that are not shown as their own text (others are titled by the prompt)."""
 
 _TARGET_RE = re.compile(r"^\s*(<=|>=)\s*(?:([A-Za-z_][\w-]*)\s*([+-])\s*)?([0-9.]+)\s*$")
 
@@ -257,9 +257,9 @@ def side_by_side(report: dict, models: Sequence[str] | None = None, width: int =
     blocks = []
     for label in labels:
         user = [m["content"] for m in showcase[models[0]].get(label, []) if m["role"] == "user"]
-        title = SHOWCASE_TITLES.get(label, label)
         prompt = " / ".join(user)
-        lines = [f"── {title}" + (f": {prompt!r}" if prompt and prompt != title else "")]
+        title = SHOWCASE_TITLES.get(label)
+        lines = [f"── {title}: {prompt!r}" if title else f"── {prompt or label}"]
         wrapped = [[f"[{m}]"] + _wrap(_replies(showcase[m].get(label, [])), column, max_lines=8) for m in models]
         for i in range(max(len(w) for w in wrapped)):
             lines.append(" │ ".join((w[i] if i < len(w) else "").ljust(column) for w in wrapped).rstrip())

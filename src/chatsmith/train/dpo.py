@@ -40,7 +40,7 @@ from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, dpo_
 from chatsmith.train.reward import (_load_preferences, _note, backbone_hidden, split_train_eval, steps_for_epochs,
                                     tokenize_preferences)
 
-__all__ = ["DPOConfig", "dpo", "DPOBatch", "packed_logprobs", "reference_logprobs", "make_dpo_loss",
+__all__ = ["DPOConfig", "dpo", "DPOBatch", "DPOCollate", "packed_logprobs", "reference_logprobs", "make_dpo_loss",
            "evaluate_dpo"]
 
 
@@ -52,6 +52,8 @@ class DPOConfig(TrainConfig):
     template: str | None = arg(None, "Chat format if the model has none: chatml, llama2, alpaca or a .jinja path.")
     eval_data: str | None = arg(None, "Held-out preference file (default: hold out --eval-fraction of --data).")
     eval_fraction: float = arg(0.05, "Fraction of --data held out (the same deterministic split as `reward`).")
+    on_bad_row: str = arg("error", "What to do with a malformed data row: error (name it and stop) or skip.",
+                          choices=["error", "skip"])
     beta: float = arg(0.1, "DPO beta: strength of the implicit KL to the reference (Rafailov et al. 2023).")
     loss_type: str = arg("sigmoid", "sigmoid (DPO) or ipo (Azar et al. 2023).", choices=["sigmoid", "ipo"])
     label_smoothing: float = arg(0.0, "Conservative DPO: probability that a preference label is flipped.")
@@ -99,7 +101,7 @@ def packed_logprobs(model: nn.Module, batch: PackedTrees) -> torch.Tensor:
     return segment_sum(logp, batch.target_response, len(batch.last_token))
 
 
-class _Collate:
+class DPOCollate:
     """Picklable collate: (tree, reference log-probs) items -> DPOBatch."""
 
     def __init__(self, pad_id: int):
@@ -196,9 +198,9 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     if not 0.0 <= cfg.label_smoothing < 0.5:
         raise ChatsmithError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     set_seed(cfg.seed)
-    examples = _load_preferences(cfg.data, "--data")
+    examples = _load_preferences(cfg.data, "--data", cfg.on_bad_row)
     if cfg.eval_data:
-        train_examples, eval_examples = examples, _load_preferences(cfg.eval_data, "--eval-data")
+        train_examples, eval_examples = examples, _load_preferences(cfg.eval_data, "--eval-data", cfg.on_bad_row)
     else:
         train_idx, eval_idx = split_train_eval(len(examples), cfg.eval_fraction, seed=0)
         train_examples = [examples[i] for i in train_idx]
@@ -226,7 +228,7 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     ref_eval = reference_logprobs(model, eval_tok.trees, pad_id, cfg.batch_size, device, amp)
     _note(f"dpo: reference log-probs computed for {sum(len(r) for r in ref_train + ref_eval)} responses")
 
-    collate = _Collate(pad_id)
+    collate = DPOCollate(pad_id)
     items = list(zip(train_tok.trees, ref_train))
     source = ShardedBatchSource(items, cfg.batch_size, collate=collate, seed=cfg.seed)
     eval_items = list(zip(eval_tok.trees, ref_eval))

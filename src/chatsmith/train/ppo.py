@@ -69,6 +69,7 @@ __all__ = ["PPOConfig", "ppo", "PPOTrainer", "PPOResult"]
 class PPOConfig(TrainConfig):
     policy: str = arg("runs/sft", "SFT model directory: the policy starts here and the frozen reference is a copy.")
     reward_model: str = arg("runs/rm", "Reward model directory (`chatsmith reward`).")
+    reference: str | None = arg(None, "Frozen reference (KL anchor) directory (default: --policy).")
     value_model: str | None = arg(None, "Value model directory (default: initialise from --reward-model).")
     prompts: str = arg("data/prompts.jsonl", "Prompts (conversations ending with a user turn; any chat format).")
     out: str = arg("runs/ppo", "Output directory: final policy (HF chat model), value/, metrics, samples.")
@@ -173,7 +174,7 @@ class PPOTrainer:
         if policy is None:
             policy, tokenizer, fmt = load_policy(cfg.policy, self.device, cfg.template)
         if reference is None:
-            reference, _, _ = load_policy(cfg.policy, self.device, cfg.template)
+            reference, _, _ = load_policy(cfg.reference or cfg.policy, self.device, cfg.template)
         self.policy = disable_dropout(policy.to(self.device))
         self.reference = freeze(disable_dropout(reference.to(self.device)))
         self.tokenizer, self.fmt = tokenizer, fmt
@@ -450,23 +451,9 @@ class PPOTrainer:
 
 
 def save_policy_into(model: nn.Module, tokenizer: Any, out: Path) -> None:
-    """Write the HF model files into `out` without touching what else is there (metrics, checkpoint/).
-
-    The model is first written completely to a staging directory, then each file is renamed into
-    place (atomic per file); the checkpoint stays the source of truth if a crash interrupts this.
-    """
-    import os
-    import shutil
-
-    staging = out / ".final_model"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_final_model(model, tokenizer, staging, None)
-    for path in sorted(staging.iterdir()):
-        target = out / path.name
-        if target.is_dir() and not path.is_dir():
-            shutil.rmtree(target)
-        os.replace(path, target)
-    shutil.rmtree(staging, ignore_errors=True)
+    """Write the HF model files into `out`, keeping metrics.jsonl, samples.jsonl, checkpoint/ and value/
+    beside them (the shared `loop.save_final_model` stages the model and moves its files in one by one)."""
+    save_final_model(model, tokenizer, out, None)
 
 
 def format_samples_table(rows: list[dict[str, Any]], width: int = 60) -> str:

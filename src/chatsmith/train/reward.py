@@ -58,7 +58,8 @@ __all__ = [
     "RewardConfig", "train_reward_model", "ScoreConfig", "score", "RewardModel", "load_reward_model",
     "score_conversations", "token_scores", "sequence_rewards", "reward_model_from_causal_lm",
     "render_for_scoring", "tokenize_preferences", "split_train_eval", "backbone_hidden", "packed_rewards",
-    "NORM_MEAN_KEY", "NORM_STD_KEY",
+    "NORM_MEAN_KEY", "NORM_STD_KEY", "TreeCollate", "make_reward_loss", "evaluate_preferences", "steps_for_epochs",
+    "accuracy_by_group",
 ]
 
 NORM_MEAN_KEY = "chatsmith_reward_mean"
@@ -395,6 +396,8 @@ class RewardConfig(TrainConfig):
     template: str | None = arg(None, "Chat format if the model has none: chatml, llama2, alpaca or a .jinja path.")
     eval_data: str | None = arg(None, "Held-out preference file (default: hold out --eval-fraction of --data).")
     eval_fraction: float = arg(0.05, "Fraction of --data held out for pairwise accuracy (deterministic split).")
+    on_bad_row: str = arg("error", "What to do with a malformed data row: error (name it and stop) or skip.",
+                          choices=["error", "skip"])
     epochs: float = arg(1.0, "Passes over the training pairs when --max-steps is 0.")
     max_steps: int = arg(0, "Optimizer steps (0 = --epochs passes over the data).")
     lr: float = arg(1e-4, "Peak learning rate (AdamW).")
@@ -413,12 +416,14 @@ class RewardConfig(TrainConfig):
     norm_temperature: float = arg(1.0, "Sampling temperature of those samples.")
 
 
-def _load_preferences(path: str, what: str) -> list[Any]:
+def _load_preferences(path: str, what: str, on_bad_row: str = "error") -> list[Any]:
     from chatsmith.data.formats import load_examples
 
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ChatsmithError(f"{what} {path}: file not found")
-    result = load_examples(path, kind="preference")
+    result = load_examples(path, kind="preference", on_bad_row=on_bad_row)
+    if result.bad_rows:
+        _note(f"{path}: {result.summary()}")
     if not result.examples:
         raise DataError(f"{path}: no preference examples found ({result.summary()})")
     return list(result.examples)
@@ -460,7 +465,7 @@ def evaluate_preferences(model: nn.Module, batches: Sequence[PackedTrees], margi
             "loss": losses / max(1, n_examples), "pairs": float(diff.numel())}
 
 
-class _Collate:
+class TreeCollate:
     """Picklable collate: pack a batch of trees (capacity = its longest tree)."""
 
     def __init__(self, pad_id: int, with_targets: bool = False):
@@ -483,6 +488,37 @@ def make_reward_loss(margin: float = 0.0):
         return per_example.sum(), batch.n_targets, metrics
 
     return loss_fn
+
+
+@torch.no_grad()
+def accuracy_by_group(model: nn.Module, trees: Sequence[PrefixTree], metas: Sequence[dict], pad_id: int,
+                      batch_size: int) -> dict[str, dict[str, float]]:
+    """Held-out pairwise accuracy per data group (the row's `aspect`, else `category`, e.g. rude/wrong/lazy)."""
+    from chatsmith.train.loop import move_to_device
+
+    if not trees:
+        return {}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct: dict[str, list[float]] = {}
+    try:
+        for start in range(0, len(trees), batch_size):
+            chunk = list(trees[start:start + batch_size])
+            rewards = packed_rewards(model, move_to_device(pack_trees(chunk, pad_id), device)).cpu()
+            offset = 0
+            for i, tree in enumerate(chunk):
+                meta = metas[start + i]
+                group = str(meta.get("aspect") or meta.get("category") or "all")
+                k = len(tree.suffixes)
+                r = rewards[offset:offset + k]
+                offset += k
+                better, worse, _ = expand_rankings([k])
+                diff = r[better] - r[worse]
+                correct.setdefault(group, []).extend(((diff > 0).float() + 0.5 * (diff == 0).float()).tolist())
+    finally:
+        model.train(was_training)
+    return {g: {"accuracy": sum(v) / len(v), "pairs": len(v)} for g, v in sorted(correct.items())}
 
 
 def _sample_sft_responses(causal_lm: nn.Module, tokenizer: Any, fmt: Any, prompts: list[list[dict]],
@@ -512,9 +548,9 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     from chatsmith.utils import MetricsLogger, atomic_write_text, resolve_device, set_seed
 
     set_seed(cfg.seed)
-    examples = _load_preferences(cfg.data, "--data")
+    examples = _load_preferences(cfg.data, "--data", cfg.on_bad_row)
     if cfg.eval_data:
-        train_examples, eval_examples = examples, _load_preferences(cfg.eval_data, "--eval-data")
+        train_examples, eval_examples = examples, _load_preferences(cfg.eval_data, "--eval-data", cfg.on_bad_row)
     else:
         train_idx, eval_idx = split_train_eval(len(examples), cfg.eval_fraction, seed=0)
         train_examples = [examples[i] for i in train_idx]
@@ -547,7 +583,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     del causal_lm, loaded
 
     pad_id = tokenizer.pad_token_id
-    source = ShardedBatchSource(train_tok.trees, cfg.batch_size, collate=_Collate(pad_id), seed=cfg.seed)
+    source = ShardedBatchSource(train_tok.trees, cfg.batch_size, collate=TreeCollate(pad_id), seed=cfg.seed)
     eval_batches = [pack_trees(eval_tok.trees[i:i + cfg.batch_size], pad_id)
                     for i in range(0, len(eval_tok.trees), cfg.batch_size)]
     trainer = Trainer(cfg, model, tokenizer, source, make_reward_loss(cfg.margin),
@@ -578,10 +614,13 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     setattr(model.config, NORM_STD_KEY, std)
     model.config.pad_token_id = pad_id
     final = {f"eval_{k}" if not k.startswith("eval") else k: v for k, v in (result.eval or {}).items()}
+    by_group = accuracy_by_group(model, eval_tok.trees, [getattr(ex, "meta", {}) or {} for ex in eval_examples],
+                                 pad_id, cfg.batch_size)
     final.update({"reward_mean": mean, "reward_std": std, "reward_norm_source": norm_source,
                   "reward_norm_count": int(raw.numel()), "train_examples": len(train_tok.trees),
                   "train_pairs": train_tok.n_pairs, "eval_examples": len(eval_tok.trees),
                   "eval_pairs": eval_tok.n_pairs, "truncated": train_tok.n_truncated + eval_tok.n_truncated})
+    summary = dict(final, eval_accuracy_by_group=by_group)
     norm_json = json.dumps({"mean": mean, "std": std, "source": norm_source, "count": int(raw.numel())}, indent=1)
     from chatsmith.utils import is_main_process
 
@@ -589,12 +628,12 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
         # into --out, keeping metrics.jsonl and checkpoint/ beside the model (see loop.save_final_model)
         save_final_model(model.cpu(), tokenizer, Path(cfg.out), {NORM_FILE: norm_json + "\n"})
         MetricsLogger(cfg.out, stage="reward").log(result.step, **final)
-        atomic_write_text(Path(cfg.out) / "reward_summary.json", json.dumps(final, indent=1) + "\n")
+        atomic_write_text(Path(cfg.out) / "reward_summary.json", json.dumps(summary, indent=1) + "\n")
     acc = final.get("eval_accuracy")
     _note(f"reward: saved {cfg.out}" + (f"; held-out pairwise accuracy {acc:.1%}, mean margin "
                                        f"{final.get('eval_margin', float('nan')):.3f}" if acc is not None else "")
           + f"; normalised on {norm_source} (mean {mean:.3f}, std {std:.3f})")
-    return final
+    return summary
 
 
 # ----------------------------------------------------------------------------- chatsmith score
@@ -607,6 +646,8 @@ class ScoreConfig:
     batch_size: int = arg(16, "Conversations per forward pass.")
     normalize: bool = arg(True, "Apply the saved normalisation (mean 0 / std 1 on SFT samples).")
     template: str | None = arg(None, "Override the reward model's chat format.")
+    on_bad_row: str = arg("error", "What to do with a malformed row: error (name it and stop) or skip.",
+                          choices=["error", "skip"])
     device: str = arg("auto", "cpu, cuda, mps or auto.")
 
 
@@ -618,7 +659,9 @@ def score(cfg: ScoreConfig) -> dict[str, Any]:
     if not Path(cfg.data).is_file():
         raise ChatsmithError(f"--data {cfg.data}: file not found")
     rm = load_reward_model(cfg.reward_model, device=cfg.device, template=cfg.template)
-    result = load_examples(cfg.data, kind="chat")
+    result = load_examples(cfg.data, kind="chat", on_bad_row=cfg.on_bad_row)
+    if result.bad_rows:
+        print(f"{cfg.data}: {result.summary()}", file=sys.stderr)
     conversations, origins = [], []
     for ex in result.examples:
         if not ex.messages or ex.messages[-1].get("role") != "assistant":

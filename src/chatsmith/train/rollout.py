@@ -56,6 +56,7 @@ class PromptItem:
     origin: str = ""
     meta: dict = field(default_factory=dict)
     ids: list[int] | None = None     # render_prompt(messages) - filled in once per run
+    judge_item: Any = None           # the world judge's EvalItem, built on first use
 
 
 @dataclass
@@ -359,19 +360,18 @@ class WorldJudgeScorer:
         from chatsmith.data import judge as judge_module
 
         self.judge = judge_module
-        self._items: dict[int, Any] = {}
 
     def item(self, prompts: Sequence[PromptItem], index: int) -> Any:
-        if index not in self._items:
-            prompt = prompts[index]
+        prompt = prompts[index]
+        if prompt.judge_item is None:
             meta = prompt.meta
             if "category" not in meta or "expected" not in meta:
                 raise ChatsmithError(f"{prompt.origin}: --reward world needs prompt rows with 'category' and "
                                      f"'expected' fields (as written by `chatsmith world export`)")
             row = {"id": meta.get("id", prompt.origin), "category": meta["category"],
                    "messages": prompt.messages, "expected": meta["expected"]}
-            self._items[index] = self.judge.EvalItem.from_dict(row, prompt.origin)
-        return self._items[index]
+            prompt.judge_item = self.judge.EvalItem.from_dict(row, prompt.origin)
+        return prompt.judge_item
 
     def __call__(self, rollout: Rollout, prompts: Sequence[PromptItem]) -> torch.Tensor:
         scores = [self.judge.score(self.item(prompts, idx), text, finished=done)

@@ -1,0 +1,306 @@
+"""Iterated RLHF: sample, collect comparisons, retrain the reward model, run PPO again - N rounds.
+
+    chatsmith rlhf --policy runs/sft --prompts data/prompts.jsonl --preferences data/preferences.jsonl \\
+                   --rounds 2 --out runs/rlhf
+    chatsmith rlhf ... --labeler file --labels my_labels.jsonl     # human labels instead of the judge
+
+Round k (1-based), all of it under OUT/round_k/:
+ 1. Sample `--samples-per-prompt` (K) responses to each of `--prompts-per-round` prompts from the current
+    policy (the SFT model in round 1, the previous round's PPO policy after that) -> `samples.jsonl`.
+ 2. A labeler ranks each prompt's responses, best first:
+    - `world` (default): the built-in world's judge (`chatsmith.data.judge.rank`), a simulated human who
+      checks facts, turn endings, refusals, rudeness... Responses it scores equal are collapsed to one
+      (a tie is no comparison), and a prompt with fewer than 2 distinct outcomes gives no comparison.
+    - `file`: a JSONL of human labels (`--labels`), rows in any preference format (`prompt` + `chosen`/
+      `rejected`, or `ranked`, or `responses` + `ranking`); rows with a `round` field are used in that
+      round only, rows without one in every round. Each round still writes `samples.jsonl` as
+      `{"prompt", "responses", "ranking": []}` rows, ready for people to fill in and feed back.
+ 3. The comparisons are added to the preference data so far (`--preferences` plus all earlier rounds):
+    `preferences.jsonl` (the reward model trains on all of it, InstructGPT-style K-way rankings).
+ 4. A reward model is retrained from the SFT model on that file (`chatsmith reward`) -> `rm/`.
+ 5. PPO runs from the current policy against the new reward model, the KL anchored to the SFT model
+    (`--kl-anchor sft`) or to the round's starting policy (`current`) -> `ppo/`.
+Per-round metrics (comparisons added, labeler score of the samples, reward-model held-out accuracy, PPO's
+final score and KL) go to OUT/metrics.jsonl. A finished round leaves `round_k/done.json`; `--resume` skips
+finished rounds (and resumes an interrupted reward-model or PPO run inside a round). OUT itself ends as
+the final policy: a standard HF chat model directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatsmith.config import arg, config_from_dict, load_yaml_config, save_config
+from chatsmith.errors import ChatsmithError, DataError
+from chatsmith.train.ppo import PPOConfig, PPOTrainer, _note, _step_seed
+from chatsmith.train.rollout import PromptItem, WorldJudgeScorer, collect_rollout, load_policy, load_prompts
+from chatsmith.utils import MetricsLogger, atomic_write_text, is_main_process, read_jsonl, resolve_device, set_seed
+
+__all__ = ["RLHFConfig", "rlhf", "rank_with_world_judge", "RoundResult"]
+
+
+@dataclass
+class RLHFConfig:
+    policy: str = arg("runs/sft", "SFT model: round 1's policy, the reward models' initialisation, the KL anchor.")
+    prompts: str = arg("data/prompts.jsonl", "Prompts to sample (world rows with category + expected for --labeler world).")
+    preferences: str | None = arg(None, "Initial preference data (the comparisons collected so far).")
+    out: str = arg("runs/rlhf", "Output directory: round_k/ subfolders, metrics.jsonl, final policy.")
+    rounds: int = arg(2, "Number of sample -> label -> reward model -> PPO rounds.")
+    labeler: str = arg("world", "Who ranks the samples: the world's judge (simulated human) or a label file.",
+                       choices=["world", "file"])
+    labels: str | None = arg(None, "JSONL of human comparisons for --labeler file (a `round` field selects the round).")
+    samples_per_prompt: int = arg(4, "K: responses sampled per prompt for labelling.")
+    prompts_per_round: int = arg(64, "Prompts sampled (and labelled) per round.")
+    temperature: float = arg(1.0, "Sampling temperature for the labelling samples.")
+    max_new_tokens: int = arg(48, "Longest sampled response.")
+    max_len: int = arg(256, "Longest prompt + response in tokens.")
+    kl_anchor: str = arg("sft", "PPO's reference: the SFT model (sft) or the round's starting policy (current).",
+                         choices=["sft", "current"])
+    rm_steps: int = arg(0, "Reward-model optimizer steps per round (0 = --rm-epochs over the data).")
+    rm_epochs: float = arg(1.0, "Reward-model passes over the preference data per round.")
+    rm_lr: float = arg(1e-4, "Reward-model learning rate.")
+    rm_batch_size: int = arg(16, "Reward-model batch size.")
+    rm_config: str | None = arg(None, "YAML of further `chatsmith reward` settings for every round.")
+    ppo_steps: int = arg(20, "PPO steps per round.")
+    ppo_lr: float = arg(1e-5, "PPO policy learning rate.")
+    ppo_config: str | None = arg(None, "YAML of further `chatsmith ppo` settings for every round.")
+    seed: int = arg(0, "Random seed.")
+    resume: bool = arg(False, "Skip finished rounds and resume an interrupted one.")
+    device: str = arg("auto", "cpu, cuda, mps or auto.")
+    progress: bool = arg(True, "Progress output.")
+
+
+@dataclass
+class RoundResult:
+    round: int
+    policy: str
+    reward_model: str
+    metrics: dict[str, float]
+
+
+# ----------------------------------------------------------------------------- labelling
+
+def rank_with_world_judge(prompt: PromptItem, responses: list[str], finished: list[bool],
+                          scorer: WorldJudgeScorer) -> tuple[list[str], list[float]]:
+    """Responses best first by the world's judge, one per distinct score (ties give no comparison).
+
+    Returns `(ranked responses, their scores)`; fewer than 2 entries = no usable comparison. Identical
+    texts are merged first (a preference between two copies of the same reply carries no signal).
+    """
+    judge = scorer.judge
+    item = scorer.item([prompt], 0)
+    best_by_score: dict[float, str] = {}
+    seen: set[str] = set()
+    for text, done in zip(responses, finished):
+        if text in seen or not text.strip():
+            continue
+        seen.add(text)
+        s = float(judge.score(item, text, finished=done))
+        best_by_score.setdefault(s, text)   # the first response with this score represents it
+    ordered = sorted(best_by_score.items(), key=lambda kv: -kv[0])
+    return [t for _, t in ordered], [s for s, _ in ordered]
+
+
+def _load_label_rows(path: str, round_index: int) -> list[dict[str, Any]]:
+    """Rows of the human label file that belong to this round (validated by the shared loader)."""
+    from chatsmith.data.formats import load_examples
+
+    if not Path(path).is_file():
+        raise ChatsmithError(f"--labels {path}: file not found")
+    result = load_examples(path, kind="preference")
+    rows = []
+    for ex in result.examples:
+        wanted = ex.meta.get("round")
+        if wanted is not None and not isinstance(wanted, int):
+            raise DataError(f"{ex.origin}: field 'round' should be a round number (1, 2, ...), got {wanted!r}")
+        if wanted is None or wanted == round_index:
+            rows.append({"prompt": ex.prompt, "ranked": list(ex.responses), "origin": ex.origin})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class _RLHF:
+    def __init__(self, cfg: RLHFConfig):
+        checks = [(cfg.rounds >= 1, f"--rounds must be >= 1, got {cfg.rounds}"),
+                  (cfg.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 to compare, got "
+                                                f"{cfg.samples_per_prompt}"),
+                  (cfg.prompts_per_round >= 1, "--prompts-per-round must be >= 1"),
+                  (cfg.labeler != "file" or cfg.labels, "--labeler file needs --labels FILE"),
+                  (cfg.temperature > 0, "--temperature must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ChatsmithError(message)
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        self.logger = MetricsLogger(self.out, stage="rlhf")
+        self.rm_overrides = load_yaml_config(cfg.rm_config) if cfg.rm_config else {}
+        self.ppo_overrides = load_yaml_config(cfg.ppo_config) if cfg.ppo_config else {}
+        self.judge = WorldJudgeScorer() if cfg.labeler == "world" else None
+
+    def round_dir(self, k: int) -> Path:
+        return self.out / f"round_{k}"
+
+    def run(self) -> list[RoundResult]:
+        cfg = self.cfg
+        if not cfg.resume and is_main_process():
+            self.logger.path.unlink(missing_ok=True)
+        save_config(cfg, self.out / "rlhf_config.yaml")
+        results: list[RoundResult] = []
+        policy = cfg.policy
+        for k in range(1, cfg.rounds + 1):
+            done = self.round_dir(k) / "done.json"
+            if cfg.resume and done.is_file():
+                info = json.loads(done.read_text())
+                results.append(RoundResult(k, info["policy"], info["reward_model"], info["metrics"]))
+                policy = info["policy"]
+                _note(f"rlhf: round {k} already finished, skipping (policy {policy})")
+                continue
+            results.append(self.run_round(k, policy))
+            policy = results[-1].policy
+        self._export_final(Path(policy))
+        return results
+
+    def run_round(self, k: int, policy_dir: str) -> RoundResult:
+        cfg = self.cfg
+        rdir = self.round_dir(k)
+        rdir.mkdir(parents=True, exist_ok=True)
+        _note(f"rlhf: round {k}/{cfg.rounds}: sampling {cfg.samples_per_prompt} responses to "
+              f"{cfg.prompts_per_round} prompts from {policy_dir}")
+        sample_rows, new_comparisons, label_score = self.sample_and_label(k, policy_dir)
+        atomic_write_text(rdir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                          for r in sample_rows))
+        # Preference data so far = initial file + every earlier round's new comparisons + this round's.
+        previous = self._previous_preferences(k)
+        rows = previous + new_comparisons
+        if not rows:
+            raise ChatsmithError(f"rlhf round {k}: no comparisons to train a reward model on (every prompt's "
+                                 f"samples were judged equal); sample more (--samples-per-prompt, --temperature)")
+        atomic_write_text(rdir / "new_preferences.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_comparisons))
+        atomic_write_text(rdir / "preferences.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+        rm_metrics = self.train_reward_model(k, rdir)
+        ppo_result = self.run_ppo(k, policy_dir, rdir)
+        metrics = {"round": k, "comparisons_added": len(new_comparisons), "comparisons_total": len(rows),
+                   "label_score": label_score,
+                   "rm_eval_accuracy": rm_metrics.get("eval_accuracy"),
+                   "rm_eval_margin": rm_metrics.get("eval_margin"),
+                   **{f"ppo_{key}": ppo_result.metrics.get(key) for key in ("score", "kl", "beta", "response_length",
+                                                                          "no_eos_rate")}}
+        metrics = {key: v for key, v in metrics.items() if v is not None}
+        self.logger.log(k, **metrics)
+        result = RoundResult(k, str(rdir / "ppo"), str(rdir / "rm"), metrics)
+        atomic_write_text(rdir / "done.json", json.dumps(dataclasses.asdict(result), indent=1) + "\n")
+        return result
+
+    def sample_and_label(self, k: int, policy_dir: str) -> tuple[list[dict], list[dict], float | None]:
+        """K samples per prompt from the current policy; comparisons from the labeler."""
+        cfg = self.cfg
+        set_seed(cfg.seed + k)
+        policy, tokenizer, fmt = load_policy(policy_dir, self.device)
+        prompts, _ = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
+        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, k, salt=2))
+        chosen = torch.randperm(len(prompts), generator=gen)[:cfg.prompts_per_round].tolist()
+        index = [i for i in chosen for _ in range(cfg.samples_per_prompt)]
+        stop = list(fmt.stop_token_ids(tokenizer)) or [int(tokenizer.eos_token_id)]
+        rollout = collect_rollout(policy, None, tokenizer, [prompts[i].ids for i in index], index,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  stop_token_ids=stop, seed=_step_seed(cfg.seed, k, salt=3),
+                                  need_policy_logprobs=False)
+        del policy
+        K = cfg.samples_per_prompt
+        sample_rows, comparisons, judged = [], [], []
+        for g, prompt_idx in enumerate(chosen):
+            prompt = prompts[prompt_idx]
+            texts = rollout.texts[g * K:(g + 1) * K]
+            finished = rollout.finished[g * K:(g + 1) * K].tolist()
+            sample_rows.append({"round": k, "prompt": prompt.messages, "responses": texts, "finished": finished,
+                                "ranking": []})
+            if self.judge is not None:
+                ranked, scores = rank_with_world_judge(prompt, texts, finished, self.judge)
+                judged.extend(float(self.judge.judge.score(self.judge.item([prompt], 0), t, finished=f))
+                              for t, f in zip(texts, finished))
+                if len(ranked) >= 2:
+                    comparisons.append({"prompt": prompt.messages, "ranked": ranked, "round": k,
+                                        "labeler": "world"})
+        if self.judge is None:
+            comparisons = [{"prompt": r["prompt"], "ranked": r["ranked"], "round": k, "labeler": "human"}
+                           for r in _load_label_rows(cfg.labels, k)]
+            if not comparisons:
+                raise ChatsmithError(f"--labels {cfg.labels}: no comparisons for round {k}; rank the responses in "
+                                     f"{self.round_dir(k) / 'samples.jsonl'} (fill 'ranking' with indices, best "
+                                     f"first), add them to the file with \"round\": {k}, and rerun with --resume")
+        return sample_rows, comparisons, (sum(judged) / len(judged) if judged else None)
+
+    def _previous_preferences(self, k: int) -> list[dict]:
+        rows: list[dict] = []
+        if self.cfg.preferences:
+            from chatsmith.data.formats import load_examples
+
+            if not Path(self.cfg.preferences).is_file():
+                raise ChatsmithError(f"--preferences {self.cfg.preferences}: file not found")
+            for ex in load_examples(self.cfg.preferences, kind="preference").examples:
+                rows.append({"prompt": ex.prompt, "ranked": list(ex.responses)})
+        for j in range(1, k):
+            path = self.round_dir(j) / "new_preferences.jsonl"
+            if path.is_file():
+                rows.extend(read_jsonl(path))
+        return rows
+
+    def train_reward_model(self, k: int, rdir: Path) -> dict[str, Any]:
+        from chatsmith.train.reward import RewardConfig, train_reward_model
+
+        cfg = self.cfg
+        settings = {**self.rm_overrides, "model": cfg.policy, "data": str(rdir / "preferences.jsonl"),
+                    "out": str(rdir / "rm"), "seed": cfg.seed + k, "device": cfg.device,
+                    "resume": cfg.resume, "progress": cfg.progress}
+        settings.setdefault("max_steps", cfg.rm_steps)
+        settings.setdefault("epochs", cfg.rm_epochs)
+        settings.setdefault("lr", cfg.rm_lr)
+        settings.setdefault("batch_size", cfg.rm_batch_size)
+        rm_cfg = config_from_dict(RewardConfig, settings, source=cfg.rm_config or "rlhf")
+        _note(f"rlhf: round {k}: training the reward model on {rdir / 'preferences.jsonl'}")
+        return train_reward_model(rm_cfg) or {}
+
+    def run_ppo(self, k: int, policy_dir: str, rdir: Path):
+        cfg = self.cfg
+        settings = {**self.ppo_overrides, "policy": policy_dir, "reward_model": str(rdir / "rm"),
+                    "reference": cfg.policy if cfg.kl_anchor == "sft" else policy_dir,
+                    "prompts": cfg.prompts, "out": str(rdir / "ppo"), "seed": cfg.seed + k,
+                    "device": cfg.device, "resume": cfg.resume, "progress": cfg.progress}
+        settings.setdefault("max_steps", cfg.ppo_steps)
+        settings.setdefault("lr", cfg.ppo_lr)
+        settings.setdefault("max_new_tokens", cfg.max_new_tokens)
+        settings.setdefault("max_len", cfg.max_len)
+        ppo_cfg = config_from_dict(PPOConfig, settings, source=cfg.ppo_config or "rlhf")
+        _note(f"rlhf: round {k}: PPO from {policy_dir} against {rdir / 'rm'}")
+        return PPOTrainer(ppo_cfg).run()
+
+    def _export_final(self, policy_dir: Path) -> None:
+        """Copy the last policy's model files into OUT (a standard HF chat model directory)."""
+        if not is_main_process() or policy_dir.resolve() == self.out.resolve():
+            return
+        for path in policy_dir.iterdir():
+            if path.is_file() and path.name not in ("metrics.jsonl", "samples.jsonl", "train_config.yaml"):
+                tmp = self.out / f".{path.name}.tmp"
+                shutil.copyfile(path, tmp)
+                tmp.replace(self.out / path.name)
+
+
+def rlhf(cfg: RLHFConfig) -> list[RoundResult]:
+    """`chatsmith rlhf`: see the module docstring."""
+    results = _RLHF(cfg).run()
+    for r in results:
+        shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.metrics.items())
+        print(f"rlhf round {r.round}: {shown}", file=sys.stderr)
+    return results

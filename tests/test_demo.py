@@ -1,0 +1,119 @@
+"""`chatsmith demo` end to end at toy size: every stage, resume after an interrupt, the base-model cache,
+and the report files holding every metric.
+
+    python -m pytest tests/test_demo.py -q       # about a minute on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import pytest
+
+from chatsmith import demo as D
+from chatsmith.errors import ChatsmithError
+from chatsmith.eval import METRICS
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Toy-sized matrices gain nothing from a second thread, and on a busy machine (CI runners, other
+    test processes) two spinning OpenMP threads per process make these tests several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_toy_demo_end_to_end_resumes_and_caches(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CHATSMITH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    cfg = D.DemoConfig(out=str(out), profile="toy")
+    real_run_stage = D._run_stage
+    calls: list[str] = []
+    interrupt = {"reward"}
+
+    def run_stage(stage, stage_cfg):
+        calls.append(stage)
+        if stage in interrupt:          # Ctrl-C as the reward model starts training
+            interrupt.clear()
+            raise KeyboardInterrupt
+        assert stage_cfg.progress is False if hasattr(stage_cfg, "progress") else True   # stage bars quiet
+        return real_run_stage(stage, stage_cfg)
+
+    monkeypatch.setattr(D, "_run_stage", run_stage)
+    with pytest.raises(KeyboardInterrupt):
+        D.run_demo(cfg)
+    assert calls == ["export", "pretrain", "sft", "reward"]
+    assert sorted(p.stem for p in (out / ".demo").glob("*.json")) == ["export", "pretrain", "sft"]
+
+    calls.clear()
+    assert D.run_demo(cfg) == 0                       # resumes: finished stages are skipped
+    assert calls == ["reward", "ppo", "dpo"]
+    printed = capsys.readouterr().out
+
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert set(report["models"]) == {"base", "sft", "ppo", "dpo"}
+    for name, entry in report["models"].items():
+        assert set(METRICS) <= set(entry), name
+        for metric in METRICS[:8]:
+            assert entry[metric] is None or 0.0 <= entry[metric] <= 1.0
+        assert entry["mean_reward"] is not None                   # --reward-model rm/ was used
+    assert report["models"]["base"]["mode"] == "base" and report["models"]["ppo"]["mode"] == "chat"
+    assert report["models"]["sft"]["kl_to_sft"] == 0.0 and report["models"]["ppo"]["kl_to_sft"] is not None
+    assert list(report["stage_seconds"]) == list(D.STAGES)
+    assert all(seconds >= 0 for seconds in report["stage_seconds"].values())
+    page = (out / "report" / "report.html").read_text()
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(images) == len(report["plots"]) and {"probability_shift", "reward_distribution", "curves_ppo"} <= set(report["plots"])
+    assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "| kl_to_sft |" in (out / "report" / "report.md").read_text()
+    samples = (out / "report" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 4 * report["n_items"]
+
+    # The terminal ending: side-by-side answers, the metrics table and the next commands.
+    assert "[base]" in printed and "[sft]" in printed and "[ppo]" in printed
+    assert "What is the capital of France?" in printed and "Two-turn memory check" in printed
+    assert "fact_accuracy" in printed and f"chatsmith chat {out / 'ppo'}" in printed
+
+    calls.clear()
+    assert D.run_demo(cfg) == 0                       # everything done: nothing runs again
+    assert calls == []
+
+    # A second demo elsewhere reuses the cached base model instead of pretraining again.
+    other = tmp_path / "other"
+    assert D.run_demo(D.DemoConfig(out=str(other), profile="toy", until="pretrain")) == 0
+    assert calls == ["export"]
+    assert json.loads((other / ".demo" / "pretrain.json").read_text())["cached"] is True
+    assert (other / "base" / "model.safetensors").read_bytes() == (out / "base" / "model.safetensors").read_bytes()
+
+
+def test_changed_settings_in_an_existing_output_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATSMITH_CACHE", str(tmp_path / "cache"))
+    cfg = D.DemoConfig(out=str(tmp_path / "d"), profile="toy", until="export")
+    D.run_demo(cfg)
+    changed = D.DemoConfig(out=cfg.out, profile="toy", until="export", override=["export.seed=3"])
+    with pytest.raises(ChatsmithError, match="other settings"):
+        D.run_demo(changed)
+    fresh = D.DemoConfig(out=cfg.out, profile="toy", until="export", override=["export.seed=3"], resume=False)
+    assert D.run_demo(fresh) == 0
+    assert json.loads((tmp_path / "d" / ".demo" / "export.json").read_text())["settings"]["seed"] == 3
+
+
+def test_profiles_and_overrides():
+    for profile in D.PROFILES:
+        settings = D.stage_settings(D.DemoConfig(profile=profile))   # every setting names a real field
+        assert set(settings) == set(D.STAGES)
+        assert set(D.PROFILES[profile]["seconds"]) == set(D.STAGES)
+    settings = D.stage_settings(D.DemoConfig(override=["ppo.kl_coef=0.2", "sft.max-steps=7"]))
+    assert settings["ppo"]["kl_coef"] == 0.2 and settings["sft"]["max_steps"] == 7
+    with pytest.raises(ChatsmithError, match="STAGE.FIELD=VALUE"):
+        D.stage_settings(D.DemoConfig(override=["kl_coef=0.2"]))
+    with pytest.raises(ChatsmithError, match="no setting 'klcoef'"):
+        D.stage_settings(D.DemoConfig(override=["ppo.klcoef=0.2"]))
+    with pytest.raises(ChatsmithError, match="expected int"):
+        D.stage_settings(D.DemoConfig(override=["sft.max_steps=many"]))

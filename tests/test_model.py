@@ -1,0 +1,206 @@
+"""Tests for chatsmith.model: tokenizer training, presets, loading any HF causal LM (Llama, Qwen2, GPT-2),
+atomic standard saves that plain transformers reads, dropout off.
+
+    python -m pytest tests/test_model.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chatsmith.chat.render import render_chat, render_prompt
+from chatsmith.chat.templates import BUILTIN_SPECIAL_TOKENS, get_format
+from chatsmith.errors import ChatsmithError
+from chatsmith.model import (PAD_TOKEN, PRESETS, build_tokenizer, count_parameters, create_model, disable_dropout,
+                             load_model, max_context_length, save_model)
+from conftest import SAMPLE_TEXTS
+
+CONVERSATION = [
+    {"role": "system", "content": "You are brief."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of 東京 🙂?"},
+]
+
+SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+             intermediate_size=64, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer():
+    return build_tokenizer(SAMPLE_TEXTS, 400, "chatml")
+
+
+@pytest.mark.parametrize("fmt", ["chatml", "llama2", "alpaca"])
+def test_build_tokenizer_has_format_tokens_pad_and_template(fmt):
+    tok = build_tokenizer(SAMPLE_TEXTS, 360, fmt)
+    chat = get_format(fmt)
+    vocab = tok.get_vocab()
+    for special in BUILTIN_SPECIAL_TOKENS[fmt]:
+        assert special in vocab and len(tok.encode(special, add_special_tokens=False)) == 1
+    assert tok.pad_token == PAD_TOKEN
+    assert tok.pad_token_id not in chat.stop_token_ids(tok)
+    assert tok.eos_token_id is not None and tok.eos_token == (chat.eos_token or "<|endoftext|>")
+    assert tok.chat_template == chat.template
+    assert len(tok) <= 360
+    assert tok.encode("Paris", add_special_tokens=False)[0] != tok.bos_token_id   # no bos added implicitly
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=40))
+def test_tokenizer_round_trips_any_unicode(chatml_tokenizer, text):
+    ids = chatml_tokenizer.encode(text, add_special_tokens=False)
+    assert chatml_tokenizer.decode(ids) == text
+
+
+def test_tokenizer_round_trips_hard_cases(chatml_tokenizer):
+    for text in [" leading", "trailing  ", "a\tb\r\nc", "  two  spaces ", "é vs é", "🙂🙂", "\x00\x7f", "\u200b"]:
+        assert chatml_tokenizer.decode(chatml_tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_presets_sizes(chatml_tokenizer):
+    class FakeTok:   # a 4096-entry vocabulary, as the tiny preset trains
+        pad_token_id, bos_token_id, eos_token_id = 0, None, 1
+        model_max_length = None
+
+        def __len__(self):
+            return PRESETS["tiny"]["vocab_size"]
+
+    with torch.device("meta"):              # sizes only: no memory, no init time
+        tiny = create_model("tiny", FakeTok())
+    assert 3e6 <= count_parameters(tiny) <= 5e6
+    assert tiny.config.tie_word_embeddings and tiny.config.hidden_act == "silu"
+    assert tiny.config._attn_implementation == "sdpa"
+    assert type(tiny.model.layers[0].input_layernorm).__name__ == "LlamaRMSNorm"
+    # small: count from the config without allocating it (it is ~25 M)
+    s = PRESETS["small"]
+    d, f, n = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    small = s["vocab_size"] * d + n * (4 * d * d + 3 * d * f + 2 * d) + d
+    assert 20e6 <= small <= 30e6
+    with pytest.raises(ChatsmithError, match="unknown preset"):
+        create_model("huge", chatml_tokenizer)
+
+
+def test_save_then_plain_transformers_load_and_render_the_same(tmp_path, chatml_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = create_model(SMALL, chatml_tokenizer)
+    out = save_model(model, chatml_tokenizer, tmp_path / "m", extra_files={"chatsmith.json": '{"stage": "base"}'})
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "chatsmith.json"} <= names
+    assert not list(tmp_path.glob(".m.*")), "no temp directory left behind"
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(out))
+    fmt = get_format("chatml")
+    for gen_prompt in (False, True):
+        text = hf_tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=gen_prompt)
+        assert text == fmt.render_text(CONVERSATION, add_generation_prompt=gen_prompt)
+        assert text == render_chat(CONVERSATION, hf_tok, fmt, add_generation_prompt=gen_prompt).text
+    ids = torch.tensor([render_prompt(CONVERSATION, hf_tok, fmt)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, model(ids).logits)
+    loaded = load_model(out, device="cpu")
+    assert loaded.fmt.name == "chatml" and loaded.tokenizer.pad_token == PAD_TOKEN
+    assert not loaded.model.training and len(loaded.tokenizer) == len(chatml_tokenizer)
+    # saving again replaces the directory atomically
+    save_model(loaded.model, loaded.tokenizer, out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert not (tmp_path / "m.old").exists()
+
+
+def _save_hf_dir(path, model, tokenizer):
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def _plain_tokenizer(**special):
+    """A byte-level tokenizer with no chat template (and, unless given, no pad token), like GPT-2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(SAMPLE_TEXTS, trainers.BpeTrainer(
+        vocab_size=350, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   **special)
+
+
+def test_load_gpt2_without_template_or_pad(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _plain_tokenizer()
+    assert tok.pad_token is None and not tok.chat_template
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=256,
+                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    path = _save_hf_dir(tmp_path / "gpt2", model, tok)
+    with pytest.raises(ChatsmithError, match="--template"):
+        load_model(path, device="cpu")
+    raw = load_model(path, device="cpu", require_template=False)
+    assert raw.fmt is None and raw.tokenizer.pad_token == PAD_TOKEN
+
+    loaded = load_model(path, device="cpu", template="chatml")
+    tok2, model2 = loaded.tokenizer, loaded.model
+    assert loaded.fmt.name == "chatml" and tok2.chat_template == get_format("chatml").template
+    for special in ("<|im_start|>", "<|im_end|>", PAD_TOKEN):
+        assert len(tok2.encode(special, add_special_tokens=False)) == 1
+    assert tok2.pad_token_id != tok2.eos_token_id
+    assert model2.get_input_embeddings().weight.shape[0] == len(tok2) == len(tok) + 3
+    assert model2.config.pad_token_id == tok2.pad_token_id
+    # it runs, with absolute positions, on a rendered prompt
+    ids = torch.tensor([render_prompt(CONVERSATION, tok2, loaded.fmt)])
+    with torch.no_grad():
+        assert torch.isfinite(model2(ids).logits).all()
+    # saved, the template travels with it
+    out = save_model(model2, tok2, tmp_path / "gpt2-chat")
+    again = load_model(out, device="cpu")
+    assert again.fmt.name == "chatml" and len(again.tokenizer) == len(tok2)
+
+
+def test_load_qwen2_with_its_own_template_and_pad_equal_to_eos(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = _plain_tokenizer(pad_token="<|endoftext|>")
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = get_format("chatml").template
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                         max_position_embeddings=64))
+    path = _save_hf_dir(tmp_path / "qwen2", model, tok)
+    loaded = load_model(path, device="cpu")
+    assert loaded.fmt.name == "chatml"
+    # the pad token was the eos (a stop token): replaced by a pad token of its own
+    assert loaded.tokenizer.pad_token == PAD_TOKEN
+    assert loaded.model.get_input_embeddings().weight.shape[0] == len(tok) + 1
+    assert max_context_length(loaded.model, loaded.tokenizer) == 64
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(ChatsmithError, match="not found"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ChatsmithError, match="config.json"):
+        load_model(tmp_path / "empty")
+
+
+def test_disable_dropout(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                       resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3))
+    disable_dropout(model)
+    model.train()
+    x = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(model(x).logits, model(x).logits)
+    assert model.config.resid_pdrop == 0.0
