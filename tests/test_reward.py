@@ -178,12 +178,12 @@ def test_train_reward_model_end_to_end(tmp_path, sft_dir, capsys):
     data = write_jsonl(tmp_path / "prefs.jsonl", toy_preferences(48))
     out = tmp_path / "rm"
     common = dict(model=str(sft_dir), data=data, out=str(out), batch_size=8, max_len=64, eval_fraction=0.25,
-                  norm_samples=8, norm_max_new_tokens=8, progress=False, seed=0)
+                  norm_samples=4, norm_max_new_tokens=4, progress=False, seed=0)
     untrained = train_reward_model(RewardConfig(**common, max_steps=1, lr=1e-9, warmup_steps=0))
-    result = train_reward_model(RewardConfig(**common, max_steps=25, lr=3e-3, warmup_steps=2))
+    result = train_reward_model(RewardConfig(**common, max_steps=12, lr=3e-3, warmup_steps=2))
     assert result["eval_pairs"] > 10
-    assert result["eval_accuracy"] >= 0.9 > untrained["eval_accuracy"] - 1e-9 or \
-        result["eval_accuracy"] >= max(0.9, untrained["eval_accuracy"] + 0.2)
+    assert result["eval_accuracy"] >= 0.9
+    assert result["eval_accuracy"] >= untrained["eval_accuracy"] + 0.2       # untrained: about chance
     assert result["eval_margin"] > untrained["eval_margin"] + 0.5
     assert result["reward_norm_source"] in ("sft_samples", "preference_responses")
     assert result["eval_accuracy_by_group"]["all"]["pairs"] == result["eval_pairs"]

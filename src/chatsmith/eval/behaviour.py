@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError, DataError
@@ -165,10 +165,13 @@ def prompt_ids(mut: ModelUnderTest, messages: list[dict]) -> list[int]:
 
 
 def stop_settings(mut: ModelUnderTest) -> tuple[list[int], list[str]]:
-    """Stop token ids and stop strings: end-of-text for a base model, the template's end-of-turn for chat."""
+    """Stop token ids and stop strings: end-of-document for a base model, the template's end-of-turn for chat."""
     if mut.is_base:
-        eos = mut.tokenizer.eos_token_id
-        return ([eos] if eos is not None else []), []
+        # Pretraining separates documents with <|endoftext|> (else eos): a base model "ends" there.
+        from chatsmith.train.pretrain import document_separator_id
+
+        stops = [document_separator_id(mut.tokenizer), mut.tokenizer.eos_token_id]
+        return [t for i, t in enumerate(stops) if t is not None and t not in stops[:i]], []
     return list(mut.fmt.stop_token_ids(mut.tokenizer)), list(mut.fmt.stop_strings)
 
 
