@@ -46,14 +46,17 @@ def _run(cfg, text, monkeypatch):
 
 def _expected_replies(model_dir, prompts, max_new_tokens, max_context=0):
     """What greedy generation replies to each rendered conversation (independently of chat_cli)."""
+    from chatsmith.chat.render import render_prompt   # the real one: terminal.render_prompt may be a spy
     from chatsmith.generate import chat_sampling_config, generate
     from chatsmith.model import load_model
 
     loaded = load_model(model_dir, device="cpu")
     replies = []
-    for messages in prompts:
-        ids = terminal.render_prompt(messages, loaded.tokenizer, loaded.fmt)
+    for messages in list(prompts):
+        ids = render_prompt(messages, loaded.tokenizer, loaded.fmt)
         budget = max_context or 256
+        if len(ids) + max_new_tokens > budget:   # a render the context guard rejected: not sent
+            continue
         cfg = chat_sampling_config(loaded.fmt, loaded.tokenizer, temperature=0,
                                    max_new_tokens=min(max_new_tokens, budget - len(ids)))
         replies.append(generate(loaded.model, loaded.tokenizer, [ids], cfg).texts[0])
@@ -78,6 +81,7 @@ def test_history_system_reset_and_exit(chat_model_dir, monkeypatch):
 
 
 def test_ctrl_d_ends_and_replies_match_generate(chat_model_dir, monkeypatch):
+    from chatsmith.chat.render import render_prompt
     from chatsmith.chat.templates import get_format
     from chatsmith.generate import chat_sampling_config, generate
     from chatsmith.model import load_model
@@ -87,7 +91,7 @@ def test_ctrl_d_ends_and_replies_match_generate(chat_model_dir, monkeypatch):
     assert len(seen) == 1
     loaded = load_model(chat_model_dir, device="cpu")
     fmt = get_format("chatml")
-    ids = terminal.render_prompt(seen[0], loaded.tokenizer, fmt)
+    ids = render_prompt(seen[0], loaded.tokenizer, fmt)
     expected = generate(loaded.model, loaded.tokenizer, [ids],
                         chat_sampling_config(fmt, loaded.tokenizer, max_new_tokens=6, temperature=0))
     assert out == expected.texts[0] + "\n"

@@ -54,7 +54,7 @@ from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError
 
 __all__ = ["SamplingConfig", "GenerationOutput", "Generator", "generate", "stream", "GenerateConfig",
-           "generate_cli", "chat_sampling_config"]
+           "generate_cli", "chat_sampling_config", "clear_weight_cache"]
 
 
 # ----------------------------------------------------------------------------- public types
@@ -319,8 +319,9 @@ class _LayerWeights(NamedTuple):
 # models up to this size; bigger ones take the generic path, where compute dominates anyway.
 FAST_PATH_MAX_PARAMETERS = 600_000_000
 
-# Copies per model, rebuilt when any source tensor changed (an optimizer step bumps a parameter's
-# version counter), so an RL policy is always sampled with its current weights.
+# Copies per model, rebuilt when any source tensor changed (an optimizer step, `load_state_dict` or any
+# in-place op bumps a parameter's version counter), so an RL policy is always sampled with its current
+# weights. Writes through `param.data` bypass the counter: call clear_weight_cache(model) after those.
 _FUSED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Any]]" = weakref.WeakKeyDictionary()
 
 
@@ -353,6 +354,14 @@ def _fused_weights(model: nn.Module, inner: nn.Module, head: nn.Module) -> tuple
         value = (layers, head.weight.t().contiguous())
     _FUSED[model] = (key, value)
     return value
+
+
+def clear_weight_cache(model: nn.Module | None = None) -> None:
+    """Forget the fast path's weight copies (of ``model``, or of every model)."""
+    if model is None:
+        _FUSED.clear()
+    else:
+        _FUSED.pop(model, None)
 
 
 class _FastDecoder:
