@@ -66,14 +66,17 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # The default: <= 10 minutes on 2 CPU cores (issue 5's targets are for this profile).
     "quick": {
         "export": {"seed": 0, "scale": 1.0, "eval_size": 50},
-        "pretrain": {"preset": "tiny", "max_steps": 200, "batch_size": 16, "max_len": 256, "lr": 2e-3},
-        "sft": {"max_steps": 300, "batch_size": 16, "max_len": 256, "lr": 1e-3},
-        "reward": {"epochs": 1.0, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 64},
-        "ppo": {"max_steps": 40, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 4, "lr": 1e-5,
-                "kl_coef": 0.05, "max_new_tokens": 48, "temperature": 0.7, "sample_every": 0},
-        "dpo": {"epochs": 1.0, "batch_size": 16, "max_len": 256, "lr": 5e-5, "beta": 0.1},
-        "eval": {"max_items": 0, "max_new_tokens": 64, "batch_size": 64, "kl_samples": 64},
-        "seconds": {"export": 8, "pretrain": 180, "sft": 100, "reward": 60, "ppo": 120, "dpo": 60, "eval": 90},
+        "pretrain": {"preset": "tiny", "max_steps": 170, "batch_size": 8, "max_len": 256, "lr": 3e-3,
+                     "warmup_steps": 10, "save_every": 50},
+        "sft": {"max_steps": 300, "batch_size": 8, "max_len": 256, "lr": 1e-3, "warmup_steps": 10,
+                "save_every": 100},
+        "reward": {"max_steps": 60, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 32,
+                   "norm_max_new_tokens": 48, "save_every": 30},
+        "ppo": {"max_steps": 10, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
+                "kl_coef": 0.05, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 0, "save_every": 5},
+        "dpo": {"max_steps": 30, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 15},
+        "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 32},
+        "seconds": {"export": 3, "pretrain": 190, "sft": 90, "reward": 60, "ppo": 120, "dpo": 50, "eval": 80},
     },
     # Better models for a longer wait: <= 60 minutes on 2 CPU cores.
     "full": {

@@ -57,6 +57,9 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+quiet_transformers = _quiet_transformers   # for the stages that load/save models themselves
+
+
 class Loaded(NamedTuple):
     model: Any          # a transformers PreTrainedModel (causal LM), in eval mode
     tokenizer: Any      # PreTrainedTokenizerFast with a pad token

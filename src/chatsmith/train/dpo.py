@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -220,16 +221,27 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     _note(f"dpo: {len(train_tok.trees)} training examples ({train_tok.n_pairs} pairs), "
           f"{len(eval_tok.trees)} held out ({eval_tok.n_pairs} pairs); {cfg.max_steps} steps, beta {cfg.beta}")
 
+    # A run shorter than one epoch sees a seeded subset of the examples: only those need reference
+    # log-probs (precomputing all of them cost more than the training itself in the quick demo).
+    from chatsmith.utils import world_size
+    needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world_size()
+    train_trees = train_tok.trees
+    if needed < len(train_trees):
+        keep = sorted(np.random.default_rng([cfg.seed, 11]).permutation(len(train_trees))[:needed].tolist())
+        train_trees = [train_trees[i] for i in keep]
+        _note(f"dpo: {cfg.max_steps} steps use {needed} of the {len(train_tok.trees)} training examples "
+              f"(a seeded subset; --epochs or more --max-steps for all)")
+
     # Reference log-probs, once, from the starting (SFT) weights; the reference is not kept afterwards.
     device = resolve_device(cfg.device)
     amp = resolve_dtype(cfg.dtype, device)
     model.to(device)
-    ref_train = reference_logprobs(model, train_tok.trees, pad_id, cfg.batch_size, device, amp)
+    ref_train = reference_logprobs(model, train_trees, pad_id, cfg.batch_size, device, amp)
     ref_eval = reference_logprobs(model, eval_tok.trees, pad_id, cfg.batch_size, device, amp)
     _note(f"dpo: reference log-probs computed for {sum(len(r) for r in ref_train + ref_eval)} responses")
 
     collate = DPOCollate(pad_id)
-    items = list(zip(train_tok.trees, ref_train))
+    items = list(zip(train_trees, ref_train))
     source = ShardedBatchSource(items, cfg.batch_size, collate=collate, seed=cfg.seed)
     eval_items = list(zip(eval_tok.trees, ref_eval))
     eval_batches = [collate(eval_items[i:i + cfg.batch_size]) for i in range(0, len(eval_items), cfg.batch_size)]

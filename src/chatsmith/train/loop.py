@@ -811,7 +811,10 @@ def save_final_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: d
 def _fallback_save_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: dict[str, str] | None = None):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
+    from chatsmith.model import quiet_transformers
+
+    with quiet_transformers():
+        model.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     for name, text in (extra_files or {}).items():

@@ -224,7 +224,10 @@ class PPOTrainer:
 
         if not (Path(path) / "config.json").is_file():
             raise ChatsmithError(f"--value-model {path}: not a model directory (no config.json)")
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        from chatsmith.model import quiet_transformers
+
+        with quiet_transformers():
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
 
     # ------------------------------------------------------------------------- one PPO step
     def rollout(self) -> tuple[Rollout, list[int]]:
@@ -446,7 +449,10 @@ class PPOTrainer:
 
     def _save_value(self) -> None:
         with atomic_directory(self.out / "value") as tmp:
-            self.value_model.save_pretrained(str(tmp))
+            from chatsmith.model import quiet_transformers
+
+            with quiet_transformers():
+                self.value_model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
 
 

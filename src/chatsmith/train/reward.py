@@ -344,7 +344,10 @@ def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype
                  "bfloat16": torch.bfloat16, "auto": None}[dtype]
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **kwargs)
+    from chatsmith.model import quiet_transformers
+
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **kwargs)
     if getattr(model.config, "num_labels", 1) != 1:
         raise ChatsmithError(f"{path}: a reward model has one output (num_labels=1), this one has "
                              f"{model.config.num_labels}")
