@@ -137,3 +137,27 @@ def test_dpo_rejects_bad_settings(tmp_path, sft_dir):
         dpo(DPOConfig(model=str(sft_dir), data="x.jsonl", out=str(tmp_path / "o"), beta=0.0))
     with pytest.raises(ChatsmithError, match="not found"):
         dpo(DPOConfig(model=str(sft_dir), data=str(tmp_path / "none.jsonl"), out=str(tmp_path / "o")))
+
+
+def test_a_short_run_precomputes_only_the_examples_it_trains_on(tmp_path, sft_dir, monkeypatch, capsys):
+    from chatsmith.train import dpo as dpo_module
+    from chatsmith.train.dpo import DPOConfig, dpo
+    from chatsmith.utils import read_jsonl
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", toy_preferences(40, seed=3))
+    counted = []
+    real = dpo_module.reference_logprobs
+
+    def spy(model, trees, *args, **kwargs):
+        counted.append(len(trees))
+        return real(model, trees, *args, **kwargs)
+
+    monkeypatch.setattr(dpo_module, "reference_logprobs", spy)
+    common = dict(model=str(sft_dir), data=data, batch_size=4, max_len=64, max_steps=2, eval_fraction=0.0,
+                  log_every=1, save_every=0, progress=False)
+    dpo(DPOConfig(out=str(tmp_path / "a"), **common))
+    assert counted[0] == 8                            # 2 steps x 4 examples, not all 40
+    assert "use 8 of the 40 training examples" in capsys.readouterr().err
+    dpo(DPOConfig(out=str(tmp_path / "b"), **common))  # the subset is seeded: the same run twice
+    losses = lambda p: [r["loss"] for r in read_jsonl(p / "metrics.jsonl") if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-6)

@@ -80,16 +80,18 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     # Better models for a longer wait: <= 60 minutes on 2 CPU cores.
     "full": {
-        "export": {"seed": 0, "scale": 2.0, "eval_size": 100},
-        "pretrain": {"preset": "tiny", "max_steps": 1200, "batch_size": 16, "max_len": 256, "lr": 2e-3},
-        "sft": {"max_steps": 1000, "batch_size": 16, "max_len": 256, "lr": 1e-3},
-        "reward": {"epochs": 2.0, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 128},
-        "ppo": {"max_steps": 150, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 4, "lr": 1e-5,
-                "kl_coef": 0.05, "max_new_tokens": 48, "temperature": 0.7, "sample_every": 0},
-        "dpo": {"epochs": 2.0, "batch_size": 16, "max_len": 256, "lr": 5e-5, "beta": 0.1},
-        "eval": {"max_items": 0, "max_new_tokens": 64, "batch_size": 64, "kl_samples": 128},
-        "seconds": {"export": 15, "pretrain": 1100, "sft": 600, "reward": 240, "ppo": 900, "dpo": 240,
-                    "eval": 200},
+        "export": {"seed": 0, "scale": 1.0, "eval_size": 50},
+        "pretrain": {"preset": "tiny", "max_steps": 1500, "batch_size": 8, "max_len": 256, "lr": 3e-3,
+                     "warmup_steps": 30, "save_every": 100},
+        "sft": {"max_steps": 1200, "batch_size": 8, "max_len": 256, "lr": 1e-3, "warmup_steps": 30,
+                "save_every": 200},
+        "reward": {"max_steps": 250, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 64,
+                   "norm_max_new_tokens": 48, "save_every": 50},
+        "ppo": {"max_steps": 30, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
+                "kl_coef": 0.05, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 10, "save_every": 10},
+        "dpo": {"max_steps": 150, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 50},
+        "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 64},
+        "seconds": {"export": 3, "pretrain": 1650, "sft": 340, "reward": 150, "ppo": 290, "dpo": 90, "eval": 60},
     },
 }
 
