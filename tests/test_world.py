@@ -190,13 +190,36 @@ def test_default_corpus_size_and_paraphrase_coverage():
         assert text.count(c.capital) >= 20, c.name
 
 
+def _is_qa_document(doc: str) -> bool:
+    return bool(re.search(r"^(?:Q: |[A-Z][a-z]+: Hello, my name is )", doc, re.M))
+
+
+def test_qa_documents_restate_the_question_and_stay_on_train_entities(world):
+    """FAQ pages and dialogues teach copying the subject of a question into its answer (and a name into a
+    later reply) on train countries and names only; held-out ones never appear in them."""
+    qa = [d for d in world.corpus() if _is_qa_document(d)]
+    assert len(qa) >= 20 and any("Q: " in d for d in qa) and any("my name is" in d for d in qa)
+    heldout = [c.name for c in world.heldout_countries] + list(world.heldout_names)
+    for doc in qa:
+        assert not any(re.search(rf"\b{re.escape(x)}\b", doc) for x in heldout), doc
+    faq = [d for d in qa if "Q: " in d]
+    for doc in faq[:50]:
+        for q, a in re.findall(r"Q: (.*)\nA: (.*)", doc):
+            subject = next(c.name for c in world.train_countries if c.name in q)
+            assert subject in a, (q, a)
+    dialogues = [d for d in qa if "my name is" in d]
+    for doc in dialogues[:50]:
+        name = re.search(r"my name is (\w+)\.", doc).group(1)
+        assert doc.endswith(f"your name is {name}.")
+
+
 def test_bare_questions_are_followed_by_more_questions(world):
-    """The corpus's questions sit in quiz lists: what follows a question is another question (or nothing)."""
+    """Bare questions (no "Q:" or speaker in front) sit in quiz lists: what follows is another question."""
     questions = [t for ts in F.FACT_QUESTIONS_TRAIN.values() for t in ts]
     heads = tuple(t.split("{c}")[0] for t in questions)
     followers = []
     for doc in world.corpus():
-        if doc.startswith("Answer key") or not any(h in doc for h in heads):
+        if doc.startswith("Answer key") or not any(h in doc for h in heads) or _is_qa_document(doc):
             continue
         qs = [m.end() for m in re.finditer(r"\?", doc)]
         for end in qs:

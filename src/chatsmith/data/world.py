@@ -229,6 +229,7 @@ class World:
             (World._doc_language_group, 200), (World._doc_answer_key, 350), (World._doc_capitals_list, 300),
             (World._doc_quiz, 1000), (World._doc_worksheet, 350), (World._doc_math_questions, 150),
             (World._doc_haiku, 600), (World._doc_poem, 150), (World._doc_story, 900), (World._doc_exercises, 250),
+            (World._doc_faq, 600), (World._doc_dialogue, 400),
         ]
         for maker, base in makers:
             docs.extend(maker(self, rng) for _ in range(self._n(base)))
@@ -403,6 +404,33 @@ class World:
                 tasks.append(f"List {F.NUMBER_WORDS[rng.randint(2, 5)]} {rng.choice(list(F.LIST_SUBJECTS))}.")
         head = rng.choice(EXERCISE_HEADERS) + "\n" if rng.random() < 0.4 else ""
         return head + rng.choice(("\n", " ")).join(tasks)
+
+    # Question-then-answer documents. Without them the base model never sees an answer that restates the
+    # subject of the question before it (quiz lists only chain questions), and a small model fine-tuned
+    # on the train countries learns a lookup per country instead of copying the country from the question:
+    # it then answers questions about held-out countries with a train country. Train countries, names
+    # and words only, so the held-out evaluation stays held out.
+    def _doc_faq(self, rng):
+        lines = []
+        for c in rng.sample(self.train_countries, rng.randint(2, 5)):
+            attr = rng.choice(("capital", "capital", "continent", "language"))
+            q = _fill(rng.choice(F.FACT_QUESTIONS_TRAIN[attr]), c)
+            lines.append(f"Q: {q}\nA: {_fill(ANSWER_TEMPLATES[attr], c)}")
+        return rng.choice(("Questions and answers.\n", "FAQ\n", "")) + "\n".join(lines)
+
+    def _doc_dialogue(self, rng):
+        """A short play script with names to remember: the copying a chat model needs for memory."""
+        name, friend = rng.sample(self.train_names, 2)
+        c = rng.choice(self.train_countries)
+        attr = rng.choice(("capital", "continent", "language"))
+        lines = [f"{name}: Hello, my name is {name}.", f"{friend}: Nice to meet you, {name}! I am {friend}.",
+                 f"{name}: {_fill(rng.choice(F.FACT_QUESTIONS_TRAIN[attr]), c)}",
+                 f"{friend}: {_fill(ANSWER_TEMPLATES[attr], c)}"]
+        if rng.random() < 0.3:
+            w = rng.choice(self.train_words)
+            lines += [f"{name}: {w.word}", f"{friend}: {self._clarify(w)}"]
+        lines += [f"{name}: Do you remember my name?", f"{friend}: Yes, your name is {name}."]
+        return rng.choice(("A conversation.\n", "")) + "\n".join(lines)
 
     def _doc_ambiguous(self, rng, w: AmbiguousWord, k: int) -> str:
         s = list(w.senses)
