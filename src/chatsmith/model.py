@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Hide transformers' per-file progress bars while loading/saving tiny models (restored after)."""
     from transformers.utils import logging as hf_logging
 
@@ -55,9 +55,6 @@ def _quiet_transformers():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-
-
-quiet_transformers = _quiet_transformers   # for the stages that load/save models themselves
 
 
 class Loaded(NamedTuple):
@@ -186,7 +183,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
     except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
         raise ChatsmithError(f"{path}: cannot load the tokenizer: {exc}") from None
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_resolve_dtype(dtype))
     except Exception as exc:  # noqa: BLE001
         raise ChatsmithError(f"{path}: cannot load a causal language model: {exc}") from None
@@ -252,7 +249,7 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[st
 
     out = Path(out)
     model = getattr(model, "module", model)   # unwrap DistributedDataParallel
-    with atomic_directory(out) as tmp, _quiet_transformers():
+    with atomic_directory(out) as tmp, quiet_transformers():
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

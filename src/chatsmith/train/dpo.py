@@ -192,7 +192,7 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     """`chatsmith dpo`: train the policy with DPO against its own starting weights; returns final metrics."""
     from chatsmith.model import load_model
     from chatsmith.train.loop import ShardedBatchSource, Trainer, resolve_dtype
-    from chatsmith.utils import atomic_write_text, is_main_process, resolve_device, set_seed
+    from chatsmith.utils import atomic_write_text, is_main_process, resolve_device, set_seed, world_size
 
     if cfg.beta <= 0:
         raise ChatsmithError(f"--beta must be > 0, got {cfg.beta}")
@@ -223,7 +223,6 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
 
     # A run shorter than one epoch sees a seeded subset of the examples: only those need reference
     # log-probs (precomputing all of them cost more than the training itself in the quick demo).
-    from chatsmith.utils import world_size
     needed = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world_size()
     train_trees = train_tok.trees
     if needed < len(train_trees):
