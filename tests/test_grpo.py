@@ -16,7 +16,8 @@ def grpo_cfg(tmp_path, **kw):
 
     base = dict(out=str(tmp_path / "grpo"), max_steps=8, prompts_per_step=4, num_generations=4, batch_size=8,
                 lr=3e-2, max_new_tokens=8, temperature=1.0, beta=0.04, sample_every=0, save_every=0,
-                progress=False, device="cpu")
+                progress=False, device="cpu",
+                train_embeddings="all")   # the toy policy is random: its embeddings are part of what it learns
     base.update(kw)
     return GRPOConfig(**base)
 

@@ -17,7 +17,8 @@ from chatsmith.chat.render import render_chat, render_prompt
 from chatsmith.chat.templates import BUILTIN_SPECIAL_TOKENS, get_format
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import (PAD_TOKEN, PRESETS, build_tokenizer, count_parameters, create_model, disable_dropout,
-                             load_model, max_context_length, save_model)
+                             load_model, max_context_length, restrict_embedding_training, save_model,
+                             special_token_ids)
 from conftest import SAMPLE_TEXTS
 
 CONVERSATION = [
@@ -204,3 +205,40 @@ def test_disable_dropout(tmp_path):
     x = torch.randint(0, 50, (2, 8))
     torch.testing.assert_close(model(x).logits, model(x).logits)
     assert model.config.resid_pdrop == 0.0
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_restrict_embedding_training_moves_only_special_rows(chatml_tokenizer, tie):
+    """Adam turns the softmax's small, steady push on tokens absent from a batch into full-size steps
+    (mode 'all' moves them); mode 'special' leaves every ordinary row exactly as it was."""
+    fmt = get_format("chatml")
+    special = special_token_ids(chatml_tokenizer, fmt)
+    im_end = chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in special and chatml_tokenizer.pad_token_id in special
+    ids = torch.tensor([chatml_tokenizer.encode("What is the capital of France?<|im_end|>",
+                                                add_special_tokens=False)])
+    absent = next(i for i in range(len(chatml_tokenizer)) if i not in set(ids[0].tolist()) | set(special))
+    moved = {}
+    for mode in ("all", "special", "none"):
+        torch.manual_seed(0)
+        model = create_model(dict(SMALL, tie_word_embeddings=tie), chatml_tokenizer)
+        restrict_embedding_training(model, chatml_tokenizer, fmt, mode)
+        layers = [model.get_input_embeddings()] + ([] if tie else [model.get_output_embeddings()])
+        before = [layer.weight.detach().clone() for layer in layers]
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+        for _ in range(3):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+        after = [layer.weight.detach() for layer in layers]
+        moved[mode] = {"absent": max((a[absent] - b[absent]).abs().max().item() for a, b in zip(after, before)),
+                       "special": max((a[im_end] - b[im_end]).abs().max().item() for a, b in zip(after, before)),
+                       "ordinary": max((a[ids[0, 0]] - b[ids[0, 0]]).abs().max().item()
+                                       for a, b in zip(after, before))}
+    assert moved["all"]["absent"] > 1e-3          # the drift that 'special' exists to stop
+    assert moved["special"]["absent"] == 0.0 and moved["special"]["ordinary"] == 0.0
+    assert moved["special"]["special"] > 1e-3
+    assert moved["none"]["special"] == 0.0 and moved["none"]["ordinary"] == 0.0
+    with pytest.raises(ChatsmithError, match="train_embeddings"):
+        restrict_embedding_training(model, chatml_tokenizer, fmt, "some")

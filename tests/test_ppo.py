@@ -105,7 +105,8 @@ def ppo_cfg(tmp_path, **kw):
 
     base = dict(out=str(tmp_path / "ppo"), max_steps=6, rollout_batch_size=8, batch_size=4, grad_accum=1,
                 ppo_epochs=2, lr=3e-3, max_new_tokens=8, temperature=1.0, kl_coef=0.01, no_eos_penalty=None,
-                sample_every=0, save_every=0, progress=False, device="cpu", forward_batch_size=8)
+                sample_every=0, save_every=0, progress=False, device="cpu", forward_batch_size=8,
+                train_embeddings="all")   # the toy policy is random: its embeddings are part of what it learns
     base.update(kw)
     return PPOConfig(**base)
 

@@ -94,7 +94,7 @@ def test_scheduler_warmup_then_cosine_to_min_ratio():
     assert lr_multiplier(12, 4, 21, 0.1) == pytest.approx(0.55)   # half-way through the cosine
 
 
-def test_optimizer_skips_decay_on_norms_biases_and_tied_embeddings():
+def test_optimizer_skips_decay_on_norms_biases_and_embeddings():
     model = tiny_llama(tie=True)
     opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
     decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
@@ -106,7 +106,9 @@ def test_optimizer_skips_decay_on_norms_biases_and_tied_embeddings():
     untied = tiny_llama(tie=False)
     decay2 = {id(p) for g in build_optimizer(untied, TrainConfig()).param_groups
               if g["weight_decay"] > 0 for p in g["params"]}
-    assert id(untied.get_input_embeddings().weight) in decay2
+    assert id(untied.get_input_embeddings().weight) not in decay2
+    assert id(untied.get_output_embeddings().weight) not in decay2
+    assert id(untied.model.layers[0].mlp.up_proj.weight) in decay2
 
 
 # ----------------------------------------------------------------------------- batch source

@@ -280,6 +280,60 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+EMBEDDING_MODES = ("special", "all", "none")
+TRAIN_EMBEDDINGS_HELP = ("Embedding rows to fine-tune: 'special' (only chat markers, pad and added tokens; "
+                         "every other token keeps its pretrained embedding, so facts about entities absent from "
+                         "the fine-tuning data survive), 'all', or 'none'.")
+
+
+def special_token_ids(tokenizer: Any, fmt: Any = None) -> list[int]:
+    """Ids of the tokenizer's special and added tokens and of the chat format's markers, sorted."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids.update(int(i) for i in (getattr(tokenizer, "get_added_vocab", dict)() or {}).values())
+    if fmt is not None:
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[t] for t in _format_special_tokens(fmt) if t in vocab)
+        ids.update(int(i) for i in fmt.stop_token_ids(tokenizer))
+    return sorted(i for i in ids if i is not None and i >= 0)
+
+
+def restrict_embedding_training(model: nn.Module, tokenizer: Any, fmt: Any, mode: str) -> int:
+    """Choose which embedding rows (input and, if untied, output) a fine-tuning stage may change.
+
+    - ``all``: every row trains (as in pretraining).
+    - ``special`` (the fine-tuning default): only the rows of special tokens (chat markers, pad, tokens
+      added at load time) get gradients; every other row keeps what pretraining taught.
+    - ``none``: the embedding matrices are frozen.
+
+    Why: a token that never occurs in the fine-tuning data still receives a small gradient at every
+    position through the softmax normaliser (it is pushed down everywhere). Adam divides by the running
+    RMS of that gradient, so the tiny but consistent push becomes a full learning-rate step per update and
+    the row drifts far: measured on the built-in world, after 1,200 SFT steps the tiny model gave its
+    held-out capitals a probability of 0.000 even after "The capital of Austria is" (0.98 in the base);
+    with ``special`` it keeps 0.98 and answers 33 of 33 held-out capital questions.
+    Returns the number of trainable rows of the input embedding.
+    """
+    if mode not in EMBEDDING_MODES:
+        raise ChatsmithError(f"train_embeddings: expected one of {', '.join(EMBEDDING_MODES)}, got {mode!r}")
+    layers = {id(m): m for m in (model.get_input_embeddings(), getattr(model, "get_output_embeddings",
+                                                                       lambda: None)()) if m is not None}
+    rows = model.get_input_embeddings().weight.shape[0]
+    if mode == "all":
+        return rows
+    if mode == "none":
+        for layer in layers.values():
+            layer.weight.requires_grad_(False)
+        return 0
+    keep = [i for i in special_token_ids(tokenizer, fmt) if i < rows]
+    for layer in layers.values():
+        weight = layer.weight
+        mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        mask[keep] = 1.0
+        # Zero gradient rows never move under Adam: both moments stay 0, so the update is 0 / (0 + eps).
+        weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
+    return len(keep)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -35,6 +35,7 @@ from torch import nn
 
 from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError
+from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.train.loop import TrainConfig
 from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, dpo_loss, expand_rankings,
                                                    pack_trees, segment_mean, segment_sum, token_logprobs)
@@ -63,6 +64,7 @@ class DPOConfig(TrainConfig):
     lr: float = arg(5e-5, "Peak learning rate (AdamW).")
     warmup_steps: int = arg(5, "Linear warmup steps.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
+    train_embeddings: str = arg("special", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
     batch_size: int = arg(16, "Preference examples (pairs or rankings) per micro-batch.")
     max_len: int = arg(256, "Maximum tokens of one conversation (prompt + response); longer ones lose their start.")
     share_prompt: bool = arg(True, "Compute each example's shared prompt once (tree packing); same result.")
@@ -237,6 +239,7 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     model.to(device)
     ref_train = reference_logprobs(model, train_trees, pad_id, cfg.batch_size, device, amp)
     ref_eval = reference_logprobs(model, eval_tok.trees, pad_id, cfg.batch_size, device, amp)
+    restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings)
     _note(f"dpo: reference log-probs computed for {sum(len(r) for r in ref_train + ref_eval)} responses")
 
     collate = DPOCollate(pad_id)

@@ -95,7 +95,7 @@ class TrainConfig:
     batch_size: int = arg(16, "Sequences (rows) per micro-batch per process.")
     grad_accum: int = arg(1, "Micro-batches accumulated per optimizer step.")
     max_len: int = arg(256, "Maximum sequence length in tokens.")
-    weight_decay: float = arg(0.1, "AdamW weight decay (not applied to norms, biases, tied embeddings).")
+    weight_decay: float = arg(0.1, "AdamW weight decay (not applied to norms, biases, embeddings).")
     grad_clip: float = arg(1.0, "Clip the global gradient norm to this value (0 = off).")
     eval_every: int = arg(0, "Evaluate every N steps (0 = only at the end).")
     save_every: int = arg(100, "Write OUT/checkpoint every N steps (0 = only at the end).")
@@ -109,23 +109,24 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- optimizer / schedule
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with two parameter groups: weight decay on matrices, none on norms, biases, tied embeddings.
+    """AdamW with two parameter groups: weight decay on matrices, none on norms, biases and the
+    (input and output) embeddings, so rows a fine-tuning stage does not train (see
+    `chatsmith.model.restrict_embedding_training`) do not shrink either.
 
     Decoupled weight decay: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2019).
     Betas (0.9, 0.95) as in GPT-3 / Llama pretraining.
     """
-    tied_ids: set[int] = set()
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    if callable(get_in) and callable(get_out):
-        emb_in, emb_out = get_in(), get_out()
-        if emb_in is not None and emb_out is not None and emb_in.weight is emb_out.weight:
-            tied_ids.add(id(emb_in.weight))
+    embedding_ids: set[int] = set()
+    for getter in (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)):
+        layer = getter() if callable(getter) else None
+        if layer is not None and getattr(layer, "weight", None) is not None:
+            embedding_ids.add(id(layer.weight))
     decay, no_decay, seen = [], [], set()
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or id(p) in tied_ids else decay).append(p)
+        (no_decay if p.ndim < 2 or id(p) in embedding_ids else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]

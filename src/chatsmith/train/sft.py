@@ -33,6 +33,7 @@ import torch
 
 from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError, DataError, TemplateError
+from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.train.loop import (ShardedBatchSource, TrainConfig, Trainer, TrainResult, evaluate_loss,
                                   lm_loss_on_targets)
 from chatsmith.utils import is_main_process, set_seed
@@ -58,6 +59,7 @@ class SFTConfig(TrainConfig):
     batch_size: int = arg(16, "Conversations per micro-batch.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     save_every: int = arg(100, "Checkpoint every N steps.")
+    train_embeddings: str = arg("special", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
 
 
 @dataclass
@@ -217,6 +219,7 @@ def sft(cfg: SFTConfig) -> TrainResult:
     fmt = get_format(cfg.template, tokenizer) if cfg.template else loaded.fmt
     tokenizer.chat_template = fmt.template      # the saved model carries the format it was trained on
     model.float()
+    restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings)
     stop_ids = fmt.stop_token_ids(tokenizer)
     if stop_ids and getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
