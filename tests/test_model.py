@@ -208,9 +208,10 @@ def test_disable_dropout(tmp_path):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_restrict_embedding_training_moves_only_special_rows(chatml_tokenizer, tie):
+def test_restrict_embedding_training_moves_only_allowed_rows(chatml_tokenizer, tie):
     """Adam turns the softmax's small, steady push on tokens absent from a batch into full-size steps
-    (mode 'all' moves them); mode 'special' leaves every ordinary row exactly as it was."""
+    (mode 'all' moves them); 'seen' trains the data's tokens and the special ones, 'special' only the
+    latter; neither touches a row the data never shows."""
     fmt = get_format("chatml")
     special = special_token_ids(chatml_tokenizer, fmt)
     im_end = chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -219,10 +220,10 @@ def test_restrict_embedding_training_moves_only_special_rows(chatml_tokenizer, t
                                                 add_special_tokens=False)])
     absent = next(i for i in range(len(chatml_tokenizer)) if i not in set(ids[0].tolist()) | set(special))
     moved = {}
-    for mode in ("all", "special", "none"):
+    for mode in ("all", "seen", "special", "none"):
         torch.manual_seed(0)
         model = create_model(dict(SMALL, tie_word_embeddings=tie), chatml_tokenizer)
-        restrict_embedding_training(model, chatml_tokenizer, fmt, mode)
+        restrict_embedding_training(model, chatml_tokenizer, fmt, mode, seen_ids=ids[0].tolist())
         layers = [model.get_input_embeddings()] + ([] if tie else [model.get_output_embeddings()])
         before = [layer.weight.detach().clone() for layer in layers]
         params = [p for p in model.parameters() if p.requires_grad]
@@ -236,9 +237,13 @@ def test_restrict_embedding_training_moves_only_special_rows(chatml_tokenizer, t
                        "special": max((a[im_end] - b[im_end]).abs().max().item() for a, b in zip(after, before)),
                        "ordinary": max((a[ids[0, 0]] - b[ids[0, 0]]).abs().max().item()
                                        for a, b in zip(after, before))}
-    assert moved["all"]["absent"] > 1e-3          # the drift that 'special' exists to stop
+    assert moved["all"]["absent"] > 1e-3          # the drift that the other modes exist to stop
+    assert moved["seen"]["absent"] == 0.0
+    assert moved["seen"]["ordinary"] > 1e-3 and moved["seen"]["special"] > 1e-3
     assert moved["special"]["absent"] == 0.0 and moved["special"]["ordinary"] == 0.0
     assert moved["special"]["special"] > 1e-3
     assert moved["none"]["special"] == 0.0 and moved["none"]["ordinary"] == 0.0
+    with pytest.raises(ChatsmithError, match="seen"):
+        restrict_embedding_training(model, chatml_tokenizer, fmt, "seen")
     with pytest.raises(ChatsmithError, match="train_embeddings"):
         restrict_embedding_training(model, chatml_tokenizer, fmt, "some")

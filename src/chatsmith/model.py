@@ -280,10 +280,12 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-EMBEDDING_MODES = ("special", "all", "none")
-TRAIN_EMBEDDINGS_HELP = ("Embedding rows to fine-tune: 'special' (only chat markers, pad and added tokens; "
-                         "every other token keeps its pretrained embedding, so facts about entities absent from "
-                         "the fine-tuning data survive), 'all', or 'none'.")
+EMBEDDING_MODES = ("seen", "special", "all", "none")
+RL_EMBEDDING_MODES = ("special", "all", "none")     # RL stages have no fixed training text to take 'seen' from
+TRAIN_EMBEDDINGS_HELP = ("Embedding rows to fine-tune: 'seen' (SFT, DPO: tokens that occur in the training data, "
+                         "plus chat markers, pad and added tokens; every other token keeps its pretrained "
+                         "embedding, so facts about entities absent from the fine-tuning data survive), "
+                         "'special' (only the markers, pad and added tokens), 'all', or 'none'.")
 
 
 def special_token_ids(tokenizer: Any, fmt: Any = None) -> list[int]:
@@ -297,12 +299,15 @@ def special_token_ids(tokenizer: Any, fmt: Any = None) -> list[int]:
     return sorted(i for i in ids if i is not None and i >= 0)
 
 
-def restrict_embedding_training(model: nn.Module, tokenizer: Any, fmt: Any, mode: str) -> int:
+def restrict_embedding_training(model: nn.Module, tokenizer: Any, fmt: Any, mode: str,
+                                seen_ids: Iterable[int] | None = None) -> int:
     """Choose which embedding rows (input and, if untied, output) a fine-tuning stage may change.
 
     - ``all``: every row trains (as in pretraining).
-    - ``special`` (the fine-tuning default): only the rows of special tokens (chat markers, pad, tokens
-      added at load time) get gradients; every other row keeps what pretraining taught.
+    - ``seen`` (the SFT and DPO default): the rows of ``seen_ids`` (the tokens of the stage's training
+      data) and of the special tokens (chat markers, pad, tokens added at load time) get gradients;
+      every other row keeps what pretraining taught.
+    - ``special`` (the PPO and GRPO default): only the special tokens' rows train.
     - ``none``: the embedding matrices are frozen.
 
     Why: a token that never occurs in the fine-tuning data still receives a small gradient at every
@@ -310,7 +315,10 @@ def restrict_embedding_training(model: nn.Module, tokenizer: Any, fmt: Any, mode
     RMS of that gradient, so the tiny but consistent push becomes a full learning-rate step per update and
     the row drifts far: measured on the built-in world, after 1,200 SFT steps the tiny model gave its
     held-out capitals a probability of 0.000 even after "The capital of Austria is" (0.98 in the base);
-    with ``special`` it keeps 0.98 and answers 33 of 33 held-out capital questions.
+    with ``special`` it keeps 0.98 and answers 33 of 33 held-out capital questions. ``special`` alone
+    goes too far for SFT: tokens that the replies need but pretraining rarely produced (" h" "ur" "t"
+    spelling " hurt", absent from the corpus) cannot adapt, and the model misspells them ("htt");
+    ``seen`` trains exactly the rows the data gives a direct signal to.
     Returns the number of trainable rows of the input embedding.
     """
     if mode not in EMBEDDING_MODES:
@@ -324,7 +332,12 @@ def restrict_embedding_training(model: nn.Module, tokenizer: Any, fmt: Any, mode
         for layer in layers.values():
             layer.weight.requires_grad_(False)
         return 0
-    keep = [i for i in special_token_ids(tokenizer, fmt) if i < rows]
+    keep_ids = set(special_token_ids(tokenizer, fmt))
+    if mode == "seen":
+        if seen_ids is None:
+            raise ChatsmithError("train_embeddings 'seen' needs the token ids of the training data")
+        keep_ids.update(int(i) for i in seen_ids)
+    keep = sorted(i for i in keep_ids if 0 <= i < rows)
     for layer in layers.values():
         weight = layer.weight
         mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)

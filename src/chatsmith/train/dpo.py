@@ -64,7 +64,7 @@ class DPOConfig(TrainConfig):
     lr: float = arg(5e-5, "Peak learning rate (AdamW).")
     warmup_steps: int = arg(5, "Linear warmup steps.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
-    train_embeddings: str = arg("special", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
+    train_embeddings: str = arg("seen", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
     batch_size: int = arg(16, "Preference examples (pairs or rankings) per micro-batch.")
     max_len: int = arg(256, "Maximum tokens of one conversation (prompt + response); longer ones lose their start.")
     share_prompt: bool = arg(True, "Compute each example's shared prompt once (tree packing); same result.")
@@ -239,7 +239,8 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     model.to(device)
     ref_train = reference_logprobs(model, train_trees, pad_id, cfg.batch_size, device, amp)
     ref_eval = reference_logprobs(model, eval_tok.trees, pad_id, cfg.batch_size, device, amp)
-    restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings)
+    restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings, seen_ids={
+        i for tree in train_trees for seq in (tree.prefix, *tree.suffixes) for i in seq})
     _note(f"dpo: reference log-probs computed for {sum(len(r) for r in ref_train + ref_eval)} responses")
 
     collate = DPOCollate(pad_id)

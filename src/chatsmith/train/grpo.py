@@ -31,7 +31,7 @@ from torch import nn
 
 from chatsmith.config import arg, save_config
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
+from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.train import rl_functional as F
 from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, TrainConfig, TrainingDiverged,
                                   autocast_context, build_optimizer, build_scheduler, resolve_dtype)
@@ -59,7 +59,7 @@ class GRPOConfig(TrainConfig):
     lr: float = arg(1e-5, "Peak learning rate (AdamW).")
     warmup_steps: int = arg(0, "Linear warmup steps.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
-    train_embeddings: str = arg("special", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
+    train_embeddings: str = arg("special", TRAIN_EMBEDDINGS_HELP, choices=list(RL_EMBEDDING_MODES))
     max_new_tokens: int = arg(32, "Longest response sampled.")
     temperature: float = arg(1.0, "Sampling temperature (log-probs use logits / temperature).")
     max_len: int = arg(256, "Longest prompt + response (longer prompts are skipped).")

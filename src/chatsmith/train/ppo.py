@@ -52,7 +52,7 @@ from torch import nn
 
 from chatsmith.config import arg, save_config
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
+from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.train import rl_functional as F
 from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, TrainConfig, TrainingDiverged,
                                   autocast_context, build_optimizer, build_scheduler, resolve_dtype,
@@ -85,7 +85,7 @@ class PPOConfig(TrainConfig):
     warmup_steps: int = arg(0, "Linear warmup, in optimizer steps.")
     min_lr_ratio: float = arg(0.1, "Cosine decay ends at lr * min_lr_ratio at the last optimizer step.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
-    train_embeddings: str = arg("special", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
+    train_embeddings: str = arg("special", TRAIN_EMBEDDINGS_HELP, choices=list(RL_EMBEDDING_MODES))
     max_new_tokens: int = arg(48, "Longest response sampled.")
     temperature: float = arg(0.7, "Sampling temperature; log-probs are computed from logits / temperature.")
     max_len: int = arg(256, "Longest prompt + response in tokens (prompts longer than max_len - max_new_tokens are skipped).")

@@ -59,7 +59,7 @@ class SFTConfig(TrainConfig):
     batch_size: int = arg(16, "Conversations per micro-batch.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     save_every: int = arg(100, "Checkpoint every N steps.")
-    train_embeddings: str = arg("special", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
+    train_embeddings: str = arg("seen", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
 
 
 @dataclass
@@ -219,7 +219,6 @@ def sft(cfg: SFTConfig) -> TrainResult:
     fmt = get_format(cfg.template, tokenizer) if cfg.template else loaded.fmt
     tokenizer.chat_template = fmt.template      # the saved model carries the format it was trained on
     model.float()
-    restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings)
     stop_ids = fmt.stop_token_ids(tokenizer)
     if stop_ids and getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
@@ -234,6 +233,8 @@ def sft(cfg: SFTConfig) -> TrainResult:
         print(f"sft: train: {stats.line()}; eval: {len(evals)} conversations", file=sys.stderr)
     if not train:
         raise DataError(f"{cfg.data}: no conversation left to train on ({stats.line()})")
+    restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings,
+                                seen_ids=torch.unique(torch.cat([ex.input_ids for ex in train])).tolist())
 
     collate = SFTCollator(tokenizer.pad_token_id, cfg.max_len, cfg.packing)
     source = ShardedBatchSource(train, cfg.batch_size, collate, seed=cfg.seed)
