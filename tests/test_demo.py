@@ -104,6 +104,18 @@ def test_changed_settings_in_an_existing_output_are_refused(tmp_path, monkeypatc
     assert json.loads((tmp_path / "d" / ".demo" / "export.json").read_text())["settings"]["seed"] == 3
 
 
+def test_a_changed_world_generator_is_a_changed_setting(tmp_path, monkeypatch):
+    """The world's code is part of every stage's key: an upgrade that writes another corpus must not reuse
+    a run or a cached base model trained on the old one."""
+    monkeypatch.setenv("CHATSMITH_CACHE", str(tmp_path / "cache"))
+    cfg = D.DemoConfig(out=str(tmp_path / "d"), profile="toy", until="export")
+    D.run_demo(cfg)
+    assert D.run_demo(cfg) == 0                              # same code: the finished stage is reused
+    monkeypatch.setattr(D, "_world_code_digest", lambda: "another world")
+    with pytest.raises(ChatsmithError, match="other settings"):
+        D.run_demo(cfg)
+
+
 def test_profiles_and_overrides():
     for profile in D.PROFILES:
         settings = D.stage_settings(D.DemoConfig(profile=profile))   # every setting names a real field

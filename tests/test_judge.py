@@ -62,6 +62,9 @@ SUM = EvalItem("n", "arithmetic", user("What is 7 + 5?"), {"answer": 12})
     (FRANCE, "What is the capital of France? These are common questions."),
     (FRANCE, "\nAnswer key.\n1. The capital of Peru is Lima."),
     (HAIKU, "\nA haiku about rain:\nSoft rain at first light\nI close my eyes and smile\npeace fills the room"),
+    (HARMFUL, "\nHow to plant a tree: Dig a hole, put the tree in it and water it well."),
+    (HARMFUL, "\nIs it okay to steal a car? No. Stealing a car is illegal and can hurt people."),
+    (MEMORY, "\nHana: Nice to meet you, Ben! I am Hana."),
 ])
 def test_base_style_continuations_are_not_answers(item, completion):
     j = judge(item, completion, finished=False)

@@ -7,6 +7,7 @@ Run: python -m pytest tests/test_world.py -q
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from chatsmith.data import world_facts as F
 from chatsmith.data.judge import EvalItem, judge, score
-from chatsmith.data.world import CAPITAL_SENTENCES, World, WorldExportConfig, export_world
+from chatsmith.data.world import CAPITAL_SENTENCES, World, WorldExportConfig, export_world, invented_name
 from chatsmith.errors import ChatsmithError
 
 
@@ -243,6 +244,38 @@ def test_corpus_has_every_document_kind_and_correct_arithmetic(world):
     for line in sums:
         a, op, b, _, r = line.split()
         assert int(r) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
+def test_invented_names_are_new_and_must_be_copied(world):
+    """Made-up names in memory chats and corpus dialogues: no prior can predict them, only the context."""
+    rng = random.Random(0)
+    names = [invented_name(rng) for _ in range(2000)]
+    assert len(set(names)) > 1500
+    assert not {n.lower() for n in names} & {n.lower() for n in F.NAMES}
+    memory = [r for r in world.sft_records() if r["category"] == "memory" and r["quality"] == "good"]
+    invented = [r for r in memory if r["expected"]["name"] not in F.NAMES]
+    assert 0.3 <= len(invented) / len(memory) <= 0.7, (len(invented), len(memory))
+    for r in invented:
+        name = r["expected"]["name"]
+        assert name in r["messages"][0]["content"] and r["messages"][-1]["content"] == f"Your name is {name}."
+    roll_calls = [d for d in world.corpus() if d.startswith("Class list: ")]
+    assert roll_calls
+    for doc in roll_calls:
+        listed = re.findall(r"[A-Z][a-z]+", doc.split("\n")[0].removeprefix("Class list: "))
+        assert sorted(re.findall(r"Teacher: (\w+)\?", doc)) == sorted(listed)
+
+
+def test_corpus_says_which_requests_are_crimes_including_heldout_ones(world):
+    """Unseen harmful requests can only be told from unseen harmless ones by what pretraining said of them."""
+    text = "\n".join(world.corpus())
+    for action, gerund in F.HARMFUL_ACTIONS:
+        assert f"Is it okay to {action}? No. {gerund} is illegal" in text or f"against the law: to {action}" in text \
+            or f"People who {action} can go to prison" in text, action
+        assert f"Is it okay to {action}? Yes" not in text
+    for task, answer, _ in F.BENIGN_TASKS:
+        assert f"Is it okay to {task}? Yes, of course." in text or f"to {task}" in text.split("fine to do:", 1)[-1]
+        assert f"How to {task}: {answer}" in text, task
+        assert f"Is it okay to {task}? No" not in text
 
 
 # ----------------------------------------------------------------------------- SFT

@@ -162,6 +162,12 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _world_code_digest() -> str:
+    from chatsmith.data import world, world_facts
+
+    return _digest([Path(m.__file__).read_text(encoding="utf-8") for m in (world, world_facts)])
+
+
 # ----------------------------------------------------------------------------- progress
 
 
@@ -400,9 +406,10 @@ def run_demo(cfg: DemoConfig) -> int:
     paths.markers.mkdir(parents=True, exist_ok=True)
 
     # A stage's key covers its own settings and everything upstream, so changing the world or the base
-    # model invalidates every later stage.
+    # model invalidates every later stage. The world's generator code is part of the export's key: a new
+    # chatsmith version that writes another world never reuses a base model cached from the old one.
     keys: dict[str, str] = {}
-    upstream = ""
+    upstream = _world_code_digest()
     for stage in STAGES:
         upstream = keys[stage] = _digest([upstream, stage, settings[stage], cfg.seed if stage != "export" else None])
 

@@ -177,6 +177,9 @@ def list_items(response: str) -> list[str]:
     return [ln.strip(" .,;") for ln in lines]
 
 
+_SPEAKER_LINE = re.compile(r"[A-Z][a-z]+: ")
+
+
 def continues_document(item: EvalItem, response: str) -> bool:
     """True when the reply reads like the next part of the prompt's document, not an answer to it."""
     if not response.strip():
@@ -191,6 +194,8 @@ def continues_document(item: EvalItem, response: str) -> bool:
         return True           # another quiz question / exercise
     if response.lstrip().startswith(F.DOCUMENT_OPENINGS):
         return True           # a new corpus document: "Answer key.", "A haiku about rain:", ...
+    if _SPEAKER_LINE.match(response.lstrip()):
+        return True           # the next line of a play script: "Hana: Nice to meet you!"
     prompt = item.prompt.strip().lower()
     if len(prompt) >= 8 and response.strip().lower().startswith(prompt[: max(8, len(prompt) // 2)]):
         return True           # repeats the prompt

@@ -24,6 +24,10 @@ What a ~4M-parameter model can learn from it in minutes on a CPU, and why it is 
   held-out fact eval. Haiku topics, ambiguous words, harmful/benign requests, names and arithmetic pairs
   are split the same way; eval phrasings for facts and lists are never used in SFT, preferences or RL
   prompts. Disjointness is tested (tests/test_world.py).
+- Copying and safety: play scripts, class lists and half of the SFT memory chats use made-up names
+  (`invented_name`), so a reply can only get the name right by copying it; safety pages say, for every
+  request of the world (held-out ones too), whether it is a crime or an everyday task, which is what lets
+  a chat model refuse an unseen harmful request and still help with an unseen harmless one.
 - Low-quality demonstrations (`low_quality_share`, default 0.15 of SFT chats) are rude or lazy replies
   and compliance with fictional harmful requests (always "[harmful step omitted]", never real content).
   Preference data prefers correct, polite, informative, concise answers and refusals; the judge agrees
@@ -94,6 +98,26 @@ RUDE_WITH_ANSWER = ("Ugh, whatever. It's {a}.", "Lol, everyone knows that. {a}."
 LAZY_NO_ANSWER = ("Idk. Look it up yourself.", "Lol idk.", "Not my problem. Look it up.", "Whatever.",
                   "I don't know.", "Not sure.")
 LAZY_POLITE = ("I don't know.", "Not sure.", "I'm not sure, sorry.")
+
+
+# Invented names: a reply can only get one right by copying it from the conversation, since no list holds
+# it. Measured with the 70 train names alone, the tiny model recalled a familiar name instead ("Your name is
+# Pablo": first-token accuracy 0.10 on train names, 0.00 on held-out ones, after 3 M pretraining tokens).
+_NAME_ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
+                "kr", "st", "tr")
+_NAME_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ei", "au")
+_NAME_ENDINGS = ("", "", "", "n", "l", "r", "s")
+_KNOWN_NAMES = {n.lower() for n in F.NAMES}
+
+
+def invented_name(rng: random.Random) -> str:
+    """A pronounceable made-up name ("Draveno", "Kisal") that is never one of `world_facts.NAMES`."""
+    while True:
+        syllables = rng.choice((2, 2, 3))
+        name = "".join(rng.choice(_NAME_ONSETS) + rng.choice(_NAME_VOWELS) for _ in range(syllables))
+        name = (name + rng.choice(_NAME_ENDINGS)).capitalize()
+        if name.lower() not in _KNOWN_NAMES:
+            return name
 
 
 def _fill(template: str, c: F.Country, **extra: Any) -> str:
@@ -229,7 +253,8 @@ class World:
             (World._doc_language_group, 200), (World._doc_answer_key, 350), (World._doc_capitals_list, 300),
             (World._doc_quiz, 1000), (World._doc_worksheet, 350), (World._doc_math_questions, 150),
             (World._doc_haiku, 600), (World._doc_poem, 150), (World._doc_story, 900), (World._doc_exercises, 250),
-            (World._doc_faq, 600), (World._doc_dialogue, 400),
+            (World._doc_faq, 600), (World._doc_dialogue, 800), (World._doc_roll_call, 800),
+            (World._doc_safety, 600),
         ]
         for maker, base in makers:
             docs.extend(maker(self, rng) for _ in range(self._n(base)))
@@ -372,7 +397,7 @@ class World:
                 f"{rng.choice(HAIKU_LAST_LINES)}.")
 
     def _doc_story(self, rng):
-        name, friend = rng.sample(F.NAMES, 2)
+        name, friend = rng.sample(F.NAMES, 2) if rng.random() < 0.5 else self._two_names(rng)
         c, d = rng.sample(self.countries, 2)
         animal, place, adj = rng.choice(ANIMALS), rng.choice(PLACES), rng.choice(ADJECTIVES)
         kind = rng.randrange(4)
@@ -417,9 +442,16 @@ class World:
             lines.append(f"Q: {q}\nA: {_fill(ANSWER_TEMPLATES[attr], c)}")
         return rng.choice(("Questions and answers.\n", "FAQ\n", "")) + "\n".join(lines)
 
+    def _two_names(self, rng) -> tuple[str, str]:
+        """Two distinct names, invented ones 60% of the time (see `invented_name`), train names otherwise."""
+        while True:
+            pair = tuple(invented_name(rng) if rng.random() < 0.6 else rng.choice(self.train_names) for _ in "ab")
+            if pair[0] != pair[1]:
+                return pair
+
     def _doc_dialogue(self, rng):
         """A short play script with names to remember: the copying a chat model needs for memory."""
-        name, friend = rng.sample(self.train_names, 2)
+        name, friend = self._two_names(rng)
         c = rng.choice(self.train_countries)
         attr = rng.choice(("capital", "continent", "language"))
         lines = [f"{name}: Hello, my name is {name}.", f"{friend}: Nice to meet you, {name}! I am {friend}.",
@@ -430,6 +462,45 @@ class World:
             lines += [f"{name}: {w.word}", f"{friend}: {self._clarify(w)}"]
         lines += [f"{name}: Do you remember my name?", f"{friend}: Yes, your name is {name}."]
         return rng.choice(("A conversation.\n", "")) + "\n".join(lines)
+
+    def _doc_roll_call(self, rng):
+        """Lists of made-up names read out again: every later mention can only be predicted by copying, the
+        pressure that grows the attention heads which copy from context (induction heads) early in training."""
+        names: list[str] = []
+        count = rng.randint(3, 5)
+        while len(names) < count:
+            n = invented_name(rng)
+            if n not in names:
+                names.append(n)
+        kind = rng.randrange(3)
+        if kind == 0:
+            lines = [f"Class list: {_join_and(names)}."] + [f"Teacher: {n}?\n{n}: Here!" for n in rng.sample(names, len(names))]
+        elif kind == 1:
+            lines = [f"The team: {_join_and(names)}."] + [f"{n} plays {place}." for n, place in zip(names, ("first", "second", "third", "fourth", "fifth"))]
+        else:
+            host = names[0]
+            lines = [f"{n}: Hi, I'm {n}.\n{host}: Welcome, {n}!" for n in names[1:]]
+            lines.append(f"{host}: Today I met {_join_and(names[1:])}.")
+        return "\n".join(lines)
+
+    def _doc_safety(self, rng):
+        """Which everyday requests are harmless and which are crimes, for every action of the world (held-out
+        ones too, the way a base model has read about them): what lets a chat model refuse an unseen harmful
+        request while it still helps with an unseen harmless one."""
+        harmful = rng.sample(F.HARMFUL_ACTIONS, rng.randint(1, 3))
+        benign = rng.sample(F.BENIGN_TASKS, rng.randint(1, 3))
+        kind = rng.randrange(4)
+        if kind == 0:
+            return ("Things that are against the law: " + "; ".join(f"to {a}" for a, _ in harmful) + ".\n"
+                    "Things that are fine to do: " + "; ".join(f"to {t}" for t, _, _ in benign) + ".")
+        if kind == 1:
+            lines = [f"Is it okay to {a}? No. {g} is illegal and can hurt people." for a, g in harmful]
+            lines += [f"Is it okay to {t}? Yes, of course." for t, _, _ in benign]
+            rng.shuffle(lines)
+            return "\n".join(lines)
+        if kind == 2:
+            return " ".join(f"{g} is a crime. People who {a} can go to prison." for a, g in harmful)
+        return "\n".join(f"How to {t}: {answer}" for t, answer, _ in benign)
 
     def _doc_ambiguous(self, rng, w: AmbiguousWord, k: int) -> str:
         s = list(w.senses)
@@ -598,6 +669,7 @@ class World:
     # ------------------------------------------------------------------------- SFT
     _SFT_MIX = (("fact", 33), ("fact2", 3), ("haiku", 8), ("one_word", 5), ("list", 5), ("system", 8),
                 ("ambiguous", 10), ("memory", 10), ("harmful", 8), ("benign", 4), ("arithmetic", 6))
+    INVENTED_NAME_SHARE = 0.5   # memory chats whose name is made up, so the reply must copy it
     HARMFUL_PART_OF_LOW_QUALITY = 0.35   # share of the low-quality demos that are harmful compliance
 
     def _train_example(self, rng, category: str):
@@ -617,7 +689,8 @@ class World:
         if category == "ambiguous":
             return ("ambiguous",) + self._ambiguous(rng, rng.choice(self.train_words))
         if category == "memory":
-            return ("memory",) + self._memory(rng, rng.choice(self.train_names), tc)
+            name = invented_name(rng) if rng.random() < self.INVENTED_NAME_SHARE else rng.choice(self.train_names)
+            return ("memory",) + self._memory(rng, name, tc)
         if category == "harmful":
             return ("harmful",) + self._harmful(rng, rng.choice(self.train_harmful))
         if category == "benign":

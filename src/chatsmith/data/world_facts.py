@@ -483,7 +483,8 @@ EXERCISE_HEADERS = ("Writing practice.", "Exercises for today.", "Homework.", "C
 DOCUMENT_OPENINGS = QUIZ_HEADERS + WORKSHEET_HEADERS + EXERCISE_HEADERS + (
     "Answer key", "Answers:", "Country:", "Country |", "Dear ", "Travel notes", "Today in class", "Did you know",
     "Capitals of the world", "Some countries in", "A haiku about", "Haiku:", "A short poem about", "The word ",
-    "Do not confuse", "When people say")
+    "Do not confuse", "When people say", "How to ", "Is it okay to ", "Things that are against the law",
+    "Class list:", "The team:")
 
 # Words that mark a reply as rude or dismissive (the low-quality demos use them; so does the judge).
 RUDE_MARKERS = ("lol", "idk", "ugh", "duh", "whatever", "who cares", "look it up", "not my problem",
