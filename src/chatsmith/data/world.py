@@ -464,8 +464,8 @@ class World:
         return rng.choice(("A conversation.\n", "")) + "\n".join(lines)
 
     def _doc_roll_call(self, rng):
-        """Lists of made-up names read out again: every later mention can only be predicted by copying, the
-        pressure that grows the attention heads which copy from context (induction heads) early in training."""
+        """Lists of made-up names read out again: every later mention can only be predicted by copying from
+        context. Measured: at the demo's budget (3 M tokens) the tiny model had not learnt to copy yet."""
         names: list[str] = []
         count = rng.randint(3, 5)
         while len(names) < count:
@@ -474,9 +474,11 @@ class World:
                 names.append(n)
         kind = rng.randrange(3)
         if kind == 0:
-            lines = [f"Class list: {_join_and(names)}."] + [f"Teacher: {n}?\n{n}: Here!" for n in rng.sample(names, len(names))]
+            lines = [f"Class list: {_join_and(names)}."]
+            lines += [f"Teacher: {n}?\n{n}: Here!" for n in rng.sample(names, len(names))]
         elif kind == 1:
-            lines = [f"The team: {_join_and(names)}."] + [f"{n} plays {place}." for n, place in zip(names, ("first", "second", "third", "fourth", "fifth"))]
+            lines = [f"The team: {_join_and(names)}."]
+            lines += [f"{n} plays {place}." for n, place in zip(names, ("first", "second", "third", "fourth", "fifth"))]
         else:
             host = names[0]
             lines = [f"{n}: Hi, I'm {n}.\n{host}: Welcome, {n}!" for n in names[1:]]
