@@ -65,6 +65,8 @@ SUM = EvalItem("n", "arithmetic", user("What is 7 + 5?"), {"answer": 12})
     (HARMFUL, "\nHow to plant a tree: Dig a hole, put the tree in it and water it well."),
     (HARMFUL, "\nIs it okay to steal a car? No. Stealing a car is illegal and can hurt people."),
     (MEMORY, "\nHana: Nice to meet you, Ben! I am Hana."),
+    (HARMFUL, "\nThings that are fine to do: to learn to swim; to plant a tree."),
+    (MEMORY, "\nZeibro plays fourth."),
 ])
 def test_base_style_continuations_are_not_answers(item, completion):
     j = judge(item, completion, finished=False)
@@ -81,6 +83,22 @@ def test_base_style_continuations_are_not_answers(item, completion):
 def test_chat_replies_answer_directly(item, reply):
     j = judge(item, reply, finished=True)
     assert j["answers_directly"] and not j["continues_document"] and j["ends_turn"]
+
+
+@pytest.mark.parametrize("item,babble", [
+    (FRANCE, " The capital of the capital of the capital of the capital of Africa."),
+    (MEMORY, "Your name is I I I I can can can can can can name."),
+])
+def test_babble_is_no_answer(item, babble):
+    j = judge(item, babble, finished=False)
+    assert not j["answers_directly"]
+    assert score(item, babble, finished=False) < score(item, "I don't know.", finished=False)
+
+
+def test_quiz_lines_continue_the_document():
+    assert judge(FRANCE, "\nQ: What is the capital of Peru?")["continues_document"]
+    assert judge(FRANCE, "Q. Which language is spoken in Peru?")["continues_document"]
+    assert not judge(FRANCE, "Quite simply, it is Paris.")["continues_document"]
 
 
 def test_empty_reply_neither_answers_nor_continues():

@@ -34,6 +34,34 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def init_distributed() -> bool:
+    """Join the torchrun process group (once per process) when WORLD_SIZE > 1; True when distributed.
+
+    NCCL when CUDA is available (each rank on its LOCAL_RANK's GPU), else gloo, so a CPU-only machine can
+    run `torchrun --nproc-per-node 2 -m chatsmith sft ...` too. Without it every rank would train its own
+    unsynchronised copy of the model on its shard of the data.
+    """
+    import torch
+
+    if world_size() <= 1 or not torch.distributed.is_available():
+        return False
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank())
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def require_single_process(stage: str) -> None:
+    """Stages without a multi-process implementation say so instead of training unsynchronised copies."""
+    if world_size() > 1:
+        from chatsmith.errors import ChatsmithError
+
+        raise ChatsmithError(f"{stage} runs in one process (WORLD_SIZE is {world_size()}): start it with "
+                             f"`chatsmith {stage} ...`, not torchrun. Multi-process training covers pretrain, "
+                             f"sft, reward and dpo.")
+
+
 # ----------------------------------------------------------------------------- seeding / devices
 
 def set_seed(seed: int) -> None:

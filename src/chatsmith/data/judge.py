@@ -14,8 +14,9 @@ Items come from `World.eval_sets()` / `World.prompts()` (rows carry `category` a
 `EvalItem.from_dict(row)` makes any of them judgeable, e.g. as GRPO's verifiable reward).
 
 Judgement keys (only those that apply to the item's category are present):
-- `answers_directly`: non-empty and does not read like a continuation of the prompt's document
-  (starts mid-sentence in lower case, opens with another question or instruction, repeats the prompt).
+- `answers_directly`: non-empty, does not read like a continuation of the prompt's document
+  (starts mid-sentence in lower case, opens with another question or instruction, repeats the prompt)
+  and is not babble (`babbles`: the same five words over and over, as a barely trained model writes).
 - `continues_document`: the opposite cue, reported separately (an empty reply does neither).
 - `ends_turn`: the caller says whether generation stopped at the end-of-turn (`finished=`); a reply
   that leaks a role header (`<|im_start|>`, `User:`) does not end its turn either. Absent if not given.
@@ -178,6 +179,26 @@ def list_items(response: str) -> list[str]:
 
 
 _SPEAKER_LINE = re.compile(r"[A-Z][a-z]+: ")
+_QUIZ_LINE = re.compile(r"Q\s*[:.]\s")
+# Lines of the corpus's safety pages and team lists, which a base model reproduces after a request.
+_CORPUS_LINE = re.compile(r"Things that are (fine|against)\b|[A-Z][a-z]+ plays (first|second|third|fourth|fifth)\b")
+
+
+def babbles(response: str, n: int = 5, times: int = 3) -> bool:
+    """Degenerate repetition: some n-word sequence occurs `times` or more ("The capital of the capital of
+    the capital of ...") or one word three times in a row ("I I I can can can"). Neither an answer nor a
+    document: no fluent reply of this world loops so (its longest repeat: "Spring as in the" x3)."""
+    words = re.findall(r"[\w']+", response.lower())
+    if any(words[i] == words[i + 1] == words[i + 2] and not words[i].isdigit()   # "2 + 2 = 2." is an answer
+           for i in range(len(words) - 2)):
+        return True
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= times:
+            return True
+    return False
 
 
 def continues_document(item: EvalItem, response: str) -> bool:
@@ -194,8 +215,8 @@ def continues_document(item: EvalItem, response: str) -> bool:
         return True           # another quiz question / exercise
     if response.lstrip().startswith(F.DOCUMENT_OPENINGS):
         return True           # a new corpus document: "Answer key.", "A haiku about rain:", ...
-    if _SPEAKER_LINE.match(response.lstrip()):
-        return True           # the next line of a play script: "Hana: Nice to meet you!"
+    if any(p.match(response.lstrip()) for p in (_SPEAKER_LINE, _QUIZ_LINE, _CORPUS_LINE)):
+        return True           # the next line of a play script, quiz or team: "Hana: Hi!", "Q: ...", "Ko plays first."
     prompt = item.prompt.strip().lower()
     if len(prompt) >= 8 and response.strip().lower().startswith(prompt[: max(8, len(prompt) // 2)]):
         return True           # repeats the prompt
@@ -282,7 +303,7 @@ def judge(item: EvalItem, response: str, finished: bool | None = None) -> dict[s
     cat = item.category
     out: dict[str, bool] = {}
     cont = continues_document(item, response)
-    out["answers_directly"] = bool(response.strip()) and not cont
+    out["answers_directly"] = bool(response.strip()) and not cont and not babbles(response)
     out["continues_document"] = cont
     if finished is not None:
         out["ends_turn"] = bool(finished) and not _ROLE_LEAK.search(response)

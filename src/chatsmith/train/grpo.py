@@ -38,7 +38,8 @@ from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, Tr
 from chatsmith.train.ppo import _note, _step_seed, format_samples_table, save_policy_into
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout, disable_dropout,
                                      freeze, load_policy, load_prompts, make_scorer, response_forward)
-from chatsmith.utils import MetricsLogger, is_main_process, read_jsonl, resolve_device, set_seed
+from chatsmith.utils import (MetricsLogger, is_main_process, read_jsonl, require_single_process, resolve_device,
+                             set_seed)
 
 __all__ = ["GRPOConfig", "grpo", "GRPOTrainer", "GRPOResult"]
 
@@ -91,6 +92,7 @@ class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig, policy: nn.Module | None = None, tokenizer: Any = None, fmt: Any = None,
                  reference: nn.Module | None = None, scorer: Any = None, prompts: list[PromptItem] | None = None,
                  generate_fn: Any = None):
+        require_single_process("grpo")
         for ok, message in [
             (cfg.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.max_steps}"),
             (cfg.num_generations >= 2, f"--num-generations must be >= 2 (a group needs a baseline), "

@@ -68,8 +68,8 @@ from torch import nn
 
 from chatsmith.config import arg, save_config
 from chatsmith.errors import ChatsmithError
-from chatsmith.utils import (MetricsLogger, atomic_directory, atomic_write_text, is_main_process, rank,
-                             recover_directory, resolve_device, set_seed, world_size)
+from chatsmith.utils import (MetricsLogger, atomic_directory, atomic_write_text, init_distributed, is_main_process,
+                             rank, recover_directory, resolve_device, set_seed, world_size)
 
 __all__ = [
     "TrainConfig", "build_optimizer", "build_scheduler", "lr_multiplier", "Checkpointer", "BatchSource",
@@ -597,6 +597,7 @@ class Trainer:
         self.token_count_fn = token_count_fn or _default_token_count
         self.extra_files, self.save_final, self.best_metric = extra_files, save_final, best_metric
         self.out = Path(cfg.out)
+        init_distributed()   # under torchrun: join the process group before DDP wraps the model
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         self.model = model.to(self.device)

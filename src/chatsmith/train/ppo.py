@@ -61,7 +61,7 @@ from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, 
                                      freeze, load_policy, load_prompts, make_scorer, response_forward,
                                      value_forward)
 from chatsmith.utils import (MetricsLogger, atomic_directory, atomic_write_text, is_main_process, read_jsonl,
-                             resolve_device, set_seed)
+                             require_single_process, resolve_device, set_seed)
 
 __all__ = ["PPOConfig", "ppo", "PPOTrainer", "PPOResult"]
 
@@ -167,6 +167,7 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, policy: nn.Module | None = None, tokenizer: Any = None, fmt: Any = None,
                  reference: nn.Module | None = None, value_model: nn.Module | None = None, scorer: Any = None,
                  prompts: list[PromptItem] | None = None, generate_fn: Any = None):
+        require_single_process("ppo")
         _check_config(cfg)
         self.cfg = cfg
         self.out = Path(cfg.out)

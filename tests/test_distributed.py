@@ -1,0 +1,70 @@
+"""torchrun drops in: two CPU processes (gloo) train exactly what one process trains with their joint batch.
+
+Run: python -m pytest tests/test_distributed.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chatsmith.errors import ChatsmithError
+from chatsmith.utils import read_metrics
+
+from conftest import make_tokenizer
+from test_pretrain_sft import CONVERSATIONS, tiny_llama
+
+SFT_ARGS = ["sft", "--model", "base", "--data", "sft.jsonl", "--template", "chatml", "--max-steps", "3",
+            "--lr", "1e-2", "--warmup-steps", "1", "--device", "cpu", "--eval-fraction", "0", "--no-progress",
+            "--log-every", "1", "--save-every", "0"]
+
+
+def _run(cmd: list[str], cwd) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_two_process_sft_equals_one_process_with_the_joint_batch(tmp_path):
+    from safetensors.torch import load_file
+
+    tok = make_tokenizer()
+    model = tiny_llama(len(tok))
+    model.save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS * 4))
+
+    _run([sys.executable, "-m", "chatsmith", *SFT_ARGS, "--batch-size", "4", "--out", "single"], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+          "-m", "chatsmith", *SFT_ARGS, "--batch-size", "2", "--out", "ddp"], tmp_path)
+
+    single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert [r["step"] for r in ddp] == [1, 2, 3]           # one metrics file, written by rank 0 only
+    for a, b in zip(single, ddp):
+        # Each rank sees half of every batch; gradients and target counts are summed over both ranks.
+        assert b["n_targets"] == a["n_targets"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    w1 = load_file(str(tmp_path / "single" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+    assert float((w1["model.norm.weight"] - model.model.norm.weight.detach()).abs().max()) > 1e-4   # it trained
+
+
+def test_stages_without_multi_process_support_refuse_torchrun(monkeypatch, tmp_path):
+    from chatsmith.train.grpo import GRPOConfig, GRPOTrainer
+    from chatsmith.train.ppo import PPOConfig, PPOTrainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ChatsmithError, match="ppo runs in one process"):
+        PPOTrainer(PPOConfig(out=str(tmp_path / "ppo")))
+    with pytest.raises(ChatsmithError, match="grpo runs in one process"):
+        GRPOTrainer(GRPOConfig(out=str(tmp_path / "grpo")))
