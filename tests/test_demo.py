@@ -105,8 +105,8 @@ def test_changed_settings_in_an_existing_output_are_refused(tmp_path, monkeypatc
 
 
 def test_a_changed_world_generator_is_a_changed_setting(tmp_path, monkeypatch):
-    """The world's code is part of every stage's key: an upgrade that writes another corpus must not reuse
-    a run or a cached base model trained on the old one."""
+    """The world's code is part of the export's key: after an upgrade that writes another world, a run made
+    with the old one is not resumed as if it were the same."""
     monkeypatch.setenv("CHATSMITH_CACHE", str(tmp_path / "cache"))
     cfg = D.DemoConfig(out=str(tmp_path / "d"), profile="toy", until="export")
     D.run_demo(cfg)
@@ -114,6 +114,32 @@ def test_a_changed_world_generator_is_a_changed_setting(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "_world_code_digest", lambda: "another world")
     with pytest.raises(ChatsmithError, match="other settings"):
         D.run_demo(cfg)
+
+
+def test_stage_keys_follow_the_bytes_each_stage_reads(tmp_path):
+    """A world change that leaves the corpus alone keeps the pretraining key (and the cached base model);
+    it changes the key of the stage whose data changed and of every stage downstream of it."""
+    settings = D.stage_settings(D.DemoConfig(profile="toy"))
+    data = tmp_path / "data"
+    (data / "eval").mkdir(parents=True)
+    for name in ("corpus.jsonl", "sft.jsonl", "preferences.jsonl", "prompts.jsonl", "eval/fact.jsonl"):
+        (data / name).write_text(f"{name}\n")
+
+    def all_keys() -> dict[str, str]:
+        keys: dict[str, str] = {}
+        for stage in D.STAGES:
+            keys[stage] = D._stage_key(stage, keys, settings, 0, data)
+        return keys
+
+    before = all_keys()
+    assert all_keys() == before                                          # deterministic
+    (data / "sft.jsonl").write_text("other chats\n")
+    after = all_keys()
+    assert after["pretrain"] == before["pretrain"]
+    assert all(after[s] != before[s] for s in ("sft", "reward", "ppo", "dpo", "eval"))
+    (data / "corpus.jsonl").write_text("another corpus\n")
+    assert all_keys()["pretrain"] != after["pretrain"]
+    assert D._stage_key("pretrain", before, settings, 1, data) != all_keys()["pretrain"]   # the seed counts
 
 
 def test_profiles_and_overrides():

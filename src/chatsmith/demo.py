@@ -8,7 +8,8 @@
 Stages, each in its own directory under --out (runs/demo):
   1. export    the built-in world as files (data/: corpus, sft, preferences, prompts, eval/)
   2. pretrain  a byte-level BPE tokenizer + a `tiny` Llama base model on the corpus (base/). Cached
-               outside --out (keyed by the world and pretraining settings), so a second demo reuses it.
+               outside --out (keyed by the corpus's bytes and the pretraining settings), so a second
+               demo reuses it, and so does an upgrade that changes the world's chats but not its corpus.
   3. sft       supervised fine-tuning on the demonstrations (sft/)
   4. reward    a reward model on the preference pairs (rm/)
   5. ppo       RLHF with PPO against the reward model (ppo/)
@@ -18,8 +19,8 @@ It ends by printing the answers of base, SFT and PPO side by side, the metrics t
 
 Resuming: after each stage a marker (`.demo/STAGE.json`, written atomically) records its settings and wall
 time; re-running the same command skips finished stages and resumes an interrupted one from its checkpoint.
-A marker whose settings differ from the current ones stops the demo with a message (use another --out or
---no-resume). Every stage's settings per profile live in PROFILES below: one place to tune them.
+A marker whose key differs (a stage's key covers its settings, its seed and the bytes of everything it
+reads; see `_stage_key`) stops the demo with a message (use another --out or --no-resume). Every stage's settings per profile live in PROFILES below: one place to tune them.
 """
 
 from __future__ import annotations
@@ -166,6 +167,44 @@ def _world_code_digest() -> str:
     from chatsmith.data import world, world_facts
 
     return _digest([Path(m.__file__).read_text(encoding="utf-8") for m in (world, world_facts)])
+
+
+# What each stage reads: the stages whose models it uses and its files in the exported data/.
+STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "export": ((), ()), "pretrain": ((), ("corpus.jsonl",)), "sft": (("pretrain",), ("sft.jsonl",)),
+    "reward": (("sft",), ("preferences.jsonl",)), "ppo": (("sft", "reward"), ("prompts.jsonl",)),
+    "dpo": (("sft",), ("preferences.jsonl",)), "eval": (("pretrain", "sft", "reward", "ppo", "dpo"), ("eval",)),
+}
+
+
+def _content_digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of a directory's file names and bytes (sorted); 'missing' if absent."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        return "missing"
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _stage_key(stage: str, keys: dict[str, str], settings: dict[str, dict[str, Any]], seed: int,
+               data: Path) -> str:
+    """A stage's key: its settings, seed and inputs (upstream stages' keys, the bytes of its data files).
+
+    The export's inputs are the world generator's code, so an upgrade that writes another world is another
+    export. Every later stage is keyed on the exported bytes it reads instead of that code: a change to
+    the world's SFT chats leaves the corpus, and so the cached base model, as they were.
+    """
+    if stage == "export":
+        upstream = [_world_code_digest()]
+    else:
+        stages, files = STAGE_INPUTS[stage]
+        upstream = [keys[s] for s in stages] + [_content_digest(data / f) for f in files]
+    return _digest([upstream, stage, settings[stage], seed if stage != "export" else None])
 
 
 # ----------------------------------------------------------------------------- progress
@@ -405,13 +444,10 @@ def run_demo(cfg: DemoConfig) -> int:
         shutil.rmtree(paths.markers, ignore_errors=True)
     paths.markers.mkdir(parents=True, exist_ok=True)
 
-    # A stage's key covers its own settings and everything upstream, so changing the world or the base
-    # model invalidates every later stage. The world's generator code is part of the export's key: a new
-    # chatsmith version that writes another world never reuses a base model cached from the old one.
+    # A stage's key covers its settings and everything it reads (see _stage_key), so a changed world or base
+    # model invalidates every stage downstream of the change, and only those. Keys are computed as the
+    # stages are reached: later ones hash the data the export wrote.
     keys: dict[str, str] = {}
-    upstream = _world_code_digest()
-    for stage in STAGES:
-        upstream = keys[stage] = _digest([upstream, stage, settings[stage], cfg.seed if stage != "export" else None])
 
     weights = {s: float(PROFILES[cfg.profile]["seconds"].get(s, 60)) for s in STAGES[:until + 1]}
     progress = PipelineProgress(weights)
@@ -422,6 +458,7 @@ def run_demo(cfg: DemoConfig) -> int:
     try:
         for index, stage in enumerate(STAGES[:until + 1], 1):
             current = stage
+            keys[stage] = _stage_key(stage, keys, settings, cfg.seed, paths.data)
             marker_path = paths.markers / f"{stage}.json"
             marker = _read_marker(marker_path)
             stage_dir = paths.root / STAGE_DIRS[stage]
