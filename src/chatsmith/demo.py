@@ -73,8 +73,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "save_every": 100},
         "reward": {"max_steps": 60, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 32,
                    "norm_max_new_tokens": 48, "save_every": 30},
+        # kl_coef 0.2, not full's 0.05: against quick's weaker reward model (85% held-out accuracy) a small KL
+        # penalty lets PPO exploit its errors. Measured on the quick SFT model, held-out mean reward
+        # -0.069 (SFT) -> -0.101 at 0.05, -0.070 at 0.1, -0.042 at 0.2, -0.055 at 0.4; refusal of unseen
+        # harmful requests 0.82 -> 0.55, 0.75, 0.75, 0.72.
         "ppo": {"max_steps": 10, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
-                "kl_coef": 0.05, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 0, "save_every": 5},
+                "kl_coef": 0.2, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 0, "save_every": 5},
         "dpo": {"max_steps": 30, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 15},
         "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 32},
         "seconds": {"export": 3, "pretrain": 190, "sft": 90, "reward": 60, "ppo": 120, "dpo": 50, "eval": 80},
