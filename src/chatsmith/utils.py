@@ -34,21 +34,22 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def init_distributed() -> bool:
+def init_distributed(device: str = "auto") -> bool:
     """Join the torchrun process group (once per process) when WORLD_SIZE > 1; True when distributed.
 
-    NCCL when CUDA is available (each rank on its LOCAL_RANK's GPU), else gloo, so a CPU-only machine can
-    run `torchrun --nproc-per-node 2 -m chatsmith sft ...` too. Without it every rank would train its own
-    unsynchronised copy of the model on its shard of the data.
+    NCCL when training on CUDA (each rank on its LOCAL_RANK's GPU), else gloo, so a CPU-only machine (or
+    `--device cpu`) can run `torchrun --nproc-per-node 2 -m chatsmith sft ...` too. Without it every rank
+    would train its own unsynchronised copy of the model on its shard of the data.
     """
     import torch
 
     if world_size() <= 1 or not torch.distributed.is_available():
         return False
     if not torch.distributed.is_initialized():
-        if torch.cuda.is_available():
+        on_cuda = str(resolve_device(device)).startswith("cuda")
+        if on_cuda:
             torch.cuda.set_device(local_rank())
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group(backend="nccl" if on_cuda else "gloo")
     return True
 
 

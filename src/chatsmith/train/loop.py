@@ -597,8 +597,8 @@ class Trainer:
         self.token_count_fn = token_count_fn or _default_token_count
         self.extra_files, self.save_final, self.best_metric = extra_files, save_final, best_metric
         self.out = Path(cfg.out)
-        init_distributed()   # under torchrun: join the process group before DDP wraps the model
         self.device = resolve_device(cfg.device)
+        init_distributed(self.device)   # under torchrun: join the process group before DDP wraps the model
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg)
