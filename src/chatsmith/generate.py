@@ -30,6 +30,7 @@ How it works
   trick (argmax of logits + Gumbel noise samples from the softmax; Gumbel 1954, see Maddison et al.
   2014, arXiv:1411.0030). Each row has its own ``torch.Generator`` seeded from ``(seed, row index)``,
   so a row's sample does not depend on the other rows of the batch, its padding, or when they finish.
+  ``first_row`` offsets the row index: rows split over processes sample what the whole batch would.
 - ``logprobs`` are log-probabilities of the sampled tokens under the temperature-scaled distribution
   before top-k/top-p truncation (``log_softmax(logits / T)``; T = 1 for greedy). That is the
   distribution an RL update recomputes, so PPO/GRPO ratios start at exactly 1.
@@ -73,6 +74,7 @@ class SamplingConfig:
     stop_token_ids: Sequence[int] = ()
     stop_strings: Sequence[str] = ()
     logprobs: bool = True             # compute .logprobs of the sampled tokens
+    first_row: int = 0                # row i draws the random stream of row first_row + i (see below)
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -657,7 +659,7 @@ class Generator:
             seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
             for i in range(n):
                 g = torch.Generator(device=device)
-                g.manual_seed(_mix_seed(seed, i))
+                g.manual_seed(_mix_seed(seed, cfg.first_row + i))
                 generators.append(g)
         stop_ids = torch.tensor(sorted({int(t) for t in cfg.stop_token_ids}), dtype=torch.long, device=device)
         check_stop_ids = stop_ids.numel() > 0

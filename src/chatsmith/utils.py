@@ -60,7 +60,7 @@ def require_single_process(stage: str) -> None:
 
         raise ChatsmithError(f"{stage} runs in one process (WORLD_SIZE is {world_size()}): start it with "
                              f"`chatsmith {stage} ...`, not torchrun. Multi-process training covers pretrain, "
-                             f"sft, reward and dpo.")
+                             f"sft, reward, dpo and grpo.")
 
 
 # ----------------------------------------------------------------------------- seeding / devices

@@ -15,6 +15,11 @@ and the ratio is exactly 1, as in TRL's GRPOTrainer with num_iterations=1).
 Metrics per step: reward (mean, std, per-group std), kl, clip_fraction, entropy, response length, the
 time of rollout / scoring / update and episodes/s. Checkpoints and `--resume` as every stage; OUT is a
 standard HF chat model directory.
+
+Several processes: `torchrun --nproc-per-node N -m chatsmith grpo ... --prompts-per-step P` draws one
+global batch of N x P prompts per step; rank r samples the r-th slice with the random streams its rows
+have in the global batch, and the gradients are averaged over ranks before each optimizer step. Two
+processes train exactly what one process with N x P prompts per step trains (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, Tr
 from chatsmith.train.ppo import _note, _step_seed, format_samples_table, save_policy_into
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout, disable_dropout,
                                      freeze, load_policy, load_prompts, make_scorer, response_forward)
-from chatsmith.utils import (MetricsLogger, is_main_process, read_jsonl, require_single_process, resolve_device,
-                             set_seed)
+from chatsmith.utils import (MetricsLogger, init_distributed, is_main_process, rank, read_jsonl, resolve_device,
+                             set_seed, world_size)
 
 __all__ = ["GRPOConfig", "grpo", "GRPOTrainer", "GRPOResult"]
 
@@ -92,7 +97,6 @@ class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig, policy: nn.Module | None = None, tokenizer: Any = None, fmt: Any = None,
                  reference: nn.Module | None = None, scorer: Any = None, prompts: list[PromptItem] | None = None,
                  generate_fn: Any = None):
-        require_single_process("grpo")
         for ok, message in [
             (cfg.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.max_steps}"),
             (cfg.num_generations >= 2, f"--num-generations must be >= 2 (a group needs a baseline), "
@@ -108,6 +112,10 @@ class GRPOTrainer:
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
+        # Under torchrun each rank samples --prompts-per-step prompts of one global batch and the gradients
+        # are averaged over ranks before every optimizer step (see _average_over_ranks).
+        self.distributed = init_distributed(self.device)
+        self.rank, self.world = (rank(), world_size()) if self.distributed else (0, 1)
         set_seed(cfg.seed)
         if policy is None:
             policy, tokenizer, fmt = load_policy(cfg.model, self.device, cfg.template)
@@ -131,7 +139,9 @@ class GRPOTrainer:
             if dropped:
                 _note(f"grpo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
         self.prompts = prompts
-        self.source = ShardedBatchSource(list(range(len(prompts))), cfg.prompts_per_step, collate=list, seed=cfg.seed)
+        # One global batch of prompts per step, the same order on every rank; rank r takes the r-th slice.
+        self.source = ShardedBatchSource(list(range(len(prompts))), cfg.prompts_per_step * self.world, collate=list,
+                                         seed=cfg.seed, rank=0, world_size=1)
         self.optimizer = build_optimizer(self.policy, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, cfg.max_steps * cfg.num_iterations)
         self.checkpointer = Checkpointer(self.out)
@@ -143,7 +153,8 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------- one step
     def rollout(self) -> Rollout:
         cfg = self.cfg
-        groups = self.source.next_batch()
+        per_rank = cfg.prompts_per_step
+        groups = self.source.next_batch()[self.rank * per_rank:(self.rank + 1) * per_rank]
         # G consecutive copies of each prompt: rows [g*G, (g+1)*G) form group g.
         index = [i for i in groups for _ in range(cfg.num_generations)]
         with autocast_context(self.device, self.amp_dtype):
@@ -152,7 +163,8 @@ class GRPOTrainer:
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                    stop_token_ids=self.stop_token_ids, seed=_step_seed(cfg.seed, self.step),
                                    forward_batch_size=cfg.forward_batch_size,
-                                   need_policy_logprobs=cfg.num_iterations > 1, generate_fn=self.generate_fn)
+                                   need_policy_logprobs=cfg.num_iterations > 1, generate_fn=self.generate_fn,
+                                   first_row=self.rank * len(index))
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -168,7 +180,7 @@ class GRPOTrainer:
         self.step += 1
         self._last_samples = (rollout, rewards)
         grouped = rewards.view(-1, cfg.num_generations)
-        return {
+        metrics = {
             "reward": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "group_reward_std": float(grouped.std(-1).mean()),
             "zero_std_groups": float((grouped.std(-1) == 0).float().mean()),
@@ -179,6 +191,11 @@ class GRPOTrainer:
             "update_s": t3 - t2, "episodes": rollout.batch_size,
             "episodes_per_s": rollout.batch_size / max(1e-9, t3 - t0),
         }
+        if self.distributed:   # the logged values describe the global batch: means over ranks, summed counts
+            metrics = self._mean_stats(metrics)
+            metrics["episodes"] *= self.world
+            metrics["episodes_per_s"] *= self.world
+        return metrics
 
     def _update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
         """`--num-iterations` optimizer steps, each over the whole batch in micro-batches."""
@@ -213,6 +230,9 @@ class GRPOTrainer:
                 raise TrainingDiverged(f"grpo: loss became {step_stats['loss']} at step {self.step + 1}; "
                                        f"try a lower --lr")
             params = [p for p in self.policy.parameters() if p.grad is not None]
+            if self.distributed:
+                self._average_over_ranks([p.grad for p in params])
+                step_stats = self._mean_stats(step_stats)
             if params and cfg.grad_clip and cfg.grad_clip > 0:
                 step_stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             step_stats["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -222,6 +242,26 @@ class GRPOTrainer:
             for k, v in step_stats.items():
                 sums[k] = sums.get(k, 0.0) + v
         return {k: v / cfg.num_iterations for k, v in sums.items()}
+
+    # ------------------------------------------------------------------------- multi-process
+    def _average_over_ranks(self, tensors: list[torch.Tensor]) -> None:
+        """In-place mean over ranks (one all-reduce of a flat buffer). Every rank holds the same number of
+        responses, so the mean of the ranks' per-response-mean gradients is the global batch's gradient."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def _mean_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        keys = sorted(stats)
+        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(values)
+        return dict(zip(keys, (values / self.world).tolist()))
 
     # ------------------------------------------------------------------------- samples, checkpoints
     def sample_rows(self, n: int) -> list[dict[str, Any]]:

@@ -206,12 +206,13 @@ def value_forward(value_model: nn.Module, input_ids: torch.Tensor, attention_mas
 
 def sample(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
            temperature: float, stop_token_ids: Sequence[int], seed: int | None,
-           generate_fn: Callable | None = None) -> tuple[list[list[int]], list[bool]]:
+           generate_fn: Callable | None = None, first_row: int = 0) -> tuple[list[list[int]], list[bool]]:
     """Sample one response per prompt with the KV-cache engine; cut after end-of-turn.
 
     Sampling is plain ancestral sampling at `temperature` (no top-k / top-p / repetition penalty): any
     other filter would make the recomputed log-probs differ from the distribution the tokens came from.
-    Returns `(responses, finished)`.
+    `first_row`: the rows' index in a batch split over processes (the engine seeds row i from
+    `(seed, first_row + i)`). Returns `(responses, finished)`.
     """
     if temperature <= 0:
         raise ChatsmithError("RL sampling needs --temperature > 0 (the policy must explore, and log-probs "
@@ -224,7 +225,7 @@ def sample(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]]
     if generate_fn is None:
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
                              repetition_penalty=1.0, seed=seed, stop_token_ids=tuple(stop_token_ids),
-                             stop_strings=())
+                             stop_strings=(), first_row=first_row)
         if hasattr(cfg, "logprobs"):
             cfg.logprobs = False   # recomputed below in a full forward pass; skip the engine's copy
         out = generate(model, tokenizer, [list(p) for p in prompt_ids], cfg)
@@ -263,7 +264,7 @@ def collect_rollout(policy: nn.Module, reference: nn.Module | None, tokenizer: A
                     prompt_ids: Sequence[Sequence[int]], prompt_index: Sequence[int], *, max_new_tokens: int,
                     temperature: float, stop_token_ids: Sequence[int], seed: int | None,
                     forward_batch_size: int = 0, need_policy_logprobs: bool = True,
-                    generate_fn: Callable | None = None) -> Rollout:
+                    generate_fn: Callable | None = None, first_row: int = 0) -> Rollout:
     """Sample, pad, and compute rollout-time policy and reference log-probs (no grad).
 
     `need_policy_logprobs=False` skips the policy forward: with a single update per batch the "old"
@@ -276,7 +277,7 @@ def collect_rollout(policy: nn.Module, reference: nn.Module | None, tokenizer: A
     t0 = time.perf_counter()
     responses, finished = sample(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
                                  temperature=temperature, stop_token_ids=stop_token_ids, seed=seed,
-                                 generate_fn=generate_fn)
+                                 generate_fn=generate_fn, first_row=first_row)
     t1 = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids, attention_mask, p, response_ids, response_mask = pad_rollout(prompt_ids, responses, pad_id, device)
