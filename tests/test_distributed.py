@@ -27,6 +27,8 @@ SFT_ARGS = ["sft", "--model", "base", "--data", "sft.jsonl", "--template", "chat
 
 def _run(cmd: list[str], cwd) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"   # loopback: no dependence on the machine's hostname resolving
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
