@@ -20,7 +20,8 @@ It ends by printing the answers of base, SFT and PPO side by side, the metrics t
 Resuming: after each stage a marker (`.demo/STAGE.json`, written atomically) records its settings and wall
 time; re-running the same command skips finished stages and resumes an interrupted one from its checkpoint.
 A marker whose key differs (a stage's key covers its settings, its seed and the bytes of everything it
-reads; see `_stage_key`) stops the demo with a message (use another --out or --no-resume). Every stage's settings per profile live in PROFILES below: one place to tune them.
+reads; see `_stage_key`) stops the demo with a message (use another --out or --no-resume). Every stage's
+settings per profile live in PROFILES below: one place to tune them.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from chatsmith.errors import ChatsmithError
 from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.train import rl_functional as F
 from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, TrainConfig, TrainingDiverged,
-                                  autocast_context, build_optimizer, build_scheduler, resolve_dtype)
+                                  all_reduce_sum, autocast_context, build_optimizer, build_scheduler, resolve_dtype)
 from chatsmith.train.ppo import _note, _step_seed, format_samples_table, save_policy_into
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout, disable_dropout,
                                      freeze, load_policy, load_prompts, make_scorer, response_forward)
@@ -232,7 +232,6 @@ class GRPOTrainer:
             params = [p for p in self.policy.parameters() if p.grad is not None]
             if self.distributed:
                 self._average_over_ranks([p.grad for p in params])
-                step_stats = self._mean_stats(step_stats)
             if params and cfg.grad_clip and cfg.grad_clip > 0:
                 step_stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             step_stats["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -259,9 +258,8 @@ class GRPOTrainer:
 
     def _mean_stats(self, stats: dict[str, float]) -> dict[str, float]:
         keys = sorted(stats)
-        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(values)
-        return dict(zip(keys, (values / self.world).tolist()))
+        sums = all_reduce_sum([float(stats[k]) for k in keys], self.device)
+        return {k: v / self.world for k, v in zip(keys, sums)}
 
     # ------------------------------------------------------------------------- samples, checkpoints
     def sample_rows(self, n: int) -> list[dict[str, Any]]:

@@ -75,7 +75,7 @@ __all__ = [
     "TrainConfig", "build_optimizer", "build_scheduler", "lr_multiplier", "Checkpointer", "BatchSource",
     "ShardedBatchSource", "Progress", "MetricsLogger", "Trainer", "TrainResult", "LossModule",
     "TrainingDiverged", "default_count_targets", "evaluate_loss", "move_to_device", "autocast_context",
-    "resolve_dtype", "unwrap_model", "lm_loss_on_targets", "save_final_model",
+    "resolve_dtype", "unwrap_model", "lm_loss_on_targets", "save_final_model", "all_reduce_sum",
 ]
 
 
@@ -213,6 +213,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(values: list[float], device: Any) -> list[float]:
+    """Each value summed over ranks (one float64 all-reduce); the values themselves in one process."""
+    if not _distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
 
 
 # ----------------------------------------------------------------------------- data
@@ -519,10 +528,7 @@ def evaluate_loss(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, dev
             count += int(n)
     finally:
         inner.train(was_training)
-    if _distributed():
-        t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        total, count = float(t[0]), int(t[1])
+    total, count = all_reduce_sum([total, float(count)], device)
     return total / max(1, count)
 
 
@@ -619,13 +625,6 @@ class Trainer:
             return DistributedDataParallel(module, device_ids=ids)
         return module
 
-    def _all_reduce_sum(self, values: list[float]) -> list[float]:
-        if not _distributed():
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
     def _no_sync(self, last: bool):
         if last or not hasattr(self.engine, "no_sync"):
             return contextlib.nullcontext()
@@ -685,7 +684,7 @@ class Trainer:
         micro = [self.source.next_batch() for _ in range(cfg.grad_accum)]
         counts = [int(self.count_fn(b)) for b in micro]
         tokens = sum(int(self.token_count_fn(b)) for b in micro)
-        n_total, tokens_total = self._all_reduce_sum([float(sum(counts)), float(tokens)])
+        n_total, tokens_total = all_reduce_sum([float(sum(counts)), float(tokens)], self.device)
         n_total = int(n_total)
         # DDP averages gradients over ranks; multiplying by world_size turns that average into a sum, so the
         # gradient is d(sum of all targets' losses)/d(theta) / n_total over the whole global batch.
@@ -704,7 +703,7 @@ class Trainer:
             loss_total += float(loss_sum.detach())
             for k, v in (metrics or {}).items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * counts[i]
-        loss_total = self._all_reduce_sum([loss_total])[0]
+        loss_total = all_reduce_sum([loss_total], self.device)[0]
         loss = loss_total / max(1, n_total)
         if not math.isfinite(loss):
             raise TrainingDiverged(self._diverged_message("loss", loss))
