@@ -1,5 +1,5 @@
 """torchrun drops in: two CPU processes (gloo) train exactly what one process trains with their joint batch
-(SFT through the shared Trainer, GRPO through its own loop).
+(SFT through the shared Trainer, GRPO and PPO through their own loops).
 
 Run: python -m pytest tests/test_distributed.py -q
 """
@@ -94,9 +94,58 @@ def test_two_process_grpo_equals_one_process_with_the_joint_batch(tmp_path):
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
 
 
-def test_ppo_refuses_torchrun(monkeypatch, tmp_path):
-    from chatsmith.train.ppo import PPOConfig, PPOTrainer
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_two_process_ppo_equals_one_process_with_the_joint_batch(tmp_path):
+    """Each rank rolls out its slice of one global batch; advantages are whitened, the KL controller updated
+    and the losses token-weighted with the whole batch's statistics; gradients of policy and value model are
+    summed over ranks. With one minibatch per epoch, 2 x 2 episodes per step train what 1 x 4 trains."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForSequenceClassification
+
+    from chatsmith.chat.templates import get_format
+    from chatsmith.data.world import World
+
+    tok = make_tokenizer()
+    policy = tiny_llama(len(tok))
+    policy.save_pretrained(str(tmp_path / "sft"))
+    tok.save_pretrained(str(tmp_path / "sft"))
+    value_config = policy.config.__class__(**{**policy.config.to_dict(), "num_labels": 1,
+                                              "pad_token_id": tok.pad_token_id})
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(value_config).save_pretrained(str(tmp_path / "rm"))
+    tok.chat_template = get_format("chatml").template     # a reward model carries its chat format
+    tok.save_pretrained(str(tmp_path / "rm"))
+    rows = World(seed=0).prompts()[:16]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # A random reward model scores every response differently; the untrained policy rarely ends its turn,
+    # so unfinished responses keep their score (no_eos_penalty: null) instead of one constant penalty.
+    (tmp_path / "ppo.yaml").write_text("no_eos_penalty: null\n")
+    args = ["ppo", "--config", "ppo.yaml", "--policy", "sft", "--template", "chatml", "--prompts", "prompts.jsonl",
+            "--reward-model", "rm", "--max-steps", "2", "--ppo-epochs", "2",
+            "--max-new-tokens", "6", "--lr", "1e-2", "--kl-target", "0.5", "--device", "cpu", "--no-progress",
+            "--log-every", "1", "--save-every", "0", "--sample-every", "0", "--train-embeddings", "all"]
+    _run([sys.executable, "-m", "chatsmith", *args, "--rollout-batch-size", "4", "--batch-size", "4",
+          "--out", "single"], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+          "-m", "chatsmith", *args, "--rollout-batch-size", "2", "--batch-size", "2", "--out", "ddp"], tmp_path)
+
+    single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert [r["step"] for r in ddp] == [1, 2] and [r["episodes"] for r in ddp] == [4, 4]
+    for a, b in zip(single, ddp):
+        for key in ("score", "kl", "beta", "response_length", "policy_loss", "value_loss", "entropy",
+                    "explained_variance", "value_mean", "grad_norm", "value_grad_norm", "clip_fraction"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert single[1]["beta"] != single[0]["beta"]        # the adaptive controller moved, on the global KL
+    assert single[1]["kl_k3"] > 0                          # the first update changed the policy
+    assert single[0]["score"] == single[0]["score_rm"] != -1.0   # the reward model's scores, not the penalty
+    for name in ("model.safetensors", "value/model.safetensors"):
+        w1, w2 = load_file(str(tmp_path / "single" / name)), load_file(str(tmp_path / "ddp" / name))
+        assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4, name
+
+
+def test_rlhf_refuses_torchrun(monkeypatch, tmp_path):
+    from chatsmith.train.rlhf import RLHFConfig, rlhf
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ChatsmithError, match="ppo runs in one process"):
-        PPOTrainer(PPOConfig(out=str(tmp_path / "ppo")))
+    with pytest.raises(ChatsmithError, match="rlhf runs in one process"):
+        rlhf(RLHFConfig(out=str(tmp_path / "rlhf")))

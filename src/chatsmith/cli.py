@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `chatsmith ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        from chatsmith.utils import shutdown_distributed
+
+        shutdown_distributed()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,6 +53,23 @@ def init_distributed(device: str = "auto") -> bool:
     return True
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in one process): e.g. while rank 0 writes the final model."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group before the interpreter exits; gloo aborts the process ("terminate called
+    without an active exception") when its threads are torn down with the group still alive."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def require_single_process(stage: str) -> None:
     """Stages without a multi-process implementation say so instead of training unsynchronised copies."""
     if world_size() > 1:
@@ -60,7 +77,7 @@ def require_single_process(stage: str) -> None:
 
         raise ChatsmithError(f"{stage} runs in one process (WORLD_SIZE is {world_size()}): start it with "
                              f"`chatsmith {stage} ...`, not torchrun. Multi-process training covers pretrain, "
-                             f"sft, reward, dpo and grpo.")
+                             f"sft, reward, dpo, grpo and ppo.")
 
 
 # ----------------------------------------------------------------------------- seeding / devices

@@ -39,12 +39,13 @@ from chatsmith.errors import ChatsmithError
 from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.train import rl_functional as F
 from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, TrainConfig, TrainingDiverged,
-                                  all_reduce_sum, autocast_context, build_optimizer, build_scheduler, resolve_dtype)
+                                  all_reduce_gradients, all_reduce_sum, autocast_context, build_optimizer,
+                                  build_scheduler, resolve_dtype)
 from chatsmith.train.ppo import _note, _step_seed, format_samples_table, save_policy_into
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout, disable_dropout,
                                      freeze, load_policy, load_prompts, make_scorer, response_forward)
-from chatsmith.utils import (MetricsLogger, init_distributed, is_main_process, rank, read_jsonl, resolve_device,
-                             set_seed, world_size)
+from chatsmith.utils import (MetricsLogger, barrier, init_distributed, is_main_process, rank, read_jsonl,
+                             resolve_device, set_seed, world_size)
 
 __all__ = ["GRPOConfig", "grpo", "GRPOTrainer", "GRPOResult"]
 
@@ -58,7 +59,7 @@ class GRPOConfig(TrainConfig):
     out: str = arg("runs/grpo", "Output directory: final policy (HF chat model), metrics, samples, checkpoint.")
     template: str | None = arg(None, "Chat format if the model's tokenizer has none.")
     max_steps: int = arg(50, "GRPO steps (each = one batch of groups + --num-iterations updates).")
-    prompts_per_step: int = arg(4, "Prompts (groups) per step.")
+    prompts_per_step: int = arg(4, "Prompts (groups) per step, per process under torchrun.")
     num_generations: int = arg(4, "G: responses sampled per prompt (the group).")
     num_iterations: int = arg(1, "Updates per batch (mu in Shao et al.); > 1 reuses the samples off-policy.")
     batch_size: int = arg(16, "Episodes per forward/backward micro-batch during the update.")
@@ -113,7 +114,7 @@ class GRPOTrainer:
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         # Under torchrun each rank samples --prompts-per-step prompts of one global batch and the gradients
-        # are averaged over ranks before every optimizer step (see _average_over_ranks).
+        # are averaged over ranks before every optimizer step (loop.all_reduce_gradients).
         self.distributed = init_distributed(self.device)
         self.rank, self.world = (rank(), world_size()) if self.distributed else (0, 1)
         set_seed(cfg.seed)
@@ -229,9 +230,10 @@ class GRPOTrainer:
             if not math.isfinite(step_stats["loss"]):
                 raise TrainingDiverged(f"grpo: loss became {step_stats['loss']} at step {self.step + 1}; "
                                        f"try a lower --lr")
+            # Every rank holds the same number of responses, so the mean over ranks of their per-response
+            # mean gradients is the gradient of the global batch.
+            all_reduce_gradients(self.policy.parameters(), average=True)
             params = [p for p in self.policy.parameters() if p.grad is not None]
-            if self.distributed:
-                self._average_over_ranks([p.grad for p in params])
             if params and cfg.grad_clip and cfg.grad_clip > 0:
                 step_stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             step_stats["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -243,19 +245,6 @@ class GRPOTrainer:
         return {k: v / cfg.num_iterations for k, v in sums.items()}
 
     # ------------------------------------------------------------------------- multi-process
-    def _average_over_ranks(self, tensors: list[torch.Tensor]) -> None:
-        """In-place mean over ranks (one all-reduce of a flat buffer). Every rank holds the same number of
-        responses, so the mean of the ranks' per-response-mean gradients is the global batch's gradient."""
-        if not tensors:
-            return
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-
     def _mean_stats(self, stats: dict[str, float]) -> dict[str, float]:
         keys = sorted(stats)
         sums = all_reduce_sum([float(stats[k]) for k in keys], self.device)
@@ -329,6 +318,7 @@ class GRPOTrainer:
             self.save_checkpoint()
         if is_main_process():
             save_policy_into(self.policy, self.tokenizer, self.out)
+        barrier()   # the other ranks wait while rank 0 writes the model
         return GRPOResult(self.out, self.step, metrics, resumed_from)
 
 

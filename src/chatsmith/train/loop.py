@@ -60,7 +60,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ __all__ = [
     "ShardedBatchSource", "Progress", "MetricsLogger", "Trainer", "TrainResult", "LossModule",
     "TrainingDiverged", "default_count_targets", "evaluate_loss", "move_to_device", "autocast_context",
     "resolve_dtype", "unwrap_model", "lm_loss_on_targets", "save_final_model", "all_reduce_sum",
+    "sum_over_ranks", "all_reduce_gradients",
 ]
 
 
@@ -222,6 +223,40 @@ def all_reduce_sum(values: list[float], device: Any) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over ranks (a new tensor; the tensor itself in one process)."""
+    if not _distributed():
+        return t
+    t = t.clone()
+    torch.distributed.all_reduce(t)
+    return t
+
+
+def all_reduce_gradients(params: Iterable[nn.Parameter], average: bool) -> None:
+    """Sum (or average) the parameters' gradients over ranks in place, with one all-reduce of a flat buffer.
+
+    For the RL loops, which do their own accumulation instead of wrapping the model in DDP: `average` when
+    each rank's loss is already a mean over an equal share of the batch (GRPO), a plain sum when each rank
+    weighted its loss by its share of the global token count (PPO)."""
+    if not _distributed():
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:   # every rank must contribute a buffer of the same layout
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat)
+    if average:
+        flat /= torch.distributed.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 # ----------------------------------------------------------------------------- data

@@ -31,6 +31,14 @@ Per step, metrics.jsonl gets: score, kl, beta, entropy, clip_fraction, approx_kl
 explained_variance, response_length, no_eos_rate and the time of each phase. Every `--sample-every`
 steps a table of prompts, responses and scores is printed and appended to OUT/samples.jsonl.
 
+Several processes: `torchrun --nproc-per-node N -m chatsmith ppo ... --rollout-batch-size B` collects one
+global batch of N x B episodes per step, rank r the r-th slice (with the random streams its rows have in
+the global batch). Advantage whitening, explained variance, the adaptive KL controller and the
+token-weighted losses use the statistics of the whole batch, and the gradients of policy and value model
+are summed over ranks, so minibatch k of a step is the union of every rank's k-th minibatch. With one
+minibatch per epoch, two processes train exactly what one process with 2 x B episodes trains
+(tests/test_distributed.py).
+
 Output: OUT is a standard HF chat model directory (the final policy); OUT/value holds the value model (an
 HF sequence-classification directory, so `chatsmith rlhf` or a longer run can start from it);
 OUT/checkpoint holds policy + value + both optimizers and schedulers + beta + RNG + data position + step.
@@ -55,13 +63,13 @@ from chatsmith.errors import ChatsmithError
 from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.train import rl_functional as F
 from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, TrainConfig, TrainingDiverged,
-                                  autocast_context, build_optimizer, build_scheduler, resolve_dtype,
-                                  save_final_model)
+                                  all_reduce_gradients, all_reduce_sum, autocast_context, build_optimizer,
+                                  build_scheduler, resolve_dtype, save_final_model, sum_over_ranks)
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout, disable_dropout,
                                      freeze, load_policy, load_prompts, make_scorer, response_forward,
                                      value_forward)
-from chatsmith.utils import (MetricsLogger, atomic_directory, atomic_write_text, is_main_process, read_jsonl,
-                             require_single_process, resolve_device, set_seed)
+from chatsmith.utils import (MetricsLogger, atomic_directory, atomic_write_text, barrier, init_distributed,
+                             is_main_process, rank, read_jsonl, resolve_device, set_seed, world_size)
 
 __all__ = ["PPOConfig", "ppo", "PPOTrainer", "PPOResult"]
 
@@ -76,7 +84,7 @@ class PPOConfig(TrainConfig):
     out: str = arg("runs/ppo", "Output directory: final policy (HF chat model), value/, metrics, samples.")
     template: str | None = arg(None, "Chat format if the policy's tokenizer has none (chatml, llama2, alpaca, .jinja).")
     max_steps: int = arg(50, "PPO steps (each = one rollout batch + --ppo-epochs of updates).")
-    rollout_batch_size: int = arg(32, "Episodes (prompt + sampled response) per PPO step.")
+    rollout_batch_size: int = arg(32, "Episodes (prompt + sampled response) per PPO step, per process under torchrun.")
     batch_size: int = arg(16, "Episodes per forward/backward micro-batch during the update.")
     grad_accum: int = arg(1, "Micro-batches per optimizer step: a minibatch is batch_size * grad_accum episodes.")
     ppo_epochs: int = arg(4, "Passes over each rollout batch (shuffled minibatches each time).")
@@ -167,12 +175,18 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, policy: nn.Module | None = None, tokenizer: Any = None, fmt: Any = None,
                  reference: nn.Module | None = None, value_model: nn.Module | None = None, scorer: Any = None,
                  prompts: list[PromptItem] | None = None, generate_fn: Any = None):
-        require_single_process("ppo")
         _check_config(cfg)
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
+        # Under torchrun each rank collects --rollout-batch-size episodes of one global batch; whitening,
+        # the KL controller and the token-weighted losses use the whole batch's statistics, and the
+        # gradients are summed over ranks (see _update), so W processes train what one process with W times
+        # the rollout batch trains.
+        self.distributed = init_distributed(self.device)
+        self.rank, self.world = (rank(), world_size()) if self.distributed else (0, 1)
+        self.sum_across = sum_over_ranks if self.distributed else None
         set_seed(cfg.seed)
         if policy is None:
             policy, tokenizer, fmt = load_policy(cfg.policy, self.device, cfg.template)
@@ -203,8 +217,9 @@ class PPOTrainer:
             if dropped:
                 _note(f"ppo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
         self.prompts = prompts
-        self.source = ShardedBatchSource(list(range(len(prompts))), cfg.rollout_batch_size, collate=list,
-                                         seed=cfg.seed)
+        # One global batch of prompts per step, the same order on every rank; rank r takes the r-th slice.
+        self.source = ShardedBatchSource(list(range(len(prompts))), cfg.rollout_batch_size * self.world,
+                                         collate=list, seed=cfg.seed, rank=0, world_size=1)
         self.models = nn.ModuleDict({"policy": self.policy, "value": self.value_model})
         value_cfg = dataclasses.replace(cfg, lr=cfg.value_lr if cfg.value_lr is not None else cfg.lr)
         self.minibatches_per_epoch = cfg.rollout_batch_size // (cfg.batch_size * cfg.grad_accum)
@@ -235,14 +250,16 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------- one PPO step
     def rollout(self) -> tuple[Rollout, list[int]]:
-        indices = self.source.next_batch()
+        per_rank = self.cfg.rollout_batch_size
+        indices = self.source.next_batch()[self.rank * per_rank:(self.rank + 1) * per_rank]
         prompt_ids = [self.prompts[i].ids for i in indices]
         with autocast_context(self.device, self.amp_dtype):
             rollout = collect_rollout(self.policy, self.reference, self.tokenizer, prompt_ids, indices,
                                       max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                       stop_token_ids=self.stop_token_ids,
                                       seed=_step_seed(self.cfg.seed, self.step),
-                                      forward_batch_size=self.cfg.forward_batch_size, generate_fn=self.generate_fn)
+                                      forward_batch_size=self.cfg.forward_batch_size, generate_fn=self.generate_fn,
+                                      first_row=self.rank * per_rank)
         return rollout, indices
 
     @torch.no_grad()
@@ -275,56 +292,77 @@ class PPOTrainer:
         beta = self.kl_ctl.value
         rewards, non_score = F.per_token_rewards(scores, kl, mask, beta)
         if cfg.whiten_rewards:
-            rewards = F.masked_whiten(rewards, mask, shift_mean=False) * mask
+            rewards = F.masked_whiten(rewards, mask, shift_mean=False, sum_across=self.sum_across) * mask
         advantages, returns = F.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        advantages = F.masked_whiten(advantages, mask) * mask
+        advantages = F.masked_whiten(advantages, mask, sum_across=self.sum_across) * mask
 
-        update_stats = self._update(rollout, old_logprobs, old_values, advantages, returns)
+        shared_stats, replicated_stats = self._update(rollout, old_logprobs, old_values, advantages, returns)
         t3 = time.perf_counter()
 
-        # Ziegler et al. 2019: the controller sees the batch's mean per-episode KL (k1, summed over tokens).
         seq_kl = F.kl_k1(old_logprobs, ref_logprobs).mul(mask).sum(-1)
-        self.kl_ctl.update(float(seq_kl.mean()), rollout.batch_size)
-        self.step += 1
-        self._last_samples = (rollout, scores, indices)
         lengths = rollout.response_lengths.float()
-        metrics = {
+        # Means over this rank's episodes; every rank holds as many, so their mean over ranks is the
+        # global batch's.
+        episode_means = {
             "score": float(scores.mean()),
             "score_rm": raw_mean_score,
             "kl": float(seq_kl.mean()),
             "kl_k3": float(F.kl_k3(old_logprobs, ref_logprobs).mul(mask).sum(-1).mean()),
-            "beta": beta,
             "non_score_reward": float(non_score.sum(-1).mean()),
             "reward_total": float(rewards.sum(-1).mean()),
-            "explained_variance": float(F.explained_variance(old_values, returns, mask)),
-            "value_mean": float(F.masked_mean(old_values, mask)),
             "response_length": float(lengths.mean()),
             "no_eos_rate": float((~rollout.finished).float().mean()),
-            **update_stats,
             "rollout_s": t1 - t0, "generate_s": rollout.timings.get("generate_s", 0.0),
-            "score_s": t2 - t1, "update_s": t3 - t2, "episodes": rollout.batch_size,
+            "score_s": t2 - t1, "update_s": t3 - t2,
+        }
+        if self.distributed:   # one all-reduce: episode means averaged, token-weighted shares summed
+            keys, shared_keys = sorted(episode_means), sorted(shared_stats)
+            sums = all_reduce_sum([episode_means[k] for k in keys] + [shared_stats[k] for k in shared_keys],
+                                  self.device)
+            episode_means = {k: v / self.world for k, v in zip(keys, sums)}
+            shared_stats = dict(zip(shared_keys, sums[len(keys):]))
+        # Ziegler et al. 2019: the controller sees the batch's mean per-episode KL (k1, summed over tokens).
+        self.kl_ctl.update(episode_means["kl"], rollout.batch_size * self.world)
+        self.step += 1
+        self._last_samples = (rollout, scores, indices)
+        return {
+            **episode_means,
+            "beta": beta,
+            "explained_variance": float(F.explained_variance(old_values, returns, mask, sum_across=self.sum_across)),
+            "value_mean": float(F.masked_mean(old_values, mask, sum_across=self.sum_across)),
+            **shared_stats, **replicated_stats,
+            "episodes": rollout.batch_size * self.world,
             "lr": self.optimizer.policy.param_groups[0]["lr"],
         }
-        return metrics
 
     def _update(self, rollout: Rollout, old_logprobs: torch.Tensor, old_values: torch.Tensor,
-                advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
-        """`--ppo-epochs` passes of shuffled minibatches; each minibatch = one optimizer step per model."""
+                advantages: torch.Tensor, returns: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
+        """`--ppo-epochs` passes of shuffled minibatches; each minibatch = one optimizer step per model.
+
+        Returns (shared, replicated) statistics, each averaged over the updates: `shared` are this rank's
+        shares of token-weighted means (they sum over ranks to the global value), `replicated` (gradient
+        norms) are the same on every rank. Under torchrun, minibatch k is the union of every rank's k-th
+        minibatch of its own (shuffled) episodes."""
         cfg = self.cfg
         b = rollout.batch_size
         mb_size = cfg.batch_size * cfg.grad_accum
         mask = rollout.response_mask
         sums: dict[str, float] = {}
+        norms: dict[str, float] = {}
         n_updates = 0
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, self.step, salt=1))
+        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, self.step, salt=1 + 7 * self.rank))
         self.policy.train()
         self.value_model.train()
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(b, generator=gen).tolist()
-            for mb_start in range(0, b, mb_size):
+            # Token-level mean over the WHOLE minibatch (all micro-batches, all ranks), not a mean of means.
+            minibatch_tokens = torch.stack([mask[order[start:start + mb_size]].sum().float()
+                                            for start in range(0, b, mb_size)])
+            if self.distributed:
+                minibatch_tokens = sum_over_ranks(minibatch_tokens)
+            for mb_index, mb_start in enumerate(range(0, b, mb_size)):
                 mb_rows = order[mb_start:mb_start + mb_size]
-                # Token-level mean over the WHOLE minibatch, not a mean of micro-batch means.
-                mb_tokens = float(mask[mb_rows].sum().clamp(min=1))
+                mb_tokens = float(minibatch_tokens[mb_index].clamp(min=1))
                 stats_mb: dict[str, float] = {}
                 for micro_start in range(0, len(mb_rows), cfg.batch_size):
                     rows = torch.tensor(mb_rows[micro_start:micro_start + cfg.batch_size], device=mask.device)
@@ -349,8 +387,12 @@ class PPOTrainer:
                 if not math.isfinite(stats_mb["loss"]):
                     raise TrainingDiverged(f"ppo: loss became {stats_mb['loss']} at step {self.step + 1}; "
                                            f"try a lower --lr or a larger --kl-coef")
-                stats_mb["grad_norm"] = self._clip(self.policy)
-                stats_mb["value_grad_norm"] = self._clip(self.value_model)
+                # Each rank's loss carries its share of the global minibatch's tokens: the sum over ranks
+                # is the gradient of the whole minibatch.
+                for model in (self.policy, self.value_model):
+                    all_reduce_gradients(model.parameters(), average=False)
+                norms["grad_norm"] = norms.get("grad_norm", 0.0) + self._clip(self.policy)
+                norms["value_grad_norm"] = norms.get("value_grad_norm", 0.0) + self._clip(self.value_model)
                 for opt, sched in ((self.optimizer.policy, self.scheduler.policy),
                                    (self.optimizer.value, self.scheduler.value)):
                     opt.step()
@@ -359,7 +401,8 @@ class PPOTrainer:
                 for k, v in stats_mb.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
-        return {k: v / max(1, n_updates) for k, v in sums.items()}
+        n_updates = max(1, n_updates)
+        return ({k: v / n_updates for k, v in sums.items()}, {k: v / n_updates for k, v in norms.items()})
 
     def _clip(self, model: nn.Module) -> float:
         params = [p for p in model.parameters() if p.grad is not None]
@@ -449,6 +492,7 @@ class PPOTrainer:
             save_policy_into(self.policy, self.tokenizer, self.out)
             if cfg.save_value:
                 self._save_value()
+        barrier()   # the other ranks wait while rank 0 writes the model
         return PPOResult(self.out, self.step, metrics, resumed_from)
 
     def _save_value(self) -> None:

@@ -37,6 +37,7 @@ Run the checks: `python -m pytest tests/test_rl_functional.py -q`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -47,6 +48,9 @@ __all__ = [
     "group_advantages", "grpo_loss",
 ]
 
+# Sums a tensor over the processes that each hold a share of the batch (`loop.sum_over_ranks`).
+SumAcross = Callable[[torch.Tensor], torch.Tensor]
+
 
 # ----------------------------------------------------------------------------- masked statistics
 
@@ -56,25 +60,39 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None)
     return masked.sum() if dim is None else masked.sum(dim)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                sum_across: SumAcross | None = None) -> torch.Tensor:
     """Mean of `values` over positions where `mask` is 1 (over all, or along `dim`).
 
     values, mask `(b, r)`. An all-zero mask gives 0, not NaN (the count is clamped to 1) - a batch whose
-    every response is empty must not poison the optimizer.
+    every response is empty must not poison the optimizer. `sum_across` (with `dim=None`): the mean over
+    the whole batch when it is split over processes (see `masked_var`).
     """
-    return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
+    if sum_across is None:
+        return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
+    if dim is not None:
+        raise ValueError("masked_mean: sum_across needs dim=None (a mean over the whole batch)")
+    total, count = sum_across(torch.stack([masked_sum(values, mask), mask.sum().to(values.dtype)]))
+    return total / count.clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def _summed(t: torch.Tensor, sum_across: SumAcross | None) -> torch.Tensor:
+    return t if sum_across is None else sum_across(t)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+               sum_across: SumAcross | None = None) -> torch.Tensor:
     """Variance of the masked entries of `values` `(b, r)`; scalar.
 
     With `unbiased` the sum of squares is divided by n - 1 (Bessel's correction), as in the reference
     implementation of Ziegler et al. / Huang 2024 (`masked_var(..., unbiased=True)`).
+    `sum_across`: when the batch is split over processes, a function that sums a tensor over them
+    (`loop.sum_over_ranks`); the variance is then that of the whole batch, not of this process's share.
     """
-    mean = masked_mean(values, mask)
-    centred_sq = masked_mean((values - mean) ** 2, mask)
+    mean = masked_mean(values, mask, sum_across=sum_across)
+    n = _summed(mask.sum().to(values.dtype), sum_across)
+    centred_sq = _summed(masked_sum((values - mean) ** 2, mask), sum_across) / n.clamp(min=1)
     if unbiased:
-        n = mask.sum()
         if n <= 1:
             return centred_sq
         centred_sq = centred_sq * n / (n - 1)
@@ -82,15 +100,16 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+                  eps: float = 1e-8, sum_across: SumAcross | None = None) -> torch.Tensor:
     """Normalise masked entries of `values` `(b, r)` to variance 1 (and mean 0 if `shift_mean`).
 
     Statistics come from the masked (real-response) tokens only, so padding does not dilute them.
     [Huang 2024] detail 6: advantages are whitened with the mean shifted away (`shift_mean=True`);
     rewards, when whitened, keep their mean (`shift_mean=False`) so a uniformly good batch stays good.
-    Masked-out positions keep whatever value the arithmetic gives; callers mask them again.
+    Masked-out positions keep whatever value the arithmetic gives; callers mask them again. `sum_across`:
+    statistics of the whole batch when it is split over processes (see `masked_var`).
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mean, var = masked_mean(values, mask, sum_across=sum_across), masked_var(values, mask, sum_across=sum_across)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -265,14 +284,15 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, stats
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       sum_across: SumAcross | None = None) -> torch.Tensor:
     """1 - Var(returns - values) / Var(returns) over masked tokens `(b, r)`; scalar.
 
     1 = the value model predicts returns perfectly, 0 = no better than a constant, < 0 = worse.
     A standard PPO diagnostic ([Huang 2024]); NaN-free: returns 0 when Var(returns) is 0.
     """
-    var_returns = masked_var(returns, mask, unbiased=False)
-    var_residual = masked_var(returns - values, mask, unbiased=False)
+    var_returns = masked_var(returns, mask, unbiased=False, sum_across=sum_across)
+    var_residual = masked_var(returns - values, mask, unbiased=False, sum_across=sum_across)
     if var_returns <= 0:
         return torch.zeros((), dtype=values.dtype, device=values.device)
     return 1.0 - var_residual / var_returns

@@ -42,7 +42,8 @@ from chatsmith.config import arg, config_from_dict, load_yaml_config, save_confi
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.train.ppo import PPOConfig, PPOTrainer, _note, _step_seed
 from chatsmith.train.rollout import PromptItem, WorldJudgeScorer, collect_rollout, load_policy, load_prompts
-from chatsmith.utils import MetricsLogger, atomic_write_text, is_main_process, read_jsonl, resolve_device, set_seed
+from chatsmith.utils import (MetricsLogger, atomic_write_text, is_main_process, read_jsonl, require_single_process,
+                             resolve_device, set_seed)
 
 __all__ = ["RLHFConfig", "rlhf", "rank_with_world_judge", "RoundResult"]
 
@@ -130,6 +131,7 @@ def _load_label_rows(path: str, round_index: int) -> list[dict[str, Any]]:
 
 class _RLHF:
     def __init__(self, cfg: RLHFConfig):
+        require_single_process("rlhf")   # its sampling and labelling are not split over ranks
         checks = [(cfg.rounds >= 1, f"--rounds must be >= 1, got {cfg.rounds}"),
                   (cfg.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 to compare, got "
                                                 f"{cfg.samples_per_prompt}"),
