@@ -144,6 +144,50 @@ def test_rollout_logprobs_match_the_sampler_and_mask_after_end_of_turn():
     assert torch.allclose(ro.logprobs, ro.ref_logprobs, atol=1e-5)
 
 
+def test_micro_batches_group_similar_lengths_and_cover_every_row_once():
+    from chatsmith.train.rollout import plan_micro_batches
+
+    prompts = [10, 100, 12, 98, 11, 97, 13, 99]
+    responses = [5, 5, 6, 6, 7, 7, 8, 8]
+    groups = plan_micro_batches(prompts, responses, max_rows=4)
+    assert sorted(i for g in groups for i in g) == list(range(8)) and all(len(g) <= 4 for g in groups)
+    assert sorted(sorted(g) for g in groups) == [[0, 2, 4, 6], [1, 3, 5, 7]]     # short with short
+
+    def cost(gs):
+        return sum(64 + len(g) * (max(prompts[i] for i in g) + max(responses[i] for i in g)) for g in gs)
+
+    assert cost(groups) < cost([[0, 1, 2, 3], [4, 5, 6, 7]])                   # beats arrival order
+    assert plan_micro_batches([10] * 6, [5] * 6, max_rows=4) in ([[0, 1, 2, 3], [4, 5]], [[0, 1], [2, 3, 4, 5]],
+                                                                   [[0, 1, 2], [3, 4, 5]])
+    assert plan_micro_batches([], [], 4) == []
+
+
+def test_trimmed_micro_batch_gives_the_full_batch_log_probs_and_values():
+    from chatsmith.train.rollout import micro_batch_tensors, response_forward, rollout_micro_batches
+
+    policy, reference, value, tokenizer, fmt = toy_models()
+    prompts = toy_prompts(tokenizer, fmt)
+    ro = collect_rollout(policy, reference, tokenizer, [p.ids for p in prompts], list(range(len(prompts))),
+                         max_new_tokens=10, temperature=0.7, stop_token_ids=fmt.stop_token_ids(tokenizer), seed=4)
+    lengths = ro.attention_mask[:, :ro.prompt_len].sum(-1)
+    assert int(lengths.min()) < ro.prompt_len                     # some rows are padded, so trimming matters
+    with torch.no_grad():
+        full_lp, _ = response_forward(policy, ro.input_ids, ro.attention_mask, ro.prompt_len, 0.7)
+        full_v = value_forward(value, ro.input_ids, ro.attention_mask, ro.prompt_len)
+        groups = rollout_micro_batches(ro, range(ro.batch_size), 3)
+        assert sorted(i for g in groups for i in g) == list(range(ro.batch_size))
+        for rows in groups:
+            ids, attention, prompt_len, r = micro_batch_tensors(ro, rows)
+            assert ids.shape[1] == prompt_len + r <= ro.input_ids.shape[1]
+            assert r == int(ro.response_lengths[rows].max()) or r == 1
+            lp, _ = response_forward(policy, ids, attention, prompt_len, 0.7)
+            v = value_forward(value, ids, attention, prompt_len)
+            m = ro.response_mask[rows, :r]
+            assert torch.allclose(lp * m, full_lp[rows, :r] * m, atol=1e-5)
+            assert torch.allclose(v * m, full_v[rows, :r] * m, atol=1e-5)
+            assert ro.response_mask[rows, r:].eq(0).all()           # nothing real was cut off
+
+
 def test_forced_end_of_turn_is_masked_after():
     policy, reference, _, tokenizer, fmt = toy_models()
     stop = fmt.stop_token_ids(tokenizer)

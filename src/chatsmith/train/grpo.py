@@ -43,7 +43,8 @@ from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, Tr
                                   build_scheduler, resolve_dtype)
 from chatsmith.train.ppo import _note, _step_seed, format_samples_table, save_policy_into
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout, disable_dropout,
-                                     freeze, load_policy, load_prompts, make_scorer, response_forward)
+                                     freeze, load_policy, load_prompts, make_scorer, micro_batch_tensors,
+                                     response_forward, rollout_micro_batches)
 from chatsmith.utils import (MetricsLogger, barrier, init_distributed, is_main_process, rank, read_jsonl,
                              resolve_device, set_seed, world_size)
 
@@ -62,7 +63,8 @@ class GRPOConfig(TrainConfig):
     prompts_per_step: int = arg(4, "Prompts (groups) per step, per process under torchrun.")
     num_generations: int = arg(4, "G: responses sampled per prompt (the group).")
     num_iterations: int = arg(1, "Updates per batch (mu in Shao et al.); > 1 reuses the samples off-policy.")
-    batch_size: int = arg(16, "Episodes per forward/backward micro-batch during the update.")
+    batch_size: int = arg(16, "Most episodes per forward/backward micro-batch in the update (episodes of similar "
+                                  "length are grouped, so a micro-batch may hold fewer).")
     lr: float = arg(1e-5, "Peak learning rate (AdamW).")
     warmup_steps: int = arg(0, "Linear warmup steps.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
@@ -206,19 +208,19 @@ class GRPOTrainer:
         total_tokens = float(mask.sum().clamp(min=1))
         sums: dict[str, float] = {}
         self.policy.train()
+        micro_batches = rollout_micro_batches(rollout, range(b), cfg.batch_size)
         for _ in range(cfg.num_iterations):
             step_stats: dict[str, float] = {}
-            for start in range(0, b, cfg.batch_size):
-                rows = slice(start, start + cfg.batch_size)
-                m = mask[rows]
+            for rows in micro_batches:
+                ids, attention, prompt_len, r = micro_batch_tensors(rollout, rows)
+                m = mask[rows, :r]
                 # Weights that make the sum over micro-batches equal the loss of the whole batch.
                 weight = (m.shape[0] / b) if cfg.loss_type == "grpo" else float(m.sum()) / total_tokens
                 with autocast_context(self.device, self.amp_dtype):
-                    logprobs, entropy = response_forward(self.policy, rollout.input_ids[rows],
-                                                         rollout.attention_mask[rows], rollout.prompt_len,
-                                                         cfg.temperature, with_entropy=cfg.entropy)
-                old = rollout.logprobs[rows] if rollout.logprobs is not None else logprobs.detach()
-                ref = rollout.ref_logprobs[rows] if rollout.ref_logprobs is not None else None
+                    logprobs, entropy = response_forward(self.policy, ids, attention, prompt_len, cfg.temperature,
+                                                         with_entropy=cfg.entropy)
+                old = rollout.logprobs[rows, :r] if rollout.logprobs is not None else logprobs.detach()
+                ref = rollout.ref_logprobs[rows, :r] if rollout.ref_logprobs is not None else None
                 loss, stats = F.grpo_loss(logprobs, old, ref, advantages[rows], m, cfg.clip_range, cfg.beta,
                                           cfg.loss_type)
                 (loss * weight).backward()

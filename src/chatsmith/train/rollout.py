@@ -38,7 +38,8 @@ from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_log
 __all__ = [
     "Rollout", "PromptItem", "load_policy", "disable_dropout", "load_prompts", "make_scorer", "freeze", "truncate_at_stop", "pad_rollout", "response_forward", "policy_logprobs",
     "sample", "collect_rollout", "apply_no_eos_penalty", "RewardModelScorer", "WorldJudgeScorer",
-    "position_ids_from_mask", "value_forward",
+    "position_ids_from_mask", "value_forward", "plan_micro_batches", "rollout_micro_batches",
+    "micro_batch_tensors",
 ]
 
 
@@ -140,6 +141,65 @@ def pad_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[i
     return (input_ids.to(device), attention_mask.to(device), p, response_ids.to(device), response_mask.to(device))
 
 
+# ----------------------------------------------------------------------------- length-aware micro-batches
+
+def plan_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence[int], max_rows: int,
+                       overhead_tokens: int = 64) -> list[list[int]]:
+    """Split rows into micro-batches of at most `max_rows` that spend little compute on padding.
+
+    A micro-batch is cut to its own longest prompt and longest response (`micro_batch_tensors`), so it
+    costs about `rows x (longest prompt + longest response)` tokens, plus a fixed per-call overhead
+    (`overhead_tokens`, the Python and kernel-launch cost of one forward/backward in token equivalents).
+    Rows are sorted by length and split into contiguous groups by dynamic programming on that cost, so one
+    long prompt no longer pads every other row of the batch to its length. On the built-in world's PPO
+    prompts (mean 26 tokens, longest 115) groups of up to 4 process about half the tokens of one batch of
+    16. The rows of a minibatch only change how its gradient is summed, not its value (callers weight each
+    micro-batch by its share of the minibatch). Returns lists of row indices.
+    """
+    n = len(prompt_lengths)
+    if n == 0:
+        return []
+    max_rows = max(1, int(max_rows))
+    order = sorted(range(n), key=lambda i: (prompt_lengths[i] + response_lengths[i], i))
+    best = [0.0] + [float("inf")] * n        # best[j]: cheapest split of order[:j]
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest_prompt = longest_response = 0
+        for i in range(j - 1, max(-1, j - 1 - max_rows), -1):     # candidate last group order[i:j]
+            longest_prompt = max(longest_prompt, int(prompt_lengths[order[i]]))
+            longest_response = max(longest_response, int(response_lengths[order[i]]), 1)
+            cost = best[i] + overhead_tokens + (j - i) * (longest_prompt + longest_response)
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[start[j]:j])
+        j = start[j]
+    return groups[::-1]
+
+
+def rollout_micro_batches(rollout: "Rollout", rows: Sequence[int], max_rows: int) -> list[list[int]]:
+    """`plan_micro_batches` over the given rows of a rollout (returns rollout row indices)."""
+    rows = list(rows)
+    prompt_lengths = rollout.attention_mask[rows, :rollout.prompt_len].sum(-1).tolist()
+    response_lengths = rollout.response_lengths[rows].tolist()
+    return [[rows[k] for k in group] for group in plan_micro_batches(prompt_lengths, response_lengths, max_rows)]
+
+
+def micro_batch_tensors(rollout: "Rollout", rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """`(input_ids, attention_mask, prompt_len, response_len)` of the rows, cut to their own longest prompt
+    and longest response: the columns dropped are padding in every one of these rows, so the forward pass
+    gives the same log-probs and values for the `response_len` response positions kept (positions come
+    from the attention mask). Response-shaped tensors of the rollout are sliced with `[rows, :response_len]`.
+    """
+    index = torch.as_tensor(list(rows), dtype=torch.long, device=rollout.input_ids.device)
+    p = rollout.prompt_len
+    prompt_len = max(1, int(rollout.attention_mask[index, :p].sum(-1).max()))
+    response_len = max(1, int(rollout.response_lengths[index].max()))
+    columns = slice(p - prompt_len, p + response_len)
+    return rollout.input_ids[index, columns], rollout.attention_mask[index, columns], prompt_len, response_len
+
+
 # ----------------------------------------------------------------------------- forward passes
 
 def _call_lm(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
@@ -173,16 +233,17 @@ def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 @torch.no_grad()
 def policy_logprobs(model: nn.Module, rollout: Rollout, temperature: float, micro_batch: int = 0) -> torch.Tensor:
-    """No-grad log-probs `(b, r)` of the rollout's responses, computed `micro_batch` rows at a time."""
+    """No-grad log-probs `(b, r)` of the rollout's responses, in length-grouped micro-batches of at most
+    `micro_batch` rows (`rollout_micro_batches`)."""
     b = rollout.batch_size
-    step = micro_batch if micro_batch and micro_batch > 0 else b
-    parts = []
-    for start in range(0, b, step):
-        ids = rollout.input_ids[start:start + step]
-        mask = rollout.attention_mask[start:start + step]
-        lp, _ = response_forward(model, ids, mask, rollout.prompt_len, temperature)
-        parts.append(lp)
-    return torch.cat(parts) * rollout.response_mask
+    out = None
+    for rows in rollout_micro_batches(rollout, range(b), micro_batch if micro_batch and micro_batch > 0 else b):
+        ids, mask, prompt_len, r = micro_batch_tensors(rollout, rows)
+        lp, _ = response_forward(model, ids, mask, prompt_len, temperature)
+        if out is None:
+            out = torch.zeros(rollout.response_mask.shape, dtype=lp.dtype, device=lp.device)
+        out[rows, :r] = lp
+    return out * rollout.response_mask
 
 
 def value_forward(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
