@@ -104,16 +104,26 @@ def test_changed_settings_in_an_existing_output_are_refused(tmp_path, monkeypatc
     assert json.loads((tmp_path / "d" / ".demo" / "export.json").read_text())["settings"]["seed"] == 3
 
 
-def test_a_changed_world_generator_is_a_changed_setting(tmp_path, monkeypatch):
-    """The world's code is part of the export's key: after an upgrade that writes another world, a run made
-    with the old one is not resumed as if it were the same."""
+def test_a_changed_world_is_exported_again_not_resumed(tmp_path, monkeypatch, capsys):
+    """The world's code is part of the export's key: after an upgrade that writes another world, the same
+    command (same profile, seed and settings) exports again instead of reusing the old world's files; a
+    changed setting is still refused."""
     monkeypatch.setenv("CHATSMITH_CACHE", str(tmp_path / "cache"))
     cfg = D.DemoConfig(out=str(tmp_path / "d"), profile="toy", until="export")
     D.run_demo(cfg)
     assert D.run_demo(cfg) == 0                              # same code: the finished stage is reused
+    assert "running it again" not in capsys.readouterr().err
+    stale = tmp_path / "d" / "data" / "stale.txt"
+    stale.write_text("from the old world")
+    before = json.loads((tmp_path / "d" / ".demo" / "export.json").read_text())["key"]
     monkeypatch.setattr(D, "_world_code_digest", lambda: "another world")
+    assert D.run_demo(cfg) == 0
+    assert "export: its inputs changed" in capsys.readouterr().err
+    assert not stale.exists() and (tmp_path / "d" / "data" / "sft.jsonl").is_file()     # a fresh export
+    assert json.loads((tmp_path / "d" / ".demo" / "export.json").read_text())["key"] != before
+    assert D.run_demo(cfg) == 0 and "running it again" not in capsys.readouterr().err
     with pytest.raises(ChatsmithError, match="other settings"):
-        D.run_demo(cfg)
+        D.run_demo(D.DemoConfig(out=cfg.out, profile="toy", until="export", override=["export.seed=3"]))
 
 
 def test_stage_keys_follow_the_bytes_each_stage_reads(tmp_path):

@@ -114,7 +114,8 @@ class DemoConfig:
                                   "(e.g. ppo.kl_coef=0.1 sft.max_steps=400).")
     until: str = arg("eval", "Stop after this stage.", choices=list(STAGES))
     resume: bool = arg(True, "Continue an earlier run in --out: finished stages are skipped, an interrupted one "
-                             "resumes from its checkpoint (--no-resume deletes the earlier stage outputs first).")
+                             "resumes from its checkpoint, one whose inputs changed (a new world) is trained "
+                             "again (--no-resume deletes the earlier stage outputs first).")
     cache: bool = arg(True, "Reuse (and store) pretrained base models in --cache-dir.")
     cache_dir: str = arg("", "Base-model cache (default: $CHATSMITH_CACHE or ~/.cache/chatsmith).")
     device: str = arg("auto", "cpu, cuda, mps or auto.")
@@ -428,6 +429,13 @@ def _copy_model_dir(src: Path, dst: Path) -> None:
                 shutil.copy2(item, tmp / item.name)
 
 
+def _same_choices(marker: dict, cfg: "DemoConfig", stage_settings: dict) -> bool:
+    """Was the stage in a marker made with this profile, seed and stage settings (overrides included)?"""
+    as_json = json.loads(json.dumps(stage_settings, default=str))
+    return (marker.get("profile") == cfg.profile and int(marker.get("seed", 0)) == cfg.seed
+            and marker.get("settings") == as_json)
+
+
 def _read_marker(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -467,11 +475,20 @@ def run_demo(cfg: DemoConfig) -> int:
             marker_path = paths.markers / f"{stage}.json"
             marker = _read_marker(marker_path)
             stage_dir = paths.root / STAGE_DIRS[stage]
-            if marker is not None:
-                if marker.get("key") != keys[stage]:
+            if marker is not None and marker.get("key") != keys[stage]:
+                if not _same_choices(marker, cfg, settings[stage]):
                     raise ChatsmithError(
                         f"{paths.root} holds a '{stage}' stage made with other settings (profile "
                         f"{marker.get('profile')!r}); use another --out, or --no-resume to start over there")
+                # Same profile, seed and settings: what changed is the stage's input (a new world or an
+                # upstream stage trained again), so it is stale, and is trained again from scratch.
+                progress.log(f"[demo {index}/{len(STAGES)}] {stage}: its inputs changed since {paths.root} was "
+                             f"made (a new chatsmith version or world); running it again")
+                if stage_dir.exists():
+                    shutil.rmtree(stage_dir)
+                marker_path.unlink(missing_ok=True)
+                marker = None
+            if marker is not None:
                 if stage_dir.exists():
                     times[stage] = float(marker.get("seconds", 0.0))
                     progress.begin(index, stage, None)
@@ -505,7 +522,8 @@ def run_demo(cfg: DemoConfig) -> int:
                 _run_stage(stage, _build_stage_config(stage, paths, cfg, settings[stage], resume=resume))
             times[stage] = round(time.time() - start, 2)
             atomic_write_text(marker_path, json.dumps({
-                "stage": stage, "key": keys[stage], "profile": cfg.profile, "seconds": times[stage],
+                "stage": stage, "key": keys[stage], "profile": cfg.profile, "seed": cfg.seed,
+                "seconds": times[stage],
                 "cached": cached, "settings": settings[stage], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")},
                 indent=2, default=str) + "\n")
             progress.end(stage)
