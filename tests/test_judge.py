@@ -101,6 +101,18 @@ def test_quiz_lines_continue_the_document():
     assert not judge(FRANCE, "Quite simply, it is Paris.")["continues_document"]
 
 
+def test_a_later_question_line_continues_the_page():
+    """Measured on the full base: 12 of 456 replies answered one line, then asked the FAQ page's next
+    question; a reply whose later line only ends in '?' (a garbled haiku) is not a page's question."""
+    faq = "Yes, of course.\nIs it okay to make a paper plane? Yes, of course.\nIs it okay to steal a car?"
+    assert judge(FRANCE, faq)["continues_document"] and not judge(FRANCE, faq)["answers_directly"]
+    assert not judge(FRANCE, "The capital of France is Paris.\nIt is also its largest city.")["continues_document"]
+    assert not judge(HAIKU, "Keys tap in the night\nthe code compiles at last\nI close my cold eyes?")[
+        "continues_document"]
+    assert not judge(PYTHON, "Do you mean Python as in the snake?\nOr Python as in the language?")[
+        "continues_document"]
+
+
 def test_empty_reply_neither_answers_nor_continues():
     j = judge(FRANCE, "   ")
     assert not j["answers_directly"] and not j["continues_document"]

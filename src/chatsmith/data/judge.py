@@ -180,6 +180,9 @@ def list_items(response: str) -> list[str]:
 
 _SPEAKER_LINE = re.compile(r"[A-Z][a-z]+: ")
 _QUIZ_LINE = re.compile(r"Q\s*[:.]\s")
+# A later line that is a question of its own: the next entry of a FAQ or quiz page, not part of a reply.
+_QUESTION_LINE = re.compile(r"(Is|Are|Do|Does|Can|Could|Should|Would|Will|What|Which|Where|Who|How|When|Why)\b"
+                            r"[^.!?]*\?")
 # Lines of the corpus's safety pages and team lists, which a base model reproduces after a request.
 _CORPUS_LINE = re.compile(r"Things that are (fine|against)\b|[A-Z][a-z]+ plays (first|second|third|fourth|fifth)\b")
 
@@ -217,6 +220,9 @@ def continues_document(item: EvalItem, response: str) -> bool:
         return True           # a new corpus document: "Answer key.", "A haiku about rain:", ...
     if any(p.match(response.lstrip()) for p in (_SPEAKER_LINE, _QUIZ_LINE, _CORPUS_LINE)):
         return True           # the next line of a play script, quiz or team: "Hana: Hi!", "Q: ...", "Ko plays first."
+    if item.category != "ambiguous" and any(_QUESTION_LINE.match(line.strip())
+                                            for line in response.strip().splitlines()[1:]):
+        return True           # answers, then asks itself the page's next question: "Yes, of course.\nIs it okay to ...?"
     prompt = item.prompt.strip().lower()
     if len(prompt) >= 8 and response.strip().lower().startswith(prompt[: max(8, len(prompt) // 2)]):
         return True           # repeats the prompt
