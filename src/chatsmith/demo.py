@@ -82,7 +82,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "kl_coef": 0.2, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 0, "save_every": 5},
         "dpo": {"max_steps": 30, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 15},
         "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 32},
-        "seconds": {"export": 3, "pretrain": 190, "sft": 90, "reward": 60, "ppo": 120, "dpo": 50, "eval": 80},
+        "seconds": {"export": 3, "pretrain": 190, "sft": 90, "reward": 60, "ppo": 95, "dpo": 50, "eval": 80},
     },
     # Better models for a longer wait: <= 60 minutes on 2 CPU cores.
     "full": {
@@ -97,7 +97,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "kl_coef": 0.05, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 10, "save_every": 10},
         "dpo": {"max_steps": 150, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 50},
         "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 64},
-        "seconds": {"export": 3, "pretrain": 1650, "sft": 340, "reward": 150, "ppo": 290, "dpo": 90, "eval": 60},
+        "seconds": {"export": 3, "pretrain": 1650, "sft": 340, "reward": 150, "ppo": 180, "dpo": 90, "eval": 60},
     },
 }
 
