@@ -53,11 +53,11 @@ def test_toy_demo_end_to_end_resumes_and_caches(tmp_path, monkeypatch, capsys):
 
     calls.clear()
     assert D.run_demo(cfg) == 0                       # resumes: finished stages are skipped
-    assert calls == ["reward", "ppo", "dpo"]
+    assert calls == ["reward", "ppo", "dpo", "grpo"]
     printed = capsys.readouterr().out
 
     report = json.loads((out / "report" / "report.json").read_text())
-    assert set(report["models"]) == {"base", "sft", "ppo", "dpo"}
+    assert set(report["models"]) == {"base", "sft", "ppo", "dpo", "grpo"}
     for name, entry in report["models"].items():
         assert set(METRICS) <= set(entry), name
         for metric in METRICS[:8]:
@@ -73,7 +73,7 @@ def test_toy_demo_end_to_end_resumes_and_caches(tmp_path, monkeypatch, capsys):
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert "| kl_to_sft |" in (out / "report" / "report.md").read_text()
     samples = (out / "report" / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 4 * report["n_items"]
+    assert len(samples) == 5 * report["n_items"]                    # base, sft, ppo, dpo, grpo
 
     # The terminal ending: side-by-side answers, the metrics table and the next commands.
     assert "[base]" in printed and "[sft]" in printed and "[ppo]" in printed
@@ -146,7 +146,7 @@ def test_stage_keys_follow_the_bytes_each_stage_reads(tmp_path):
     (data / "sft.jsonl").write_text("other chats\n")
     after = all_keys()
     assert after["pretrain"] == before["pretrain"]
-    assert all(after[s] != before[s] for s in ("sft", "reward", "ppo", "dpo", "eval"))
+    assert all(after[s] != before[s] for s in ("sft", "reward", "ppo", "dpo", "grpo", "eval"))
     (data / "corpus.jsonl").write_text("another corpus\n")
     assert all_keys()["pretrain"] != after["pretrain"]
     assert D._stage_key("pretrain", before, settings, 1, data) != all_keys()["pretrain"]   # the seed counts

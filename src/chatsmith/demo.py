@@ -14,13 +14,17 @@ Stages, each in its own directory under --out (runs/demo):
   4. reward    a reward model on the preference pairs (rm/)
   5. ppo       RLHF with PPO against the reward model (ppo/)
   6. dpo       DPO on the same preferences, for comparison (dpo/)
-  7. eval      the held-out behaviour suite on base, SFT, PPO and DPO (report/: report.json, .md, .html)
+  7. grpo      GRPO against the same reward model, with PPO's budget of episodes, for comparison (grpo/)
+  8. eval      the held-out behaviour suite on base, SFT, PPO, DPO and GRPO (report/: report.json, .md,
+               .html)
 It ends by printing the answers of base, SFT and PPO side by side, the metrics table and what to try next.
 
 Resuming: after each stage a marker (`.demo/STAGE.json`, written atomically) records its settings and wall
 time; re-running the same command skips finished stages and resumes an interrupted one from its checkpoint.
 A marker whose key differs (a stage's key covers its settings, its seed and the bytes of everything it
-reads; see `_stage_key`) stops the demo with a message (use another --out or --no-resume). Every stage's
+reads; see `_stage_key`) means the stage is stale: with the same profile, seed and settings (its inputs
+changed: a new world, an upstream stage trained again) it is trained again; otherwise the demo stops with
+a message (use another --out or --no-resume). Every stage's
 settings per profile live in PROFILES below: one place to tune them.
 """
 
@@ -43,7 +47,7 @@ from chatsmith.config import _coerce, arg
 from chatsmith.errors import ChatsmithError
 from chatsmith.utils import atomic_directory, atomic_write_text
 
-STAGES = ("export", "pretrain", "sft", "reward", "ppo", "dpo", "eval")
+STAGES = ("export", "pretrain", "sft", "reward", "ppo", "dpo", "grpo", "eval")
 
 # Per profile: the settings of every stage (fields of that stage's config dataclass; anything not set
 # here keeps the stage's own default), plus `seconds`: the expected wall time of each stage on 2 CPU
@@ -63,7 +67,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "dpo": {"max_steps": 3, "batch_size": 4, "max_len": 128, "warmup_steps": 1, "save_every": 0,
                 "log_every": 1},
         "eval": {"max_items": 1, "max_new_tokens": 8, "batch_size": 16, "kl_samples": 4},
-        "seconds": {"export": 2, "pretrain": 10, "sft": 5, "reward": 5, "ppo": 8, "dpo": 5, "eval": 20},
+        "grpo": {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2, "batch_size": 4, "max_new_tokens": 8,
+                 "max_len": 128, "sample_every": 0, "save_every": 0},
+        "seconds": {"export": 2, "pretrain": 10, "sft": 5, "reward": 5, "ppo": 8, "dpo": 5, "grpo": 4, "eval": 20},
     },
     # The default: <= 10 minutes on 2 CPU cores (issue 5's targets are for this profile).
     "quick": {
@@ -82,7 +88,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "kl_coef": 0.2, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 0, "save_every": 5},
         "dpo": {"max_steps": 30, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 15},
         "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 32},
-        "seconds": {"export": 3, "pretrain": 190, "sft": 90, "reward": 60, "ppo": 95, "dpo": 50, "eval": 80},
+        # GRPO against the same reward model, with PPO's budget of episodes (8 prompts x 4 completions).
+        "grpo": {"max_steps": 10, "prompts_per_step": 8, "num_generations": 4, "lr": 5e-5, "temperature": 0.7,
+                 "sample_every": 0, "save_every": 5},
+        "seconds": {"export": 3, "pretrain": 190, "sft": 90, "reward": 60, "ppo": 95, "dpo": 50, "grpo": 30,
+                    "eval": 80},
     },
     # Better models for a longer wait: <= 60 minutes on 2 CPU cores.
     "full": {
@@ -97,7 +107,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "kl_coef": 0.05, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 10, "save_every": 10},
         "dpo": {"max_steps": 150, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 50},
         "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 64},
-        "seconds": {"export": 3, "pretrain": 1650, "sft": 340, "reward": 150, "ppo": 180, "dpo": 90, "eval": 60},
+        "grpo": {"max_steps": 30, "prompts_per_step": 8, "num_generations": 4, "lr": 5e-5, "temperature": 0.7,
+                 "sample_every": 10, "save_every": 10},
+        "seconds": {"export": 3, "pretrain": 1650, "sft": 340, "reward": 150, "ppo": 180, "dpo": 90, "grpo": 70,
+                    "eval": 60},
     },
 }
 
@@ -160,6 +173,8 @@ def _config_class(stage: str) -> type:
         from chatsmith.train.ppo import PPOConfig as cls
     elif stage == "dpo":
         from chatsmith.train.dpo import DPOConfig as cls
+    elif stage == "grpo":
+        from chatsmith.train.grpo import GRPOConfig as cls
     else:
         from chatsmith.eval.behaviour import EvalConfig as cls
     return cls
@@ -179,7 +194,8 @@ def _world_code_digest() -> str:
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "export": ((), ()), "pretrain": ((), ("corpus.jsonl",)), "sft": (("pretrain",), ("sft.jsonl",)),
     "reward": (("sft",), ("preferences.jsonl",)), "ppo": (("sft", "reward"), ("prompts.jsonl",)),
-    "dpo": (("sft",), ("preferences.jsonl",)), "eval": (("pretrain", "sft", "reward", "ppo", "dpo"), ("eval",)),
+    "dpo": (("sft",), ("preferences.jsonl",)), "grpo": (("sft", "reward"), ("prompts.jsonl",)),
+    "eval": (("pretrain", "sft", "reward", "ppo", "dpo", "grpo"), ("eval",)),
 }
 
 
@@ -378,11 +394,12 @@ class _Paths:
     def __post_init__(self) -> None:
         self.data, self.base, self.sft = self.root / "data", self.root / "base", self.root / "sft"
         self.rm, self.ppo, self.dpo = self.root / "rm", self.root / "ppo", self.root / "dpo"
+        self.grpo = self.root / "grpo"
         self.report, self.markers = self.root / "report", self.root / ".demo"
 
 
 STAGE_DIRS = {"export": "data", "pretrain": "base", "sft": "sft", "reward": "rm", "ppo": "ppo", "dpo": "dpo",
-              "eval": "report"}
+              "grpo": "grpo", "eval": "report"}
 
 
 def _cache_root(cfg: DemoConfig) -> Path:
@@ -404,8 +421,10 @@ def _build_stage_config(stage: str, paths: _Paths, cfg: DemoConfig, settings: di
         "ppo": {"policy": str(paths.sft), "reward_model": str(paths.rm), "prompts": str(data / "prompts.jsonl"),
                 "out": str(paths.ppo)},
         "dpo": {"model": str(paths.sft), "data": str(data / "preferences.jsonl"), "out": str(paths.dpo)},
-        "eval": {"models": [str(paths.base), str(paths.sft), str(paths.ppo), str(paths.dpo)],
-                 "names": ["base", "sft", "ppo", "dpo"], "base": ["base"], "suite": str(data / "eval"),
+        "grpo": {"model": str(paths.sft), "prompts": str(data / "prompts.jsonl"), "reward": f"rm:{paths.rm}",
+                 "out": str(paths.grpo)},
+        "eval": {"models": [str(paths.base), str(paths.sft), str(paths.ppo), str(paths.dpo), str(paths.grpo)],
+                 "names": ["base", "sft", "ppo", "dpo", "grpo"], "base": ["base"], "suite": str(data / "eval"),
                  "reward_model": str(paths.rm), "reference": str(paths.sft), "out": str(paths.report),
                  "runs": [str(paths.rm)]},
     }[stage]
@@ -554,6 +573,8 @@ def _run_stage(stage: str, stage_cfg: Any) -> Any:
         from chatsmith.train.reward import train_reward_model as fn
     elif stage == "ppo":
         from chatsmith.train.ppo import ppo as fn
+    elif stage == "grpo":
+        from chatsmith.train.grpo import grpo as fn
     else:
         from chatsmith.train.dpo import dpo as fn
     return fn(stage_cfg)
@@ -585,7 +606,7 @@ def final_summary(report: dict, paths: _Paths, cfg: DemoConfig, width: int | Non
              f"  chatsmith chat {paths.ppo}                      # talk to the RLHF model",
              f"  chatsmith chat {paths.sft}                      # ... and to the SFT model it started from",
              f"  chatsmith generate {paths.base} --prompt \"What is the capital of France?\"   # the base model",
-             f"  chatsmith eval {paths.base} {paths.sft} {paths.ppo} {paths.dpo} --reward-model {paths.rm} "
+             f"  chatsmith eval {paths.base} {paths.sft} {paths.ppo} {paths.dpo} {paths.grpo} --reward-model {paths.rm} "
              f"--suite {paths.data / 'eval'} --out runs/my-eval"]
     if cfg.profile != "full":
         parts.append(f"  chatsmith demo --profile full --out {paths.root}-full   # bigger budget, better models")
