@@ -392,8 +392,7 @@ class PPOTrainer:
                                            f"try a lower --lr or a larger --kl-coef")
                 # Each rank's loss carries its share of the global minibatch's tokens: the sum over ranks
                 # is the gradient of the whole minibatch.
-                for model in (self.policy, self.value_model):
-                    all_reduce_gradients(model.parameters(), average=False)
+                all_reduce_gradients([*self.policy.parameters(), *self.value_model.parameters()], average=False)
                 norms["grad_norm"] = norms.get("grad_norm", 0.0) + self._clip(self.policy)
                 norms["value_grad_norm"] = norms.get("value_grad_norm", 0.0) + self._clip(self.value_model)
                 for opt, sched in ((self.optimizer.policy, self.scheduler.policy),
