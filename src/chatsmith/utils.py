@@ -53,11 +53,18 @@ def init_distributed(device: str = "auto") -> bool:
     return True
 
 
+def process_group_ready() -> bool:
+    """True once this process has joined a torch.distributed process group."""
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process): e.g. while rank 0 writes the final model."""
     import torch
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if process_group_ready():
         torch.distributed.barrier()
 
 
@@ -66,7 +73,7 @@ def shutdown_distributed() -> None:
     without an active exception") when its threads are torn down with the group still alive."""
     import torch
 
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if process_group_ready():
         torch.distributed.destroy_process_group()
 
 

@@ -69,7 +69,7 @@ from torch import nn
 from chatsmith.config import arg, save_config
 from chatsmith.errors import ChatsmithError
 from chatsmith.utils import (MetricsLogger, atomic_directory, atomic_write_text, init_distributed, is_main_process,
-                             rank, recover_directory, resolve_device, set_seed, world_size)
+                             process_group_ready, rank, recover_directory, resolve_device, set_seed, world_size)
 
 __all__ = [
     "TrainConfig", "build_optimizer", "build_scheduler", "lr_multiplier", "Checkpointer", "BatchSource",
@@ -213,7 +213,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return process_group_ready()
 
 
 def all_reduce_sum(values: list[float], device: Any) -> list[float]:

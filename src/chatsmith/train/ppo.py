@@ -360,10 +360,8 @@ class PPOTrainer:
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(b, generator=gen).tolist()
             # Token-level mean over the WHOLE minibatch (all micro-batches, all ranks), not a mean of means.
-            minibatch_tokens = torch.stack([mask[order[start:start + mb_size]].sum().float()
-                                            for start in range(0, b, mb_size)])
-            if self.distributed:
-                minibatch_tokens = sum_over_ranks(minibatch_tokens)
+            minibatch_tokens = sum_over_ranks(torch.stack([mask[order[start:start + mb_size]].sum().float()
+                                                           for start in range(0, b, mb_size)]))
             for mb_index, mb_start in enumerate(range(0, b, mb_size)):
                 mb_rows = order[mb_start:mb_start + mb_size]
                 mb_tokens = float(minibatch_tokens[mb_index].clamp(min=1))
