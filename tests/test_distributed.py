@@ -1,5 +1,6 @@
 """torchrun drops in: two CPU processes (gloo) train exactly what one process trains with their joint batch
-(SFT through the shared Trainer, GRPO and PPO through their own loops).
+(SFT and the reward model through the shared Trainer, with DDP and with FSDP; GRPO and PPO through their
+own loops).
 
 Run: python -m pytest tests/test_distributed.py -q
 """
@@ -60,6 +61,93 @@ def test_two_process_sft_equals_one_process_with_the_joint_batch(tmp_path):
     w2 = load_file(str(tmp_path / "ddp" / "model.safetensors"))
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
     assert float((w1["model.norm.weight"] - model.model.norm.weight.detach()).abs().max()) > 1e-4   # it trained
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_fsdp_sft_equals_one_process_and_its_checkpoints_resume_anywhere(tmp_path):
+    """--parallel fsdp: two ranks each hold half of every weight, gradient and AdamW moment; with gradient
+    accumulation, evaluation, tied embeddings and the 'seen' embedding-row mask they train what one process
+    trains. Checkpoints hold whole tensors: an FSDP checkpoint resumes in one process and vice versa."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=512, tie_word_embeddings=True))
+    model.save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS * 4))
+    # A constant learning rate, so that a 2-step run resumed to step 3 is the 3-step run.
+    args = [*SFT_ARGS[:SFT_ARGS.index("--max-steps")], "--lr", "1e-2", "--warmup-steps", "0", "--min-lr-ratio", "1",
+            "--device", "cpu", "--eval-fraction", "0.2", "--eval-every", "2", "--no-progress", "--log-every", "1",
+            "--save-every", "0", "--grad-accum", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "chatsmith"]
+    single = [sys.executable, "-m", "chatsmith"]
+    _run([*single, *args, "--max-steps", "3", "--batch-size", "2", "--out", "single"], tmp_path)
+    _run([*torchrun, *args, "--max-steps", "3", "--batch-size", "1", "--parallel", "fsdp", "--out", "fsdp"], tmp_path)
+    _run([*torchrun, *args, "--max-steps", "2", "--batch-size", "1", "--parallel", "fsdp", "--out", "fsdp_then_one"],
+         tmp_path)
+    _run([*single, *args, "--max-steps", "3", "--batch-size", "2", "--out", "fsdp_then_one", "--resume"], tmp_path)
+    _run([*single, *args, "--max-steps", "2", "--batch-size", "2", "--out", "one_then_fsdp"], tmp_path)
+    _run([*torchrun, *args, "--max-steps", "3", "--batch-size", "1", "--parallel", "fsdp", "--out", "one_then_fsdp",
+          "--resume"], tmp_path)
+
+    reference = read_metrics(tmp_path / "single")
+    assert [r["step"] for r in reference] == [1, 2, 2, 3, 3] and "eval_loss" in reference[2]
+    for name in ("fsdp", "fsdp_then_one", "one_then_fsdp"):
+        rows = read_metrics(tmp_path / name)
+        assert [r["step"] for r in rows] == [1, 2, 2, 3, 3], name
+        for a, b in zip(reference, rows):
+            for key in ("loss", "grad_norm", "n_targets", "eval_loss"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (name, a["step"], key)
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    w1 = load_file(str(tmp_path / "single" / "model.safetensors"))
+    rows_trained = (w1["model.embed_tokens.weight"] - base["model.embed_tokens.weight"]).abs().sum(1) > 0
+    assert 0 < int(rows_trained.sum()) < len(tok)      # the 'seen' mask: some rows train, the others stay
+    for name in ("fsdp", "fsdp_then_one", "one_then_fsdp"):
+        w2 = load_file(str(tmp_path / name / "model.safetensors"))
+        assert sorted(w2) == sorted(w1), name
+        assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4, name
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fsdp"))   # a standard HF directory
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()   # still tied
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_fsdp_reward_model_equals_one_process(tmp_path):
+    """The reward stage under FSDP: training metrics of the global batch (not rank 0's share), the same
+    held-out accuracy, normalisation (computed after training on the gathered model) and weights."""
+    from safetensors.torch import load_file
+
+    from test_reward import toy_preferences
+
+    tok = make_tokenizer()
+    tiny_llama(len(tok)).save_pretrained(str(tmp_path / "sft"))
+    tok.save_pretrained(str(tmp_path / "sft"))
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_preferences(32)))
+    args = ["reward", "--model", "sft", "--template", "chatml", "--data", "prefs.jsonl", "--max-steps", "3",
+            "--lr", "3e-3", "--warmup-steps", "1", "--max-len", "64", "--eval-fraction", "0.25",
+            "--norm-samples", "4", "--norm-max-new-tokens", "4", "--device", "cpu", "--no-progress",
+            "--log-every", "1", "--save-every", "0"]
+    _run([sys.executable, "-m", "chatsmith", *args, "--batch-size", "4", "--out", "single"], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "chatsmith",
+          *args, "--batch-size", "2", "--parallel", "fsdp", "--out", "fsdp"], tmp_path)
+
+    single, fsdp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
+    assert [r["step"] for r in fsdp] == [r["step"] for r in single]
+    assert any(0 < r.get("accuracy", 0) < 1 for r in single)     # a metric whose ranks' shares differ
+    for a, b in zip(single, fsdp):
+        for key, value in a.items():
+            if isinstance(value, float) and key not in ("time", "tokens_per_s"):
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["step"], key)
+    summary = [json.loads((tmp_path / d / "reward_summary.json").read_text()) for d in ("single", "fsdp")]
+    for key in ("eval_accuracy", "eval_margin", "reward_mean", "reward_std"):
+        assert summary[1][key] == pytest.approx(summary[0][key], rel=1e-4, abs=1e-5), key
+    w1 = load_file(str(tmp_path / "single" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
+    assert sorted(w1) == sorted(w2) and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")

@@ -242,15 +242,17 @@ def _init_new_rows_to_mean(model: Any, old_rows: int) -> None:
                 weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True)
 
 
-def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[str, str] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``out`` atomically as a standard HF directory (config.json, model.safetensors, tokenizer
-    files with the chat_template), plus ``extra_files`` (relative name -> text)."""
+    files with the chat_template), plus ``extra_files`` (relative name -> text). ``state_dict``: the
+    weights to write instead of the model's own (whole tensors gathered from an FSDP-sharded model)."""
     from chatsmith.utils import atomic_directory
 
     out = Path(out)
     model = getattr(model, "module", model)   # unwrap DistributedDataParallel
     with atomic_directory(out) as tmp, quiet_transformers():
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
@@ -281,6 +283,7 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 
 EMBEDDING_MODES = ("seen", "special", "all", "none")
+ROW_MASK_ATTRIBUTE = "_chatsmith_row_mask"   # the 0/1 row mask, kept on the embedding module (see below)
 RL_EMBEDDING_MODES = ("special", "all", "none")     # RL stages have no fixed training text to take 'seen' from
 TRAIN_EMBEDDINGS_HELP = ("Embedding rows to fine-tune: 'seen' (SFT, DPO: tokens that occur in the training data, "
                          "plus chat markers, pad and added tokens; every other token keeps its pretrained "
@@ -344,6 +347,8 @@ def restrict_embedding_training(model: nn.Module, tokenizer: Any, fmt: Any, mode
         mask[keep] = 1.0
         # Zero gradient rows never move under Adam: both moments stay 0, so the update is 0 / (0 + eps).
         weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
+        # FSDP replaces the parameter (and its hook); the Trainer re-applies the mask from here.
+        setattr(layer, ROW_MASK_ATTRIBUTE, mask)
     return len(keep)
 
 

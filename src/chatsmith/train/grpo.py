@@ -59,6 +59,8 @@ class GRPOConfig(TrainConfig):
                       "or 'rm:PATH' (a reward model from `chatsmith reward`).")
     out: str = arg("runs/grpo", "Output directory: final policy (HF chat model), metrics, samples, checkpoint.")
     template: str | None = arg(None, "Chat format if the model's tokenizer has none.")
+    parallel: str = arg("ddp", "Under torchrun every rank holds the whole policy (and reference); FSDP is for "
+                        "the supervised stages.", choices=["ddp"])
     max_steps: int = arg(50, "GRPO steps (each = one batch of groups + --num-iterations updates).")
     prompts_per_step: int = arg(4, "Prompts (groups) per step, per process under torchrun.")
     num_generations: int = arg(4, "G: responses sampled per prompt (the group).")
@@ -108,6 +110,7 @@ class GRPOTrainer:
             (cfg.num_iterations >= 1, f"--num-iterations must be >= 1, got {cfg.num_iterations}"),
             (cfg.temperature > 0, f"--temperature must be > 0 for RL sampling, got {cfg.temperature}"),
             (cfg.max_len > cfg.max_new_tokens, "--max-len must exceed --max-new-tokens"),
+            (cfg.parallel == "ddp", f"--parallel {cfg.parallel}: grpo replicates the policy on every rank (ddp only)"),
         ]:
             if not ok:
                 raise ChatsmithError(message)

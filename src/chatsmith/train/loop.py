@@ -28,8 +28,10 @@ The contract:
 
 - ``loss_fn(model, batch) -> (loss_sum, n_targets, metrics)``: ``loss_sum`` is a 0-d tensor, the SUM of the
   per-target losses of this micro-batch (a target = a predicted token for LMs, a pair for reward models);
-  ``n_targets`` an int; ``metrics`` a dict of floats, averaged over the accumulation window weighted by
-  ``n_targets``. A ``"tokens"`` metric (input tokens processed) feeds tokens/s; default: ``input_ids`` size.
+  ``n_targets`` an int; ``metrics`` a dict of floats, averaged over the accumulation window and the ranks
+  weighted by ``n_targets``, or of ``(sum, count)`` pairs for a mean over other units (e.g. the pairs of
+  a ranking), reported as total sum / total count. Tokens/s counts ``token_count_fn(batch)`` (default: the
+  size of ``input_ids``).
 - The trainer draws the ``grad_accum`` micro-batches of an optimizer step first, counts their targets with
   ``count_fn`` (all-reduced across ranks), and backpropagates ``loss_sum * world_size / N_total``: the
   gradient is that of (sum of all target losses) / (number of targets in the whole accumulated batch,
@@ -38,9 +40,10 @@ The contract:
   the shifted ``batch["labels"][:, 1:] != -100``.
 - The batch source must be deterministic and resumable: ``next_batch()``, ``state_dict()``,
   ``load_state_dict()`` (:class:`ShardedBatchSource` is one).
-- The loss_fn runs inside ``LossModule.forward`` so that a ``DistributedDataParallel`` wrapper (the wrap
-  point is :meth:`Trainer.wrap_model`) sees the forward pass; gradient sync is skipped (``no_sync``) on
-  all but the last micro-batch of a window. Logging, progress bars and checkpoint writes happen on rank 0.
+- The loss_fn runs inside ``LossModule.forward`` so that the ``DistributedDataParallel`` or FSDP wrapper
+  (``--parallel``; the wrap point is :meth:`Trainer.wrap_model`, FSDP details in
+  :mod:`chatsmith.train.parallel`) sees the forward pass; gradient sync is skipped on all but the last
+  micro-batch of a window. Logging, progress bars and checkpoint writes happen on rank 0.
 
 Checkpoints live in ``OUT/checkpoint/`` (weights as safetensors + optimizer, scheduler, RNG states, step and
 the data position), written through :func:`chatsmith.utils.atomic_directory`, so an interrupted write leaves
@@ -68,6 +71,9 @@ from torch import nn
 
 from chatsmith.config import arg, save_config
 from chatsmith.errors import ChatsmithError
+from chatsmith.train.parallel import (PARALLEL_MODES, full_optimizer_state, full_state_dict, is_sharded,
+                                      load_full_state_dict, load_optimizer_state, mask_embedding_gradients,
+                                      save_weights, shard_for_training, unsharded_root)
 from chatsmith.utils import (MetricsLogger, atomic_directory, atomic_write_text, init_distributed, is_main_process,
                              process_group_ready, rank, recover_directory, resolve_device, set_seed, world_size)
 
@@ -105,6 +111,9 @@ class TrainConfig:
     dtype: str = arg("auto", "Compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.",
                      choices=["auto", "fp32", "bf16"])
     progress: bool = arg(True, "Show a progress bar (main process, interactive).")
+    parallel: str = arg("ddp", "Under torchrun: ddp (every rank holds the whole model) or fsdp (weights, "
+                        "gradients and optimizer state sharded over ranks, one unit per decoder layer: for "
+                        "models too big for one device). Checkpoints are interchangeable.", choices=PARALLEL_MODES)
 
 
 # ----------------------------------------------------------------------------- optimizer / schedule
@@ -275,7 +284,9 @@ class ShardedBatchSource:
     Epoch ``e`` visits the items in the order ``numpy.random.default_rng([seed, e]).permutation(n)`` (or in
     the given order with ``shuffle=False``). Under torchrun the order is padded by wrapping around to a
     multiple of the world size (as ``torch.utils.data.DistributedSampler`` does), and rank ``r`` takes
-    positions ``r, r + W, r + 2W, ...``, so every rank has the same number of batches. The state is
+    positions ``r, r + W, r + 2W, ...``, so every rank has the same number of batches and the ranks' batches
+    ``k`` together are positions ``k·b·W`` to ``(k+1)·b·W - 1`` whatever ``W`` (up to the wrap-around
+    padding of the last batch of an epoch). The state is
     ``(epoch, batch index in the epoch)``: ``state_dict()`` after ``k`` batches and ``load_state_dict`` on a
     fresh source continue with batch ``k + 1`` exactly.
     """
@@ -337,11 +348,20 @@ class ShardedBatchSource:
                 "world_size": self.world_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, mine in (("n_items", len(self.items)), ("batch_size", self.batch_size),
-                          ("world_size", self.world_size), ("seed", self.seed)):
+        """Continue at the saved batch. The number of processes may change if the global batch (batch size
+        x world size) does not: global batch ``k`` is always the slice ``k·B : (k+1)·B`` of the epoch's order."""
+        for key, mine in (("n_items", len(self.items)), ("seed", self.seed)):
             if key in state and int(state[key]) != mine:
                 raise ChatsmithError(f"cannot resume: the checkpoint's data has {key}={state[key]}, this run has "
                                      f"{mine} (resume with the same data and settings)")
+        if "batch_size" in state:
+            saved = int(state["batch_size"]) * int(state.get("world_size", 1))
+            mine = self.batch_size * self.world_size
+            if saved != mine:
+                raise ChatsmithError(
+                    f"cannot resume: the checkpoint's global batch is {saved} rows (--batch-size "
+                    f"{state['batch_size']} x {state.get('world_size', 1)} processes), this run's is {mine} "
+                    f"(--batch-size {self.batch_size} x {self.world_size}); keep batch size x processes the same")
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
 
 
@@ -410,21 +430,23 @@ class Checkpointer:
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
              scheduler: Any = None, data_state: dict[str, Any] | None = None, tokenizer: Any = None,
              extra: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> Path | None:
-        """Write a complete checkpoint or nothing (rank 0 only; other ranks return None)."""
+        """Write a complete checkpoint or nothing (rank 0 writes, other ranks return None). Every rank must
+        call it: FSDP shards are gathered into whole tensors first, so the files are the same however the
+        run was parallelised."""
+        weights = full_state_dict(unwrap_model(model))
+        optimizer_state = full_optimizer_state(optimizer) if optimizer is not None else None
         if not is_main_process():
             return None
-        from safetensors.torch import save_model as save_safetensors
-
         state = {
             "step": int(step),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": _rng_state(),
             "data": data_state,
             "extra": extra or {},
         }
         with atomic_directory(self.path) as tmp:
-            save_safetensors(unwrap_model(model), str(tmp / "model.safetensors"))
+            save_weights(weights, str(tmp / "model.safetensors"))
             torch.save(state, tmp / "state.pt")
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -437,18 +459,13 @@ class Checkpointer:
         """Restore into the given objects; returns the state dict (``step``, ``extra``, ...)."""
         if not self.exists():
             raise ChatsmithError(f"no checkpoint in {self.path}")
-        from safetensors.torch import load_model as load_safetensors
+        from safetensors.torch import load_file
 
-        target = unwrap_model(model)
-        device = next(target.parameters()).device
-        missing, unexpected = load_safetensors(target, str(self.path / "model.safetensors"), strict=False,
-                                               device=str(device))
-        if unexpected or missing:
-            raise ChatsmithError(f"{self.path}/model.safetensors does not match the model: "
-                                 f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        weights_file = self.path / "model.safetensors"
+        load_full_state_dict(unwrap_model(model), load_file(str(weights_file)), source=str(weights_file))
         state = torch.load(self.path / "state.pt", map_location="cpu", weights_only=True)
         if optimizer is not None and state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         if data_source is not None and state.get("data") is not None:
@@ -458,12 +475,11 @@ class Checkpointer:
         return state
 
     def save_best(self, model: nn.Module, step: int, metric: str, value: float) -> Path | None:
+        weights = full_state_dict(unwrap_model(model))   # collective under FSDP
         if not is_main_process():
             return None
-        from safetensors.torch import save_model as save_safetensors
-
         with atomic_directory(self.best_path) as tmp:
-            save_safetensors(unwrap_model(model), str(tmp / "model.safetensors"))
+            save_weights(weights, str(tmp / "model.safetensors"))
             atomic_write_text(tmp / "trainer_state.json",
                               json.dumps({"step": int(step), metric: value}, indent=1) + "\n")
         return self.best_path
@@ -642,18 +658,23 @@ class Trainer:
         init_distributed(self.device)   # under torchrun: join the process group before DDP wraps the model
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         self.model = model.to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.engine = self.wrap_model(LossModule(self.model, loss_fn))
+        self.sharded = is_sharded(self.engine)
+        self.optimizer = build_optimizer(self.model, cfg)      # after wrapping: FSDP replaces the parameters
         self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
         self.checkpointer = Checkpointer(self.out)
         self.logger = MetricsLogger(self.out, stage=stage)
-        self.engine = self.wrap_model(LossModule(self.model, loss_fn))
         self.step = 0
         self.best_value: float | None = None
 
     # -- distributed hooks -------------------------------------------------------------------------
-    def wrap_model(self, module: nn.Module) -> nn.Module:
-        """The DDP wrap point (FSDP would go here too). Single process: the module itself."""
+    def wrap_model(self, module: LossModule) -> nn.Module:
+        """The DDP / FSDP wrap point. Single process: the module itself."""
+        if self.cfg.parallel not in PARALLEL_MODES:
+            raise ChatsmithError(f"--parallel: expected one of {', '.join(PARALLEL_MODES)}, got {self.cfg.parallel!r}")
         if _distributed() and torch.distributed.get_world_size() > 1:
+            if self.cfg.parallel == "fsdp":
+                return shard_for_training(module, module.model, compute_dtype=self.amp_dtype)
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [torch.device(self.device).index] if str(self.device).startswith("cuda") else None
@@ -661,9 +682,24 @@ class Trainer:
         return module
 
     def _no_sync(self, last: bool):
+        """Reduce gradients only on the last micro-batch of an accumulation window."""
+        if hasattr(self.engine, "set_requires_gradient_sync"):      # FSDP2
+            self.engine.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         if last or not hasattr(self.engine, "no_sync"):
             return contextlib.nullcontext()
         return self.engine.no_sync()
+
+    def unsharded_model(self) -> nn.Module:
+        """The model as a plain module, for work after ``run()`` that calls it directly (e.g. the reward
+        model's normalisation). Under FSDP a new copy, built from the config and given the gathered weights
+        (every rank must call it); otherwise ``self.model`` itself."""
+        if not self.sharded:
+            return self.model
+        weights = full_state_dict(self.model)
+        plain = type(self.model)(self.model.config)
+        load_full_state_dict(plain, weights, source=f"the {self.stage} model")
+        return plain.to(device=self.device, dtype=next(iter(weights.values())).dtype)
 
     # -- main loop ---------------------------------------------------------------------------------
     def _prepare_out(self) -> int | None:
@@ -699,7 +735,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), autocast_context(self.device, self.amp_dtype):
+            with torch.no_grad(), autocast_context(self.device, self.amp_dtype), unsharded_root(self.engine):
                 result = self.eval_fn(self.model) or {}
         finally:
             self.model.train(was_training)
@@ -726,6 +762,7 @@ class Trainer:
         scale = (torch.distributed.get_world_size() if _distributed() else 1) / max(1, n_total)
         loss_total = 0.0
         metric_sums: dict[str, float] = {}
+        metric_counts: dict[str, float] = {}
         for i, batch in enumerate(micro):
             batch = move_to_device(batch, self.device)
             with self._no_sync(last=i == len(micro) - 1):
@@ -737,8 +774,16 @@ class Trainer:
                 (loss_sum.float() * scale).backward()
             loss_total += float(loss_sum.detach())
             for k, v in (metrics or {}).items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * counts[i]
-        loss_total = all_reduce_sum([loss_total], self.device)[0]
+                total, weight = (float(v[0]), float(v[1])) if isinstance(v, tuple) else (float(v) * counts[i],
+                                                                                        counts[i])
+                metric_sums[k] = metric_sums.get(k, 0.0) + total
+                metric_counts[k] = metric_counts.get(k, 0.0) + weight
+        if self.sharded:
+            mask_embedding_gradients(self.model)
+        # The loss and the loss_fn's metrics over the whole global batch (all ranks), in one all-reduce.
+        names = sorted(k for k in metric_sums if k != "tokens")
+        loss_total, *sums = all_reduce_sum([loss_total] + [metric_sums[k] for k in names]
+                                           + [metric_counts[k] for k in names], self.device)
         loss = loss_total / max(1, n_total)
         if not math.isfinite(loss):
             raise TrainingDiverged(self._diverged_message("loss", loss))
@@ -752,7 +797,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "n_targets": n_total, "tokens": int(tokens_total)}
-        out.update({k: v / max(1, sum(counts)) for k, v in metric_sums.items() if k != "tokens"})
+        out.update({k: total / weight for k, total, weight in zip(names, sums, sums[len(names):]) if weight > 0})
         return out
 
     def _clip_gradients(self) -> float:
@@ -763,6 +808,8 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        if hasattr(norm, "full_tensor"):   # FSDP: the norm of sharded gradients is a DTensor
+            norm = norm.full_tensor()
         return float(norm)
 
     def _diverged_message(self, what: str, value: float) -> str:
@@ -807,14 +854,17 @@ class Trainer:
         last_eval = self._evaluate() or last_eval
         if resumed_from is None or self.step > resumed_from:
             self._save_checkpoint(last.get("loss"))
-        if self.save_final and is_main_process():
-            save_final_model(self.model, self.tokenizer, self.out, self.extra_files)
+        if self.save_final:
+            weights = full_state_dict(self.model) if self.sharded else None   # collective under FSDP
+            if is_main_process():
+                save_final_model(self.model, self.tokenizer, self.out, self.extra_files, state_dict=weights)
         if _distributed():
             torch.distributed.barrier()
         return TrainResult(self.out, self.step, last.get("loss"), last_eval, resumed_from)
 
 
-def save_final_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: dict[str, str] | None) -> None:
+def save_final_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: dict[str, str] | None,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save as a standard HF directory in ``out``, keeping what else lives there (metrics.jsonl, checkpoint/).
 
     ``chatsmith.model.save_model`` replaces its target directory as a whole, so it writes a sibling
@@ -823,18 +873,14 @@ def save_final_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: d
     """
     import shutil
 
-    try:
-        from chatsmith.model import save_model
-    except ModuleNotFoundError as exc:  # chatsmith.model not installed yet: plain HF save, same layout
-        if exc.name not in ("chatsmith.model",):
-            raise
-        save_model = _fallback_save_model
+    from chatsmith.model import save_model
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.final")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        save_model(unwrap_model(model), tokenizer, staging, extra_files=extra_files)
+        save_model(unwrap_model(model), tokenizer, staging, extra_files=extra_files, state_dict=state_dict)
         for item in sorted(staging.rglob("*")):
             if item.is_file():
                 target = out / item.relative_to(staging)
@@ -842,19 +888,6 @@ def save_final_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: d
                 os.replace(item, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _fallback_save_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: dict[str, str] | None = None):
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    from chatsmith.model import quiet_transformers
-
-    with quiet_transformers():
-        model.save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    for name, text in (extra_files or {}).items():
-        atomic_write_text(out / name, text)
 
 
 def _note(message: str) -> None:

@@ -86,6 +86,8 @@ class PPOConfig(TrainConfig):
     prompts: str = arg("data/prompts.jsonl", "Prompts (conversations ending with a user turn; any chat format).")
     out: str = arg("runs/ppo", "Output directory: final policy (HF chat model), value/, metrics, samples.")
     template: str | None = arg(None, "Chat format if the policy's tokenizer has none (chatml, llama2, alpaca, .jinja).")
+    parallel: str = arg("ddp", "Under torchrun every rank holds the whole policy (and reference); FSDP is for "
+                        "the supervised stages.", choices=["ddp"])
     max_steps: int = arg(50, "PPO steps (each = one rollout batch + --ppo-epochs of updates).")
     rollout_batch_size: int = arg(32, "Episodes (prompt + sampled response) per PPO step, per process under torchrun.")
     batch_size: int = arg(16, "Most episodes per forward/backward micro-batch in the update (episodes of similar "
@@ -158,6 +160,7 @@ def _check_config(cfg: PPOConfig) -> None:
                                            f"--max-new-tokens {cfg.max_new_tokens}"),
         (0 <= cfg.lam <= 1 and 0 <= cfg.gamma <= 1, "--gamma and --lam must lie in [0, 1]"),
         (cfg.kl_target is None or cfg.kl_target > 0, "--kl-target must be > 0"),
+        (cfg.parallel == "ddp", f"--parallel {cfg.parallel}: ppo replicates its models on every rank (ddp only)"),
     ]
     for ok, message in checks:
         if not ok:

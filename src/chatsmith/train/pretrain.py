@@ -30,7 +30,7 @@ from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.train.loop import (ShardedBatchSource, TrainConfig, Trainer, TrainResult, evaluate_loss,
                                   lm_loss_on_targets)
-from chatsmith.utils import is_main_process, set_seed
+from chatsmith.utils import is_main_process, rank, set_seed, world_size
 
 
 @dataclass
@@ -135,7 +135,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     eval_rows = pack_stream(eval_texts, tokenizer, cfg.max_len) if eval_texts else None
     source = ShardedBatchSource(rows, cfg.batch_size, _collate_rows, seed=cfg.seed, drop_last=True)
     n_params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.max_len
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size() * cfg.max_len
     if is_main_process():
         print(f"pretrain: {len(train_texts)} documents, {rows.numel():,} tokens in {len(rows)} rows of "
               f"{cfg.max_len}; vocab {len(tokenizer)}; model {n_params / 1e6:.2f} M parameters; "
@@ -143,9 +143,13 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
               f"{cfg.max_steps * tokens_per_step / max(1, rows.numel()):.2f} epochs", file=sys.stderr)
 
     eval_fn = None
-    if eval_rows is not None and len(eval_rows):
-        batches = [_collate_rows(list(eval_rows[i:i + cfg.batch_size]))
-                   for i in range(0, min(len(eval_rows), cfg.eval_batches * cfg.batch_size), cfg.batch_size)]
+    if eval_rows is not None and len(eval_rows) >= world_size():
+        # The same held-out rows whatever the number of processes: --eval-batches global batches, rank r
+        # scores every W-th of them, and evaluate_loss sums losses and counts over the ranks. Every rank
+        # gets as many rows (FSDP ranks must run the same number of forward passes).
+        n_eval = min(len(eval_rows), cfg.eval_batches * cfg.batch_size * world_size()) // world_size() * world_size()
+        mine = eval_rows[rank():n_eval:world_size()]
+        batches = [_collate_rows(list(mine[i:i + cfg.batch_size])) for i in range(0, len(mine), cfg.batch_size)]
 
         def eval_fn(model):
             loss = evaluate_loss(model, batches, next_token_loss)

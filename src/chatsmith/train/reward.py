@@ -486,8 +486,11 @@ def make_reward_loss(margin: float = 0.0):
         better, worse, group = expand_rankings(batch.num_responses, rewards.device)
         per_example = ranking_loss(rewards, better, worse, group, batch.n_targets, margin)
         diff = (rewards[better] - rewards[worse]).detach()
-        metrics = {"accuracy": float(pairwise_accuracy(diff, torch.zeros_like(diff))),
-                   "margin": float(diff.mean()), "reward_mean": float(rewards.detach().mean())}
+        # Means over pairs and over responses, not over examples: (sum, count) for the Trainer.
+        n_pairs = int(diff.numel())
+        metrics = {"accuracy": (float(pairwise_accuracy(diff, torch.zeros_like(diff))) * n_pairs, n_pairs),
+                   "margin": (float(diff.sum()), n_pairs),
+                   "reward_mean": (float(rewards.detach().sum()), int(rewards.numel()))}
         return per_example.sum(), batch.n_targets, metrics
 
     return loss_fn
@@ -594,7 +597,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
                       stage="reward", count_fn=lambda b: b.n_targets, token_count_fn=lambda b: b.n_tokens,
                       save_final=False)
     result = trainer.run()
-    model = trainer.model
+    model = trainer.unsharded_model()
     model.eval()
 
     # Normalisation: mean 0 / std 1 on what the policy will produce at the start of RL.

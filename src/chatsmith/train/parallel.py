@@ -1,0 +1,217 @@
+"""Fully sharded data parallelism (FSDP2) for the shared Trainer: `--parallel fsdp` under torchrun.
+
+    torchrun --nproc-per-node 8 -m chatsmith sft --model runs/base --data chats.jsonl --parallel fsdp
+
+DDP keeps a whole copy of the weights, gradients and AdamW moments on every rank; FSDP keeps 1/W of each
+and all-gathers a decoder layer's weights just before it runs (and frees them after), so a model W times
+larger fits. The gradients it produces are those DDP produces: each rank's gradient shard is the average
+over ranks, so the Trainer's loss scaling is the same for both.
+
+What sharding changes, and where this module handles it:
+
+- ``shard_for_training``: one FSDP unit per decoder layer (the classes the HF model lists in
+  ``_no_split_modules``), then the Trainer's ``LossModule`` as the root unit. The root owns what is left
+  (embeddings, final norm, LM or score head) and is unsharded by its own forward, which runs the whole
+  ``loss_fn``; losses that call ``model.base_model`` and the head separately stay correct.
+- Parameters become ``DTensor`` shards, so the optimizer is built after sharding.
+- ``full_state_dict`` / ``load_full_state_dict`` and ``full_optimizer_state`` / ``load_optimizer_state``
+  turn shards into whole tensors and back, collectively. Checkpoints therefore hold plain, unsharded
+  tensors in PyTorch's own optimizer layout: a checkpoint written with FSDP on 4 ranks resumes with DDP,
+  FSDP on 2 ranks or one process, and the final model is a standard HF directory.
+- ``--train-embeddings seen|special`` masks embedding-row gradients with a hook on the parameter.
+  Sharding replaces that parameter, so ``mask_embedding_gradients`` applies the same row mask to the
+  sharded gradient after backward.
+- Evaluation calls the model outside the root's forward: ``unsharded_root`` gathers the root's weights
+  for its duration (the decoder layers gather their own).
+
+Reference: PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``); Zhao et al., "PyTorch FSDP:
+Experiences on Scaling Fully Sharded Data Parallel" (VLDB 2023).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from chatsmith.errors import ChatsmithError
+from chatsmith.model import ROW_MASK_ATTRIBUTE
+
+__all__ = ["PARALLEL_MODES", "shard_for_training", "is_sharded", "full_state_dict", "save_weights", "load_full_state_dict",
+           "full_optimizer_state", "load_optimizer_state", "mask_embedding_gradients", "unsharded_root"]
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:   # torch built without distributed
+        return None
+    return DTensor
+
+
+def _is_dtensor(t: Any) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when any parameter of ``module`` is a DTensor shard (FSDP2)."""
+    return any(_is_dtensor(p) for p in module.parameters())
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ChatsmithError(f"--parallel fsdp: cannot find the decoder layers of {type(model).__name__} "
+                             f"(it lists no _no_split_modules); use --parallel ddp")
+    return layers
+
+
+def shard_for_training(root: nn.Module, model: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Apply FSDP2 in place: each decoder layer of ``model`` is a unit, ``root`` (which contains ``model``
+    and runs the loss) is the root unit. Returns ``root``, now an ``FSDPModule``.
+
+    ``compute_dtype`` (bf16 under ``--dtype auto`` on GPU): the gathered weights are cast to it before the
+    all-gather, halving its traffic and the unsharded weights' memory, while the sharded master weights,
+    the optimizer and the gradient reduce-scatter stay fp32 (as in torchtitan's default policy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+              if compute_dtype is not None else MixedPrecisionPolicy())
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
+    return root
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every shard gathered into a whole tensor, on CPU (collective under FSDP:
+    every rank must call it). Tied weights stay one tensor under each of their names, as in a plain model."""
+    state = module.state_dict(keep_vars=True)      # the parameters themselves: tied names share one object
+    if not any(_is_dtensor(t) for t in state.values()):
+        return {name: t.detach() for name, t in state.items()}
+    gathered: dict[int, torch.Tensor] = {}
+    for t in state.values():
+        if id(t) not in gathered:
+            gathered[id(t)] = _full(t.detach()).cpu()
+    return {name: gathered[id(t)] for name, t in state.items()}
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str) -> None:
+    """Write a state dict as safetensors, each tied (storage-sharing) tensor once under its first name;
+    ``load_full_state_dict`` and safetensors' ``load_model`` restore the other names from the tie."""
+    from safetensors.torch import save_file
+
+    seen: set[tuple] = set()
+    unique = {}
+    for name, t in state.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        unique[name] = t.contiguous()
+    save_file(unique, path, metadata={"format": "pt"})
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy whole tensors into a sharded ``module`` (each rank keeps its shard). A name missing from
+    ``state`` is accepted only when it is tied to a name that is present (files store tied weights once)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = dict(module.named_parameters(remove_duplicate=False))
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    by_id: dict[int, list[str]] = {}
+    for name, t in {**params, **buffers}.items():
+        by_id.setdefault(id(t), []).append(name)
+    own = {name for name in module.state_dict()}
+    missing = sorted(n for n in own if n not in state and not any(o in state for o in by_id.get(
+        id(params.get(n, buffers.get(n))), [])))
+    unexpected = sorted(n for n in state if n not in own)
+    if missing or unexpected:
+        raise ChatsmithError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for names in by_id.values():
+            target = params.get(names[0], buffers.get(names[0]))
+            name = next((n for n in names if n in state), None)
+            if name is None:
+                continue   # a non-persistent buffer
+            value = state[name]
+            if _is_dtensor(target):
+                target.copy_(distribute_tensor(value.to(target.device, target.dtype), target.device_mesh,
+                                               target.placements))
+            else:
+                target.copy_(value.to(target.device, target.dtype))
+
+
+def full_optimizer_state(optimizer: Any) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with sharded moments gathered (collective under FSDP). The layout is
+    PyTorch's own (parameters numbered in group order), so it loads into an unsharded optimizer too."""
+    state = optimizer.state_dict()
+    if not isinstance(optimizer, torch.optim.Optimizer) or not any(
+            _is_dtensor(v) for s in state["state"].values() for v in s.values()):
+        return state   # unsharded (or a composite such as PPO's policy + value pair, never sharded)
+    return {**state, "state": {idx: {k: _full(v).detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                               for idx, s in state["state"].items()}}
+
+
+def load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
+    """Load a (whole-tensor) optimizer state; moments of sharded parameters are sharded like them."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = [p for group in getattr(optimizer, "param_groups", ()) for p in group["params"]]
+    if not any(_is_dtensor(p) for p in params):
+        optimizer.load_state_dict(state)
+        return
+    sharded_state = {}
+    for idx, s in state["state"].items():
+        p = params[int(idx)]
+        sharded_state[idx] = {
+            k: (distribute_tensor(v.to(p.device, v.dtype), p.device_mesh, p.placements)
+                if _is_dtensor(p) and torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) else v)
+            for k, v in s.items()}
+    optimizer.load_state_dict({**state, "state": sharded_state})
+
+
+def mask_embedding_gradients(model: nn.Module) -> None:
+    """Zero the gradient rows that ``restrict_embedding_training`` froze, on sharded embedding weights
+    (in a plain model its parameter hook has done this already; applying a 0/1 mask twice changes nothing)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    done: set[int] = set()
+    for module in model.modules():
+        mask = getattr(module, ROW_MASK_ATTRIBUTE, None)
+        weight = getattr(module, "weight", None)
+        if mask is None or weight is None or weight.grad is None or id(weight) in done:
+            continue
+        done.add(id(weight))
+        grad = weight.grad
+        if _is_dtensor(grad):
+            local_mask = distribute_tensor(mask.to(grad.device, grad.dtype), grad.device_mesh,
+                                           grad.placements).to_local()
+            grad.to_local().mul_(local_mask)
+        else:
+            grad.mul_(mask.to(grad.device, grad.dtype))
+
+
+@contextlib.contextmanager
+def unsharded_root(engine: nn.Module) -> Iterator[None]:
+    """Gather the FSDP root's own weights (embeddings, final norm, head) while the model is called outside
+    the root's forward, e.g. by an evaluation function; a no-op for unsharded modules."""
+    unshard = getattr(engine, "unshard", None)
+    if unshard is None or not is_sharded(engine):
+        yield
+        return
+    unshard()
+    try:
+        yield
+    finally:
+        engine.reshard()
