@@ -247,6 +247,49 @@ def test_accumulated_loss_is_normalised_by_all_targets_of_the_window(tmp_path):
     assert not torch.allclose(naive, g_one["lm_head.weight"], rtol=1e-3, atol=1e-6)
 
 
+def test_step_metrics_are_weighted_by_targets_or_by_their_own_counts(tmp_path):
+    """A float metric is averaged over the window weighted by each micro-batch's targets; a (sum, count)
+    metric is total sum / total count (e.g. an accuracy over pairs when the targets are examples)."""
+    items = make_items(8)
+
+    def loss_fn(model, batch):
+        loss, n, _ = lm_loss(model, batch)
+        rows = batch["input_ids"].shape[0]
+        return loss, n, {"per_target": float(n), "targets_per_row": (float(n), rows)}
+
+    trainer, _ = run(config(tmp_path, batch_size=2, grad_accum=4), loss_fn=loss_fn, items=items, dropout=0.0)
+    trainer.source.shuffle = False
+    counts = [int((collate(items[i:i + 2])["targets"] != -100).sum()) for i in range(0, 8, 2)]
+    out = trainer.train_step()
+    assert out["n_targets"] == sum(counts)
+    assert out["per_target"] == pytest.approx(sum(c * c for c in counts) / sum(counts))
+    assert out["targets_per_row"] == pytest.approx(sum(counts) / 8)
+    assert out["targets_per_row"] != pytest.approx(sum(c * c / 2 for c in counts) / sum(counts))   # target-weighted
+
+
+def test_batch_source_resumes_on_another_world_size_with_the_same_global_batch(monkeypatch):
+    """Global batch k is the same rows whatever the split over ranks, so a checkpoint of 2 ranks x 3 rows
+    resumes on 1 rank x 6 rows (and vice versa); a different global batch is refused by name."""
+    items = list(range(30))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ranks = []
+    for r in range(2):
+        monkeypatch.setenv("RANK", str(r))
+        ranks.append(ShardedBatchSource(items, 3, list, seed=4))
+    global_batches = [sorted(ranks[0].next_batch() + ranks[1].next_batch()) for _ in range(3)]
+    saved = ranks[0].state_dict()
+    following = sorted(ranks[0].next_batch() + ranks[1].next_batch())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    single = ShardedBatchSource(items, 6, list, seed=4)
+    assert [sorted(single.next_batch()) for _ in range(3)] == global_batches
+    resumed = ShardedBatchSource(items, 6, list, seed=4)
+    resumed.load_state_dict(saved)
+    assert sorted(resumed.next_batch()) == following
+    with pytest.raises(ChatsmithError, match="global batch is 6 rows"):
+        ShardedBatchSource(items, 4, list, seed=4).load_state_dict(saved)
+
+
 def test_metrics_rows_and_config_written(tmp_path):
     trainer, _ = run(config(tmp_path, max_steps=3, log_every=1),
                      eval_fn=lambda m: {"loss": 1.5})

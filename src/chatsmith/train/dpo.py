@@ -149,12 +149,17 @@ def _pairwise_stats(policy_logps: torch.Tensor, reference_logps: torch.Tensor, n
     return per_example, stats
 
 
-def _summarise(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+def _pair_sums(stats: dict[str, torch.Tensor]) -> dict[str, tuple[float, int]]:
+    """(sum, count) over pairs (a ranking contributes all its pairs), for the Trainer to reduce exactly."""
     margin = stats["chosen_reward"] - stats["rejected_reward"]
-    return {"reward_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean()),
-            "chosen_reward": float(stats["chosen_reward"].mean()),
-            "rejected_reward": float(stats["rejected_reward"].mean()),
-            "chosen_logp": float(stats["chosen_logp"].mean()), "rejected_logp": float(stats["rejected_logp"].mean())}
+    n = int(margin.numel())
+    return {"reward_accuracy": (float((margin > 0).float().sum()), n), "reward_margin": (float(margin.sum()), n),
+            **{k: (float(stats[k].sum()), n) for k in ("chosen_reward", "rejected_reward", "chosen_logp",
+                                                       "rejected_logp")}}
+
+
+def _summarise(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: total / max(1, n) for k, (total, n) in _pair_sums(stats).items()}
 
 
 def make_dpo_loss(cfg: DPOConfig):
@@ -164,7 +169,7 @@ def make_dpo_loss(cfg: DPOConfig):
         policy = packed_logprobs(model, batch.packed)
         per_example, stats = _pairwise_stats(policy, batch.reference_logps.to(policy.device),
                                              batch.packed.num_responses, cfg)
-        return per_example.sum(), batch.n_targets, _summarise(stats)
+        return per_example.sum(), batch.n_targets, _pair_sums(stats)
 
     return loss_fn
 

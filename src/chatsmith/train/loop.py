@@ -71,7 +71,7 @@ from torch import nn
 
 from chatsmith.config import arg, save_config
 from chatsmith.errors import ChatsmithError
-from chatsmith.train.parallel import (PARALLEL_MODES, full_optimizer_state, full_state_dict, is_sharded,
+from chatsmith.train.parallel import (PARALLEL_MODES, full_optimizer_state, full_state_dict,
                                       load_full_state_dict, load_optimizer_state, mask_embedding_gradients,
                                       save_weights, shard_for_training, unsharded_root)
 from chatsmith.utils import (MetricsLogger, atomic_directory, atomic_write_text, init_distributed, is_main_process,
@@ -657,9 +657,11 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         init_distributed(self.device)   # under torchrun: join the process group before DDP wraps the model
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
-        self.model = model.to(self.device)
+        if cfg.parallel not in PARALLEL_MODES:
+            raise ChatsmithError(f"--parallel: expected one of {', '.join(PARALLEL_MODES)}, got {cfg.parallel!r}")
+        self.fsdp = cfg.parallel == "fsdp" and _distributed() and torch.distributed.get_world_size() > 1
+        self.model = model if self.fsdp else model.to(self.device)   # FSDP moves each rank's shard itself
         self.engine = self.wrap_model(LossModule(self.model, loss_fn))
-        self.sharded = is_sharded(self.engine)
         self.optimizer = build_optimizer(self.model, cfg)      # after wrapping: FSDP replaces the parameters
         self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
         self.checkpointer = Checkpointer(self.out)
@@ -670,11 +672,9 @@ class Trainer:
     # -- distributed hooks -------------------------------------------------------------------------
     def wrap_model(self, module: LossModule) -> nn.Module:
         """The DDP / FSDP wrap point. Single process: the module itself."""
-        if self.cfg.parallel not in PARALLEL_MODES:
-            raise ChatsmithError(f"--parallel: expected one of {', '.join(PARALLEL_MODES)}, got {self.cfg.parallel!r}")
+        if self.fsdp:
+            return shard_for_training(module, module.model, self.device, compute_dtype=self.amp_dtype)
         if _distributed() and torch.distributed.get_world_size() > 1:
-            if self.cfg.parallel == "fsdp":
-                return shard_for_training(module, module.model, compute_dtype=self.amp_dtype)
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [torch.device(self.device).index] if str(self.device).startswith("cuda") else None
@@ -694,7 +694,7 @@ class Trainer:
         """The model as a plain module, for work after ``run()`` that calls it directly (e.g. the reward
         model's normalisation). Under FSDP a new copy, built from the config and given the gathered weights
         (every rank must call it); otherwise ``self.model`` itself."""
-        if not self.sharded:
+        if not self.fsdp:
             return self.model
         weights = full_state_dict(self.model)
         plain = type(self.model)(self.model.config)
@@ -778,7 +778,7 @@ class Trainer:
                                                                                         counts[i])
                 metric_sums[k] = metric_sums.get(k, 0.0) + total
                 metric_counts[k] = metric_counts.get(k, 0.0) + weight
-        if self.sharded:
+        if self.fsdp:
             mask_embedding_gradients(self.model)
         # The loss and the loss_fn's metrics over the whole global batch (all ranks), in one all-reduce.
         names = sorted(k for k in metric_sums if k != "tokens")
@@ -855,7 +855,7 @@ class Trainer:
         if resumed_from is None or self.step > resumed_from:
             self._save_checkpoint(last.get("loss"))
         if self.save_final:
-            weights = full_state_dict(self.model) if self.sharded else None   # collective under FSDP
+            weights = full_state_dict(self.model) if self.fsdp else None   # collective under FSDP
             if is_main_process():
                 save_final_model(self.model, self.tokenizer, self.out, self.extra_files, state_dict=weights)
         if _distributed():

@@ -72,20 +72,26 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard_for_training(root: nn.Module, model: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.Module:
+def shard_for_training(root: nn.Module, model: nn.Module, device: str,
+                       compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Apply FSDP2 in place: each decoder layer of ``model`` is a unit, ``root`` (which contains ``model``
     and runs the loss) is the root unit. Returns ``root``, now an ``FSDPModule``.
+
+    Give it the model still on the CPU: each rank's shard is then moved to ``device`` as it is cut, so no
+    GPU ever holds the whole model.
 
     ``compute_dtype`` (bf16 under ``--dtype auto`` on GPU): the gathered weights are cast to it before the
     all-gather, halving its traffic and the unsharded weights' memory, while the sharded master weights,
     the optimizer and the gradient reduce-scatter stay fp32 (as in torchtitan's default policy)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mesh = init_device_mesh(torch.device(device).type, (torch.distributed.get_world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
               if compute_dtype is not None else MixedPrecisionPolicy())
     for layer in _decoder_layers(model):
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(root, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(root, mesh=mesh, mp_policy=policy)
     return root
 
 
