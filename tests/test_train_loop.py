@@ -290,6 +290,29 @@ def test_batch_source_resumes_on_another_world_size_with_the_same_global_batch(m
         ShardedBatchSource(items, 4, list, seed=4).load_state_dict(saved)
 
 
+@pytest.mark.filterwarnings("ignore:Seems like")
+def test_activation_checkpointing_recomputes_layers_and_keeps_the_gradients(tmp_path, monkeypatch):
+    import transformers.models.llama.modeling_llama as llama
+
+    calls = {"mlp": 0}
+    forward = llama.LlamaMLP.forward
+
+    def counted(self, x):
+        calls["mlp"] += 1
+        return forward(self, x)
+
+    monkeypatch.setattr(llama.LlamaMLP, "forward", counted)
+    grads, runs = {}, {}
+    for on in (False, True):
+        trainer, _ = run(config(tmp_path / str(on), activation_checkpointing=on), dropout=0.0)
+        calls["mlp"] = 0
+        grads[on] = _captured_grads(trainer)
+        runs[on] = calls["mlp"]
+    assert (runs[False], runs[True]) == (2, 4)      # 2 layers: each forward once more during backward
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name])
+
+
 def test_metrics_rows_and_config_written(tmp_path):
     trainer, _ = run(config(tmp_path, max_steps=3, log_every=1),
                      eval_fn=lambda m: {"loss": 1.5})

@@ -41,6 +41,7 @@ from chatsmith.train import rl_functional as F
 from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, TrainConfig, TrainingDiverged,
                                   all_reduce_gradients, all_reduce_sum, autocast_context, build_optimizer,
                                   build_scheduler, resolve_dtype)
+from chatsmith.train.parallel import enable_activation_checkpointing
 from chatsmith.train.ppo import _note, _step_seed, format_samples_table, save_policy_into
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout, disable_dropout,
                                      freeze, load_policy, load_prompts, make_scorer, micro_batch_tensors,
@@ -129,6 +130,8 @@ class GRPOTrainer:
             reference, _, _ = load_policy(cfg.model, self.device, cfg.template)
         self.policy = disable_dropout(policy.to(self.device))
         restrict_embedding_training(self.policy, tokenizer, fmt, cfg.train_embeddings)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(self.policy)
         self.reference = freeze(disable_dropout(reference.to(self.device))) if reference is not None else None
         self.tokenizer, self.fmt = tokenizer, fmt
         self.stop_token_ids = list(fmt.stop_token_ids(tokenizer)) if fmt is not None else []

@@ -39,7 +39,7 @@ from torch import nn
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import ROW_MASK_ATTRIBUTE
 
-__all__ = ["PARALLEL_MODES", "shard_for_training", "is_sharded", "full_state_dict", "save_weights", "load_full_state_dict",
+__all__ = ["PARALLEL_MODES", "enable_activation_checkpointing", "shard_for_training", "is_sharded", "full_state_dict", "save_weights", "load_full_state_dict",
            "full_optimizer_state", "load_optimizer_state", "mask_embedding_gradients", "unsharded_root"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -93,6 +93,17 @@ def shard_for_training(root: nn.Module, model: nn.Module, device: str,
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(root, mesh=mesh, mp_policy=policy)
     return root
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute decoder-layer activations during backward (transformers' own gradient checkpointing, in
+    its non-reentrant form, which composes with DDP, FSDP and frozen inputs)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ChatsmithError(f"--activation-checkpointing: {type(model).__name__} does not support it")
+    if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.24; the older name before
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,7 @@ from chatsmith.train import rl_functional as F
 from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, TrainConfig, TrainingDiverged,
                                   all_reduce_gradients, all_reduce_sum, autocast_context, build_optimizer,
                                   build_scheduler, resolve_dtype, save_final_model, sum_over_ranks)
+from chatsmith.train.parallel import enable_activation_checkpointing
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout, disable_dropout,
                                      freeze, load_policy, load_prompts, make_scorer, micro_batch_tensors,
                                      response_forward, rollout_micro_batches, value_forward)
@@ -217,6 +218,9 @@ class PPOTrainer:
         if value_model is None:
             value_model = self._load_value_model()
         self.value_model = disable_dropout(value_model.to(self.device))
+        if cfg.activation_checkpointing:
+            for model in (self.policy, self.value_model):
+                enable_activation_checkpointing(model)
         for p in self.value_model.parameters():
             p.requires_grad_(True)
         if prompts is None:
