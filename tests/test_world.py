@@ -335,6 +335,22 @@ def test_preferences_agree_with_the_judge(world):
     assert all(set(p) <= {"prompt", "chosen", "rejected", "ranked", "id", "category", "aspect"} for p in public)
 
 
+def test_fact_check_pairs_add_right_vs_wrong_facts_and_leave_the_rest_alone(world):
+    more = World(seed=0, scale=0.25, fact_check_pairs=400)
+    base, extended = world.preference_records(), more.preference_records()
+    assert extended[:len(base)] == base                      # same rows, same order, then the extra ones
+    extra = extended[len(base):]
+    assert 0.98 * 100 <= len(extra) <= 100                   # 400 x scale 0.25, a few dropped by the judge
+    assert all(r["aspect"] == "wrong" and r["category"] == "fact" for r in extra)
+    train = {c.name for c in more.train_countries}
+    for r in extra:
+        item = EvalItem(r["id"], r["category"], r["prompt"], r["expected"])
+        assert r["expected"]["country"] in train and score(item, r["chosen"]) > score(item, r["rejected"])
+    assert len({r["id"] for r in extended}) == len(extended)
+    assert more.corpus() == world.corpus() and more.sft() == world.sft()   # the base model's cache holds
+    assert more.summary()["fact_check_pairs"] == 400
+
+
 def test_prompts_and_eval_items_are_judgeable_and_references_score_high(world):
     for row in world.prompts():
         item = EvalItem.from_dict(row, origin=row["id"])

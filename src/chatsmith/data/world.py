@@ -185,7 +185,8 @@ class World:
     """The seeded synthetic world (see the module docstring). Products are computed once and cached."""
 
     def __init__(self, seed: int = 0, n_countries: int | None = None, scale: float = 1.0,
-                 low_quality_share: float = 0.15, eval_size: int = 50, heldout_fraction: float = 0.2):
+                 low_quality_share: float = 0.15, eval_size: int = 50, heldout_fraction: float = 0.2,
+                 fact_check_pairs: int = 0):
         if not 0.0 <= low_quality_share <= 0.9:
             raise ChatsmithError(f"low_quality_share: expected a share in [0, 0.9], got {low_quality_share}")
         if not 0.0 < scale <= 20.0:
@@ -194,10 +195,13 @@ class World:
             raise ChatsmithError(f"heldout_fraction: expected a share in [0.05, 0.5], got {heldout_fraction}")
         if eval_size < 1:
             raise ChatsmithError(f"eval_size: expected at least 1, got {eval_size}")
+        if fact_check_pairs < 0:
+            raise ChatsmithError(f"fact_check_pairs: expected 0 or more, got {fact_check_pairs}")
         if n_countries is not None and not 10 <= n_countries <= len(F.COUNTRIES):
             raise ChatsmithError(f"n_countries: expected 10..{len(F.COUNTRIES)} (or none for all), got {n_countries}")
         self.seed, self.scale, self.low_quality_share = seed, scale, low_quality_share
         self.eval_size, self.heldout_fraction = eval_size, heldout_fraction
+        self.fact_check_pairs = fact_check_pairs
 
         rng = self._rng("split")
         countries = list(F.COUNTRIES)
@@ -828,33 +832,44 @@ class World:
         plan[:len(kinds)] = kinds
         rows, dropped = [], 0
         for i, kind in enumerate(plan):
-            if kind == "ranked":
-                category = rng.choice(list(self._RANKED_ASPECTS))
-                _, msgs, expected, good = self._train_example(rng, category)
-                item = EvalItem(f"pref-{i:05d}", category, msgs, expected)
-                responses = [good]
-                for aspect in rng.sample(self._RANKED_ASPECTS[category], 3):
-                    responses.append(self._rejected(rng, aspect, category, msgs, expected, good))
-                scored = sorted(((score(item, r), j) for j, r in enumerate(responses)), key=lambda x: (-x[0], x[1]))
-                values = [s for s, _ in scored]
-                if len(set(responses)) < 4 or any(a <= b for a, b in zip(values, values[1:])):
-                    dropped += 1
-                    continue
-                rows.append({"prompt": msgs, "ranked": [responses[j] for _, j in scored],
-                             "id": f"pref-{i:05d}", "category": category, "aspect": "ranked", "_expected": expected})
-                continue
-            category, aspect = self._ASPECTS[kind]
-            if category is None:
-                category = rng.choice(("fact", "fact", "haiku"))
-            _, msgs, expected, good = self._train_example(rng, category)
-            bad = self._rejected(rng, aspect, category, msgs, expected, good)
-            item = EvalItem(f"pref-{i:05d}", category, msgs, expected)
-            if bad == good or score(item, good) <= score(item, bad):
-                dropped += 1
-                continue
-            rows.append({"prompt": msgs, "chosen": good, "rejected": bad, "id": f"pref-{i:05d}",
-                         "category": category, "aspect": aspect, "_expected": expected})
+            row = self._preference_row(rng, i, kind)
+            rows += [row] if row else []
+            dropped += row is None
+        # Extra right-vs-wrong fact pairs (their own random stream, so the rows above stay as they are):
+        # a reward model needs many of them before it reads the facts the SFT model knows off the reply.
+        extra = self._rng("fact_checks")
+        for i in range(n, n + round(self.fact_check_pairs * self.scale)):
+            row = self._preference_row(extra, i, "fact_wrong")
+            rows += [row] if row else []
+            dropped += row is None
         return rows, dropped
+
+    def _preference_row(self, rng, i: int, kind: str) -> dict | None:
+        """Preference row number ``i`` of ``kind`` (a _PREF_MIX name), or None when the judge cannot tell its
+        responses apart in the intended order (the row is dropped)."""
+        if kind == "ranked":
+            category = rng.choice(list(self._RANKED_ASPECTS))
+            _, msgs, expected, good = self._train_example(rng, category)
+            item = EvalItem(f"pref-{i:05d}", category, msgs, expected)
+            responses = [good]
+            for aspect in rng.sample(self._RANKED_ASPECTS[category], 3):
+                responses.append(self._rejected(rng, aspect, category, msgs, expected, good))
+            scored = sorted(((score(item, r), j) for j, r in enumerate(responses)), key=lambda x: (-x[0], x[1]))
+            values = [s for s, _ in scored]
+            if len(set(responses)) < 4 or any(a <= b for a, b in zip(values, values[1:])):
+                return None
+            return {"prompt": msgs, "ranked": [responses[j] for _, j in scored],
+                    "id": f"pref-{i:05d}", "category": category, "aspect": "ranked", "_expected": expected}
+        category, aspect = self._ASPECTS[kind]
+        if category is None:
+            category = rng.choice(("fact", "fact", "haiku"))
+        _, msgs, expected, good = self._train_example(rng, category)
+        bad = self._rejected(rng, aspect, category, msgs, expected, good)
+        item = EvalItem(f"pref-{i:05d}", category, msgs, expected)
+        if bad == good or score(item, good) <= score(item, bad):
+            return None
+        return {"prompt": msgs, "chosen": good, "rejected": bad, "id": f"pref-{i:05d}",
+                "category": category, "aspect": aspect, "_expected": expected}
 
     def preferences(self) -> list[dict]:
         """Preference rows on the TRAIN prompt distribution (public format; extra keys id/category/aspect)."""
@@ -966,6 +981,7 @@ class World:
         rows, dropped = self._preference_rows
         return {
             "seed": self.seed, "scale": self.scale, "low_quality_share": self.low_quality_share,
+            "fact_check_pairs": self.fact_check_pairs,
             "countries": len(self.countries), "train_countries": len(self.train_countries),
             "heldout_countries": [c.name for c in self.heldout_countries],
             "corpus_documents": len(self._corpus), "corpus_chars": corpus_chars,
@@ -988,6 +1004,8 @@ class WorldExportConfig:
                                          "(placeholder-only) harmful requests.")
     eval_size: int = arg(50, "Items per held-out eval category.")
     n_countries: int = arg(0, "Use only this many countries (0 = all 163); France is always included.")
+    fact_check_pairs: int = arg(0, "Extra preference pairs of a right against a wrong fact (times --scale), for "
+                                   "a reward model that checks facts (the `full` demo profile adds 2000).")
 
 
 _README = """# The chatsmith built-in world (seed {seed}, scale {scale})
@@ -1085,7 +1103,8 @@ def export_world(cfg: WorldExportConfig) -> dict[str, Any]:
                                  f"(found {', '.join(foreign[:5])}); choose an empty or new directory")
     start = time.perf_counter()
     world = World(seed=cfg.seed, n_countries=cfg.n_countries or None, scale=cfg.scale,
-                  low_quality_share=cfg.low_quality_share, eval_size=cfg.eval_size)
+                  low_quality_share=cfg.low_quality_share, eval_size=cfg.eval_size,
+                  fact_check_pairs=cfg.fact_check_pairs)
     files = _export_files(world)
     with atomic_directory(out) as tmp:
         for rel, text in files.items():

@@ -1,4 +1,5 @@
-"""Fully sharded data parallelism (FSDP2) for the shared Trainer: `--parallel fsdp` under torchrun.
+"""Memory for big models: fully sharded data parallelism (FSDP2, `--parallel fsdp` under torchrun) for the
+shared Trainer, and activation checkpointing (`--activation-checkpointing`) for every training command.
 
     torchrun --nproc-per-node 8 -m chatsmith sft --model runs/base --data chats.jsonl --parallel fsdp
 
@@ -13,7 +14,8 @@ What sharding changes, and where this module handles it:
   ``_no_split_modules``), then the Trainer's ``LossModule`` as the root unit. The root owns what is left
   (embeddings, final norm, LM or score head) and is unsharded by its own forward, which runs the whole
   ``loss_fn``; losses that call ``model.base_model`` and the head separately stay correct.
-- Parameters become ``DTensor`` shards, so the optimizer is built after sharding.
+- The model is sharded while still on the CPU and each rank's shard moves to the device, so no GPU holds
+  the whole model. Parameters become ``DTensor`` shards, so the optimizer is built after sharding.
 - ``full_state_dict`` / ``load_full_state_dict`` and ``full_optimizer_state`` / ``load_optimizer_state``
   turn shards into whole tensors and back, collectively. Checkpoints therefore hold plain, unsharded
   tensors in PyTorch's own optimizer layout: a checkpoint written with FSDP on 4 ranks resumes with DDP,
@@ -24,7 +26,9 @@ What sharding changes, and where this module handles it:
 - Evaluation calls the model outside the root's forward: ``unsharded_root`` gathers the root's weights
   for its duration (the decoder layers gather their own).
 
-Reference: PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``); Zhao et al., "PyTorch FSDP:
+tests/test_distributed.py checks that SFT and the reward model train the same under FSDP on two CPU
+ranks as in one process, and that checkpoints move between the two; benchmarks/fsdp_vs_ddp.py measures
+the memory. Reference: PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``); Zhao et al., "PyTorch FSDP:
 Experiences on Scaling Fully Sharded Data Parallel" (VLDB 2023).
 """
 
@@ -39,8 +43,9 @@ from torch import nn
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import ROW_MASK_ATTRIBUTE
 
-__all__ = ["PARALLEL_MODES", "enable_activation_checkpointing", "shard_for_training", "is_sharded", "full_state_dict", "save_weights", "load_full_state_dict",
-           "full_optimizer_state", "load_optimizer_state", "mask_embedding_gradients", "unsharded_root"]
+__all__ = ["PARALLEL_MODES", "enable_activation_checkpointing", "shard_for_training", "is_sharded",
+           "full_state_dict", "save_weights", "load_full_state_dict", "full_optimizer_state",
+           "load_optimizer_state", "mask_embedding_gradients", "unsharded_root"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
