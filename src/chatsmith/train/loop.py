@@ -688,7 +688,7 @@ class Trainer:
 
     def _no_sync(self, last: bool):
         """Reduce gradients only on the last micro-batch of an accumulation window."""
-        if hasattr(self.engine, "set_requires_gradient_sync"):      # FSDP2
+        if self.fsdp:
             self.engine.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
         if last or not hasattr(self.engine, "no_sync"):

@@ -48,6 +48,7 @@ __all__ = ["PARALLEL_MODES", "enable_activation_checkpointing", "shard_for_train
            "load_optimizer_state", "mask_embedding_gradients", "unsharded_root"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
+_LOCAL_MASK_ATTRIBUTE = "_chatsmith_row_mask_shard"   # this rank's rows of ROW_MASK_ATTRIBUTE's mask
 
 
 def _dtensor_type():
@@ -115,6 +116,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
+def _shard_like(value: torch.Tensor, target: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``value`` (whole, the same on every rank) as a DTensor laid out like ``target``, in ``dtype`` (default:
+    the target's). Every rank cuts its own piece (``src_data_rank=None``): no communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(target.device, dtype or target.dtype), target.device_mesh,
+                             target.placements, src_data_rank=None)
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """``module.state_dict()`` with every shard gathered into a whole tensor, on CPU (collective under FSDP:
     every rank must call it). Tied weights stay one tensor under each of their names, as in a plain model."""
@@ -145,33 +155,21 @@ def save_weights(state: dict[str, torch.Tensor], path: str) -> None:
 
 
 def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy whole tensors into a sharded ``module`` (each rank keeps its shard). A name missing from
-    ``state`` is accepted only when it is tied to a name that is present (files store tied weights once)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    params = dict(module.named_parameters(remove_duplicate=False))
-    buffers = dict(module.named_buffers(remove_duplicate=False))
-    by_id: dict[int, list[str]] = {}
-    for name, t in {**params, **buffers}.items():
-        by_id.setdefault(id(t), []).append(name)
-    own = {name for name in module.state_dict()}
-    missing = sorted(n for n in own if n not in state and not any(o in state for o in by_id.get(
-        id(params.get(n, buffers.get(n))), [])))
+    """Copy whole tensors (the same on every rank) into a possibly sharded ``module``: each rank keeps its
+    shard. A name missing from ``state`` is accepted when it is tied to one that is present (files store
+    tied weights once)."""
+    own = module.state_dict(keep_vars=True)          # persistent entries; tied names share one object
+    tied: dict[int, list[str]] = {}
+    for name, t in own.items():
+        tied.setdefault(id(t), []).append(name)
+    missing = sorted(n for names in tied.values() if not any(x in state for x in names) for n in names)
     unexpected = sorted(n for n in state if n not in own)
     if missing or unexpected:
         raise ChatsmithError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
-        for names in by_id.values():
-            target = params.get(names[0], buffers.get(names[0]))
-            name = next((n for n in names if n in state), None)
-            if name is None:
-                continue   # a non-persistent buffer
-            value = state[name]
-            if _is_dtensor(target):
-                target.copy_(distribute_tensor(value.to(target.device, target.dtype), target.device_mesh,
-                                               target.placements))
-            else:
-                target.copy_(value.to(target.device, target.dtype))
+        for names in tied.values():
+            target, value = own[names[0]], state[next(n for n in names if n in state)]
+            target.copy_(_shard_like(value, target) if _is_dtensor(target) else value.to(target.device, target.dtype))
 
 
 def full_optimizer_state(optimizer: Any) -> dict[str, Any]:
@@ -187,8 +185,6 @@ def full_optimizer_state(optimizer: Any) -> dict[str, Any]:
 
 def load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
     """Load a (whole-tensor) optimizer state; moments of sharded parameters are sharded like them."""
-    from torch.distributed.tensor import distribute_tensor
-
     params = [p for group in getattr(optimizer, "param_groups", ()) for p in group["params"]]
     if not any(_is_dtensor(p) for p in params):
         optimizer.load_state_dict(state)
@@ -197,31 +193,27 @@ def load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
     for idx, s in state["state"].items():
         p = params[int(idx)]
         sharded_state[idx] = {
-            k: (distribute_tensor(v.to(p.device, v.dtype), p.device_mesh, p.placements)
+            k: (_shard_like(v, p, v.dtype)
                 if _is_dtensor(p) and torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) else v)
             for k, v in s.items()}
     optimizer.load_state_dict({**state, "state": sharded_state})
 
 
 def mask_embedding_gradients(model: nn.Module) -> None:
-    """Zero the gradient rows that ``restrict_embedding_training`` froze, on sharded embedding weights
-    (in a plain model its parameter hook has done this already; applying a 0/1 mask twice changes nothing)."""
-    from torch.distributed.tensor import distribute_tensor
-
+    """Zero the gradient rows that ``restrict_embedding_training`` froze, on sharded embedding weights (an
+    unsharded weight's parameter hook has done it already). Each rank's piece of the mask is cut once."""
     done: set[int] = set()
     for module in model.modules():
         mask = getattr(module, ROW_MASK_ATTRIBUTE, None)
-        weight = getattr(module, "weight", None)
-        if mask is None or weight is None or weight.grad is None or id(weight) in done:
+        grad = getattr(getattr(module, "weight", None), "grad", None)
+        if mask is None or not _is_dtensor(grad) or id(grad) in done:
             continue
-        done.add(id(weight))
-        grad = weight.grad
-        if _is_dtensor(grad):
-            local_mask = distribute_tensor(mask.to(grad.device, grad.dtype), grad.device_mesh,
-                                           grad.placements).to_local()
-            grad.to_local().mul_(local_mask)
-        else:
-            grad.mul_(mask.to(grad.device, grad.dtype))
+        done.add(id(grad))
+        local = getattr(module, _LOCAL_MASK_ATTRIBUTE, None)
+        if local is None:
+            local = _shard_like(mask, grad).to_local()
+            setattr(module, _LOCAL_MASK_ATTRIBUTE, local)
+        grad.to_local().mul_(local)
 
 
 @contextlib.contextmanager
