@@ -15,7 +15,9 @@ rewards scaled by the group std, AdamW lr 1e-5, fp32, dropout off, and the same 
 function of the completion text. TRL gets its best CPU settings (no gradient checkpointing, no bf16, no
 vLLM: `transformers` generate). Each side runs in its own child process; the first step is warm-up and
 not timed. Reported per side: episodes/s (completions per second of wall time), seconds per step, mean
-completion length (both sides sample, so lengths can differ; the table shows them).
+completion length (both sides sample, so lengths can differ; the table shows them). A third run,
+chatsmith with `share_prompt=False`, shows what computing each group's prompt once is worth
+(`grpo_share_prompt_speedup`).
 
 Reward model: `benchmarks/rm_vs_trl.py::run_rm_bench` (pairs/s vs `RewardTrainer`, `rm_ratio`).
 
@@ -85,7 +87,7 @@ def prepare(work: Path, args) -> dict:
 
 # ----------------------------------------------------------------------------- children
 
-def child_chatsmith_grpo(work: Path, args) -> dict:
+def child_chatsmith_grpo(work: Path, args, share_prompt: bool = True) -> dict:
     import torch
 
     from chatsmith.train.grpo import GRPOConfig, GRPOTrainer
@@ -99,7 +101,7 @@ def child_chatsmith_grpo(work: Path, args) -> dict:
                      num_iterations=1, batch_size=args.prompts_per_step * args.generations, lr=1e-5,
                      max_new_tokens=args.new_tokens, temperature=1.0, beta=args.beta, clip_range=0.2,
                      loss_type="grpo", scale_rewards=True, device="cpu", sample_every=0, save_every=0,
-                     progress=False, seed=args.seed)
+                     progress=False, seed=args.seed, share_prompt=share_prompt)
     trainer = GRPOTrainer(cfg, scorer=TextScorer())
     times, lengths, episodes = [], [], []
     for _ in range(args.steps):
@@ -177,7 +179,8 @@ def child_chatsmith_ppo(work: Path, args) -> dict:
                                                                     "ppo_epochs", "max_new_tokens", "temperature")}}
 
 
-CHILDREN = {"chatsmith_grpo": child_chatsmith_grpo, "trl_grpo": child_trl_grpo, "chatsmith_ppo": child_chatsmith_ppo}
+CHILDREN = {"chatsmith_grpo": child_chatsmith_grpo, "trl_grpo": child_trl_grpo, "chatsmith_ppo": child_chatsmith_ppo,
+            "chatsmith-unshared_grpo": lambda work, args: child_chatsmith_grpo(work, args, share_prompt=False)}
 
 
 def run_child(name: str, work: Path, argv: list[str]) -> dict | None:
@@ -246,7 +249,7 @@ def main() -> None:
         work = Path(tmp)
         out.update(prepare(work, args))
         grpo: dict[str, dict] = {}
-        for name in ("chatsmith_grpo", "trl_grpo"):
+        for name in ("chatsmith_grpo", "trl_grpo", "chatsmith-unshared_grpo"):
             if name == "trl_grpo" and not trl_ok:
                 continue
             raw = run_child(name, work, argv)
@@ -266,6 +269,11 @@ def main() -> None:
                          if "chatsmith" in grpo and "trl" in grpo else None)
     if out["grpo_ratio"] is not None:
         print(f"grpo_ratio chatsmith/TRL episodes/s: {out['grpo_ratio']:.2f}x")
+    if "chatsmith" in grpo and "chatsmith-unshared" in grpo:
+        out["grpo_share_prompt_speedup"] = round(grpo["chatsmith"]["episodes_per_s"]
+                                                 / grpo["chatsmith-unshared"]["episodes_per_s"], 3)
+        print(f"group prompt computed once vs per response (--no-share-prompt): "
+              f"{out['grpo_share_prompt_speedup']:.2f}x")
 
     out["ppo_episodes_per_s"] = None
     if ppo_raw is not None:

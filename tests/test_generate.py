@@ -134,6 +134,41 @@ def test_same_seed_same_output_and_independent_of_batch(models, prompts, tiny_to
     assert twice.sequences[0] != twice.sequences[1]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_repeated_prompts_are_prefilled_once_and_sample_as_if_alone(models, prompts, tiny_tokenizer, monkeypatch,
+                                                                    fast):
+    import chatsmith.generate as engine
+
+    model = models["llama"]
+    batch = [prompts[2], prompts[0], prompts[2], prompts[0], prompts[2]]       # two prompts, padded to one width
+    alone = [generate(model, tiny_tokenizer, [p], SamplingConfig(max_new_tokens=10, temperature=1.0, seed=5,
+                                                                 first_row=i)).sequences[0]
+             for i, p in enumerate(batch)]
+    prefill_rows = []
+    decoder = engine._FastDecoder if fast else engine._HFDecoder
+    start = decoder.start
+
+    def counting_start(self, ids, *args):
+        prefill_rows.append(ids.shape[0])
+        return start(self, ids, *args)
+
+    monkeypatch.setattr(decoder, "start", counting_start)
+    out = Generator(model, tiny_tokenizer, fast=fast).generate(batch, SamplingConfig(max_new_tokens=10,
+                                                                                      temperature=1.0, seed=5))
+    assert prefill_rows == [2]                       # each distinct prompt once
+    assert out.sequences == alone                    # every row samples what it samples on its own
+    assert len({tuple(s) for s in out.sequences}) == 5
+
+
+def test_distinct_rows_tells_padding_apart():
+    from chatsmith.generate import distinct_rows
+
+    ids = torch.tensor([[0, 5, 6], [0, 5, 6], [5, 5, 6], [0, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]])      # row 3: same ids, 0 is a real token
+    first, inverse = distinct_rows(ids, mask)
+    assert first.tolist() == [0, 2, 3] and inverse.tolist() == [0, 0, 1, 2]
+
+
 def test_fast_and_generic_paths_sample_the_same_tokens(models, prompts, tiny_tokenizer):
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=7)
     fast = Generator(models["llama"], tiny_tokenizer).generate(prompts, cfg)

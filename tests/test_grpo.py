@@ -131,3 +131,43 @@ def write_toy_dirs(tmp_path):
     prompts_file.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u}]}) + "\n"
                                     for u in ["What is the capital of France?", "Python", "Hello", "Is Java an island?"]))
     return model_dir, rm_dir, prompts_file
+
+
+def test_shared_prompt_forward_equals_the_whole_sequences_and_its_gradient():
+    """A group's prompt computed once (KV cache copied to its G responses) gives the log-probs and the
+    gradient of running every whole sequence, under left padding and ragged responses."""
+    from chatsmith.train.rollout import collect_rollout, response_forward, rollout_micro_batches
+
+    policy, _, _, tokenizer, fmt = toy_models()
+    prompts = toy_prompts(tokenizer, fmt)[:3]
+    index = [i for i in range(3) for _ in range(4)]
+    stop = fmt.stop_token_ids(tokenizer)
+
+    def ragged(model, tok, prompt_ids, max_new_tokens, temperature, stop_ids, seed):   # row i: i % 5 + 2 tokens
+        return [[40 + (7 * i + j) % 50 for j in range(i % 5 + 1)] + [stop[0]] for i in range(len(prompt_ids))]
+
+    ro = collect_rollout(policy, None, tokenizer, [prompts[i].ids for i in index], index, max_new_tokens=9,
+                         temperature=1.0, stop_token_ids=stop, seed=2, generate_fn=ragged)
+    assert ro.attention_mask[:, 0].eq(0).any() and ro.response_lengths.unique().numel() > 1
+    m = ro.response_mask
+
+    def run(share):
+        policy.zero_grad()
+        lp, ent = response_forward(policy, ro.input_ids, ro.attention_mask, ro.prompt_len, 0.8, True,
+                                   share_prompt=share)
+        ((lp * m).sum() + (ent * m).sum()).backward()
+        return lp * m, ent * m, [p.grad.clone() for p in policy.parameters()]
+
+    calls = []
+    handle = policy.model.layers[0].register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[:2]))
+    whole, shared = run(False), run(True)
+    handle.remove()
+    assert calls[0] == (12, ro.input_ids.shape[1])                        # 12 whole rows, then:
+    assert calls[1] == (3, ro.prompt_len) and calls[2] == (12, ro.input_ids.shape[1] - ro.prompt_len - 1)
+    torch.testing.assert_close(shared[0], whole[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[1], whole[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared[2], whole[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # Micro-batches keep a group together (rows of one prompt are never split while they fit).
+    for rows in rollout_micro_batches(ro, range(12), 8):
+        assert all(index.count(index[r]) == sum(index[q] == index[r] for q in rows) for r in rows)

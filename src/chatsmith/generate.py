@@ -34,6 +34,8 @@ How it works
 - ``logprobs`` are log-probabilities of the sampled tokens under the temperature-scaled distribution
   before top-k/top-p truncation (``log_softmax(logits / T)``; T = 1 for greedy). That is the
   distribution an RL update recomputes, so PPO/GRPO ratios start at exactly 1.
+- A prompt repeated in the batch (GRPO's G samples of one prompt) is prefilled once; its KV-cache row is
+  then copied to each row that repeats it (``_prefill``). The samples are those of separate prefills.
 - Finished rows leave the batch (their KV cache rows are dropped) once enough of them finished to pay
   for the copy. There is one host-device sync per step (the new token ids, needed for stop checks).
 - Stop strings are matched on bytes, so a stop string split over several byte-level tokens is found;
@@ -53,9 +55,10 @@ from torch import nn
 
 from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError
+from chatsmith.model import cache_keyword, returned_cache
 
 __all__ = ["SamplingConfig", "GenerationOutput", "Generator", "generate", "stream", "GenerateConfig",
-           "generate_cli", "chat_sampling_config", "clear_weight_cache"]
+           "generate_cli", "chat_sampling_config", "clear_weight_cache", "distinct_rows"]
 
 
 # ----------------------------------------------------------------------------- public types
@@ -485,6 +488,7 @@ class _HFDecoder:
     def __init__(self, model: nn.Module):
         self.model = model
         self.keep_kw: dict[str, Any] = {"logits_to_keep": 1}   # dropped for models that do not take it
+        self.cache_kw = cache_keyword(model)
 
     def _call(self, **kwargs: Any) -> Any:
         try:
@@ -504,15 +508,15 @@ class _HFDecoder:
         self.length = t
         out = self._call(input_ids=input_ids, attention_mask=self.mask[:, :t], position_ids=positions,
                          use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = returned_cache(out)
         return out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.length += 1
         out = self._call(input_ids=tokens[:, None], attention_mask=self.mask[:, : self.length],
-                         position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
+                         position_ids=self.positions[:, None], use_cache=True, **{self.cache_kw: self.cache})
         self.positions = self.positions + 1
-        self.cache = out.past_key_values
+        self.cache = returned_cache(out)
         return out.logits[:, -1]
 
     @property
@@ -529,6 +533,40 @@ class _HFDecoder:
         self.positions = self.positions[rows]
 
 
+# ----------------------------------------------------------------------------- shared prompts
+
+def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows of a padded batch ``(b, t)`` are the same sequence (same ids and padding).
+
+    Returns ``first`` ``(u,)``, the first row of each distinct sequence, and ``inverse`` ``(b,)``, the
+    index into ``first`` of every row, so ``input_ids[first][inverse] == input_ids``. GRPO's G copies of
+    a prompt are one distinct row.
+    """
+    keys = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1).tolist()
+    slot: dict[tuple, int] = {}
+    first, inverse = [], []
+    for i, key in enumerate(map(tuple, keys)):
+        if key not in slot:
+            slot[key] = len(first)
+            first.append(i)
+        inverse.append(slot[key])
+    device = input_ids.device
+    return torch.tensor(first, dtype=torch.long, device=device), torch.tensor(inverse, dtype=torch.long, device=device)
+
+
+def _prefill(decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Prefill each distinct prompt once, then copy its cache row to every row that repeats it (GRPO
+    samples G responses per prompt: the prompt's keys and values are computed once, not G times)."""
+    first, inverse = distinct_rows(input_ids, attention_mask)
+    if len(first) == input_ids.shape[0]:
+        return decoder.start(input_ids, attention_mask, max_len)
+    logits = decoder.start(input_ids[first], attention_mask[first], max_len)
+    if not decoder.can_drop_rows:     # a cache that cannot select rows: prefill every row after all
+        return decoder.start(input_ids, attention_mask, max_len)
+    decoder.keep(inverse)
+    return logits[inverse]
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def _mix_seed(seed: int, row: int) -> int:
@@ -537,6 +575,24 @@ def _mix_seed(seed: int, row: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+_NOISE_BUDGET = 1 << 22    # floats of Gumbel noise drawn ahead (16 MiB), whatever the batch and vocabulary
+
+
+def _gumbel_noise(generators: list[torch.Generator], steps_left: int, vocab: int,
+                  device: torch.device) -> torch.Tensor:
+    """Gumbel noise ``(rows, k, vocab)`` for the next k <= 16 steps, row r from its own generator.
+
+    Drawing k steps' uniforms in one call gives the same numbers as k calls of one step each (a row's
+    stream does not depend on the chunking), at 1/k of the per-call cost that dominates small models.
+    Gumbel-max: argmax(logit - log(-log u)), u ~ U(0, 1), samples softmax(logit).
+    """
+    k = max(1, min(16, steps_left, _NOISE_BUDGET // max(1, len(generators) * vocab)))
+    noise = torch.empty(len(generators), k, vocab, device=device)
+    for r, g in enumerate(generators):
+        torch.rand((k, vocab), generator=g, device=device, out=noise[r])
+    return -torch.log(-torch.log(noise.clamp_(min=1e-20, max=1.0 - 1e-7)))
 
 
 def _filter_top_k_top_p(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -670,7 +726,7 @@ class Generator:
         try:
             with torch.inference_mode():
                 decoder = self._decoder()
-                logits = decoder.start(input_ids, attention_mask, longest + max_new)      # (n, vocab)
+                logits = _prefill(decoder, input_ids, attention_mask, longest + max_new)  # (n, vocab)
                 vocab = logits.shape[-1]
                 seen = None                                                               # (live, vocab)
                 if penalty != 1.0:
@@ -679,7 +735,8 @@ class Generator:
                 live = list(range(n))        # original index of each live row
                 decoder_rows = None          # live row -> decoder batch row, None = identity
                 finished_in_decoder = 0      # finished rows the decoder still carries
-                noise = None
+                gumbel = None                # (live, steps, vocab) noise for the next steps
+                noise_step = 0
                 for step in range(max_new):
                     logits = logits.float()
                     if seen is not None:
@@ -691,13 +748,11 @@ class Generator:
                     else:
                         scaled = logits / cfg.temperature
                         filtered = _filter_top_k_top_p(scaled, cfg.top_k, cfg.top_p)
-                        if noise is None or noise.shape[0] != len(live):
-                            noise = torch.empty(len(live), vocab, device=device)
-                        for r, g in enumerate(generators):
-                            torch.rand(vocab, generator=g, device=device, out=noise[r])
-                        # Gumbel-max: argmax(logit - log(-log u)), u ~ U(0,1), samples softmax(logit)
-                        gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20, max=1.0 - 1e-7)))
-                        tokens = (filtered + gumbel).argmax(-1)
+                        if gumbel is None or noise_step == gumbel.shape[1]:
+                            gumbel = _gumbel_noise(generators, max_new - step, vocab, device)
+                            noise_step = 0
+                        tokens = (filtered + gumbel[:, noise_step]).argmax(-1)
+                        noise_step += 1
                     if cfg.logprobs:
                         chosen = scaled.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
                     if seen is not None:
@@ -727,6 +782,7 @@ class Generator:
                         keep_index = torch.tensor(keep, device=device)
                         live = [live[r] for r in keep]
                         generators = [generators[r] for r in keep] if generators else generators
+                        gumbel = gumbel[keep_index] if gumbel is not None else None
                         tokens = tokens[keep_index]
                         seen = seen[keep_index] if seen is not None else None
                         decoder_rows = keep_index if decoder_rows is None else decoder_rows[keep_index]

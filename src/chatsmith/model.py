@@ -137,6 +137,38 @@ def create_model(preset: str | dict[str, Any], tokenizer: Any) -> Any:
     return model
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword a causal LM's forward takes its KV cache under: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (older 5.x, which 5.24 still accepts with a deprecation warning). Wrappers whose
+    forward only takes ``**kwargs`` (PEFT) are looked through to the model they wrap."""
+    import inspect
+
+    seen = 0
+    while model is not None and seen < 4:
+        try:
+            params = inspect.signature(type(model).forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "cache" in params:
+            return "cache"
+        if "past_key_values" in params:
+            return "past_key_values"
+        inner = getattr(model, "get_base_model", None)
+        model = inner() if callable(inner) and inner() is not model else getattr(model, "model", None)
+        seen += 1
+    return "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward call returned (``output.cache`` or, before transformers 5.24,
+    ``output.past_key_values``), or None when the model returned none (e.g. gradient checkpointing)."""
+    for name in ("cache", "past_key_values"):
+        value = getattr(output, name, None) if not isinstance(output, dict) else output.get(name)
+        if value is not None:
+            return value
+    return None
+
+
 def max_context_length(model: Any, tokenizer: Any = None) -> int:
     """The longest sequence (prompt + generation) the model takes, from its config or tokenizer."""
     config = getattr(model, "config", None)

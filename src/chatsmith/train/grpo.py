@@ -12,6 +12,12 @@ model is needed. Every token of a response shares its advantage. The loss is PPO
 `--num-iterations` updates are made per batch (1 = on-policy: the "old" log-probs are the current ones
 and the ratio is exactly 1, as in TRL's GRPOTrainer with num_iterations=1).
 
+The G responses of a group share their prompt, and chatsmith computes it once: the engine prefills each
+distinct prompt once and copies its KV cache to the group's rows, and the reference and policy forward
+passes (and the policy's backward) run the prompt once per group, then the responses against its cache
+(`rollout._shared_prompt_logits`; same log-probs and gradients, `--no-share-prompt` turns it off). The
+saving grows with prompt length and G.
+
 Metrics per step: reward (mean, std, per-group std), kl, clip_fraction, entropy, response length, the
 time of rollout / scoring / update and episodes/s. Checkpoints and `--resume` as every stage; OUT is a
 standard HF chat model directory.
@@ -82,6 +88,8 @@ class GRPOConfig(TrainConfig):
                          "'token' (mean over all tokens).", choices=["grpo", "token"])
     no_eos_penalty: float | None = arg(None, "Reward given to responses that never end their turn (None = keep).")
     forward_batch_size: int = arg(32, "Rows per no-grad forward pass.")
+    share_prompt: bool = arg(True, "Compute each group's prompt once in the forward and backward passes (its KV "
+                             "cache is copied to the G responses); the same log-probs and gradients, less work.")
     sample_every: int = arg(10, "Print and save a table of sample responses every N steps (0 = off).")
     num_samples: int = arg(4, "Rows in that table.")
     save_every: int = arg(25, "Write OUT/checkpoint every N steps (0 = only at the end).")
@@ -173,7 +181,7 @@ class GRPOTrainer:
                                    stop_token_ids=self.stop_token_ids, seed=_step_seed(cfg.seed, self.step),
                                    forward_batch_size=cfg.forward_batch_size,
                                    need_policy_logprobs=cfg.num_iterations > 1, generate_fn=self.generate_fn,
-                                   first_row=self.rank * len(index))
+                                   first_row=self.rank * len(index), share_prompt=cfg.share_prompt)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -224,7 +232,7 @@ class GRPOTrainer:
                 weight = (m.shape[0] / b) if cfg.loss_type == "grpo" else float(m.sum()) / total_tokens
                 with autocast_context(self.device, self.amp_dtype):
                     logprobs, entropy = response_forward(self.policy, ids, attention, prompt_len, cfg.temperature,
-                                                         with_entropy=cfg.entropy)
+                                                         with_entropy=cfg.entropy, share_prompt=cfg.share_prompt)
                 old = rollout.logprobs[rows, :r] if rollout.logprobs is not None else logprobs.detach()
                 ref = rollout.ref_logprobs[rows, :r] if rollout.ref_logprobs is not None else None
                 loss, stats = F.grpo_loss(logprobs, old, ref, advantages[rows], m, cfg.clip_range, cfg.beta,

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from chatsmith.errors import ChatsmithError
+from chatsmith.generate import SamplingConfig, distinct_rows, generate
+from chatsmith.model import cache_keyword, returned_cache
 from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_logits
 
 __all__ = [
@@ -144,7 +146,7 @@ def pad_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[i
 # ----------------------------------------------------------------------------- length-aware micro-batches
 
 def plan_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence[int], max_rows: int,
-                       overhead_tokens: int = 64) -> list[list[int]]:
+                       overhead_tokens: int = 64, prompt_groups: Sequence[Any] | None = None) -> list[list[int]]:
     """Split rows into micro-batches of at most `max_rows` that spend little compute on padding.
 
     A micro-batch is cut to its own longest prompt and longest response (`micro_batch_tensors`), so it
@@ -154,36 +156,52 @@ def plan_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence
     long prompt no longer pads every other row of the batch to its length. On the built-in world's PPO
     prompts (mean 26 tokens, longest 115) groups of up to 4 process about half the tokens of one batch of
     16. The rows of a minibatch only change how its gradient is summed, not its value (callers weight each
-    micro-batch by its share of the minibatch). Returns lists of row indices.
+    micro-batch by its share of the minibatch).
+
+    `prompt_groups`: a key per row; rows with the same key share their prompt (GRPO's G responses), which
+    `response_forward` then computes once. Such rows stay in one micro-batch (up to `max_rows` of them),
+    and a micro-batch costs `distinct prompts x longest prompt + rows x longest response`.
+    Returns lists of row indices.
     """
     n = len(prompt_lengths)
     if n == 0:
         return []
     max_rows = max(1, int(max_rows))
-    order = sorted(range(n), key=lambda i: (prompt_lengths[i] + response_lengths[i], i))
-    best = [0.0] + [float("inf")] * n        # best[j]: cheapest split of order[:j]
-    start = [0] * (n + 1)
-    for j in range(1, n + 1):
-        longest_prompt = longest_response = 0
-        for i in range(j - 1, max(-1, j - 1 - max_rows), -1):     # candidate last group order[i:j]
-            longest_prompt = max(longest_prompt, int(prompt_lengths[order[i]]))
-            longest_response = max(longest_response, int(response_lengths[order[i]]), 1)
-            cost = best[i] + overhead_tokens + (j - i) * (longest_prompt + longest_response)
+    keys = list(range(n)) if prompt_groups is None else list(prompt_groups)
+    by_key: dict[Any, list[int]] = {}
+    for i in sorted(range(n), key=lambda i: (response_lengths[i], i)):
+        by_key.setdefault(keys[i], []).append(i)
+    units = [rows[k:k + max_rows] for rows in by_key.values() for k in range(0, len(rows), max_rows)]
+    units.sort(key=lambda u: (max(int(prompt_lengths[i]) + int(response_lengths[i]) for i in u), u[0]))
+    best = [0.0] + [float("inf")] * len(units)        # best[j]: cheapest split of units[:j]
+    start = [0] * (len(units) + 1)
+    for j in range(1, len(units) + 1):
+        longest_prompt = longest_response = rows = 0
+        for i in range(j - 1, -1, -1):                 # candidate last micro-batch units[i:j]
+            rows += len(units[i])
+            if rows > max_rows:
+                break
+            longest_prompt = max(longest_prompt, max(int(prompt_lengths[k]) for k in units[i]))
+            longest_response = max(longest_response, max(max(int(response_lengths[k]), 1) for k in units[i]))
+            cost = best[i] + overhead_tokens + (j - i) * longest_prompt + rows * longest_response
             if cost < best[j]:
                 best[j], start[j] = cost, i
-    groups, j = [], n
+    groups, j = [], len(units)
     while j > 0:
-        groups.append(order[start[j]:j])
+        groups.append([k for unit in units[start[j]:j] for k in unit])
         j = start[j]
     return groups[::-1]
 
 
 def rollout_micro_batches(rollout: "Rollout", rows: Sequence[int], max_rows: int) -> list[list[int]]:
-    """`plan_micro_batches` over the given rows of a rollout (returns rollout row indices)."""
+    """`plan_micro_batches` over the given rows of a rollout (returns rollout row indices); episodes that
+    answer the same prompt are kept together so their prompt is computed once."""
     rows = list(rows)
     prompt_lengths = rollout.attention_mask[rows, :rollout.prompt_len].sum(-1).tolist()
     response_lengths = rollout.response_lengths[rows].tolist()
-    return [[rows[k] for k in group] for group in plan_micro_batches(prompt_lengths, response_lengths, max_rows)]
+    prompts = [tuple(x) for x in rollout.input_ids[rows, :rollout.prompt_len].tolist()]
+    return [[rows[k] for k in group]
+            for group in plan_micro_batches(prompt_lengths, response_lengths, max_rows, prompt_groups=prompts)]
 
 
 def micro_batch_tensors(rollout: "Rollout", rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -212,18 +230,56 @@ def _call_lm(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         return model(**kwargs).logits[:, -keep:]
 
 
+def _shared_prompt_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          prompt_len: int) -> torch.Tensor | None:
+    """Response logits `(b, r, v)` computing each distinct prompt once, or None when no prompt repeats
+    (or the model cannot take a KV cache here).
+
+    GRPO's G responses to a prompt share it: the prompt rows `(u, p)` go through the model once with a
+    KV cache, the cache rows are copied to the `b` episodes (`u` -> `b`, a gather whose backward sums the
+    G gradients), and the responses `(b, r - 1)` attend to it. The logits equal those of the whole
+    sequences up to float rounding; the prompt's forward and backward cost u/b of before.
+    """
+    # checkpointed layers return no cache (the property's name changed in transformers 5.24)
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    if getattr(model, name, False):
+        return None
+    first, inverse = distinct_rows(input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
+    if len(first) == input_ids.shape[0]:
+        return None
+    positions = position_ids_from_mask(attention_mask)
+    head = model(input_ids=input_ids[first, :prompt_len], attention_mask=attention_mask[first, :prompt_len],
+                 position_ids=positions[first, :prompt_len], use_cache=True, logits_to_keep=1)
+    cache = returned_cache(head)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    first_logits = head.logits[:, -1:][inverse]                                  # (b, 1, v): scores token 0
+    r = input_ids.shape[1] - prompt_len
+    if r == 1:
+        return first_logits
+    cache.batch_select_indices(inverse)
+    end = prompt_len + r - 1                        # the last response token scores nothing: not fed
+    rest = model(input_ids=input_ids[:, prompt_len:end], attention_mask=attention_mask[:, :end],
+                 position_ids=positions[:, prompt_len:end], use_cache=True, **{cache_keyword(model): cache})
+    return torch.cat([first_logits, rest.logits], dim=1)
+
+
 def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                     temperature: float = 1.0, with_entropy: bool = False
+                     temperature: float = 1.0, with_entropy: bool = False, share_prompt: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs `(b, r)` of the response tokens (and entropy `(b, r)` if asked) in one forward pass.
 
     input_ids / attention_mask `(b, p + r)` laid out as `pad_rollout` makes them. Logits at position
     p - 1 + t score response token t; they are divided by `temperature` before the log-softmax, so
     these are the log-probs of the sampling distribution (Huang et al. 2024). Entropy is of the same
-    tempered distribution. Masked positions are not zeroed here (callers mask).
+    tempered distribution. Masked positions are not zeroed here (callers mask). `share_prompt`: rows with
+    the same prompt compute it once (`_shared_prompt_logits`).
     """
     r = input_ids.shape[1] - prompt_len
-    logits = _call_lm(model, input_ids, attention_mask, r + 1)[:, :-1]   # (b, r, v)
+    logits = _shared_prompt_logits(model, input_ids, attention_mask, prompt_len) if share_prompt else None
+    if logits is None:
+        logits = _call_lm(model, input_ids, attention_mask, r + 1)[:, :-1]   # (b, r, v)
     if temperature != 1.0:
         logits = logits.float() / temperature
     logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
@@ -232,14 +288,16 @@ def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 
 @torch.no_grad()
-def policy_logprobs(model: nn.Module, rollout: Rollout, temperature: float, micro_batch: int = 0) -> torch.Tensor:
+def policy_logprobs(model: nn.Module, rollout: Rollout, temperature: float, micro_batch: int = 0,
+                    share_prompt: bool = True) -> torch.Tensor:
     """No-grad log-probs `(b, r)` of the rollout's responses, in length-grouped micro-batches of at most
-    `micro_batch` rows (`rollout_micro_batches`)."""
+    `micro_batch` rows (`rollout_micro_batches`); a prompt repeated in a micro-batch is computed once
+    (`share_prompt`)."""
     b = rollout.batch_size
     out = None
     for rows in rollout_micro_batches(rollout, range(b), micro_batch if micro_batch and micro_batch > 0 else b):
         ids, mask, prompt_len, r = micro_batch_tensors(rollout, rows)
-        lp, _ = response_forward(model, ids, mask, prompt_len, temperature)
+        lp, _ = response_forward(model, ids, mask, prompt_len, temperature, share_prompt=share_prompt)
         if out is None:
             out = torch.zeros(rollout.response_mask.shape, dtype=lp.dtype, device=lp.device)
         out[rows, :r] = lp
@@ -279,18 +337,10 @@ def sample(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]]
         raise ChatsmithError("RL sampling needs --temperature > 0 (the policy must explore, and log-probs "
                              "of greedy decoding are not those of the sampled distribution)")
     if generate_fn is None:
-        try:
-            from chatsmith.generate import SamplingConfig, generate
-        except ImportError:  # the engine is not installed: plain HF sampling, same distribution, slower
-            generate_fn = _hf_generate
-    if generate_fn is None:
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
                              repetition_penalty=1.0, seed=seed, stop_token_ids=tuple(stop_token_ids),
-                             stop_strings=(), first_row=first_row)
-        if hasattr(cfg, "logprobs"):
-            cfg.logprobs = False   # recomputed below in a full forward pass; skip the engine's copy
-        out = generate(model, tokenizer, [list(p) for p in prompt_ids], cfg)
-        sequences = out.sequences
+                             stop_strings=(), first_row=first_row, logprobs=False)   # recomputed in one pass
+        sequences = generate(model, tokenizer, [list(p) for p in prompt_ids], cfg).sequences
     else:
         sequences = generate_fn(model, tokenizer, prompt_ids, max_new_tokens, temperature, stop_token_ids, seed)
     responses, finished = [], []
@@ -301,31 +351,11 @@ def sample(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]]
     return responses, finished
 
 
-def _hf_generate(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                 temperature: float, stop_token_ids: Sequence[int], seed: int | None) -> list[list[int]]:
-    """Fallback sampler through `transformers`' `generate` (left padding, ancestral sampling)."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        if seed is not None:
-            torch.manual_seed(seed)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                             eos_token_id=list(stop_token_ids), pad_token_id=pad_id)
-    return [row[width:].tolist() for row in out]
-
-
 def collect_rollout(policy: nn.Module, reference: nn.Module | None, tokenizer: Any,
                     prompt_ids: Sequence[Sequence[int]], prompt_index: Sequence[int], *, max_new_tokens: int,
                     temperature: float, stop_token_ids: Sequence[int], seed: int | None,
                     forward_batch_size: int = 0, need_policy_logprobs: bool = True,
-                    generate_fn: Callable | None = None, first_row: int = 0) -> Rollout:
+                    generate_fn: Callable | None = None, first_row: int = 0, share_prompt: bool = True) -> Rollout:
     """Sample, pad, and compute rollout-time policy and reference log-probs (no grad).
 
     `need_policy_logprobs=False` skips the policy forward: with a single update per batch the "old"
@@ -348,9 +378,9 @@ def collect_rollout(policy: nn.Module, reference: nn.Module | None, tokenizer: A
                       torch.tensor([len(y) for y in responses], dtype=torch.long, device=device),
                       torch.tensor(finished, dtype=torch.bool, device=device), texts, list(prompt_index))
     if need_policy_logprobs:
-        rollout.logprobs = policy_logprobs(policy, rollout, temperature, forward_batch_size)
+        rollout.logprobs = policy_logprobs(policy, rollout, temperature, forward_batch_size, share_prompt)
     if reference is not None:
-        rollout.ref_logprobs = policy_logprobs(reference, rollout, temperature, forward_batch_size)
+        rollout.ref_logprobs = policy_logprobs(reference, rollout, temperature, forward_batch_size, share_prompt)
     policy.train(was_training)
     rollout.timings = {"generate_s": t1 - t0, "logprob_s": time.perf_counter() - t1}
     return rollout
