@@ -171,3 +171,12 @@ def test_shared_prompt_forward_equals_the_whole_sequences_and_its_gradient():
     # Micro-batches keep a group together (rows of one prompt are never split while they fit).
     for rows in rollout_micro_batches(ro, range(12), 8):
         assert all(index.count(index[r]) == sum(index[q] == index[r] for q in rows) for r in rows)
+
+
+def test_every_step_draws_a_whole_batch_of_prompts(tmp_path):
+    """8 prompts, 3 per step: the epoch's remainder of 2 is dropped, so no step (and, under torchrun, no rank)
+    gets a short batch; the next epoch starts in a new order."""
+    trainer = make_trainer(grpo_cfg(tmp_path, prompts_per_step=3), TokenSetReward(0))
+    assert len(trainer.prompts) == 8
+    batches = [trainer.source.next_batch() for _ in range(5)]
+    assert [len(b) for b in batches] == [3] * 5 and len(set(batches[0] + batches[1])) == 6

@@ -171,7 +171,7 @@ def test_train_reward_model_end_to_end(tmp_path, sft_dir, capsys):
     pytest.importorskip("chatsmith.model")
     import transformers
 
-    from chatsmith.train.reward import (NORM_MEAN_KEY, NORM_STD_KEY, RewardConfig, ScoreConfig, load_reward_model,
+    from chatsmith.train.reward import (NORM_STD_KEY, RewardConfig, ScoreConfig, load_reward_model,
                                         score, score_conversations, train_reward_model)
     from chatsmith.utils import read_jsonl
 

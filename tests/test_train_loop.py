@@ -7,7 +7,6 @@ Run: python -m pytest tests/test_train_loop.py -x -q
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest

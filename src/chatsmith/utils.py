@@ -77,16 +77,6 @@ def shutdown_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def require_single_process(stage: str) -> None:
-    """Stages without a multi-process implementation say so instead of training unsynchronised copies."""
-    if world_size() > 1:
-        from chatsmith.errors import ChatsmithError
-
-        raise ChatsmithError(f"{stage} runs in one process (WORLD_SIZE is {world_size()}): start it with "
-                             f"`chatsmith {stage} ...`, not torchrun. Multi-process training covers pretrain, "
-                             f"sft, reward, dpo, grpo and ppo.")
-
-
 # ----------------------------------------------------------------------------- seeding / devices
 
 def set_seed(seed: int) -> None:

@@ -157,8 +157,9 @@ class GRPOTrainer:
                 _note(f"grpo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
         self.prompts = prompts
         # One global batch of prompts per step, the same order on every rank; rank r takes the r-th slice.
+        # Every step is a whole batch (an epoch's remainder is dropped): a short one would leave ranks empty.
         self.source = ShardedBatchSource(list(range(len(prompts))), cfg.prompts_per_step * self.world, collate=list,
-                                         seed=cfg.seed, rank=0, world_size=1)
+                                         seed=cfg.seed, drop_last=True, rank=0, world_size=1)
         self.optimizer = build_optimizer(self.policy, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, cfg.max_steps * cfg.num_iterations)
         self.checkpointer = Checkpointer(self.out)

@@ -229,8 +229,9 @@ class PPOTrainer:
                 _note(f"ppo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
         self.prompts = prompts
         # One global batch of prompts per step, the same order on every rank; rank r takes the r-th slice.
+        # Every step is a whole batch (an epoch's remainder is dropped): a short one would leave ranks empty.
         self.source = ShardedBatchSource(list(range(len(prompts))), cfg.rollout_batch_size * self.world,
-                                         collate=list, seed=cfg.seed, rank=0, world_size=1)
+                                         collate=list, seed=cfg.seed, drop_last=True, rank=0, world_size=1)
         self.models = nn.ModuleDict({"policy": self.policy, "value": self.value_model})
         value_cfg = dataclasses.replace(cfg, lr=cfg.value_lr if cfg.value_lr is not None else cfg.lr)
         self.minibatches_per_epoch = cfg.rollout_batch_size // (cfg.batch_size * cfg.grad_accum)

@@ -628,13 +628,14 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
                   "eval_pairs": eval_tok.n_pairs, "truncated": train_tok.n_truncated + eval_tok.n_truncated})
     summary = dict(final, eval_accuracy_by_group=by_group)
     norm_json = json.dumps({"mean": mean, "std": std, "source": norm_source, "count": int(raw.numel())}, indent=1)
-    from chatsmith.utils import is_main_process
+    from chatsmith.utils import barrier, is_main_process
 
     if is_main_process():
         # into --out, keeping metrics.jsonl and checkpoint/ beside the model (see loop.save_final_model)
         save_final_model(model.cpu(), tokenizer, Path(cfg.out), {NORM_FILE: norm_json + "\n"})
         MetricsLogger(cfg.out, stage="reward").log(result.step, **final)
         atomic_write_text(Path(cfg.out) / "reward_summary.json", json.dumps(summary, indent=1) + "\n")
+    barrier()   # a caller on another rank (rlhf) reads the model next
     acc = final.get("eval_accuracy")
     _note(f"reward: saved {cfg.out}" + (f"; held-out pairwise accuracy {acc:.1%}, mean margin "
                                        f"{final.get('eval_margin', float('nan')):.3f}" if acc is not None else "")

@@ -24,6 +24,13 @@ Per-round metrics (comparisons added, labeler score of the samples, reward-model
 final score and KL) go to OUT/metrics.jsonl. A finished round leaves `round_k/done.json`; `--resume` skips
 finished rounds (and resumes an interrupted reward-model or PPO run inside a round). OUT itself ends as
 the final policy: a standard HF chat model directory.
+
+Several processes: `torchrun --nproc-per-node N -m chatsmith rlhf ...`. Each rank samples a contiguous
+slice of the round's prompts, every row with the random stream it has in the whole round (so the samples
+are those of one process); the samples are gathered, every rank labels all of them (the judge is
+deterministic) and rank 0 writes the files. The reward model and PPO then train on all ranks as
+`chatsmith reward` and `chatsmith ppo` do under torchrun: their batch settings (`--rm-batch-size`,
+`rollout_batch_size` in `--ppo-config`) count per rank.
 """
 
 from __future__ import annotations
@@ -42,8 +49,8 @@ from chatsmith.config import arg, config_from_dict, load_yaml_config, save_confi
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.train.ppo import PPOConfig, PPOTrainer, _note, _step_seed
 from chatsmith.train.rollout import PromptItem, WorldJudgeScorer, collect_rollout, load_policy, load_prompts
-from chatsmith.utils import (MetricsLogger, atomic_write_text, is_main_process, read_jsonl, require_single_process,
-                             resolve_device, set_seed)
+from chatsmith.utils import (MetricsLogger, atomic_write_text, barrier, init_distributed, is_main_process, rank,
+                             read_jsonl, resolve_device, set_seed, world_size)
 
 __all__ = ["RLHFConfig", "rlhf", "rank_with_world_judge", "RoundResult"]
 
@@ -131,7 +138,6 @@ def _load_label_rows(path: str, round_index: int) -> list[dict[str, Any]]:
 
 class _RLHF:
     def __init__(self, cfg: RLHFConfig):
-        require_single_process("rlhf")   # its sampling and labelling are not split over ranks
         checks = [(cfg.rounds >= 1, f"--rounds must be >= 1, got {cfg.rounds}"),
                   (cfg.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 to compare, got "
                                                 f"{cfg.samples_per_prompt}"),
@@ -144,6 +150,8 @@ class _RLHF:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
+        self.distributed = init_distributed(cfg.device)
+        self.rank, self.world = (rank(), world_size()) if self.distributed else (0, 1)
         self.logger = MetricsLogger(self.out, stage="rlhf")
         self.rm_overrides = load_yaml_config(cfg.rm_config) if cfg.rm_config else {}
         self.ppo_overrides = load_yaml_config(cfg.ppo_config) if cfg.ppo_config else {}
@@ -154,9 +162,10 @@ class _RLHF:
 
     def run(self) -> list[RoundResult]:
         cfg = self.cfg
-        if not cfg.resume and is_main_process():
-            self.logger.path.unlink(missing_ok=True)
-        save_config(cfg, self.out / "rlhf_config.yaml")
+        if is_main_process():
+            if not cfg.resume:
+                self.logger.path.unlink(missing_ok=True)
+            save_config(cfg, self.out / "rlhf_config.yaml")
         results: list[RoundResult] = []
         policy = cfg.policy
         for k in range(1, cfg.rounds + 1):
@@ -179,17 +188,17 @@ class _RLHF:
         _note(f"rlhf: round {k}/{cfg.rounds}: sampling {cfg.samples_per_prompt} responses to "
               f"{cfg.prompts_per_round} prompts from {policy_dir}")
         sample_rows, new_comparisons, label_score = self.sample_and_label(k, policy_dir)
-        atomic_write_text(rdir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                          for r in sample_rows))
         # Preference data so far = initial file + every earlier round's new comparisons + this round's.
         previous = self._previous_preferences(k)
         rows = previous + new_comparisons
         if not rows:
             raise ChatsmithError(f"rlhf round {k}: no comparisons to train a reward model on (every prompt's "
                                  f"samples were judged equal); sample more (--samples-per-prompt, --temperature)")
-        atomic_write_text(rdir / "new_preferences.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_comparisons))
-        atomic_write_text(rdir / "preferences.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        if is_main_process():   # every rank holds the same rows; one writes them
+            for name, part in (("samples", sample_rows), ("new_preferences", new_comparisons), ("preferences", rows)):
+                atomic_write_text(rdir / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                   for r in part))
+        barrier()   # the reward model reads preferences.jsonl on every rank
 
         rm_metrics = self.train_reward_model(k, rdir)
         ppo_result = self.run_ppo(k, policy_dir, rdir)
@@ -202,7 +211,8 @@ class _RLHF:
         metrics = {key: v for key, v in metrics.items() if v is not None}
         self.logger.log(k, **metrics)
         result = RoundResult(k, str(rdir / "ppo"), str(rdir / "rm"), metrics)
-        atomic_write_text(rdir / "done.json", json.dumps(dataclasses.asdict(result), indent=1) + "\n")
+        if is_main_process():
+            atomic_write_text(rdir / "done.json", json.dumps(dataclasses.asdict(result), indent=1) + "\n")
         return result
 
     def sample_and_label(self, k: int, policy_dir: str) -> tuple[list[dict], list[dict], float | None]:
@@ -213,19 +223,30 @@ class _RLHF:
         prompts, _ = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
         gen = torch.Generator().manual_seed(_step_seed(cfg.seed, k, salt=2))
         chosen = torch.randperm(len(prompts), generator=gen)[:cfg.prompts_per_round].tolist()
-        index = [i for i in chosen for _ in range(cfg.samples_per_prompt)]
+        if len(chosen) < self.world:
+            raise ChatsmithError(f"rlhf: {len(chosen)} prompts per round cannot be split over {self.world} "
+                                 f"processes; raise --prompts-per-round or use fewer processes")
+        K = cfg.samples_per_prompt
+        # This rank's contiguous slice of the prompts; its rows keep their place in the round's random streams.
+        lo, hi = self.rank * len(chosen) // self.world, (self.rank + 1) * len(chosen) // self.world
+        index = [i for i in chosen[lo:hi] for _ in range(K)]
         stop = list(fmt.stop_token_ids(tokenizer)) or [int(tokenizer.eos_token_id)]
         rollout = collect_rollout(policy, None, tokenizer, [prompts[i].ids for i in index], index,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   stop_token_ids=stop, seed=_step_seed(cfg.seed, k, salt=3),
-                                  need_policy_logprobs=False)
+                                  need_policy_logprobs=False, first_row=lo * K)
         del policy
-        K = cfg.samples_per_prompt
+        texts_all, finished_all = rollout.texts, rollout.finished.tolist()
+        if self.distributed:
+            parts: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(parts, (texts_all, finished_all))
+            texts_all = [t for part in parts for t in part[0]]
+            finished_all = [f for part in parts for f in part[1]]
         sample_rows, comparisons, judged = [], [], []
         for g, prompt_idx in enumerate(chosen):
             prompt = prompts[prompt_idx]
-            texts = rollout.texts[g * K:(g + 1) * K]
-            finished = rollout.finished[g * K:(g + 1) * K].tolist()
+            texts = texts_all[g * K:(g + 1) * K]
+            finished = finished_all[g * K:(g + 1) * K]
             sample_rows.append({"round": k, "prompt": prompt.messages, "responses": texts, "finished": finished,
                                 "ranking": []})
             if self.judge is not None:
@@ -290,19 +311,19 @@ class _RLHF:
 
     def _export_final(self, policy_dir: Path) -> None:
         """Copy the last policy's model files into OUT (a standard HF chat model directory)."""
-        if not is_main_process() or policy_dir.resolve() == self.out.resolve():
-            return
-        for path in policy_dir.iterdir():
-            if path.is_file() and path.name not in ("metrics.jsonl", "samples.jsonl", "train_config.yaml"):
-                tmp = self.out / f".{path.name}.tmp"
-                shutil.copyfile(path, tmp)
-                tmp.replace(self.out / path.name)
+        if is_main_process() and policy_dir.resolve() != self.out.resolve():
+            for path in policy_dir.iterdir():
+                if path.is_file() and path.name not in ("metrics.jsonl", "samples.jsonl", "train_config.yaml"):
+                    tmp = self.out / f".{path.name}.tmp"
+                    shutil.copyfile(path, tmp)
+                    tmp.replace(self.out / path.name)
+        barrier()
 
 
 def rlhf(cfg: RLHFConfig) -> list[RoundResult]:
     """`chatsmith rlhf`: see the module docstring."""
     results = _RLHF(cfg).run()
-    for r in results:
+    for r in results if is_main_process() else ():
         shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.metrics.items())
         print(f"rlhf round {r.round}: {shown}", file=sys.stderr)
     return results
