@@ -249,8 +249,11 @@ def _shared_prompt_logits(model: nn.Module, input_ids: torch.Tensor, attention_m
     if len(first) == input_ids.shape[0]:
         return None
     positions = position_ids_from_mask(attention_mask)
-    head = model(input_ids=input_ids[first, :prompt_len], attention_mask=attention_mask[first, :prompt_len],
-                 position_ids=positions[first, :prompt_len], use_cache=True, logits_to_keep=1)
+    try:
+        head = model(input_ids=input_ids[first, :prompt_len], attention_mask=attention_mask[first, :prompt_len],
+                     position_ids=positions[first, :prompt_len], use_cache=True, logits_to_keep=1)
+    except TypeError:   # an architecture without `logits_to_keep` or a cache: the whole-sequence path
+        return None
     cache = returned_cache(head)
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return None
