@@ -143,8 +143,7 @@ def cache_keyword(model: nn.Module) -> str:
     forward only takes ``**kwargs`` (PEFT) are looked through to the model they wrap."""
     import inspect
 
-    seen = 0
-    while model is not None and seen < 4:
+    for _ in range(4):                       # a wrapper of a wrapper of ... the model
         try:
             params = inspect.signature(type(model).forward).parameters
         except (TypeError, ValueError):
@@ -153,9 +152,11 @@ def cache_keyword(model: nn.Module) -> str:
             return "cache"
         if "past_key_values" in params:
             return "past_key_values"
-        inner = getattr(model, "get_base_model", None)
-        model = inner() if callable(inner) and inner() is not model else getattr(model, "model", None)
-        seen += 1
+        unwrap = getattr(model, "get_base_model", None)
+        inner = unwrap() if callable(unwrap) else getattr(model, "model", None)
+        if inner is None or inner is model:
+            break
+        model = inner
     return "past_key_values"
 
 
