@@ -173,6 +173,8 @@ def plan_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence
         by_key.setdefault(keys[i], []).append(i)
     units = [rows[k:k + max_rows] for rows in by_key.values() for k in range(0, len(rows), max_rows)]
     units.sort(key=lambda u: (max(int(prompt_lengths[i]) + int(response_lengths[i]) for i in u), u[0]))
+    unit_prompt = [max(int(prompt_lengths[k]) for k in u) for u in units]
+    unit_response = [max(max(int(response_lengths[k]), 1) for k in u) for u in units]
     best = [0.0] + [float("inf")] * len(units)        # best[j]: cheapest split of units[:j]
     start = [0] * (len(units) + 1)
     for j in range(1, len(units) + 1):
@@ -181,8 +183,8 @@ def plan_micro_batches(prompt_lengths: Sequence[int], response_lengths: Sequence
             rows += len(units[i])
             if rows > max_rows:
                 break
-            longest_prompt = max(longest_prompt, max(int(prompt_lengths[k]) for k in units[i]))
-            longest_response = max(longest_response, max(max(int(response_lengths[k]), 1) for k in units[i]))
+            longest_prompt = max(longest_prompt, unit_prompt[i])
+            longest_response = max(longest_response, unit_response[i])
             cost = best[i] + overhead_tokens + (j - i) * longest_prompt + rows * longest_response
             if cost < best[j]:
                 best[j], start[j] = cost, i
