@@ -247,3 +247,37 @@ def test_restrict_embedding_training_moves_only_allowed_rows(chatml_tokenizer, t
         restrict_embedding_training(model, chatml_tokenizer, fmt, "seen")
     with pytest.raises(ChatsmithError, match="train_embeddings"):
         restrict_embedding_training(model, chatml_tokenizer, fmt, "some")
+
+
+PREV_TOKEN_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=128, max_position_embeddings=128)
+
+
+def _attention_to_previous_token(model, ids: torch.Tensor) -> torch.Tensor:
+    """Per head of layer 0: the mean attention weight each position gives the one before it."""
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        weights = model(ids, output_attentions=True).attentions[0]      # (b, heads, T, T)
+    pos = torch.arange(1, ids.shape[1])
+    return weights[:, :, pos, pos - 1].mean((0, 2))
+
+
+def test_prev_token_init_plants_a_previous_token_head(chatml_tokenizer):
+    torch.manual_seed(0)
+    ids = torch.randint(10, len(chatml_tokenizer), (4, 128))
+    torch.manual_seed(1)
+    planted = _attention_to_previous_token(create_model(PREV_TOKEN_MODEL, chatml_tokenizer, init="prev-token"), ids)
+    torch.manual_seed(1)
+    standard = _attention_to_previous_token(create_model(PREV_TOKEN_MODEL, chatml_tokenizer), ids)
+    assert planted[0] > 0.95                        # at every distance up to the context length
+    assert standard.max() < 0.3 and planted[1:].max() < 0.3   # only head 0 is set
+
+
+def test_prev_token_init_refuses_other_architectures(chatml_tokenizer):
+    model = create_model(PREV_TOKEN_MODEL, chatml_tokenizer)
+    model.config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    from chatsmith.model import plant_previous_token_head
+    with pytest.raises(ChatsmithError, match="default RoPE"):
+        plant_previous_token_head(model)
+    with pytest.raises(ChatsmithError, match="unknown initialisation"):
+        create_model(PREV_TOKEN_MODEL, chatml_tokenizer, init="xavier")

@@ -218,18 +218,32 @@ def _content_digest(path: Path) -> str:
 
 def _stage_key(stage: str, keys: dict[str, str], settings: dict[str, dict[str, Any]], seed: int,
                data: Path) -> str:
-    """A stage's key: its settings, seed and inputs (upstream stages' keys, the bytes of its data files).
+    """A stage's key: its settings (the profile's and the defaults of the rest), seed and inputs (upstream
+    stages' keys, the bytes of its data files).
 
     The export's inputs are the world generator's code, so an upgrade that writes another world is another
     export. Every later stage is keyed on the exported bytes it reads instead of that code: a change to
-    the world's SFT chats leaves the corpus, and so the cached base model, as they were.
+    the world's SFT chats leaves the corpus, and so the cached base model, as they were. A new default of a
+    stage's config (a chatsmith upgrade) is another key, so a cached base model made under the old one is
+    not reused.
     """
     if stage == "export":
         upstream = [_world_code_digest()]
     else:
         stages, files = STAGE_INPUTS[stage]
         upstream = [keys[s] for s in stages] + [_content_digest(data / f) for f in files]
-    return _digest([upstream, stage, settings[stage], seed if stage != "export" else None])
+    return _digest([upstream, stage, settings[stage], _config_defaults(stage), seed if stage != "export" else None])
+
+
+def _config_defaults(stage: str) -> dict[str, Any]:
+    """The defaults of the stage's config fields."""
+    defaults = {}
+    for f in dataclasses.fields(_config_class(stage)):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
 
 
 # ----------------------------------------------------------------------------- progress

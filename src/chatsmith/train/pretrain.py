@@ -11,6 +11,10 @@ Rows cross document boundaries on purpose: no padding is wasted and the end-of-t
 where a document stops; attention may see the previous document's tail, which is harmless for a base model.
 A held-out share of documents (`--eval-fraction`) gives an eval loss.
 
+The model starts from transformers' initialisation with one change (`--init prev-token`, the default): head 0
+of layer 0 attends to the previous token from the first step (`chatsmith.model.plant_previous_token_head`),
+which the tiny preset does not learn on its own at this budget. `--init standard` leaves it out.
+
 The tokenizer reserves the special tokens of `--template` (default chatml) so a later `chatsmith sft` needs
 no embedding resize. Output: `OUT/` is a standard Hugging Face model directory (config.json,
 model.safetensors, tokenizer files with `chat_template`), plus `metrics.jsonl` and `checkpoint/`.
@@ -28,6 +32,7 @@ import torch
 
 from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError, DataError
+from chatsmith.model import INITS
 from chatsmith.train.loop import (ShardedBatchSource, TrainConfig, Trainer, TrainResult, evaluate_loss,
                                   lm_loss_on_targets)
 from chatsmith.utils import is_main_process, rank, set_seed, world_size
@@ -40,6 +45,9 @@ class PretrainConfig(TrainConfig):
     template: str = arg("chatml", "Chat format whose special tokens the tokenizer reserves and whose "
                                   "chat_template the saved tokenizer carries.")
     vocab_size: int = arg(0, "Tokenizer vocabulary size (0 = the preset's, else 4096).")
+    init: str = arg("prev-token", "Weight initialisation: prev-token (transformers' init, then head 0 of layer 0 "
+                                  "set to attend to the previous token: chatsmith.model.plant_previous_token_head) "
+                                  "or standard.", choices=INITS)
     eval_fraction: float = arg(0.02, "Share of documents held out for the eval loss.")
     eval_batches: int = arg(8, "Batches of held-out rows scored at each evaluation.")
     out: str = arg("runs/base", "Output directory (HF model dir + metrics.jsonl + checkpoint/).")
@@ -128,7 +136,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         vocab = cfg.vocab_size or int(PRESETS[cfg.preset].get("vocab_size", 4096))
         tokenizer = build_tokenizer(train_texts, vocab, cfg.template)
     set_seed(cfg.seed)   # model init must not depend on whether the tokenizer was trained or loaded
-    model = create_model(cfg.preset, tokenizer)
+    model = create_model(cfg.preset, tokenizer, init=cfg.init)
     model.float()
 
     rows = pack_stream(train_texts, tokenizer, cfg.max_len)
