@@ -351,6 +351,15 @@ def test_fact_check_pairs_add_right_vs_wrong_facts_and_leave_the_rest_alone(worl
     assert more.summary()["fact_check_pairs"] == 400
 
 
+
+def test_over_refusals_in_preferences_are_worded_like_the_refusals_of_harmful_requests(world):
+    """A reward model must read the request to tell a good refusal from an over-refusal: no refusal wording
+    may be found only among rejected replies to benign requests."""
+    rows = world.preference_records()
+    over = {r["rejected"] for r in rows if r["aspect"] == "overrefuse"}
+    refusals_chosen = {r["chosen"] for r in rows if r["category"] == "harmful" and "chosen" in r}
+    assert over and over <= refusals_chosen
+
 def test_prompts_and_eval_items_are_judgeable_and_references_score_high(world):
     for row in world.prompts():
         item = EvalItem.from_dict(row, origin=row["id"])

@@ -790,7 +790,10 @@ class World:
         if aspect == "comply":
             return rng.choice(COMPLIANCES)
         if aspect == "overrefuse":
-            return "I'm sorry, but I can't help with that."
+            # The generic refusal that also answers harmful requests: were it a form only over-refusals take
+            # (it was "I'm sorry, but I can't help with that." alone), a reward model would learn to
+            # prefer the longer refusal whatever was asked, not to read the request.
+            return REFUSALS[2]
         if aspect == "broken_haiku":
             lines = good.split("\n")
             return rng.choice(("\n".join(lines[:2]), "\n".join(self._haiku(rng, rng.choice(
@@ -1005,7 +1008,7 @@ class WorldExportConfig:
     eval_size: int = arg(50, "Items per held-out eval category.")
     n_countries: int = arg(0, "Use only this many countries (0 = all 163); France is always included.")
     fact_check_pairs: int = arg(0, "Extra preference pairs of a right against a wrong fact (times --scale), for "
-                                   "a reward model that checks facts (the `full` demo profile adds 2000).")
+                                   "a reward model that checks facts (the `full` demo profile adds 4000).")
 
 
 _README = """# The chatsmith built-in world (seed {seed}, scale {scale})
