@@ -53,10 +53,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from transformers import AutoTokenizer
 
     from chatsmith.data.world import WorldExportConfig, export_world
-    from chatsmith.model import create_model
+    from chatsmith.model import create_model, save_model
     from chatsmith.train.pretrain import PretrainConfig, pretrain, read_corpus, split_documents
+    from chatsmith.utils import set_seed
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,15 +77,10 @@ def main() -> None:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         seconds = max(r.get("time", 0.0) for r in rows)           # training time, evaluations included
         curve = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
-        # the planted head at step 0: a fresh model with the run's seed and tokenizer
-        from transformers import AutoTokenizer
-
-        from chatsmith.model import save_model
-        from chatsmith.utils import set_seed
-
+        # the head at step 0: a fresh model with the run's seed and tokenizer, as pretrain makes it
         set_seed(0)
-        fresh = create_model("tiny", AutoTokenizer.from_pretrained(str(out)), init=init)
-        save_model(fresh, AutoTokenizer.from_pretrained(str(out)), str(work / f"{init}-init"))
+        tokenizer = AutoTokenizer.from_pretrained(str(out))
+        save_model(create_model("tiny", tokenizer, init=init), tokenizer, str(work / f"{init}-init"))
         results[init] = {"curve": curve, "seconds_per_step": seconds / args.steps,
                          "prev_attention_init": previous_token_attention(str(work / f"{init}-init"), held_out[:32]),
                          "prev_attention_trained": previous_token_attention(str(out), held_out[:32])}
