@@ -17,8 +17,8 @@ from chatsmith.chat.render import render_chat, render_prompt
 from chatsmith.chat.templates import BUILTIN_SPECIAL_TOKENS, get_format
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import (PAD_TOKEN, PRESETS, build_tokenizer, count_parameters, create_model, disable_dropout,
-                             load_model, max_context_length, restrict_embedding_training, save_model,
-                             special_token_ids)
+                             load_model, max_context_length, plant_previous_token_head, restrict_embedding_training,
+                             save_model, special_token_ids)
 from conftest import SAMPLE_TEXTS
 
 CONVERSATION = [
@@ -276,7 +276,6 @@ def test_prev_token_init_plants_a_previous_token_head(chatml_tokenizer):
 def test_prev_token_init_refuses_other_architectures(chatml_tokenizer):
     model = create_model(PREV_TOKEN_MODEL, chatml_tokenizer)
     model.config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
-    from chatsmith.model import plant_previous_token_head
     with pytest.raises(ChatsmithError, match="default RoPE"):
         plant_previous_token_head(model)
     with pytest.raises(ChatsmithError, match="unknown initialisation"):

@@ -18,6 +18,7 @@ Tests: `python -m pytest tests/test_model.py -q`.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
@@ -177,8 +178,6 @@ def plant_previous_token_head(model: Any) -> None:
     The model stays a standard LlamaForCausalLM; this only sets initial weights. Assumes the rotate-half
     RoPE layout of transformers' Llama (pairs i, i + d/2) with ``rope_type`` default.
     """
-    import math
-
     config = model.config
     rope = getattr(config, "rope_parameters", None) or {}
     if config.model_type != "llama" or rope.get("rope_type", "default") != "default":
