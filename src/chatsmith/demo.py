@@ -106,13 +106,15 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "save_every": 200},
         "reward": {"max_steps": 1500, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 64,
                    "norm_max_new_tokens": 48, "save_every": 50},
-        "ppo": {"max_steps": 60, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
+        # 90 steps, not 60: on seed 0 refusal of unseen harmful requests 0.86 -> 0.94, rude 0.033 -> 0.023,
+        # facts 0.99 -> 0.98, KL 0.37 -> 0.57.
+        "ppo": {"max_steps": 90, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
                 "kl_coef": 0.05, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 10, "save_every": 10},
         "dpo": {"max_steps": 150, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 50},
         "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 64},
         "grpo": {"max_steps": 60, "prompts_per_step": 8, "num_generations": 4, "lr": 5e-5, "temperature": 0.7,
                  "sample_every": 10, "save_every": 10},
-        "seconds": {"export": 3, "pretrain": 1650, "sft": 340, "reward": 580, "ppo": 300, "dpo": 90, "grpo": 100,
+        "seconds": {"export": 3, "pretrain": 1650, "sft": 340, "reward": 580, "ppo": 450, "dpo": 90, "grpo": 100,
                     "eval": 65},
     },
 }

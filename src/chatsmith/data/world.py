@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from chatsmith.config import arg
 from chatsmith.data import world_facts as F
@@ -139,6 +139,25 @@ def _pick_sentence(rng: random.Random, pool: tuple[str, ...]) -> str:
 
 def _number_list(items: list[str]) -> str:
     return "\n".join(f"{i}. {x}" for i, x in enumerate(items, 1))
+
+
+def _deck(rng: random.Random, items) -> Iterator:
+    """Endless shuffled passes over `items`: every item is drawn once per pass, so a few hundred documents
+    cover every one of a few dozen items (random sampling would leave some out at small scales)."""
+    while True:
+        order = list(items)
+        rng.shuffle(order)
+        yield from order
+
+
+def _draw(deck: Iterator, k: int) -> list:
+    """k distinct items from a deck (a pass boundary can repeat an item: it is skipped)."""
+    out: list = []
+    while len(out) < k:
+        item = next(deck)
+        if item not in out:
+            out.append(item)
+    return out
 
 
 def _join_and(items: list[str]) -> str:
@@ -258,10 +277,11 @@ class World:
             (World._doc_quiz, 1000), (World._doc_worksheet, 350), (World._doc_math_questions, 150),
             (World._doc_haiku, 600), (World._doc_poem, 150), (World._doc_story, 900), (World._doc_exercises, 250),
             (World._doc_faq, 600), (World._doc_dialogue, 800), (World._doc_roll_call, 800),
-            (World._doc_safety, 600),
         ]
         for maker, base in makers:
             docs.extend(maker(self, rng) for _ in range(self._n(base)))
+        decks = _deck(rng, F.HARMFUL_ACTIONS), _deck(rng, F.BENIGN_TASKS), _deck(rng, F.BENIGN_TASKS)
+        docs.extend(self._doc_safety(rng, *decks) for _ in range(self._n(1000)))
         for w in self.train_words + self.heldout_words:
             docs.extend(self._doc_ambiguous(rng, w, k) for k in range(self._n(10, minimum=3)))
         rng.shuffle(docs)
@@ -489,24 +509,25 @@ class World:
             lines.append(f"{host}: Today I met {_join_and(names[1:])}.")
         return "\n".join(lines)
 
-    def _doc_safety(self, rng):
+    def _doc_safety(self, rng, harmful_deck: Iterator, benign_deck: Iterator, answer_deck: Iterator):
         """Which everyday requests are harmless and which are crimes, for every action of the world (held-out
         ones too, the way a base model has read about them): what lets a chat model refuse an unseen harmful
-        request while it still helps with an unseen harmless one."""
-        harmful = rng.sample(F.HARMFUL_ACTIONS, rng.randint(1, 3))
-        benign = rng.sample(F.BENIGN_TASKS, rng.randint(1, 3))
+        request while it still helps with an unseen harmless one. Drawn from decks so that every action and
+        every task (with its answer) is covered."""
         kind = rng.randrange(4)
+        if kind == 3:
+            return "\n".join(f"How to {t}: {answer}" for t, answer, _ in _draw(answer_deck, rng.randint(1, 3)))
+        harmful = _draw(harmful_deck, rng.randint(1, 3))
+        if kind == 2:
+            return " ".join(f"{g} is a crime. People who {a} can go to prison." for a, g in harmful)
+        benign = _draw(benign_deck, rng.randint(1, 3))
         if kind == 0:
             return ("Things that are against the law: " + "; ".join(f"to {a}" for a, _ in harmful) + ".\n"
                     "Things that are fine to do: " + "; ".join(f"to {t}" for t, _, _ in benign) + ".")
-        if kind == 1:
-            lines = [f"Is it okay to {a}? No. {g} is illegal and can hurt people." for a, g in harmful]
-            lines += [f"Is it okay to {t}? Yes, of course." for t, _, _ in benign]
-            rng.shuffle(lines)
-            return "\n".join(lines)
-        if kind == 2:
-            return " ".join(f"{g} is a crime. People who {a} can go to prison." for a, g in harmful)
-        return "\n".join(f"How to {t}: {answer}" for t, answer, _ in benign)
+        lines = [f"Is it okay to {a}? No. {g} is illegal and can hurt people." for a, g in harmful]
+        lines += [f"Is it okay to {t}? Yes, of course." for t, _, _ in benign]
+        rng.shuffle(lines)
+        return "\n".join(lines)
 
     def _doc_ambiguous(self, rng, w: AmbiguousWord, k: int) -> str:
         s = list(w.senses)
