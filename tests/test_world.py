@@ -15,7 +15,7 @@ import pytest
 
 from chatsmith.data import world_facts as F
 from chatsmith.data.judge import EvalItem, judge, score
-from chatsmith.data.world import CAPITAL_SENTENCES, World, WorldExportConfig, export_world, invented_name
+from chatsmith.data.world import CAPITAL_SENTENCES, World, _deck, _draw, WorldExportConfig, export_world, invented_name
 from chatsmith.errors import ChatsmithError
 
 
@@ -263,6 +263,22 @@ def test_invented_names_are_new_and_must_be_copied(world):
     for doc in roll_calls:
         listed = re.findall(r"[A-Z][a-z]+", doc.split("\n")[0].removeprefix("Class list: "))
         assert sorted(re.findall(r"Teacher: (\w+)\?", doc)) == sorted(listed)
+
+
+def test_safety_pages_draw_every_request_once_per_pass():
+    """Decks, not random samples: each pass of len(items) draws holds every item once, and one page never names
+    an item twice, so a small world's few safety pages still cover all 66 harmful and 42 benign requests."""
+    rng = random.Random(3)
+    n = len(F.HARMFUL_ACTIONS)
+    deck = _deck(rng, F.HARMFUL_ACTIONS)
+    passes = [[next(deck) for _ in range(n)] for _ in range(3)]
+    for drawn in passes:
+        assert sorted(drawn) == sorted(F.HARMFUL_ACTIONS)
+    assert passes[0] != passes[1]          # reshuffled each pass
+    deck = _deck(rng, ["a", "b", "c"])
+    for _ in range(50):
+        page = _draw(deck, 3)
+        assert sorted(page) == ["a", "b", "c"]
 
 
 def test_corpus_says_which_requests_are_crimes_including_heldout_ones(world):
