@@ -104,6 +104,21 @@ def test_changed_settings_in_an_existing_output_are_refused(tmp_path, monkeypatc
     assert json.loads((tmp_path / "d" / ".demo" / "export.json").read_text())["settings"]["seed"] == 3
 
 
+def test_a_profile_value_changed_by_an_upgrade_trains_the_stage_again(tmp_path, monkeypatch, capsys):
+    """Only --override values are the user's choices: a profile value that a new chatsmith changes (quick's
+    PPO steps, say) makes the stage stale, as a new world does; it is not refused as other settings."""
+    monkeypatch.setenv("CHATSMITH_CACHE", str(tmp_path / "cache"))
+    cfg = D.DemoConfig(out=str(tmp_path / "d"), profile="toy", until="export")
+    D.run_demo(cfg)
+    upgraded = {**D.PROFILES["toy"], "export": {**D.PROFILES["toy"]["export"], "eval_size": 3}}
+    monkeypatch.setitem(D.PROFILES, "toy", upgraded)
+    assert D.run_demo(cfg) == 0
+    assert "export: its inputs changed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "d" / ".demo" / "export.json").read_text())["settings"]["eval_size"] == 3
+    with pytest.raises(ChatsmithError, match="other settings"):     # the user's own change still is
+        D.run_demo(D.DemoConfig(out=cfg.out, profile="toy", until="export", override=["export.eval_size=4"]))
+
+
 def test_a_changed_world_is_exported_again_not_resumed(tmp_path, monkeypatch, capsys):
     """The world's code is part of the export's key: after an upgrade that writes another world, the same
     command (same profile, seed and settings) exports again instead of reusing the old world's files; a

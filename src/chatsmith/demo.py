@@ -134,8 +134,9 @@ class DemoConfig:
                                   "(e.g. ppo.kl_coef=0.1 sft.max_steps=400).")
     until: str = arg("eval", "Stop after this stage.", choices=list(STAGES))
     resume: bool = arg(True, "Continue an earlier run in --out: finished stages are skipped, an interrupted one "
-                             "resumes from its checkpoint, one whose inputs changed (a new world) is trained "
-                             "again (--no-resume deletes the earlier stage outputs first).")
+                             "resumes from its checkpoint, one whose inputs or profile values changed (a new world, "
+                             "an upgrade) is trained again; another profile, seed or --override is refused "
+                             "(--no-resume deletes the earlier stage outputs first).")
     cache: bool = arg(True, "Reuse (and store) pretrained base models in --cache-dir.")
     cache_dir: str = arg("", "Base-model cache (default: $CHATSMITH_CACHE or ~/.cache/chatsmith).")
     device: str = arg("auto", "cpu, cuda, mps or auto.")
@@ -469,11 +470,19 @@ def _copy_model_dir(src: Path, dst: Path) -> None:
                 shutil.copy2(item, tmp / item.name)
 
 
-def _same_choices(marker: dict, cfg: "DemoConfig", stage_settings: dict) -> bool:
-    """Was the stage in a marker made with this profile, seed and stage settings (overrides included)?"""
-    as_json = json.loads(json.dumps(stage_settings, default=str))
+def _user_overrides(cfg: "DemoConfig", settings: dict[str, dict[str, Any]], stage: str) -> dict[str, Any]:
+    """The stage's --override values (typed, as in `settings`): the user's own choices, unlike the profile's
+    values, which an upgrade may change."""
+    fields = {item.partition("=")[0].partition(".")[2].replace("-", "_") for item in cfg.override
+              if item.partition(".")[0] == stage}
+    return json.loads(json.dumps({f: settings[stage][f] for f in sorted(fields)}, default=str))
+
+
+def _same_choices(marker: dict, cfg: "DemoConfig", overrides: dict[str, Any]) -> bool:
+    """Was the stage in a marker made with this profile, seed and --override values? A profile value that a
+    new chatsmith changed is not the user's choice: the stage is stale and trained again, not refused."""
     return (marker.get("profile") == cfg.profile and int(marker.get("seed", 0)) == cfg.seed
-            and marker.get("settings") == as_json)
+            and marker.get("overrides", {}) == overrides)
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -516,7 +525,7 @@ def run_demo(cfg: DemoConfig) -> int:
             marker = _read_marker(marker_path)
             stage_dir = paths.root / STAGE_DIRS[stage]
             if marker is not None and marker.get("key") != keys[stage]:
-                if not _same_choices(marker, cfg, settings[stage]):
+                if not _same_choices(marker, cfg, _user_overrides(cfg, settings, stage)):
                     raise ChatsmithError(
                         f"{paths.root} holds a '{stage}' stage made with other settings (profile "
                         f"{marker.get('profile')!r}); use another --out, or --no-resume to start over there")
@@ -564,7 +573,8 @@ def run_demo(cfg: DemoConfig) -> int:
             atomic_write_text(marker_path, json.dumps({
                 "stage": stage, "key": keys[stage], "profile": cfg.profile, "seed": cfg.seed,
                 "seconds": times[stage],
-                "cached": cached, "settings": settings[stage], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                "cached": cached, "settings": settings[stage],
+                "overrides": _user_overrides(cfg, settings, stage), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")},
                 indent=2, default=str) + "\n")
             progress.end(stage)
     except KeyboardInterrupt:
