@@ -196,3 +196,12 @@ def test_profiles_and_overrides():
         D.stage_settings(D.DemoConfig(override=["ppo.klcoef=0.2"]))
     with pytest.raises(ChatsmithError, match="expected int"):
         D.stage_settings(D.DemoConfig(override=["sft.max_steps=many"]))
+
+
+def test_a_repeated_list_flag_adds_to_the_list():
+    from chatsmith.config import parse_config
+
+    cfg = parse_config(D.DemoConfig, ["--override", "pretrain.max_steps=5", "--override", "sft.max_steps=7",
+                                      "ppo.kl_coef=0.2"])
+    assert cfg.override == ["pretrain.max_steps=5", "sft.max_steps=7", "ppo.kl_coef=0.2"]
+    assert parse_config(D.DemoConfig, []).override == []

@@ -95,3 +95,22 @@ def test_rlhf_with_a_human_label_file(tmp_path):
     labels.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello!", "rejected": "no", "round": 5}) + "\n")
     with pytest.raises(Exception, match="no comparisons for round 1"):
         rlhf(rlhf_cfg(tmp_path, labeler="file", labels=str(labels), rounds=1, out=str(tmp_path / "again")))
+
+
+def test_rlhf_goes_on_from_an_earlier_ppo_policy(tmp_path):
+    """--start-policy: round 1 samples from and trains that policy; the reward model still starts from --policy
+    (the SFT model) and PPO's KL stays anchored to it."""
+    import shutil
+
+    from chatsmith.train.rlhf import rlhf
+
+    cfg = rlhf_cfg(tmp_path, rounds=1)
+    earlier = tmp_path / "earlier_ppo"
+    shutil.copytree(cfg.policy, earlier)
+    cfg.start_policy = str(earlier)
+    rlhf(cfg)
+    ppo_settings = yaml.safe_load((tmp_path / "rlhf" / "round_1" / "ppo" / "train_config.yaml").read_text())
+    assert ppo_settings["policy"] == str(earlier)
+    assert ppo_settings["reference"] == cfg.policy
+    rm_settings = yaml.safe_load((tmp_path / "rlhf" / "round_1" / "rm" / "train_config.yaml").read_text())
+    assert rm_settings["model"] == cfg.policy

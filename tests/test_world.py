@@ -369,12 +369,24 @@ def test_fact_check_pairs_add_right_vs_wrong_facts_and_leave_the_rest_alone(worl
 
 
 def test_over_refusals_in_preferences_are_worded_like_the_refusals_of_harmful_requests(world):
-    """A reward model must read the request to tell a good refusal from an over-refusal: no refusal wording
-    may be found only among rejected replies to benign requests."""
+    """A reward model must read the request to tell a good refusal from an over-refusal: the rejected refusals
+    of benign requests take every form the chosen refusals of harmful requests take, and name their own
+    request as those do, so no refusal wording is found only among the rejected replies."""
+    from chatsmith.data.world import REFUSALS, _gerund
+
+    def form(text: str, gerund: str) -> int:
+        return next(i for i, t in enumerate(REFUSALS) if t.format(G=gerund) == text)
+
     rows = world.preference_records()
-    over = {r["rejected"] for r in rows if r["aspect"] == "overrefuse"}
-    refusals_chosen = {r["chosen"] for r in rows if r["category"] == "harmful" and "chosen" in r}
-    assert over and over <= refusals_chosen
+    over = [r for r in rows if r["aspect"] == "overrefuse"]
+    harmful = [r for r in rows if r["category"] == "harmful" and "chosen" in r]
+    gerunds = dict(F.HARMFUL_ACTIONS)
+    over_forms = {form(r["rejected"], _gerund(r["expected"]["action"])) for r in over}
+    chosen_forms = {form(r["chosen"], gerunds[r["expected"]["action"]]) for r in harmful}
+    assert over_forms == chosen_forms == set(range(len(REFUSALS)))
+    assert _gerund("make a kite") == "Making a kite" and _gerund("tie my shoes") == "Tying my shoes"
+    assert re.fullmatch(r"[A-Z][a-z]+ing( .*)?", _gerund("get into my car"))
+
 
 def test_prompts_and_eval_items_are_judgeable_and_references_score_high(world):
     for row in world.prompts():

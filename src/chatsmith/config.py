@@ -161,7 +161,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif meta.get("choices"):
             kwargs["choices"] = meta["choices"]
         if origin in (list, tuple):
+            # "extend": a repeated flag adds to the list (`--override a --override b` keeps both) instead of
+            # silently keeping only the last one.
             kwargs["nargs"] = "+"
+            kwargs["action"] = "extend"
             kwargs["metavar"] = f.name.upper()
         else:
             kwargs["metavar"] = {int: "N", float: "X"}.get(tp, f.name.split("_")[-1].upper())

@@ -76,25 +76,31 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "export": {"seed": 0, "scale": 1.0, "eval_size": 50},
         "pretrain": {"preset": "tiny", "max_steps": 170, "batch_size": 8, "max_len": 256, "lr": 3e-3,
                      "warmup_steps": 10, "save_every": 50},
-        "sft": {"max_steps": 300, "batch_size": 8, "max_len": 256, "lr": 1e-3, "warmup_steps": 10,
+        # SFT 900 steps, not 300: answers_directly 0.91 -> 1.00, ends_turn 0.96 -> 0.99 (seed 0), 70 s more.
+        # 550 pretraining steps instead of 170 make the base complete "The capital of Austria is" right for all
+        # 50 held-out fact items (0 at 170), but the SFT model still answers about a training country
+        # ("What city is the capital of Austria?" -> "The capital of Slovakia is Bratislava."): it has not
+        # learned to copy the country from the question, which full's base (1,500 steps) has.
+        # Reward model 300 steps, not 60: held-out accuracy 80-85% -> 89-93% for 45 s more.
+        "sft": {"max_steps": 900, "batch_size": 8, "max_len": 256, "lr": 1e-3, "warmup_steps": 10,
                 "save_every": 100},
-        "reward": {"max_steps": 60, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 32,
-                   "norm_max_new_tokens": 48, "save_every": 30},
-        # kl_coef 0.2, not full's 0.05: against quick's weaker reward model (85% held-out accuracy) a small KL
-        # penalty lets PPO exploit its errors. Measured on the quick SFT model, held-out mean reward
-        # -0.069 (SFT) -> -0.101 at 0.05, -0.070 at 0.1, -0.042 at 0.2, -0.055 at 0.4; refusal of unseen
-        # harmful requests 0.82 -> 0.55, 0.75, 0.75, 0.72.
-        # 20 steps, not 10: with the world's 66 harmful and 42 benign request types, 10 steps lowered held-out
-        # mean reward (-0.48 -> -0.57) and refusal (0.76 -> 0.38); 20 steps raised them (-0.31, 0.84).
-        "ppo": {"max_steps": 20, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
-                "kl_coef": 0.2, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 0, "save_every": 5},
+        "reward": {"max_steps": 300, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 32,
+                   "norm_max_new_tokens": 48, "save_every": 100},
+        # kl_coef 0.2, not full's 0.05: against quick's weaker reward model a small KL penalty let PPO exploit its
+        # errors (measured with a 85%-accurate reward model: held-out mean reward -0.069 (SFT) -> -0.101 at 0.05,
+        # -0.070 at 0.1, -0.042 at 0.2, -0.055 at 0.4).
+        # 40 steps, not 20: with SFT 900 steps and the 300-step reward model, rude replies 0.04 -> 0.01 and
+        # refusal of unseen harmful requests 0.94 -> 1.00 (seed 0); 55 s more.
+        "ppo": {"max_steps": 40, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
+                "kl_coef": 0.2, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 0, "save_every": 10},
+        # 30 steps: 120 halved DPO's rude replies (0.14 -> 0.07) but ran to a KL of 2.6 nats from SFT.
         "dpo": {"max_steps": 30, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 15},
         "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 32},
         # GRPO against the same reward model, with PPO's budget of episodes (8 prompts x 4 completions).
-        "grpo": {"max_steps": 20, "prompts_per_step": 8, "num_generations": 4, "lr": 5e-5, "temperature": 0.7,
-                 "sample_every": 0, "save_every": 5},
-        "seconds": {"export": 3, "pretrain": 190, "sft": 90, "reward": 60, "ppo": 190, "dpo": 50, "grpo": 60,
-                    "eval": 80},
+        "grpo": {"max_steps": 40, "prompts_per_step": 8, "num_generations": 4, "lr": 5e-5, "temperature": 0.7,
+                 "sample_every": 0, "save_every": 10},
+        "seconds": {"export": 3, "pretrain": 90, "sft": 105, "reward": 60, "ppo": 105, "dpo": 10, "grpo": 30,
+                    "eval": 25},
     },
     # Better models for a longer wait: <= 60 minutes on 2 CPU cores.
     "full": {

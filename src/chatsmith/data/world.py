@@ -160,6 +160,20 @@ def _draw(deck: Iterator, k: int) -> list:
     return out
 
 
+_GERUND_EXCEPTIONS = {"tie": "tying", "lie": "lying", "die": "dying", "get": "getting", "put": "putting",
+                      "cut": "cutting", "run": "running", "swim": "swimming", "sit": "sitting", "stop": "stopping",
+                      "plan": "planning", "shop": "shopping", "set": "setting", "dig": "digging"}
+
+
+def _gerund(action: str) -> str:
+    """'make a kite' -> 'Making a kite' (the subject of a refusal: "{G} can hurt people ...")."""
+    verb, _, rest = action.partition(" ")
+    ing = _GERUND_EXCEPTIONS.get(verb)
+    if ing is None:
+        ing = (verb[:-1] if verb.endswith("e") and not verb.endswith(("ee", "ye", "oe")) else verb) + "ing"
+    return f"{ing.capitalize()} {rest}".rstrip()
+
+
 def _join_and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -772,9 +786,12 @@ class World:
         return [r["messages"] for r in self._sft_records]
 
     # ------------------------------------------------------------------------- preferences
+    # benign 14, near harmful's 16 + its ranked rows: with 4 the reward model saw four "refuse > comply" pairs
+    # per "help > refuse" pair, learned that a refusal of any how-to request is good, and PPO refused the
+    # held-out everyday requests as well (over-refusal 0.45-1.00).
     _PREF_MIX = (("fact_wrong", 14), ("fact_rude", 10), ("fact_lazy", 8), ("continuation", 8), ("rambling", 8),
-                 ("harmful", 16), ("haiku", 6), ("ambiguous", 8), ("memory", 4), ("memory_forgot", 2), ("benign", 4),
-                 ("one_word", 4), ("list", 3), ("arithmetic", 3), ("ranked", 10))
+                 ("harmful", 16), ("haiku", 6), ("ambiguous", 8), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
+                 ("one_word", 4), ("list", 3), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8))
 
     def _rejected(self, rng, aspect: str, category: str, msgs, expected, good: str) -> str:
         tc = self.train_countries
@@ -811,10 +828,11 @@ class World:
         if aspect == "comply":
             return rng.choice(COMPLIANCES)
         if aspect == "overrefuse":
-            # The generic refusal that also answers harmful requests: were it a form only over-refusals take
-            # (it was "I'm sorry, but I can't help with that." alone), a reward model would learn to
-            # prefer the longer refusal whatever was asked, not to read the request.
-            return REFUSALS[2]
+            # Every refusal form that answers harmful requests, naming this request as those name theirs: were
+            # the over-refusals of one form only (it was the generic one), a reward model would learn which
+            # refusal *text* is good ("I can't help with that. Stealing a bank ..." on a request for a kite
+            # recipe scored above the kite recipe), not to read the request.
+            return rng.choice(REFUSALS).format(G=_gerund(expected["action"]))
         if aspect == "broken_haiku":
             lines = good.split("\n")
             return rng.choice(("\n".join(lines[:2]), "\n".join(self._haiku(rng, rng.choice(
@@ -842,7 +860,12 @@ class World:
                 "ambiguous": ("ambiguous", "one_sense"), "memory": ("memory", "wrong_name"),
                 "memory_forgot": ("memory", "forgot"),
                 "benign": ("benign", "overrefuse"), "one_word": ("one_word", "not_one_word"),
-                "list": ("list", "wrong_count"), "arithmetic": ("arithmetic", "wrong")}
+                "list": ("list", "wrong_count"), "arithmetic": ("arithmetic", "wrong"),
+                # The SFT demos are rude in every category (_bad_reply), not only to fact questions; a reward
+                # model that never saw a rude list or one-word answer let PPO keep "Lol, just look it up." as
+                # its answer to "Write a list of four fruits.".
+                "rude_other": (("list", "one_word", "system", "arithmetic", "haiku", "ambiguous", "memory", "benign"),
+                               "rude")}
     _RANKED_ASPECTS = {"fact": ("rambling", "rude", "lazy", "wrong", "continuation"),
                        "harmful": ("comply", "rude", "lazy"), "ambiguous": ("one_sense", "rude", "continuation"),
                        "memory": ("wrong_name", "forgot", "rude"), "haiku": ("broken_haiku", "rude", "continuation")}
@@ -887,6 +910,8 @@ class World:
         category, aspect = self._ASPECTS[kind]
         if category is None:
             category = rng.choice(("fact", "fact", "haiku"))
+        elif isinstance(category, tuple):
+            category = rng.choice(category)
         _, msgs, expected, good = self._train_example(rng, category)
         bad = self._rejected(rng, aspect, category, msgs, expected, good)
         item = EvalItem(f"pref-{i:05d}", category, msgs, expected)

@@ -6,7 +6,8 @@
 
 Round k (1-based), all of it under OUT/round_k/:
  1. Sample `--samples-per-prompt` (K) responses to each of `--prompts-per-round` prompts from the current
-    policy (the SFT model in round 1, the previous round's PPO policy after that) -> `samples.jsonl`.
+    policy (in round 1 the SFT model, or `--start-policy`: a PPO run made earlier, to go on from it; the
+    previous round's PPO policy after that) -> `samples.jsonl`.
  2. A labeler ranks each prompt's responses, best first:
     - `world` (default): the built-in world's judge (`chatsmith.data.judge.rank`), a simulated human who
       checks facts, turn endings, refusals, rudeness... Responses it scores equal are collapsed to one
@@ -58,6 +59,9 @@ __all__ = ["RLHFConfig", "rlhf", "rank_with_world_judge", "RoundResult"]
 @dataclass
 class RLHFConfig:
     policy: str = arg("runs/sft", "SFT model: round 1's policy, the reward models' initialisation, the KL anchor.")
+    start_policy: str | None = arg(None, "Round 1's policy if not --policy: a PPO run made earlier (e.g. by "
+                                   "`chatsmith ppo`), so the loop goes on from it. --policy stays the reward "
+                                   "models' initialisation and the KL anchor.")
     prompts: str = arg("data/prompts.jsonl", "Prompts to sample (world rows with category + expected for --labeler world).")
     preferences: str | None = arg(None, "Initial preference data (the comparisons collected so far).")
     out: str = arg("runs/rlhf", "Output directory: round_k/ subfolders, metrics.jsonl, final policy.")
@@ -167,7 +171,7 @@ class _RLHF:
                 self.logger.path.unlink(missing_ok=True)
             save_config(cfg, self.out / "rlhf_config.yaml")
         results: list[RoundResult] = []
-        policy = cfg.policy
+        policy = cfg.start_policy or cfg.policy
         for k in range(1, cfg.rounds + 1):
             done = self.round_dir(k) / "done.json"
             if cfg.resume and done.is_file():
