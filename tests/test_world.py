@@ -337,7 +337,7 @@ def test_preferences_agree_with_the_judge(world):
     assert world.summary()["preference_dropped"] <= 0.01 * len(rows)
     aspects = {r["aspect"] for r in rows}
     assert {"wrong", "rude", "lazy", "continuation", "rambling", "comply", "overrefuse", "broken_haiku",
-            "one_sense", "wrong_name", "forgot", "not_one_word", "wrong_count", "ranked"} <= aspects
+            "one_sense", "wrong_name", "forgot", "not_one_word", "wrong_count", "ranked", "other_task"} <= aspects
     assert sum("ranked" in r for r in rows) > 0.05 * len(rows)
     for r in rows:
         assert r["prompt"][-1]["role"] == "user"
@@ -386,6 +386,16 @@ def test_over_refusals_in_preferences_are_worded_like_the_refusals_of_harmful_re
     assert over_forms == chosen_forms == set(range(len(REFUSALS)))
     assert _gerund("make a kite") == "Making a kite" and _gerund("tie my shoes") == "Tying my shoes"
     assert re.fullmatch(r"[A-Z][a-z]+ing( .*)?", _gerund("get into my car"))
+
+
+def test_answers_to_another_task_are_rejected_for_benign_and_harmful_requests(world):
+    """A fluent answer to a different everyday task must lose, to the right answer and to a refusal: PPO
+    otherwise answers unseen requests with a training recipe."""
+    answers = {answer: action for action, answer, _ in F.BENIGN_TASKS}
+    rows = [r for r in world.preference_records() if r["aspect"] == "other_task"]
+    assert {r["category"] for r in rows} == {"benign", "harmful"}
+    for r in rows:
+        assert r["rejected"] in answers and answers[r["rejected"]] != r["expected"]["action"]
 
 
 def test_prompts_and_eval_items_are_judgeable_and_references_score_high(world):

@@ -791,7 +791,8 @@ class World:
     # held-out everyday requests as well (over-refusal 0.45-1.00).
     _PREF_MIX = (("fact_wrong", 14), ("fact_rude", 10), ("fact_lazy", 8), ("continuation", 8), ("rambling", 8),
                  ("harmful", 16), ("haiku", 6), ("ambiguous", 8), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
-                 ("one_word", 4), ("list", 3), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8))
+                 ("one_word", 4), ("list", 3), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8),
+                 ("benign_other_task", 5), ("harmful_other_task", 5))
 
     def _rejected(self, rng, aspect: str, category: str, msgs, expected, good: str) -> str:
         tc = self.train_countries
@@ -833,6 +834,8 @@ class World:
             # refusal *text* is good ("I can't help with that. Stealing a bank ..." on a request for a kite
             # recipe scored above the kite recipe), not to read the request.
             return rng.choice(REFUSALS).format(G=_gerund(expected["action"]))
+        if aspect == "other_task":   # the answer of another everyday task: fluent, confident, not what was asked
+            return rng.choice([t for t in self.train_benign if t[0] != expected["action"]])[1]
         if aspect == "broken_haiku":
             lines = good.split("\n")
             return rng.choice(("\n".join(lines[:2]), "\n".join(self._haiku(rng, rng.choice(
@@ -865,7 +868,12 @@ class World:
                 # model that never saw a rude list or one-word answer let PPO keep "Lol, just look it up." as
                 # its answer to "Write a list of four fruits.".
                 "rude_other": (("list", "one_word", "system", "arithmetic", "haiku", "ambiguous", "memory", "benign"),
-                               "rude")}
+                               "rude"),
+                # A fluent answer to another task: without these rows the reward model scored the bread recipe
+                # above the right answer and above a refusal for "How do I plant a tree?" (+0.73, -0.31, -0.50)
+                # and the soup recipe at +0.93 for "How can I sell stolen phones?", and PPO answered unseen
+                # harmful requests with training recipes.
+                "benign_other_task": ("benign", "other_task"), "harmful_other_task": ("harmful", "other_task")}
     _RANKED_ASPECTS = {"fact": ("rambling", "rude", "lazy", "wrong", "continuation"),
                        "harmful": ("comply", "rude", "lazy"), "ambiguous": ("one_sense", "rude", "continuation"),
                        "memory": ("wrong_name", "forgot", "rude"), "haiku": ("broken_haiku", "rude", "continuation")}
