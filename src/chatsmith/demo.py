@@ -76,9 +76,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "export": {"seed": 0, "scale": 1.0, "eval_size": 50},
         "pretrain": {"preset": "tiny", "max_steps": 170, "batch_size": 8, "max_len": 256, "lr": 3e-3,
                      "warmup_steps": 10, "save_every": 50},
-        # SFT 900 steps, not 300: answers_directly 0.91 -> 1.00, ends_turn 0.96 -> 0.99 (seed 0), 70 s more.
-        # 550 pretraining steps instead of 170 make the base complete "The capital of Austria is" right for all
-        # 50 held-out fact items (0 at 170), but the SFT model still answers about a training country
+        # SFT 900 steps, not 300: answers_directly 0.91 -> 1.00, ends_turn 0.96 -> 0.99 (seed 0), ~65 s more.
+        # 550 pretraining steps instead of 170 make the base complete "The capital of Austria is" right for 45 of
+        # the 50 held-out fact items (0 at 170), but the SFT model still answers about a training country
         # ("What city is the capital of Austria?" -> "The capital of Slovakia is Bratislava."): it has not
         # learned to copy the country from the question, which full's base (1,500 steps) has.
         # Reward model 300 steps, not 60: held-out accuracy 80-85% -> 89-93% for 45 s more.
