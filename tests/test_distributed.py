@@ -32,6 +32,11 @@ def _run(cmd: list[str], cwd) -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # gloo sometimes aborts a rank as its threads are torn down (seen once in about 20 runs of this file,
+        # in a GRPO run; the process group is destroyed before exit). The runs are deterministic: run again,
+        # and compare what the second run wrote.
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
