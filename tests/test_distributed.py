@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from chatsmith.model import frozen_weight_masks, plant_induction_head, plant_previous_token_head
 from chatsmith.utils import read_metrics
 
 from conftest import make_tokenizer
@@ -80,6 +81,8 @@ def test_fsdp_sft_equals_one_process_and_its_checkpoints_resume_anywhere(tmp_pat
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=512, tie_word_embeddings=True))
+    plant_previous_token_head(model)
+    plant_induction_head(model)          # its frozen slices must stay frozen on sharded weights too
     model.save_pretrained(str(tmp_path / "base"))
     tok.save_pretrained(str(tmp_path / "base"))
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS * 4))
@@ -117,6 +120,13 @@ def test_fsdp_sft_equals_one_process_and_its_checkpoints_resume_anywhere(tmp_pat
         assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4, name
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fsdp"))   # a standard HF directory
     assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()   # still tied
+    frozen = frozen_weight_masks(model)
+    assert len(frozen) == 8
+    for name in ("single", "fsdp", "fsdp_then_one", "one_then_fsdp"):
+        w2 = load_file(str(tmp_path / name / "model.safetensors"))
+        for key, _, mask in frozen:
+            assert torch.equal(w2[key][mask.bool()], base[key][mask.bool()]), (name, key)
+            assert not torch.equal(w2[key][~mask.bool()], base[key][~mask.bool()]), (name, key)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")

@@ -17,7 +17,8 @@ from chatsmith.chat.render import render_chat, render_prompt
 from chatsmith.chat.templates import BUILTIN_SPECIAL_TOKENS, get_format
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import (PAD_TOKEN, PRESETS, build_tokenizer, count_parameters, create_model, disable_dropout,
-                             load_model, max_context_length, plant_previous_token_head, restrict_embedding_training,
+                             frozen_weight_masks, load_model, max_context_length, plant_induction_head,
+                             plant_previous_token_head, restrict_embedding_training,
                              save_model, special_token_ids)
 from conftest import SAMPLE_TEXTS
 
@@ -280,3 +281,65 @@ def test_prev_token_init_refuses_other_architectures(chatml_tokenizer):
         plant_previous_token_head(model)
     with pytest.raises(ChatsmithError, match="unknown initialisation"):
         create_model(PREV_TOKEN_MODEL, chatml_tokenizer, init="xavier")
+
+
+def _repeated_segments(vocab: int, n: int = 4, length: int = 32, seed: int = 0) -> torch.Tensor:
+    segment = torch.randint(10, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([segment, segment], 1)
+
+
+def test_induction_init_attends_to_the_token_after_the_earlier_occurrence_and_copies_it(chatml_tokenizer):
+    ids = _repeated_segments(len(chatml_tokenizer))
+    length = ids.shape[1] // 2
+    later = torch.arange(length + 1, 2 * length)          # second copy: x[i] == x[i - length]
+    losses = {}
+    for init in ("induction", "prev-token"):
+        torch.manual_seed(1)
+        model = create_model(PREV_TOKEN_MODEL, chatml_tokenizer, init=init)
+        model.config._attn_implementation = "eager"
+        with torch.no_grad():
+            out = model(ids, output_attentions=True)
+        attention = out.attentions[1][:, 0]               # layer 1, head 0: (b, T, T)
+        on_target = attention[:, later, later - length + 1].mean()   # the token after the earlier x[i]
+        nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        losses[init] = (float(nll[:, :length - 1].mean()), float(nll[:, length:].mean()))
+        if init == "induction":
+            assert on_target > 0.6                        # uniform attention would give 1/T < 0.03
+        else:
+            assert on_target < 0.2
+    first, second = losses["induction"]
+    assert second < first - 0.2                          # the copy lowers the loss of the repeat at init
+    assert abs(losses["prev-token"][1] - losses["prev-token"][0]) < 0.2
+
+
+def test_induction_circuit_stays_frozen_through_training_and_saving(chatml_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from chatsmith.train.loop import TrainConfig, build_optimizer
+
+    torch.manual_seed(0)
+    model = create_model(PREV_TOKEN_MODEL, chatml_tokenizer, init="induction")
+    masks = {name: mask.bool() for name, _, mask in frozen_weight_masks(model)}
+    assert "model.layers.1.self_attn.q_proj.weight" in masks and "model.embed_tokens.weight" in masks
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    ids = torch.randint(10, len(chatml_tokenizer), (4, 32), generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        moved = p.detach() != before[name]
+        if name in masks:
+            assert not moved[masks[name]].any(), name     # frozen slices: bit-identical
+            assert moved[~masks[name]].any(), name        # the rest of the tensor trains
+    save_model(model, chatml_tokenizer, tmp_path / "m")
+    for loader in (AutoModelForCausalLM, AutoModelForSequenceClassification):
+        reloaded = loader.from_pretrained(str(tmp_path / "m"))
+        assert {n for n, _, _ in frozen_weight_masks(reloaded)} == set(masks)   # the reward model keeps it too
+
+
+def test_induction_init_refuses_a_model_without_room(chatml_tokenizer):
+    model = create_model(dict(PREV_TOKEN_MODEL, num_hidden_layers=1), chatml_tokenizer)
+    with pytest.raises(ChatsmithError, match="2 decoder layers"):
+        plant_induction_head(model)

@@ -21,14 +21,20 @@ from chatsmith.utils import read_metrics, set_seed
 VOCAB = 64
 
 
-def tiny_llama(seed: int = 0, dropout: float = 0.0, tie: bool = False):
+def tiny_llama(seed: int = 0, dropout: float = 0.0, tie: bool = False, planted: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatsmith.model import plant_induction_head, plant_previous_token_head
 
     set_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       attention_dropout=dropout, tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)
+    if planted:                 # the induction init's frozen slices (restored after every optimizer step)
+        plant_previous_token_head(model)
+        plant_induction_head(model)
+    return model
 
 
 def make_items(n: int = 24, seed: int = 1):
@@ -68,8 +74,8 @@ def config(tmp_path: Path, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def run(cfg, loss_fn=lm_loss, items=None, dropout=0.1, **kw):
-    model = tiny_llama(cfg.seed, dropout=dropout)
+def run(cfg, loss_fn=lm_loss, items=None, dropout=0.1, planted=False, **kw):
+    model = tiny_llama(cfg.seed, dropout=dropout, planted=planted)
     source = ShardedBatchSource(items or make_items(), cfg.batch_size, collate, seed=cfg.seed)
     return Trainer(cfg, model, None, source, loss_fn, stage="test", save_final=False, **kw), model
 
@@ -145,8 +151,9 @@ def test_batch_source_shards_by_rank_from_env(monkeypatch):
 
 # ----------------------------------------------------------------------------- resume, checkpoints, NaN
 
-def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path):
-    full, full_model = run(config(tmp_path / "a", save_every=3))
+@pytest.mark.parametrize("planted", [False, True])
+def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path, planted):
+    full, full_model = run(config(tmp_path / "a", save_every=3), planted=planted)
     full.run()
     expected = [r["loss"] for r in read_metrics(tmp_path / "a" / "run") if "loss" in r]
     assert len(expected) == 6
@@ -159,11 +166,11 @@ def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path):
             raise KeyboardInterrupt
         return lm_loss(model, batch)
 
-    interrupted, _ = run(config(tmp_path / "b", save_every=3), loss_fn=crashing_loss)
+    interrupted, _ = run(config(tmp_path / "b", save_every=3), loss_fn=crashing_loss, planted=planted)
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
     assert Checkpointer(tmp_path / "b" / "run").step() == 3
-    resumed, resumed_model = run(config(tmp_path / "b", save_every=3, resume=True))
+    resumed, resumed_model = run(config(tmp_path / "b", save_every=3, resume=True), planted=planted)
     result = resumed.run()
     assert result.resumed_from == 3 and result.step == 6
     got = [r["loss"] for r in read_metrics(tmp_path / "b" / "run") if "loss" in r]

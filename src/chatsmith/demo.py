@@ -204,6 +204,19 @@ def _world_code_digest() -> str:
     return _digest([Path(m.__file__).read_text(encoding="utf-8") for m in (world, world_facts)])
 
 
+def _init_code_digest() -> str:
+    """The code that plants pretraining's initial circuits (docstrings left out): a change to it is another
+    base model."""
+    import inspect
+
+    from chatsmith import model
+
+    parts = [inspect.getsource(f).replace(f.__doc__ or "", "") for f in (
+        model.plant_previous_token_head, model.induction_code_dims, model.plant_induction_head)]
+    constants = {k: v for k, v in vars(model).items() if k.startswith(("INDUCTION_", "PREV_TOKEN_"))}
+    return _digest([parts, constants])
+
+
 # What each stage reads: the stages whose models it uses and its files in the exported data/.
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "export": ((), ()), "pretrain": ((), ("corpus.jsonl",)), "sft": (("pretrain",), ("sft.jsonl",)),
@@ -243,6 +256,8 @@ def _stage_key(stage: str, keys: dict[str, str], settings: dict[str, dict[str, A
     else:
         stages, files = STAGE_INPUTS[stage]
         upstream = [keys[s] for s in stages] + [_content_digest(data / f) for f in files]
+        if stage == "pretrain":
+            upstream.append(_init_code_digest())
     return _digest([upstream, stage, settings[stage], _config_defaults(stage), seed if stage != "export" else None])
 
 

@@ -145,7 +145,41 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ChatsmithError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    keep_frozen_weights(optimizer, model)
+    return optimizer
+
+
+def keep_frozen_weights(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+    """Keep the weight slices that the model's config lists as frozen (`chatsmith.model.frozen_weight_masks`:
+    the planted induction circuit) exactly as they are, whatever the optimizer does to the rest of the
+    tensor: the values are taken at the first step (after any checkpoint was loaded) and written back after
+    every step, which also undoes weight decay there. Works on whole tensors and on FSDP shards (each rank
+    keeps its own piece). Returns the number of parameters with frozen slices."""
+    from chatsmith.model import frozen_weight_masks
+    from chatsmith.train.parallel import local_piece, local_tensor
+
+    entries = [(param, mask) for _, param, mask in frozen_weight_masks(model) if param.requires_grad]
+    if not entries:
+        return 0
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def take(opt, args, kwargs):
+        if kept:
+            return
+        for param, mask in entries:
+            local, local_mask = local_piece(param, mask)
+            kept.append((param, local_mask.bool(), local.detach().clone()))
+
+    @torch.no_grad()
+    def put_back(opt, args, kwargs):
+        for param, mask, values in kept:
+            local = local_tensor(param)
+            local.copy_(torch.where(mask, values, local))
+
+    optimizer.register_step_pre_hook(take)
+    optimizer.register_step_post_hook(put_back)
+    return len(entries)
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

@@ -199,6 +199,20 @@ def load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
     optimizer.load_state_dict({**state, "state": sharded_state})
 
 
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of an FSDP-sharded parameter (its storage), or a plain parameter's data."""
+    return param.to_local() if _is_dtensor(param) else param.data
+
+
+def local_piece(param: torch.Tensor, whole: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(this rank's piece of param, the matching piece of whole)``: for an FSDP shard the local tensor and
+    ``whole`` (a tensor of the parameter's full shape, the same on every rank) cut like it; otherwise the
+    parameter itself and ``whole`` on its device and in its dtype."""
+    if _is_dtensor(param):
+        return local_tensor(param), _shard_like(whole, param).to_local()
+    return local_tensor(param), whole.to(param.device, param.dtype)
+
+
 def mask_embedding_gradients(model: nn.Module) -> None:
     """Zero the gradient rows that ``restrict_embedding_training`` froze, on sharded embedding weights (an
     unsharded weight's parameter hook has done it already). Each rank's piece of the mask is cut once."""

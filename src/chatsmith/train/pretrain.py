@@ -11,9 +11,12 @@ Rows cross document boundaries on purpose: no padding is wasted and the end-of-t
 where a document stops; attention may see the previous document's tail, which is harmless for a base model.
 A held-out share of documents (`--eval-fraction`) gives an eval loss.
 
-The model starts from transformers' initialisation with one change (`--init prev-token`, the default): head 0
-of layer 0 attends to the previous token from the first step (`chatsmith.model.plant_previous_token_head`),
-which the tiny preset does not learn on its own at this budget. `--init standard` leaves it out.
+The model starts from transformers' initialisation with two circuits planted (`--init induction`, the default),
+which the tiny preset does not learn on its own at this budget: head 0 of layer 0 attends to the previous token
+(`chatsmith.model.plant_previous_token_head`), and three heads of layer 1 are induction heads that copy the
+token that followed an earlier occurrence of the current one (`chatsmith.model.plant_induction_head`; their
+wiring is listed in config.json and stays frozen in every stage). `--init prev-token` plants only the first,
+`--init standard` neither.
 
 The tokenizer reserves the special tokens of `--template` (default chatml) so a later `chatsmith sft` needs
 no embedding resize. Output: `OUT/` is a standard Hugging Face model directory (config.json,
@@ -45,9 +48,11 @@ class PretrainConfig(TrainConfig):
     template: str = arg("chatml", "Chat format whose special tokens the tokenizer reserves and whose "
                                   "chat_template the saved tokenizer carries.")
     vocab_size: int = arg(0, "Tokenizer vocabulary size (0 = the preset's, else 4096).")
-    init: str = arg("prev-token", "Weight initialisation: prev-token (transformers' init, then head 0 of layer 0 "
-                                  "set to attend to the previous token: chatsmith.model.plant_previous_token_head) "
-                                  "or standard.", choices=INITS)
+    init: str = arg("induction", "Weight initialisation: induction (prev-token, plus a frozen induction head in "
+                                 "layer 1 that copies the token after an earlier occurrence of the current one: "
+                                 "chatsmith.model.plant_induction_head), prev-token (transformers' init, then "
+                                 "head 0 of layer 0 set to attend to the previous token: "
+                                 "chatsmith.model.plant_previous_token_head) or standard.", choices=INITS)
     eval_fraction: float = arg(0.02, "Share of documents held out for the eval loss.")
     eval_batches: int = arg(8, "Batches of held-out rows scored at each evaluation.")
     out: str = arg("runs/base", "Output directory (HF model dir + metrics.jsonl + checkpoint/).")
