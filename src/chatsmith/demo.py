@@ -1,6 +1,6 @@
 """`chatsmith demo`: the whole journey from raw text to an aligned chat model, on the built-in world.
 
-    chatsmith demo                              # --profile quick: about 7 minutes on 2 CPU cores
+    chatsmith demo                              # --profile quick: 7 to 11 minutes on 2 CPU cores
     chatsmith demo --profile full               # better models, up to an hour
     chatsmith demo --override ppo.kl_coef=0.1 sft.max_steps=400     # tune one stage setting
     chatsmith demo --until sft                  # stop after a stage
@@ -133,7 +133,7 @@ SHOWN_MODELS = ("base", "sft", "ppo")   # the side-by-side columns at the end
 @dataclass
 class DemoConfig:
     out: str = arg("runs/demo", "Directory for every stage's output (data/, base/, sft/, rm/, ppo/, dpo/, report/).")
-    profile: str = arg("quick", "quick (about 7 min on 2 CPU cores), full (about 25 min), or toy (CI, seconds).",
+    profile: str = arg("quick", "quick (7 to 11 min on 2 CPU cores), full (25 to 36 min), or toy (CI, seconds).",
                        choices=list(PROFILES))
     seed: int = arg(0, "Seed of every training stage (the world's seed is set per profile).")
     override: list[str] = arg([], "Stage settings on top of the profile, as STAGE.FIELD=VALUE "
