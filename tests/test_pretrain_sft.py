@@ -133,7 +133,7 @@ def test_pretrain_then_sft_end_to_end(tmp_path, capsys):
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     sft_data = tmp_path / "sft.jsonl"
     sft_data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS * 4))
-    preset = dict(PRESETS["tiny"], hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    preset = dict(PRESETS["tiny"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1)
     import chatsmith.model as model_module
 

@@ -234,7 +234,8 @@ def induction_code_dims(config: Any) -> tuple[list[int], list[int], list[int]]:
     width = 2 * len(pairs)
     if not pairs or config.hidden_size < 1 + 2 * width:
         raise ChatsmithError(f"init induction: no room for the circuit (hidden {config.hidden_size}, head_dim "
-                             f"{head_dim}, {len(pairs)} low-frequency rotary pairs)")
+                             f"{head_dim}, {len(pairs)} low-frequency rotary pairs); pass --init prev-token or "
+                             "--init standard")
     hidden = config.hidden_size
     return list(range(1, 1 + width)), list(range(hidden - width, hidden)), pairs
 
@@ -278,7 +279,8 @@ def plant_induction_head(model: Any) -> None:
     """
     config = model.config
     if config.num_hidden_layers < 2:
-        raise ChatsmithError("init induction: needs at least 2 decoder layers")
+        raise ChatsmithError(f"init induction: needs at least 2 decoder layers, the model has "
+                             f"{config.num_hidden_layers}; pass --init prev-token or --init standard")
     code, prev, pairs = induction_code_dims(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if config.num_key_value_heads != config.num_attention_heads:
