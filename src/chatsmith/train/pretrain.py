@@ -48,10 +48,10 @@ class PretrainConfig(TrainConfig):
     template: str = arg("chatml", "Chat format whose special tokens the tokenizer reserves and whose "
                                   "chat_template the saved tokenizer carries.")
     vocab_size: int = arg(0, "Tokenizer vocabulary size (0 = the preset's, else 4096).")
-    init: str = arg("induction", "Weight initialisation: induction (prev-token, plus a frozen induction head in "
-                                 "layer 1 that copies the token after an earlier occurrence of the current one: "
-                                 "chatsmith.model.plant_induction_head), prev-token (transformers' init, then "
-                                 "head 0 of layer 0 set to attend to the previous token: "
+    init: str = arg("induction", "Weight initialisation: induction (prev-token, plus three induction heads in "
+                                 "layer 1, with frozen wiring, that copy the token after an earlier occurrence "
+                                 "of the current one: chatsmith.model.plant_induction_head), prev-token "
+                                 "(transformers' init, then head 0 of layer 0 set to attend to the previous token: "
                                  "chatsmith.model.plant_previous_token_head) or standard.", choices=INITS)
     eval_fraction: float = arg(0.02, "Share of documents held out for the eval loss.")
     eval_batches: int = arg(8, "Batches of held-out rows scored at each evaluation.")
