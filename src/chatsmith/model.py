@@ -539,19 +539,26 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[st
     return out
 
 
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Turn every dropout off (modules, attention-probability dropout attributes, config), in place.
+def disable_dropout(model: Any) -> Any:
+    """Turn every dropout off in place: dropout modules, attention-probability dropout attributes and
+    the config's dropout fields (`*dropout*`, `*pdrop`). Returns its argument.
 
+    `model` is a module or a bare config (a `PretrainedConfig`, before a model is built from it).
     RL (PPO/GRPO) compares log-probabilities of the same tokens under the policy at sampling time and
-    at update time; dropout would make the ratio of an unchanged policy differ from 1.
+    at update time; dropout would make the ratio of an unchanged policy differ from 1 (Huang et al.
+    2024, "disable dropout"), and a reward must be a deterministic function of the text.
     """
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name in ("attention_dropout", "dropout", "attn_dropout_p"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
-    config = getattr(model, "config", None)
+    if isinstance(model, nn.Module):
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+            # attention modules copy the rate at construction time
+            for name in ("attention_dropout", "dropout", "attn_dropout_p"):
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, 0.0)
+        config = getattr(model, "config", None)
+    else:
+        config = model
     if config is not None:
         for name, value in list(vars(config).items()):
             if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
