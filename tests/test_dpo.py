@@ -33,7 +33,7 @@ def sft_dir(tmp_path_factory, chat_tokenizer):
 
 
 def _examples(rows):
-    from chatsmith.data.formats import PreferenceExample
+    from chatsmith.data.records import PreferenceExample
 
     return [PreferenceExample(prompt=r["prompt"], responses=r.get("ranked") or [r["chosen"], r["rejected"]],
                               origin=f"toy:{i + 1}") for i, r in enumerate(rows)]

@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from chatsmith.train.reward import (RewardModel, render_for_scoring, reward_model_from_causal_lm,
-                                    sequence_rewards, split_train_eval, token_scores)
+from chatsmith.data.formats import split_train_eval
+from chatsmith.reward_model import RewardModel, render_for_scoring, sequence_rewards, token_scores
+from chatsmith.train.reward import reward_model_from_causal_lm
 
 FACTS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
          ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi")]
@@ -171,8 +172,8 @@ def test_train_reward_model_end_to_end(tmp_path, sft_dir, capsys):
     pytest.importorskip("chatsmith.model")
     import transformers
 
-    from chatsmith.train.reward import (NORM_STD_KEY, RewardConfig, ScoreConfig, load_reward_model,
-                                        score, score_conversations, train_reward_model)
+    from chatsmith.reward_model import NORM_STD_KEY, load_reward_model, score_conversations
+    from chatsmith.train.reward import RewardConfig, ScoreConfig, score, train_reward_model
     from chatsmith.utils import read_jsonl
 
     data = write_jsonl(tmp_path / "prefs.jsonl", toy_preferences(48))

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from chatsmith.config import arg
-from chatsmith.data.formats import (FORMATS, KINDS, ChatExample, LoadResult, PreferenceExample, TextExample,
-                                    fit_to_length, load_examples)
+from chatsmith.data.formats import LoadResult, fit_to_length, load_examples
+from chatsmith.data.records import FORMATS, KINDS, ChatExample, PreferenceExample, TextExample
 from chatsmith.errors import ChatsmithError
 
 

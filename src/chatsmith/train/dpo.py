@@ -34,13 +34,15 @@ import torch
 from torch import nn
 
 from chatsmith.config import arg
+from chatsmith.data.formats import load_preferences, split_train_eval
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
-from chatsmith.train.loop import TrainConfig
+from chatsmith.reward_model import backbone_hidden
+from chatsmith.train.loop import TrainConfig, steps_for_epochs
 from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, dpo_loss, expand_rankings,
                                                    pack_trees, segment_mean, segment_sum, token_logprobs)
-from chatsmith.train.reward import (_load_preferences, _note, backbone_hidden, split_train_eval, steps_for_epochs,
-                                    tokenize_preferences)
+from chatsmith.train.reward import tokenize_preferences
+from chatsmith.utils import note
 
 __all__ = ["DPOConfig", "dpo", "DPOBatch", "DPOCollate", "packed_logprobs", "reference_logprobs", "make_dpo_loss",
            "evaluate_dpo"]
@@ -206,9 +208,9 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     if not 0.0 <= cfg.label_smoothing < 0.5:
         raise ChatsmithError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     set_seed(cfg.seed)
-    examples = _load_preferences(cfg.data, "--data", cfg.on_bad_row)
+    examples = load_preferences(cfg.data, "--data", cfg.on_bad_row)
     if cfg.eval_data:
-        train_examples, eval_examples = examples, _load_preferences(cfg.eval_data, "--eval-data", cfg.on_bad_row)
+        train_examples, eval_examples = examples, load_preferences(cfg.eval_data, "--eval-data", cfg.on_bad_row)
     else:
         train_idx, eval_idx = split_train_eval(len(examples), cfg.eval_fraction, seed=0)
         train_examples = [examples[i] for i in train_idx]
@@ -221,11 +223,11 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     train_tok = tokenize_preferences(train_examples, tokenizer, fmt, cfg.max_len, cfg.share_prompt, with_masks=True)
     eval_tok = tokenize_preferences(eval_examples, tokenizer, fmt, cfg.max_len, cfg.share_prompt, with_masks=True)
     if train_tok.n_truncated or eval_tok.n_truncated:
-        _note(f"dpo: {train_tok.n_truncated + eval_tok.n_truncated} conversation(s) longer than --max-len "
+        note(f"dpo: {train_tok.n_truncated + eval_tok.n_truncated} conversation(s) longer than --max-len "
               f"{cfg.max_len} lost tokens from the start of their prompt")
     if cfg.max_steps <= 0:
         cfg = dataclasses.replace(cfg, max_steps=steps_for_epochs(len(train_tok.trees), cfg, cfg.epochs))
-    _note(f"dpo: {len(train_tok.trees)} training examples ({train_tok.n_pairs} pairs), "
+    note(f"dpo: {len(train_tok.trees)} training examples ({train_tok.n_pairs} pairs), "
           f"{len(eval_tok.trees)} held out ({eval_tok.n_pairs} pairs); {cfg.max_steps} steps, beta {cfg.beta}")
 
     # A run shorter than one epoch sees a seeded subset of the examples: only those need reference
@@ -235,7 +237,7 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     if needed < len(train_trees):
         keep = sorted(np.random.default_rng([cfg.seed, 11]).permutation(len(train_trees))[:needed].tolist())
         train_trees = [train_trees[i] for i in keep]
-        _note(f"dpo: {cfg.max_steps} steps use {needed} of the {len(train_tok.trees)} training examples "
+        note(f"dpo: {cfg.max_steps} steps use {needed} of the {len(train_tok.trees)} training examples "
               f"(a seeded subset; --epochs or more --max-steps for all)")
 
     # Reference log-probs, once, from the starting (SFT) weights; the reference is not kept afterwards.
@@ -246,7 +248,7 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     ref_eval = reference_logprobs(model, eval_tok.trees, pad_id, cfg.batch_size, device, amp)
     restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings, seen_ids={
         i for tree in train_trees for seq in (tree.prefix, *tree.suffixes) for i in seq})
-    _note(f"dpo: reference log-probs computed for {sum(len(r) for r in ref_train + ref_eval)} responses")
+    note(f"dpo: reference log-probs computed for {sum(len(r) for r in ref_train + ref_eval)} responses")
 
     collate = DPOCollate(pad_id)
     items = list(zip(train_trees, ref_train))
@@ -264,6 +266,6 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     if is_main_process():
         atomic_write_text(Path(cfg.out) / "dpo_summary.json", json.dumps(final, indent=1) + "\n")
     if "eval_reward_accuracy" in final:
-        _note(f"dpo: saved {cfg.out}; held-out implicit reward accuracy {final['eval_reward_accuracy']:.1%}, "
+        note(f"dpo: saved {cfg.out}; held-out implicit reward accuracy {final['eval_reward_accuracy']:.1%}, "
               f"margin {final['eval_reward_margin']:.3f}")
     return final

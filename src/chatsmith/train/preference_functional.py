@@ -1,8 +1,9 @@
 """Pure tensor functions for preference learning: reward-model and DPO losses, pooling, log-probs.
 
 No models, no I/O: every function takes tensors and returns tensors, states the shapes it expects,
-and cites where its numerics come from. `train/reward.py` and `train/dpo.py` build on these; the PPO,
-GRPO and evaluation code reuse `last_token_index` / `gather_last_token` and `sequence_logprobs`.
+and cites where its numerics come from. `reward_model.py`, `train/reward.py` and `train/dpo.py` build on
+these; the PPO, GRPO and evaluation code reuse `last_token_index` / `gather_last_token` and
+`sequence_logprobs`. Tree packing places trees with `chatsmith.data.packing.pack_sequences`.
 
 Shapes: `b` batch rows, `t` sequence length, `v` vocabulary, `n` responses (flattened over the batch),
 `p` comparison pairs, `g` groups (one per preference example).

@@ -405,7 +405,7 @@ def apply_no_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: 
 
 
 class RewardModelScorer:
-    """Scores episodes with a frozen reward model (`chatsmith.train.reward.RewardModel`).
+    """Scores episodes with a frozen reward model (`chatsmith.reward_model.RewardModel`).
 
     When the reward model shares the policy's vocabulary (both come from the same SFT model, the usual
     case) it reads the sampled token ids directly - prompt + response up to the end-of-turn token, no
@@ -438,7 +438,7 @@ class RewardModelScorer:
         elif rows:
             if prompts is None:
                 raise ChatsmithError("scoring with a reward model of another vocabulary needs the prompts")
-            from chatsmith.train.reward import score_conversations
+            from chatsmith.reward_model import score_conversations
 
             convs = [list(prompts[rollout.prompt_index[i]].messages)
                      + [{"role": "assistant", "content": rollout.texts[i]}] for i in rows]
@@ -542,7 +542,7 @@ def make_scorer(spec: str, policy_tokenizer: Any, device: str, forward_batch_siz
     if spec == "world":
         return WorldJudgeScorer()
     path = spec[3:] if spec.startswith("rm:") else spec
-    from chatsmith.train.reward import load_reward_model
+    from chatsmith.reward_model import load_reward_model
 
     rm = load_reward_model(path, device=device)
     return RewardModelScorer(rm, same_vocabulary=_same_vocabulary(rm.tokenizer, policy_tokenizer),
