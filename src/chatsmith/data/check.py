@@ -78,12 +78,9 @@ def _token_report(cfg: DataCheckConfig, result: LoadResult) -> bool:
                   "packs text into rows of max length, so nothing is lost)")
         return True
 
-    try:
-        from chatsmith.chat.render import render_chat, render_prompt
-        from chatsmith.chat.templates import get_format
-    except ImportError as exc:
-        print(f"token lengths: skipped (chatsmith.chat.render is not available: {exc})")
-        return True
+    from chatsmith.chat.render import render_chat, render_prompt
+    from chatsmith.chat.templates import get_format
+
     try:
         fmt = get_format(cfg.template, tokenizer)
     except ChatsmithError as exc:

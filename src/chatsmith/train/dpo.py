@@ -224,11 +224,11 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     eval_tok = tokenize_preferences(eval_examples, tokenizer, fmt, cfg.max_len, cfg.share_prompt, with_masks=True)
     if train_tok.n_truncated or eval_tok.n_truncated:
         note(f"dpo: {train_tok.n_truncated + eval_tok.n_truncated} conversation(s) longer than --max-len "
-              f"{cfg.max_len} lost tokens from the start of their prompt")
+             f"{cfg.max_len} lost tokens from the start of their prompt")
     if cfg.max_steps <= 0:
         cfg = dataclasses.replace(cfg, max_steps=steps_for_epochs(len(train_tok.trees), cfg, cfg.epochs))
     note(f"dpo: {len(train_tok.trees)} training examples ({train_tok.n_pairs} pairs), "
-          f"{len(eval_tok.trees)} held out ({eval_tok.n_pairs} pairs); {cfg.max_steps} steps, beta {cfg.beta}")
+         f"{len(eval_tok.trees)} held out ({eval_tok.n_pairs} pairs); {cfg.max_steps} steps, beta {cfg.beta}")
 
     # A run shorter than one epoch sees a seeded subset of the examples: only those need reference
     # log-probs (precomputing all of them cost more than the training itself in the quick demo).
@@ -238,7 +238,7 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
         keep = sorted(np.random.default_rng([cfg.seed, 11]).permutation(len(train_trees))[:needed].tolist())
         train_trees = [train_trees[i] for i in keep]
         note(f"dpo: {cfg.max_steps} steps use {needed} of the {len(train_tok.trees)} training examples "
-              f"(a seeded subset; --epochs or more --max-steps for all)")
+             f"(a seeded subset; --epochs or more --max-steps for all)")
 
     # Reference log-probs, once, from the starting (SFT) weights; the reference is not kept afterwards.
     device = resolve_device(cfg.device)
@@ -267,5 +267,5 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
         atomic_write_text(Path(cfg.out) / "dpo_summary.json", json.dumps(final, indent=1) + "\n")
     if "eval_reward_accuracy" in final:
         note(f"dpo: saved {cfg.out}; held-out implicit reward accuracy {final['eval_reward_accuracy']:.1%}, "
-              f"margin {final['eval_reward_margin']:.3f}")
+             f"margin {final['eval_reward_margin']:.3f}")
     return final

@@ -12,8 +12,8 @@ All responses of an example sit in the same forward batch; their shared prompt i
 (prefix-tree packing, `preference_functional.pack_trees`). One epoch by default, through the shared
 `train/loop.py` Trainer (checkpoints, `--resume`, metrics). A deterministic held-out split gives
 pairwise accuracy and mean margin. Afterwards rewards are normalised to mean 0 / std 1 on responses
-sampled from the SFT model (falling back to the preference responses; `reward_norm_source` in
-metrics.jsonl says which), and the (mean, std) is stored in config.json as `chatsmith_reward_mean` /
+sampled from the SFT model (or on the preference responses with `--norm-source preferences`;
+`reward_norm_source` in metrics.jsonl says which), and the (mean, std) is stored in config.json as `chatsmith_reward_mean` /
 `chatsmith_reward_std` and in `reward_normalization.json`. The output is a standard HF directory that
 plain `transformers.AutoModelForSequenceClassification` loads.
 
@@ -238,14 +238,11 @@ def accuracy_by_group(model: nn.Module, trees: Sequence[PrefixTree], metas: Sequ
 
 
 def _sample_sft_responses(causal_lm: nn.Module, tokenizer: Any, fmt: Any, prompts: list[list[dict]],
-                          cfg: RewardConfig, device: str) -> list[list[dict]] | None:
-    """Conversations (prompt + one sampled reply) from the SFT model, or None if sampling is unavailable."""
-    try:
-        from chatsmith.chat.render import render_prompt
-        from chatsmith.generate import SamplingConfig, generate
-    except ImportError as exc:
-        note(f"reward: sampling unavailable ({exc}); normalising on the preference responses")
-        return None
+                          cfg: RewardConfig, device: str) -> list[list[dict]]:
+    """Conversations (prompt + one sampled reply) from the SFT model."""
+    from chatsmith.chat.render import render_prompt
+    from chatsmith.generate import SamplingConfig, generate
+
     prompt_ids = [render_prompt(p, tokenizer, fmt) for p in prompts]
     limit = max(8, cfg.max_len - cfg.norm_max_new_tokens)
     prompt_ids = [ids[-limit:] for ids in prompt_ids]
@@ -279,11 +276,11 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     eval_tok = tokenize_preferences(eval_examples, tokenizer, fmt, cfg.max_len, share_prompt=cfg.share_prompt)
     if train_tok.n_truncated or eval_tok.n_truncated:
         note(f"reward: {train_tok.n_truncated + eval_tok.n_truncated} conversation(s) longer than --max-len "
-              f"{cfg.max_len} lost tokens from the start of their prompt")
+             f"{cfg.max_len} lost tokens from the start of their prompt")
     if cfg.max_steps <= 0:
         cfg = dataclasses.replace(cfg, max_steps=steps_for_epochs(len(train_tok.trees), cfg, cfg.epochs))
     note(f"reward: {len(train_tok.trees)} training examples ({train_tok.n_pairs} pairs), "
-          f"{len(eval_tok.trees)} held out ({eval_tok.n_pairs} pairs); {cfg.max_steps} steps")
+         f"{len(eval_tok.trees)} held out ({eval_tok.n_pairs} pairs); {cfg.max_steps} steps")
 
     device = resolve_device(cfg.device)
     norm_conversations = None
@@ -348,8 +345,8 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     barrier()   # a caller on another rank (rlhf) reads the model next
     acc = final.get("eval_accuracy")
     note(f"reward: saved {cfg.out}" + (f"; held-out pairwise accuracy {acc:.1%}, mean margin "
-                                       f"{final.get('eval_margin', float('nan')):.3f}" if acc is not None else "")
-          + f"; normalised on {norm_source} (mean {mean:.3f}, std {std:.3f})")
+                                      f"{final.get('eval_margin', float('nan')):.3f}" if acc is not None else "")
+         + f"; normalised on {norm_source} (mean {mean:.3f}, std {std:.3f})")
     return summary
 
 
