@@ -22,7 +22,6 @@ Run the tests: `python -m pytest tests/test_reward.py -q`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -35,20 +34,18 @@ import torch
 from torch import nn
 
 from chatsmith.config import arg
-from chatsmith.data.formats import load_preferences, split_train_eval
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.model import disable_dropout
 from chatsmith.reward_model import (FORMAT_KEY, NORM_FILE, NORM_MEAN_KEY, NORM_STD_KEY, RewardModel, backbone,
-                                    load_reward_model, packed_rewards, render_for_scoring, score_conversations,
-                                    score_head)
-from chatsmith.train.loop import TrainConfig, steps_for_epochs
+                                    load_reward_model, packed_rewards, score_conversations, score_head)
+from chatsmith.train.preference_data import PreferenceConfig, load_preference_split, tokenize_preference_split
 from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, expand_rankings, pack_trees,
-                                                   pairwise_accuracy, prefix_tree, ranking_loss)
+                                                   pairwise_accuracy, ranking_loss)
 from chatsmith.utils import note
 
 __all__ = [
     "RewardConfig", "train_reward_model", "ScoreConfig", "score", "reward_model_from_causal_lm",
-    "tokenize_preferences", "TokenizedPreferences", "TreeCollate", "make_reward_loss", "evaluate_preferences",
+    "TreeCollate", "make_reward_loss", "evaluate_preferences",
     "accuracy_by_group",
 ]
 
@@ -86,70 +83,14 @@ def reward_model_from_causal_lm(causal_lm: nn.Module, tokenizer: Any, seed: int 
     return rm
 
 
-# ----------------------------------------------------------------------------- tokenisation
-
-@dataclass
-class TokenizedPreferences:
-    trees: list[PrefixTree]
-    origins: list[str]
-    n_truncated: int          # conversations cut to max_len
-    n_pairs: int
-
-
-def tokenize_preferences(examples: Sequence[Any], tokenizer: Any, fmt: Any, max_len: int,
-                         share_prompt: bool = True, with_masks: bool = False) -> TokenizedPreferences:
-    """Render every response of every `PreferenceExample` and build its prefix tree (prompt shared once).
-
-    `with_masks` keeps each conversation's response mask (DPO needs which tokens to sum log-probs over).
-    """
-    trees, origins, truncated, pairs = [], [], 0, 0
-    for ex in examples:
-        origin = getattr(ex, "origin", "?")
-        if len(ex.responses) < 2:
-            raise DataError(f"{origin}: a preference example needs at least 2 responses, got {len(ex.responses)}")
-        seqs, masks = [], []
-        for k, response in enumerate(ex.responses):
-            if not isinstance(response, str):
-                raise DataError(f"{origin}: response {k} must be a string, got {type(response).__name__}")
-            messages = list(ex.prompt) + [{"role": "assistant", "content": response}]
-            try:
-                ids, mask, cut = render_for_scoring(messages, tokenizer, fmt, max_len, where=f"{origin} response {k}")
-            except DataError:
-                raise
-            except ChatsmithError as exc:
-                raise DataError(f"{origin}: {exc}") from None
-            seqs.append(ids)
-            masks.append(mask)
-            truncated += cut
-        trees.append(prefix_tree(seqs, masks if with_masks else None, share=share_prompt))
-        origins.append(origin)
-        pairs += len(ex.responses) * (len(ex.responses) - 1) // 2
-    return TokenizedPreferences(trees, origins, truncated, pairs)
-
-
 # ----------------------------------------------------------------------------- training
 
 @dataclass
-class RewardConfig(TrainConfig):
+class RewardConfig(PreferenceConfig):
     model: str = arg("runs/sft", "SFT model directory to initialise the reward model from.")
-    data: str = arg("data/preferences.jsonl", "Preference data: prompt + chosen/rejected, or a ranked list.")
     out: str = arg("runs/rm", "Output directory (HF AutoModelForSequenceClassification dir + metrics).")
-    template: str | None = arg(None, "Chat format if the model has none: chatml, llama2, alpaca or a .jinja path.")
-    eval_data: str | None = arg(None, "Held-out preference file (default: hold out --eval-fraction of --data).")
-    eval_fraction: float = arg(0.05, "Fraction of --data held out for pairwise accuracy (deterministic split).")
-    on_bad_row: str = arg("error", "What to do with a malformed data row: error (name it and stop) or skip.",
-                          choices=["error", "skip"])
-    epochs: float = arg(1.0, "Passes over the training pairs when --max-steps is 0.")
-    max_steps: int = arg(0, "Optimizer steps (0 = --epochs passes over the data).")
     lr: float = arg(1e-4, "Peak learning rate (AdamW).")
-    warmup_steps: int = arg(5, "Linear warmup steps.")
-    batch_size: int = arg(16, "Preference examples (pairs or rankings) per micro-batch.")
-    max_len: int = arg(256, "Maximum tokens of one conversation (prompt + response); longer ones lose their start.")
     margin: float = arg(0.0, "Margin m in -logsigmoid(r_chosen - r_rejected - m) (Llama 2).")
-    share_prompt: bool = arg(True, "Compute each example's shared prompt once (tree packing); same result.")
-    eval_every: int = arg(0, "Evaluate held-out accuracy every N steps (0 = only at the end).")
-    save_every: int = arg(50, "Write OUT/checkpoint every N steps (0 = only at the end).")
-    log_every: int = arg(5, "Write a metrics row every N steps.")
     norm_source: str = arg("samples", "Normalise rewards on responses sampled from the SFT model ('samples') "
                            "or on the preference responses ('preferences').", choices=["samples", "preferences"])
     norm_samples: int = arg(64, "How many responses to normalise on.")
@@ -261,26 +202,13 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     from chatsmith.utils import MetricsLogger, atomic_write_text, resolve_device, set_seed
 
     set_seed(cfg.seed)
-    examples = load_preferences(cfg.data, "--data", cfg.on_bad_row)
-    if cfg.eval_data:
-        train_examples, eval_examples = examples, load_preferences(cfg.eval_data, "--eval-data", cfg.on_bad_row)
-    else:
-        train_idx, eval_idx = split_train_eval(len(examples), cfg.eval_fraction, seed=0)
-        train_examples = [examples[i] for i in train_idx]
-        eval_examples = [examples[i] for i in eval_idx]
+    train_examples, eval_examples = load_preference_split(cfg)
     loaded = load_model(cfg.model, device="cpu", template=cfg.template)
     causal_lm, tokenizer, fmt = loaded.model, loaded.tokenizer, loaded.fmt
     if tokenizer.pad_token_id is None:
         raise ChatsmithError(f"{cfg.model}: the tokenizer has no pad token")
-    train_tok = tokenize_preferences(train_examples, tokenizer, fmt, cfg.max_len, share_prompt=cfg.share_prompt)
-    eval_tok = tokenize_preferences(eval_examples, tokenizer, fmt, cfg.max_len, share_prompt=cfg.share_prompt)
-    if train_tok.n_truncated or eval_tok.n_truncated:
-        note(f"reward: {train_tok.n_truncated + eval_tok.n_truncated} conversation(s) longer than --max-len "
-             f"{cfg.max_len} lost tokens from the start of their prompt")
-    if cfg.max_steps <= 0:
-        cfg = dataclasses.replace(cfg, max_steps=steps_for_epochs(len(train_tok.trees), cfg, cfg.epochs))
-    note(f"reward: {len(train_tok.trees)} training examples ({train_tok.n_pairs} pairs), "
-         f"{len(eval_tok.trees)} held out ({eval_tok.n_pairs} pairs); {cfg.max_steps} steps")
+    cfg, train_tok, eval_tok = tokenize_preference_split(cfg, train_examples, eval_examples, tokenizer, fmt,
+                                                         stage="reward")
 
     device = resolve_device(cfg.device)
     norm_conversations = None
