@@ -540,25 +540,21 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[st
 
 
 def disable_dropout(model: Any) -> Any:
-    """Turn every dropout off in place: dropout modules, attention-probability dropout attributes and
-    the config's dropout fields (`*dropout*`, `*pdrop`). Returns its argument.
+    """Dropout off in place, returned: dropout modules, attention dropout attributes, and the config's
+    `*dropout*` / `*pdrop` fields. `model` is a module or a bare config (before a model is built).
 
-    `model` is a module or a bare config (a `PretrainedConfig`, before a model is built from it).
-    RL (PPO/GRPO) compares log-probabilities of the same tokens under the policy at sampling time and
-    at update time; dropout would make the ratio of an unchanged policy differ from 1 (Huang et al.
-    2024, "disable dropout"), and a reward must be a deterministic function of the text.
+    RL (PPO/GRPO) compares log-probabilities of the same tokens at sampling and at update time, and a
+    reward must be a deterministic function of the text (Huang et al. 2024, "disable dropout").
     """
+    config = model
     if isinstance(model, nn.Module):
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-            # attention modules copy the rate at construction time
-            for name in ("attention_dropout", "dropout", "attn_dropout_p"):
+            for name in ("attention_dropout", "dropout", "attn_dropout_p"):   # rates copied at construction
                 if isinstance(getattr(module, name, None), float):
                     setattr(module, name, 0.0)
         config = getattr(model, "config", None)
-    else:
-        config = model
     if config is not None:
         for name, value in list(vars(config).items()):
             if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
