@@ -126,6 +126,19 @@ def test_reward_model_init_shares_the_sft_transformer(chat_tokenizer):
     assert 0.5 / (33 ** 0.5) < std < 2.0 / (33 ** 0.5)        # N(0, 1/sqrt(h+1)), h = 32
 
 
+def test_reward_model_from_a_causal_lm_with_dropout_is_deterministic(chat_tokenizer):
+    """The SFT model's dropout rates are not carried over: a reward is a fixed function of the text,
+    in train mode too (the Trainer trains it in train mode)."""
+    import transformers
+
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(tiny_config(chat_tokenizer, attention_dropout=0.5))
+    rm = reward_model_from_causal_lm(lm, chat_tokenizer, seed=3).train()
+    assert rm.config.attention_dropout == 0.0 and lm.config.attention_dropout == 0.5
+    ids, mask = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.ones(1, 6, dtype=torch.long)
+    torch.testing.assert_close(sequence_rewards(rm, ids, mask), sequence_rewards(rm, ids, mask), rtol=0, atol=0)
+
+
 def test_render_for_scoring_ends_at_end_of_turn(chat_tokenizer):
     from chatsmith.chat.templates import get_format
 
