@@ -33,13 +33,12 @@ How it works
   before top-k/top-p truncation (``log_softmax(logits / T)``; T = 1 for greedy). That is the
   distribution an RL update recomputes, so PPO/GRPO ratios start at exactly 1.
 - A prompt repeated in the batch (GRPO's G samples of one prompt) is prefilled once; its KV-cache row is
-  then copied to each row that repeats it (``prefill``). The samples are those of separate prefills.
+  then copied to each row that repeats it (``_prefill``). The samples are those of separate prefills.
 - Finished rows leave the batch (their KV cache rows are dropped) once enough of them finished to pay
   for the copy. There is one host-device sync per step (the new token ids, needed for stop checks).
 - Stop strings are matched on bytes, so a stop string split over several byte-level tokens is found;
   ``.texts`` and ``stream`` never contain it. ``stream`` emits only complete UTF-8 characters.
 """
-
 
 from __future__ import annotations
 

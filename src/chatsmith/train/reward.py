@@ -13,9 +13,9 @@ All responses of an example sit in the same forward batch; their shared prompt i
 `train/loop.py` Trainer (checkpoints, `--resume`, metrics). A deterministic held-out split gives
 pairwise accuracy and mean margin. Afterwards rewards are normalised to mean 0 / std 1 on responses
 sampled from the SFT model (or on the preference responses with `--norm-source preferences`;
-`reward_norm_source` in metrics.jsonl says which), and the (mean, std) is stored in config.json as `chatsmith_reward_mean` /
-`chatsmith_reward_std` and in `reward_normalization.json`. The output is a standard HF directory that
-plain `transformers.AutoModelForSequenceClassification` loads.
+`reward_norm_source` in metrics.jsonl says which), and the (mean, std) is stored in config.json as
+`chatsmith_reward_mean` / `chatsmith_reward_std` and in `reward_normalization.json`. The output is a
+standard HF directory that plain `transformers.AutoModelForSequenceClassification` loads.
 
 Run the tests: `python -m pytest tests/test_reward.py -q`.
 """
