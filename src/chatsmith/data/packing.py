@@ -51,6 +51,9 @@ TokenSeq = tuple[Sequence[int], Sequence[int]]   # (input_ids, loss_mask) of one
 def pack_sequences(lengths: Sequence[int], max_len: int, seed: int | None = None) -> list[list[int]]:
     """Best-fit decreasing bin packing of sequence indices into bins of at most `max_len` tokens.
 
+    The library's one packer: SFT rows (`train/sft.py`) and preference trees
+    (`preference_functional.pack_trees`) are placed with it too.
+
     Deterministic: sequences are placed longest first (ties by index), each into the open bin with the
     least room that still fits it (Johnson 1973, BFD uses at most 11/9 OPT + 1 bins). Bins come out in
     creation order, i.e. roughly longest first; pass `seed` to shuffle the bin order reproducibly.
