@@ -257,7 +257,8 @@ def run_rm_bench(steps: int = 30, batch_size: int = 16, max_len: int = 256, lr: 
     from sft_vs_trl import build_tokenizer, make_model   # the same tiny Llama and tokenizer as the SFT benchmark
 
     from chatsmith.chat.templates import get_format
-    from chatsmith.train.reward import render_for_scoring, reward_model_from_causal_lm
+    from chatsmith.reward_model import render_for_scoring
+    from chatsmith.train.reward import reward_model_from_causal_lm
 
     need = steps * batch_size
     rows, texts, origin = load_preferences(max(need * 2, 1000), seed)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import pytest
 from conftest import make_tokenizer
@@ -119,13 +118,6 @@ def test_token_lengths_for_text_and_preferences(tmp_path, capsys, tokenizer_dir)
                                                    {"prompt": "Hi", "ranked": ["Hello!", "hi", "what"]}])
     assert main(["data", "check", prefs, "--tokenizer", tokenizer_dir, "--template", "chatml"]) == 0
     assert "(n=5)" in capsys.readouterr().out          # 2 + 3 prompt+response sequences
-
-
-def test_tokenizer_part_degrades_without_renderer(tmp_path, capsys, tokenizer_dir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "chatsmith.chat.render", None)
-    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [U, A]}])
-    assert main(["data", "check", path, "--tokenizer", tokenizer_dir, "--template", "chatml"]) == 0
-    assert "token lengths: skipped (chatsmith.chat.render is not available" in capsys.readouterr().out
 
 
 def test_unknown_template_is_reported(tmp_path, capsys, tokenizer_dir):

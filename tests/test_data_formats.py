@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatsmith.data.formats import (UNEXPECTED, ChatExample, PreferenceExample, TextExample,
-                                    assistant_turn_ends, detect_format, fit_to_length, load_examples)
+from chatsmith.data.formats import assistant_turn_ends, fit_to_length, load_examples
+from chatsmith.data.records import UNEXPECTED, ChatExample, PreferenceExample, TextExample, detect_format
 from chatsmith.errors import DataError
 
 U = {"role": "user", "content": "What is the capital of France?"}

@@ -33,7 +33,7 @@ def sft_dir(tmp_path_factory, chat_tokenizer):
 
 
 def _examples(rows):
-    from chatsmith.data.formats import PreferenceExample
+    from chatsmith.data.records import PreferenceExample
 
     return [PreferenceExample(prompt=r["prompt"], responses=r.get("ranked") or [r["chosen"], r["rejected"]],
                               origin=f"toy:{i + 1}") for i, r in enumerate(rows)]
@@ -48,7 +48,7 @@ def test_packed_logprobs_sum_only_the_final_reply(chat_tokenizer):
     from chatsmith.chat.templates import get_format
     from chatsmith.train.dpo import packed_logprobs, reference_logprobs
     from chatsmith.train.preference_functional import pack_trees
-    from chatsmith.train.reward import tokenize_preferences
+    from chatsmith.train.preference_data import tokenize_preferences
 
     torch.manual_seed(0)
     lm = transformers.LlamaForCausalLM(tiny_config(chat_tokenizer)).eval()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from chatsmith.errors import ChatsmithError
-from chatsmith.generate import (GenerationOutput, Generator, SamplingConfig, _FastDecoder, _fast_path_layers,
-                                generate, stream)
+from chatsmith.generate import GenerationOutput, Generator, SamplingConfig, generate, stream
+from chatsmith.generate.decoders import FastDecoder, fast_path_layers
 
 PROMPTS = ["The capital of France", "Python is", "Hello, how can I help you today? I", "2 +"]
 
@@ -80,15 +80,15 @@ def test_greedy_batched_equals_hf_generate_per_prompt(models, prompts, tiny_toke
 
 
 def test_fast_path_is_taken_only_for_plain_llama_family(models):
-    assert _fast_path_layers(models["llama"]) is not None
-    assert _fast_path_layers(models["qwen2"]) is not None
-    assert _fast_path_layers(models["gpt2"]) is None
+    assert fast_path_layers(models["llama"]) is not None
+    assert fast_path_layers(models["qwen2"]) is not None
+    assert fast_path_layers(models["gpt2"]) is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fast_decoder_logits_match_model_forward(models, prompts, arch):
     model = models[arch]
-    inner, head = _fast_path_layers(model)
+    inner, head = fast_path_layers(model)
     longest = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), longest, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -96,7 +96,7 @@ def test_fast_decoder_logits_match_model_forward(models, prompts, arch):
         ids[i, longest - len(p):] = torch.tensor(p)
         mask[i, longest - len(p):] = 1
     with torch.inference_mode():
-        decoder = _FastDecoder(model, inner, head)
+        decoder = FastDecoder(model, inner, head)
         logits = decoder.start(ids, mask, longest + 3)
         next_tokens = logits.argmax(-1)
         step_logits = decoder.step(next_tokens)
@@ -137,7 +137,7 @@ def test_same_seed_same_output_and_independent_of_batch(models, prompts, tiny_to
 @pytest.mark.parametrize("fast", [True, False])
 def test_repeated_prompts_are_prefilled_once_and_sample_as_if_alone(models, prompts, tiny_tokenizer, monkeypatch,
                                                                     fast):
-    import chatsmith.generate as engine
+    from chatsmith.generate import decoders
 
     model = models["llama"]
     batch = [prompts[2], prompts[0], prompts[2], prompts[0], prompts[2]]       # two prompts, padded to one width
@@ -145,7 +145,7 @@ def test_repeated_prompts_are_prefilled_once_and_sample_as_if_alone(models, prom
                                                                  first_row=i)).sequences[0]
              for i, p in enumerate(batch)]
     prefill_rows = []
-    decoder = engine._FastDecoder if fast else engine._HFDecoder
+    decoder = decoders.FastDecoder if fast else decoders.HFDecoder
     start = decoder.start
 
     def counting_start(self, ids, *args):
@@ -379,9 +379,9 @@ class _ScriptedLM(torch.nn.Module):
 
 
 def _byte_char(byte: int) -> str:
-    from chatsmith.generate import _gpt2_unicode_to_byte
+    from chatsmith.generate.text import gpt2_unicode_to_byte
 
-    return {b: c for c, b in _gpt2_unicode_to_byte().items()}[byte]
+    return {b: c for c, b in gpt2_unicode_to_byte().items()}[byte]
 
 
 def _single_byte_token(tokenizer, byte: int) -> int:

@@ -134,6 +134,22 @@ def test_prefix_tree_keeps_a_token_per_branch():
     assert flat.prefix == [] and flat.suffixes == [[1, 2], [1, 3]]
 
 
+def test_pack_trees_rows_are_the_best_fit_bins():
+    """Trees go into rows by the library's one best-fit-decreasing packer, each row holding its trees
+    in their original order; a tree never spans two rows."""
+    from chatsmith.data.packing import pack_sequences
+
+    trees = [prefix_tree([[10 * k + 1] * n, [10 * k + 1] * (n - 1) + [10 * k + 2]])    # distinct tokens per tree
+             for k, n in enumerate((6, 3, 5, 2, 4, 2))]
+    lengths = [len(t) for t in trees]
+    batch = pack_trees(trees, pad_id=0, capacity=10)
+    bins = pack_sequences(lengths, 10)
+    assert batch.input_ids.shape == (len(bins), max(sum(lengths[i] for i in b) for b in bins))
+    for row, members in enumerate(bins):
+        expected = [tok for i in sorted(members) for tok in trees[i].prefix + sum(trees[i].suffixes, [])]
+        assert batch.input_ids[row, :len(expected)].tolist() == expected
+
+
 def test_packed_trees_equal_separate_forwards():
     """Shared-prompt packing scores (and log-probs) every conversation exactly as if it were alone."""
     lm = _tiny_llama("LlamaForCausalLM")

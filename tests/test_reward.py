@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from chatsmith.train.reward import (RewardModel, render_for_scoring, reward_model_from_causal_lm,
-                                    sequence_rewards, split_train_eval, token_scores)
+from chatsmith.data.formats import split_train_eval
+from chatsmith.reward_model import RewardModel, render_for_scoring, sequence_rewards, token_scores
+from chatsmith.train.reward import reward_model_from_causal_lm
 
 FACTS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
          ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi")]
@@ -125,6 +126,19 @@ def test_reward_model_init_shares_the_sft_transformer(chat_tokenizer):
     assert 0.5 / (33 ** 0.5) < std < 2.0 / (33 ** 0.5)        # N(0, 1/sqrt(h+1)), h = 32
 
 
+def test_reward_model_from_a_causal_lm_with_dropout_is_deterministic(chat_tokenizer):
+    """The SFT model's dropout rates are not carried over: a reward is a fixed function of the text,
+    in train mode too (the Trainer trains it in train mode)."""
+    import transformers
+
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(tiny_config(chat_tokenizer, attention_dropout=0.5))
+    rm = reward_model_from_causal_lm(lm, chat_tokenizer, seed=3).train()
+    assert rm.config.attention_dropout == 0.0 and lm.config.attention_dropout == 0.5
+    ids, mask = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.ones(1, 6, dtype=torch.long)
+    torch.testing.assert_close(sequence_rewards(rm, ids, mask), sequence_rewards(rm, ids, mask), rtol=0, atol=0)
+
+
 def test_render_for_scoring_ends_at_end_of_turn(chat_tokenizer):
     from chatsmith.chat.templates import get_format
 
@@ -171,8 +185,8 @@ def test_train_reward_model_end_to_end(tmp_path, sft_dir, capsys):
     pytest.importorskip("chatsmith.model")
     import transformers
 
-    from chatsmith.train.reward import (NORM_STD_KEY, RewardConfig, ScoreConfig, load_reward_model,
-                                        score, score_conversations, train_reward_model)
+    from chatsmith.reward_model import NORM_STD_KEY, load_reward_model, score_conversations
+    from chatsmith.train.reward import RewardConfig, ScoreConfig, score, train_reward_model
     from chatsmith.utils import read_jsonl
 
     data = write_jsonl(tmp_path / "prefs.jsonl", toy_preferences(48))

@@ -1,4 +1,4 @@
-"""Tests for `chatsmith chat` (chatsmith.chat.terminal): memory across turns, /reset, /exit, Ctrl-D,
+"""Tests for `chatsmith chat` (chatsmith.generate.terminal): memory across turns, /reset, /exit, Ctrl-D,
 system prompt, context guard, and a real subprocess fed through stdin (no TTY).
 
     python -m pytest tests/test_terminal_chat.py -q
@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-import chatsmith.chat.terminal as terminal
-from chatsmith.chat.terminal import ChatConfig, chat_cli, fit_history
+import chatsmith.generate.terminal as terminal
+from chatsmith.generate.terminal import ChatConfig, chat_cli, fit_history
 from chatsmith.model import build_tokenizer, create_model, save_model
 from conftest import SAMPLE_TEXTS
 

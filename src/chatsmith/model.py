@@ -539,19 +539,22 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[st
     return out
 
 
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Turn every dropout off (modules, attention-probability dropout attributes, config), in place.
+def disable_dropout(model: Any) -> Any:
+    """Dropout off in place, returned: dropout modules, attention dropout attributes, and the config's
+    `*dropout*` / `*pdrop` fields. `model` is a module or a bare config (before a model is built).
 
-    RL (PPO/GRPO) compares log-probabilities of the same tokens under the policy at sampling time and
-    at update time; dropout would make the ratio of an unchanged policy differ from 1.
+    RL (PPO/GRPO) compares log-probabilities of the same tokens at sampling and at update time, and a
+    reward must be a deterministic function of the text (Huang et al. 2024, "disable dropout").
     """
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name in ("attention_dropout", "dropout", "attn_dropout_p"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
-    config = getattr(model, "config", None)
+    config = model
+    if isinstance(model, nn.Module):
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+            for name in ("attention_dropout", "dropout", "attn_dropout_p"):   # rates copied at construction
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, 0.0)
+        config = getattr(model, "config", None)
     if config is not None:
         for name, value in list(vars(config).items()):
             if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):

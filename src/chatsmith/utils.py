@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,12 @@ def local_rank() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def note(message: str) -> None:
+    """One progress or warning line on stderr, from the main process only (flushed at once)."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 def init_distributed(device: str = "auto") -> bool:

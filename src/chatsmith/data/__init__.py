@@ -1,6 +1,7 @@
 """Data for every stage: reading and validating user files, the built-in world, packing.
 
 Kept import-light on purpose (no torch, no pyarrow here): `chatsmith.data.formats` reads files,
+`chatsmith.data.records` detects, validates and converts their rows,
 `chatsmith.data.packing` packs token sequences (imports torch), `chatsmith.data.check` is the
 `chatsmith data check FILE` command, `chatsmith.data.world` / `chatsmith.data.judge` are the built-in
 synthetic world and its programmatic judge.
@@ -16,13 +17,15 @@ from typing import Any
 
 _LAZY = {
     "load_examples": "chatsmith.data.formats",
-    "detect_format": "chatsmith.data.formats",
+    "detect_format": "chatsmith.data.records",
     "fit_to_length": "chatsmith.data.formats",
-    "TextExample": "chatsmith.data.formats",
-    "ChatExample": "chatsmith.data.formats",
-    "PreferenceExample": "chatsmith.data.formats",
+    "TextExample": "chatsmith.data.records",
+    "ChatExample": "chatsmith.data.records",
+    "PreferenceExample": "chatsmith.data.records",
     "LoadResult": "chatsmith.data.formats",
-    "BadRow": "chatsmith.data.formats",
+    "load_preferences": "chatsmith.data.formats",
+    "split_train_eval": "chatsmith.data.formats",
+    "BadRow": "chatsmith.data.records",
     "pack_sequences": "chatsmith.data.packing",
     "collate_packed": "chatsmith.data.packing",
     "PackedBatch": "chatsmith.data.packing",

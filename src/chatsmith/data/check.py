@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from chatsmith.config import arg
-from chatsmith.data.formats import (FORMATS, KINDS, ChatExample, LoadResult, PreferenceExample, TextExample,
-                                    fit_to_length, load_examples)
+from chatsmith.data.formats import LoadResult, fit_to_length, load_examples
+from chatsmith.data.records import FORMATS, KINDS, ChatExample, PreferenceExample, TextExample
 from chatsmith.errors import ChatsmithError
 
 
@@ -78,12 +78,9 @@ def _token_report(cfg: DataCheckConfig, result: LoadResult) -> bool:
                   "packs text into rows of max length, so nothing is lost)")
         return True
 
-    try:
-        from chatsmith.chat.render import render_chat, render_prompt
-        from chatsmith.chat.templates import get_format
-    except ImportError as exc:
-        print(f"token lengths: skipped (chatsmith.chat.render is not available: {exc})")
-        return True
+    from chatsmith.chat.render import render_chat, render_prompt
+    from chatsmith.chat.templates import get_format
+
     try:
         fmt = get_format(cfg.template, tokenizer)
     except ChatsmithError as exc:

@@ -51,6 +51,9 @@ TokenSeq = tuple[Sequence[int], Sequence[int]]   # (input_ids, loss_mask) of one
 def pack_sequences(lengths: Sequence[int], max_len: int, seed: int | None = None) -> list[list[int]]:
     """Best-fit decreasing bin packing of sequence indices into bins of at most `max_len` tokens.
 
+    The library's one packer: SFT rows (`train/sft.py`) and preference trees
+    (`preference_functional.pack_trees`) are placed with it too.
+
     Deterministic: sequences are placed longest first (ties by index), each into the open bin with the
     least room that still fits it (Johnson 1973, BFD uses at most 11/9 OPT + 1 bins). Bins come out in
     creation order, i.e. roughly longest first; pass `seed` to shuffle the bin order reproducibly.
@@ -138,18 +141,23 @@ class PackedBatch:
         return _model_inputs(self.input_ids, self.position_ids, self.attention_mask, attn_implementation, dtype)
 
 
+def _row_width(lengths: Sequence[int], pad_to: int | None, what: str) -> int:
+    """Columns of a right-padded batch: the longest row, or `pad_to` (which must fit every row)."""
+    t = max(lengths, default=0)
+    if pad_to is not None:
+        if pad_to < t:
+            raise ChatsmithError(f"{what} has {t} tokens, more than pad_to={pad_to}")
+        t = pad_to
+    return t
+
+
 def collate_packed(rows: Sequence[Sequence[TokenSeq]], pad_id: int, pad_to: int | None = None) -> PackedBatch:
     """Build a PackedBatch from rows, each a list of (input_ids, loss_mask) conversations packed back to back.
 
     t = the longest row (or `pad_to`). Right padding with `pad_id`; padding has label -100, seq_id -1,
     position 0, and attends only to itself.
     """
-    totals = [sum(len(ids) for ids, _ in row) for row in rows]
-    t = max(totals, default=0)
-    if pad_to is not None:
-        if pad_to < t:
-            raise ChatsmithError(f"a packed row has {t} tokens, more than pad_to={pad_to}")
-        t = pad_to
+    t = _row_width([sum(len(ids) for ids, _ in row) for row in rows], pad_to, "a packed row")
     b = len(rows)
     input_ids = torch.full((b, t), pad_id, dtype=torch.long)
     labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
@@ -196,11 +204,7 @@ class PaddedBatch:
 
 def collate_padded(sequences: Sequence[TokenSeq], pad_id: int, pad_to: int | None = None) -> PaddedBatch:
     """The unpacked baseline: one (input_ids, loss_mask) conversation per row, right padding."""
-    t = max((len(ids) for ids, _ in sequences), default=0)
-    if pad_to is not None:
-        if pad_to < t:
-            raise ChatsmithError(f"a sequence has {t} tokens, more than pad_to={pad_to}")
-        t = pad_to
+    t = _row_width([len(ids) for ids, _ in sequences], pad_to, "a sequence")
     b = len(sequences)
     input_ids = torch.full((b, t), pad_id, dtype=torch.long)
     labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)

@@ -309,14 +309,14 @@ class RewardScorer:
     """Scores conversations (each ending with the reply) with a trained reward model, in normalised units."""
 
     def __init__(self, path: str | Path, device: str = "auto", batch_size: int = 16):
-        from chatsmith.train.reward import load_reward_model
+        from chatsmith.reward_model import load_reward_model
 
         self.path = str(path)
         self.batch_size = batch_size
         self.rm = load_reward_model(self.path, device=device)
 
     def __call__(self, conversations: list[list[dict]]) -> list[float]:
-        from chatsmith.train.reward import score_conversations
+        from chatsmith.reward_model import score_conversations
 
         scores = score_conversations(self.rm, conversations=conversations, batch_size=self.batch_size)
         return [float(s) for s in scores.tolist()]

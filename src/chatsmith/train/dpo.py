@@ -23,7 +23,6 @@ Run the tests: `python -m pytest tests/test_dpo.py -q`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,41 +35,26 @@ from torch import nn
 from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
-from chatsmith.train.loop import TrainConfig
+from chatsmith.reward_model import backbone_hidden
+from chatsmith.train.preference_data import PreferenceConfig, load_preference_split, tokenize_preference_split
 from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, dpo_loss, expand_rankings,
                                                    pack_trees, segment_mean, segment_sum, token_logprobs)
-from chatsmith.train.reward import (_load_preferences, _note, backbone_hidden, split_train_eval, steps_for_epochs,
-                                    tokenize_preferences)
+from chatsmith.utils import note
 
 __all__ = ["DPOConfig", "dpo", "DPOBatch", "DPOCollate", "packed_logprobs", "reference_logprobs", "make_dpo_loss",
            "evaluate_dpo"]
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(PreferenceConfig):
     model: str = arg("runs/sft", "SFT model directory: the starting policy and the frozen reference.")
-    data: str = arg("data/preferences.jsonl", "Preference data: prompt + chosen/rejected, or a ranked list.")
     out: str = arg("runs/dpo", "Output directory (HF chat model dir + metrics).")
-    template: str | None = arg(None, "Chat format if the model has none: chatml, llama2, alpaca or a .jinja path.")
-    eval_data: str | None = arg(None, "Held-out preference file (default: hold out --eval-fraction of --data).")
-    eval_fraction: float = arg(0.05, "Fraction of --data held out (the same deterministic split as `reward`).")
-    on_bad_row: str = arg("error", "What to do with a malformed data row: error (name it and stop) or skip.",
-                          choices=["error", "skip"])
     beta: float = arg(0.1, "DPO beta: strength of the implicit KL to the reference (Rafailov et al. 2023).")
     loss_type: str = arg("sigmoid", "sigmoid (DPO) or ipo (Azar et al. 2023).", choices=["sigmoid", "ipo"])
     label_smoothing: float = arg(0.0, "Conservative DPO: probability that a preference label is flipped.")
-    epochs: float = arg(1.0, "Passes over the training pairs when --max-steps is 0.")
-    max_steps: int = arg(0, "Optimizer steps (0 = --epochs passes over the data).")
     lr: float = arg(5e-5, "Peak learning rate (AdamW).")
-    warmup_steps: int = arg(5, "Linear warmup steps.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     train_embeddings: str = arg("seen", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
-    batch_size: int = arg(16, "Preference examples (pairs or rankings) per micro-batch.")
-    max_len: int = arg(256, "Maximum tokens of one conversation (prompt + response); longer ones lose their start.")
-    share_prompt: bool = arg(True, "Compute each example's shared prompt once (tree packing); same result.")
-    eval_every: int = arg(0, "Evaluate every N steps (0 = only at the end).")
-    save_every: int = arg(50, "Write OUT/checkpoint every N steps (0 = only at the end).")
-    log_every: int = arg(5, "Write a metrics row every N steps.")
 
 
 @dataclass
@@ -206,27 +190,14 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     if not 0.0 <= cfg.label_smoothing < 0.5:
         raise ChatsmithError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     set_seed(cfg.seed)
-    examples = _load_preferences(cfg.data, "--data", cfg.on_bad_row)
-    if cfg.eval_data:
-        train_examples, eval_examples = examples, _load_preferences(cfg.eval_data, "--eval-data", cfg.on_bad_row)
-    else:
-        train_idx, eval_idx = split_train_eval(len(examples), cfg.eval_fraction, seed=0)
-        train_examples = [examples[i] for i in train_idx]
-        eval_examples = [examples[i] for i in eval_idx]
+    train_examples, eval_examples = load_preference_split(cfg)
     loaded = load_model(cfg.model, device="cpu", template=cfg.template)
     model, tokenizer, fmt = loaded.model, loaded.tokenizer, loaded.fmt
     if getattr(model, "get_output_embeddings", lambda: None)() is None:
         raise ChatsmithError(f"{cfg.model}: DPO needs a causal LM with an output (LM) head")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_tok = tokenize_preferences(train_examples, tokenizer, fmt, cfg.max_len, cfg.share_prompt, with_masks=True)
-    eval_tok = tokenize_preferences(eval_examples, tokenizer, fmt, cfg.max_len, cfg.share_prompt, with_masks=True)
-    if train_tok.n_truncated or eval_tok.n_truncated:
-        _note(f"dpo: {train_tok.n_truncated + eval_tok.n_truncated} conversation(s) longer than --max-len "
-              f"{cfg.max_len} lost tokens from the start of their prompt")
-    if cfg.max_steps <= 0:
-        cfg = dataclasses.replace(cfg, max_steps=steps_for_epochs(len(train_tok.trees), cfg, cfg.epochs))
-    _note(f"dpo: {len(train_tok.trees)} training examples ({train_tok.n_pairs} pairs), "
-          f"{len(eval_tok.trees)} held out ({eval_tok.n_pairs} pairs); {cfg.max_steps} steps, beta {cfg.beta}")
+    cfg, train_tok, eval_tok = tokenize_preference_split(cfg, train_examples, eval_examples, tokenizer, fmt,
+                                                         stage="dpo", with_masks=True, detail=f", beta {cfg.beta}")
 
     # A run shorter than one epoch sees a seeded subset of the examples: only those need reference
     # log-probs (precomputing all of them cost more than the training itself in the quick demo).
@@ -235,8 +206,8 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     if needed < len(train_trees):
         keep = sorted(np.random.default_rng([cfg.seed, 11]).permutation(len(train_trees))[:needed].tolist())
         train_trees = [train_trees[i] for i in keep]
-        _note(f"dpo: {cfg.max_steps} steps use {needed} of the {len(train_tok.trees)} training examples "
-              f"(a seeded subset; --epochs or more --max-steps for all)")
+        note(f"dpo: {cfg.max_steps} steps use {needed} of the {len(train_tok.trees)} training examples "
+             f"(a seeded subset; --epochs or more --max-steps for all)")
 
     # Reference log-probs, once, from the starting (SFT) weights; the reference is not kept afterwards.
     device = resolve_device(cfg.device)
@@ -246,7 +217,7 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     ref_eval = reference_logprobs(model, eval_tok.trees, pad_id, cfg.batch_size, device, amp)
     restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings, seen_ids={
         i for tree in train_trees for seq in (tree.prefix, *tree.suffixes) for i in seq})
-    _note(f"dpo: reference log-probs computed for {sum(len(r) for r in ref_train + ref_eval)} responses")
+    note(f"dpo: reference log-probs computed for {sum(len(r) for r in ref_train + ref_eval)} responses")
 
     collate = DPOCollate(pad_id)
     items = list(zip(train_trees, ref_train))
@@ -264,6 +235,6 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     if is_main_process():
         atomic_write_text(Path(cfg.out) / "dpo_summary.json", json.dumps(final, indent=1) + "\n")
     if "eval_reward_accuracy" in final:
-        _note(f"dpo: saved {cfg.out}; held-out implicit reward accuracy {final['eval_reward_accuracy']:.1%}, "
-              f"margin {final['eval_reward_margin']:.3f}")
+        note(f"dpo: saved {cfg.out}; held-out implicit reward accuracy {final['eval_reward_accuracy']:.1%}, "
+             f"margin {final['eval_reward_margin']:.3f}")
     return final

@@ -42,14 +42,14 @@ from torch import nn
 
 from chatsmith.config import arg, save_config
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
+from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, restrict_embedding_training
 from chatsmith.train import rl_functional as F
 from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, TrainConfig, TrainingDiverged,
                                   all_reduce_gradients, all_reduce_sum, autocast_context, build_optimizer,
                                   build_scheduler, resolve_dtype)
 from chatsmith.train.parallel import enable_activation_checkpointing
 from chatsmith.train.ppo import _note, _step_seed, format_samples_table, save_policy_into
-from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout, disable_dropout,
+from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout,
                                      freeze, load_policy, load_prompts, make_scorer, micro_batch_tensors,
                                      response_forward, rollout_micro_batches)
 from chatsmith.utils import (MetricsLogger, barrier, init_distributed, is_main_process, rank, read_jsonl,

@@ -78,7 +78,7 @@ from chatsmith.utils import (MetricsLogger, atomic_directory, atomic_write_text,
                              process_group_ready, rank, recover_directory, resolve_device, set_seed, world_size)
 
 __all__ = [
-    "TrainConfig", "build_optimizer", "build_scheduler", "lr_multiplier", "Checkpointer", "BatchSource",
+    "TrainConfig", "steps_for_epochs", "build_optimizer", "build_scheduler", "lr_multiplier", "Checkpointer", "BatchSource",
     "ShardedBatchSource", "Progress", "MetricsLogger", "Trainer", "TrainResult", "LossModule",
     "TrainingDiverged", "default_count_targets", "evaluate_loss", "move_to_device", "autocast_context",
     "resolve_dtype", "unwrap_model", "lm_loss_on_targets", "save_final_model", "all_reduce_sum",
@@ -117,6 +117,13 @@ class TrainConfig:
     parallel: str = arg("ddp", "Under torchrun: ddp (every rank holds the whole model) or fsdp (weights, "
                         "gradients and optimizer state sharded over ranks, one unit per decoder layer: for "
                         "models too big for one device). Checkpoints are interchangeable.", choices=PARALLEL_MODES)
+
+
+def steps_for_epochs(n_examples: int, cfg: TrainConfig, epochs: float) -> int:
+    """Optimizer steps for `epochs` passes over `n_examples` at the configured global batch
+    (`batch_size x grad_accum x world size`); at least 1."""
+    per_step = max(1, cfg.batch_size * cfg.grad_accum * world_size())
+    return max(1, math.ceil(n_examples * epochs / per_step))
 
 
 # ----------------------------------------------------------------------------- optimizer / schedule

@@ -1,8 +1,9 @@
 """Pure tensor functions for preference learning: reward-model and DPO losses, pooling, log-probs.
 
 No models, no I/O: every function takes tensors and returns tensors, states the shapes it expects,
-and cites where its numerics come from. `train/reward.py` and `train/dpo.py` build on these; the PPO,
-GRPO and evaluation code reuse `last_token_index` / `gather_last_token` and `sequence_logprobs`.
+and cites where its numerics come from. `reward_model.py`, `train/reward.py` and `train/dpo.py` build on
+these; the PPO, GRPO and evaluation code reuse `last_token_index` / `gather_last_token` and
+`sequence_logprobs`. Tree packing places trees with `chatsmith.data.packing.pack_sequences`.
 
 Shapes: `b` batch rows, `t` sequence length, `v` vocabulary, `n` responses (flattened over the batch),
 `p` comparison pairs, `g` groups (one per preference example).
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from chatsmith.data.packing import pack_sequences
 
 __all__ = [
     "bradley_terry_loss", "ranking_pairs", "expand_rankings", "ranking_loss", "pairwise_accuracy",
@@ -273,24 +276,6 @@ class PackedTrees:
         return len(self.num_responses)
 
 
-def _best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing of item indices into bins of ``capacity`` tokens."""
-    bins: list[list[int]] = []
-    space: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
-        best = -1
-        for b, free in enumerate(space):
-            if lengths[i] <= free and (best < 0 or free < space[best]):
-                best = b
-        if best < 0:
-            bins.append([i])
-            space.append(capacity - lengths[i])
-        else:
-            bins[best].append(i)
-            space[best] -= lengths[i]
-    return bins
-
-
 def pack_trees(trees: list[PrefixTree], pad_id: int, capacity: int | None = None,
                with_targets: bool = False) -> PackedTrees:
     """Pack prefix trees into as few rows as fit ``capacity`` tokens (default: the longest tree).
@@ -302,7 +287,7 @@ def pack_trees(trees: list[PrefixTree], pad_id: int, capacity: int | None = None
     """
     lengths = [len(t) for t in trees]
     capacity = max(max(lengths), capacity or 0)
-    bins = _best_fit(lengths, capacity)
+    bins = pack_sequences(lengths, capacity)
     width = max(sum(lengths[i] for i in b) for b in bins)
     rows = len(bins)
     ids = torch.full((rows, width), pad_id, dtype=torch.long)

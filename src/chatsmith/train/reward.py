@@ -1,41 +1,27 @@
-"""Reward model: Bradley-Terry training on pairwise or ranked preferences, and scoring.
+"""Reward-model training: Bradley-Terry on pairwise or ranked preferences, and `chatsmith score`.
 
     chatsmith reward --model runs/sft --data preferences.jsonl --out runs/rm
     chatsmith score runs/rm --data responses.jsonl --out scores.jsonl
 
 Training (`train_reward_model`): the reward model is the SFT model's transformer with a scalar head
-(`AutoModelForSequenceClassification`, num_labels=1) read at the LAST REAL TOKEN of each conversation,
-i.e. the end-of-turn token closing the response. The index comes from the attention mask (correct under
-left or right padding and when pad == eos; HF's own pooling looks for the last non-pad id instead).
+(`AutoModelForSequenceClassification`, num_labels=1) read at the last real token of each conversation
+(see `chatsmith.reward_model`, which loads and scores the result).
 Loss `-logsigmoid(r_chosen - r_rejected - margin)` (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1); a
 K-way ranking is one batch element whose K responses are each scored once and give all C(K, 2) pairs.
 All responses of an example sit in the same forward batch; their shared prompt is computed once
 (prefix-tree packing, `preference_functional.pack_trees`). One epoch by default, through the shared
 `train/loop.py` Trainer (checkpoints, `--resume`, metrics). A deterministic held-out split gives
 pairwise accuracy and mean margin. Afterwards rewards are normalised to mean 0 / std 1 on responses
-sampled from the SFT model (falling back to the preference responses; `reward_norm_source` in
-metrics.jsonl says which), and the (mean, std) is stored in config.json as `chatsmith_reward_mean` /
-`chatsmith_reward_std` and in `reward_normalization.json`. The output is a standard HF directory that
-plain `transformers.AutoModelForSequenceClassification` loads.
-
-Public API for PPO / GRPO / rlhf / eval (stable; extend only with defaulted keyword arguments):
-
-    rm = load_reward_model("runs/rm", device="cpu")                # -> RewardModel (eval mode, no grad)
-    scores = score_conversations(rm, rm.tokenizer, rm.fmt, conversations, batch_size=16)
-        # conversations: list of message lists ending with the assistant reply to score
-        # -> (n,) float32 CPU tensor, normalised (mean 0 / std 1 on SFT samples); normalize=False: raw
-    scores = rm.score_token_ids(sequences)   # sequences already in the RM's vocabulary: list[list[int]],
-        # each ending at the response's end-of-turn token -> (n,) float32 CPU, normalised
-    values = token_scores(rm.model, input_ids, attention_mask)     # (b, t): the head at every position
-        # (raw, unnormalised; for a value model initialised from the reward model)
-    rewards = sequence_rewards(model, input_ids, attention_mask)   # (b,) raw, last real token, with grad
+sampled from the SFT model (or on the preference responses with `--norm-source preferences`;
+`reward_norm_source` in metrics.jsonl says which), and the (mean, std) is stored in config.json as
+`chatsmith_reward_mean` / `chatsmith_reward_std` and in `reward_normalization.json`. The output is a
+standard HF directory that plain `transformers.AutoModelForSequenceClassification` loads.
 
 Run the tests: `python -m pytest tests/test_reward.py -q`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -49,100 +35,22 @@ from torch import nn
 
 from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError, DataError
-from chatsmith.train.loop import TrainConfig
-from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, expand_rankings,
-                                                   gather_last_token, pack_trees, pairwise_accuracy,
-                                                   position_ids_from_mask, prefix_tree, ranking_loss)
+from chatsmith.model import disable_dropout
+from chatsmith.reward_model import (FORMAT_KEY, NORM_FILE, NORM_MEAN_KEY, NORM_STD_KEY, RewardModel, backbone,
+                                    load_reward_model, packed_rewards, score_conversations, score_head)
+from chatsmith.train.preference_data import PreferenceConfig, load_preference_split, tokenize_preference_split
+from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, expand_rankings, pack_trees,
+                                                   pairwise_accuracy, ranking_loss)
+from chatsmith.utils import note
 
 __all__ = [
-    "RewardConfig", "train_reward_model", "ScoreConfig", "score", "RewardModel", "load_reward_model",
-    "score_conversations", "token_scores", "sequence_rewards", "reward_model_from_causal_lm",
-    "render_for_scoring", "tokenize_preferences", "split_train_eval", "backbone_hidden", "packed_rewards",
-    "NORM_MEAN_KEY", "NORM_STD_KEY", "TreeCollate", "make_reward_loss", "evaluate_preferences", "steps_for_epochs",
+    "RewardConfig", "train_reward_model", "ScoreConfig", "score", "reward_model_from_causal_lm",
+    "TreeCollate", "make_reward_loss", "evaluate_preferences",
     "accuracy_by_group",
 ]
 
-NORM_MEAN_KEY = "chatsmith_reward_mean"
-NORM_STD_KEY = "chatsmith_reward_std"
-FORMAT_KEY = "chatsmith_chat_format"
-NORM_FILE = "reward_normalization.json"
 
-
-# ----------------------------------------------------------------------------- model plumbing
-
-def _backbone(model: nn.Module) -> nn.Module:
-    """The bare transformer (LlamaModel, Qwen2Model, GPT2Model...) under a task head."""
-    prefix = getattr(model, "base_model_prefix", "model")
-    inner = getattr(model, prefix, None)
-    if inner is None:
-        raise ChatsmithError(f"{type(model).__name__} has no '{prefix}' backbone attribute")
-    return inner
-
-
-def _score_head(model: nn.Module) -> nn.Module:
-    head = getattr(model, "score", None)
-    if head is None:
-        raise ChatsmithError(f"{type(model).__name__} has no `score` head; chatsmith reward models are "
-                             "*ForSequenceClassification models of decoder architectures (Llama, Qwen2, GPT-2, ...)")
-    return head
-
-
-def _mask_for_model(model: nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A 4D bool mask as the model's attention implementation wants it (eager adds masks to scores)."""
-    if mask.ndim != 4:
-        return mask
-    impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
-    if impl == "sdpa" or impl == "flex_attention":
-        return mask
-    if impl == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    raise ChatsmithError(f"attention implementation {impl!r} cannot take chatsmith's packed tree mask; "
-                         "load the model with attn_implementation='sdpa' or 'eager'")
-
-
-def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Final hidden states `(b, t, h)` of the model's transformer (after its final norm).
-
-    attention_mask: `(b, t)` 0/1 padding mask, or a `(b, 1, t, t)` bool mask (packed trees). With a 2D
-    mask, positions are counted over real tokens only, so left and right padding give the same result.
-    """
-    if position_ids is None and attention_mask.ndim == 2:
-        position_ids = position_ids_from_mask(attention_mask)
-    dtype = next(model.parameters()).dtype
-    out = _backbone(model)(input_ids=input_ids, attention_mask=_mask_for_model(model, attention_mask, dtype),
-                           position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Raw reward `(b,)` float32 of each row, read at its last real token (from `attention_mask (b, t)`).
-
-    The head runs on the `(b, h)` pooled states only. Differentiable (used for training and PPO values).
-    """
-    hidden = backbone_hidden(model, input_ids, attention_mask)
-    return _score_head(model)(gather_last_token(hidden, attention_mask)).squeeze(-1).float()
-
-
-def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The scalar head at every position `(b, t)` float32 (raw). Row i's reward is at its last real token."""
-    hidden = backbone_hidden(model, input_ids, attention_mask)
-    return _score_head(model)(hidden).squeeze(-1).float()
-
-
-def packed_rewards(model: nn.Module, batch: PackedTrees) -> torch.Tensor:
-    """Raw rewards `(n,)` float32 of every conversation in a packed tree batch (one forward)."""
-    hidden = backbone_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)
-    pooled = hidden.reshape(-1, hidden.shape[-1])[batch.last_token]
-    return _score_head(model)(pooled).squeeze(-1).float()
-
-
-def _disable_dropout(config: Any) -> None:
-    """Dropout off (a reward must be a deterministic function of the text; Huang et al. 2024, detail 5)."""
-    for key, value in list(vars(config).items()):
-        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
-            setattr(config, key, 0.0)
-
+# ----------------------------------------------------------------------------- model init
 
 def reward_model_from_causal_lm(causal_lm: nn.Module, tokenizer: Any, seed: int = 0) -> nn.Module:
     """An `AutoModelForSequenceClassification` (num_labels=1) sharing the causal LM's transformer weights.
@@ -158,13 +66,13 @@ def reward_model_from_causal_lm(causal_lm: nn.Module, tokenizer: Any, seed: int 
     config.pad_token_id = tokenizer.pad_token_id
     config.architectures = None
     config.use_cache = False
-    _disable_dropout(config)
+    disable_dropout(config)
     rm = AutoModelForSequenceClassification.from_config(config)
-    missing, unexpected = _backbone(rm).load_state_dict(_backbone(causal_lm).state_dict(), strict=False)
+    missing, unexpected = backbone(rm).load_state_dict(backbone(causal_lm).state_dict(), strict=False)
     if missing or unexpected:
         raise ChatsmithError(f"cannot initialise the reward model from {type(causal_lm).__name__}: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    head = _score_head(rm)
+    head = score_head(rm)
     hidden = head.weight.shape[-1]
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -175,276 +83,19 @@ def reward_model_from_causal_lm(causal_lm: nn.Module, tokenizer: Any, seed: int 
     return rm
 
 
-# ----------------------------------------------------------------------------- tokenisation
-
-def render_for_scoring(messages: list[dict], tokenizer: Any, fmt: Any, max_len: int | None = None,
-                       where: str = "conversation") -> tuple[list[int], list[int], bool]:
-    """Token ids of a conversation ending at the end-of-turn token of its final assistant reply.
-
-    Returns `(ids, response_mask, truncated)`: `response_mask` is 1 on the final reply's tokens and its
-    end-of-turn token (the last contiguous run of `render_chat`'s assistant mask) and 0 elsewhere;
-    anything the template renders after the end-of-turn (e.g. chatml's newline) is dropped so the last
-    token IS the end-of-turn. Sequences longer than `max_len` lose tokens from the LEFT (the prompt's
-    start) so the response and its end-of-turn are kept.
-    """
-    from chatsmith.chat.render import render_chat
-
-    if not messages or messages[-1].get("role") != "assistant":
-        raise DataError(f"{where}: the last message must be the assistant reply to score "
-                        f"(got role {messages[-1].get('role') if messages else None!r})")
-    rendered = render_chat(messages, tokenizer, fmt)
-    ids, mask = list(rendered.input_ids), list(rendered.assistant_mask)
-    ones = [i for i, m in enumerate(mask) if m]
-    if not ones:
-        raise DataError(f"{where}: the chat format produced no assistant tokens for the reply")
-    last = ones[-1]
-    start = last
-    while start > 0 and mask[start - 1]:
-        start -= 1
-    ids = ids[:last + 1]
-    response_mask = [0] * start + [1] * (last + 1 - start)
-    truncated = False
-    if max_len and len(ids) > max_len:
-        cut = len(ids) - max_len
-        ids, response_mask, truncated = ids[cut:], response_mask[cut:], True
-    return ids, response_mask, truncated
-
-
-@dataclass
-class TokenizedPreferences:
-    trees: list[PrefixTree]
-    origins: list[str]
-    n_truncated: int          # conversations cut to max_len
-    n_pairs: int
-
-
-def tokenize_preferences(examples: Sequence[Any], tokenizer: Any, fmt: Any, max_len: int,
-                         share_prompt: bool = True, with_masks: bool = False) -> TokenizedPreferences:
-    """Render every response of every `PreferenceExample` and build its prefix tree (prompt shared once).
-
-    `with_masks` keeps each conversation's response mask (DPO needs which tokens to sum log-probs over).
-    """
-    trees, origins, truncated, pairs = [], [], 0, 0
-    for ex in examples:
-        origin = getattr(ex, "origin", "?")
-        if len(ex.responses) < 2:
-            raise DataError(f"{origin}: a preference example needs at least 2 responses, got {len(ex.responses)}")
-        seqs, masks = [], []
-        for k, response in enumerate(ex.responses):
-            if not isinstance(response, str):
-                raise DataError(f"{origin}: response {k} must be a string, got {type(response).__name__}")
-            messages = list(ex.prompt) + [{"role": "assistant", "content": response}]
-            try:
-                ids, mask, cut = render_for_scoring(messages, tokenizer, fmt, max_len, where=f"{origin} response {k}")
-            except DataError:
-                raise
-            except ChatsmithError as exc:
-                raise DataError(f"{origin}: {exc}") from None
-            seqs.append(ids)
-            masks.append(mask)
-            truncated += cut
-        trees.append(prefix_tree(seqs, masks if with_masks else None, share=share_prompt))
-        origins.append(origin)
-        pairs += len(ex.responses) * (len(ex.responses) - 1) // 2
-    return TokenizedPreferences(trees, origins, truncated, pairs)
-
-
-def split_train_eval(n: int, eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Deterministic held-out split of `n` examples: `(train_indices, eval_indices)`, both sorted.
-
-    The split depends only on (n, eval_fraction, seed), so a resumed run or another stage (DPO) given the
-    same data holds out the same examples. At least one example is held out when eval_fraction > 0 and
-    n >= 2.
-    """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ChatsmithError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
-    n_eval = int(round(n * eval_fraction))
-    if eval_fraction > 0 and n >= 2:
-        n_eval = max(1, n_eval)
-    n_eval = min(n_eval, n - 1) if n > 1 else 0
-    order = np.random.default_rng([seed, n, 7919]).permutation(n)
-    return sorted(order[n_eval:].tolist()), sorted(order[:n_eval].tolist())
-
-
-# ----------------------------------------------------------------------------- scoring API
-
-@dataclass
-class RewardModel:
-    """A loaded reward model: HF sequence-classification model + tokenizer + chat format + normalisation."""
-
-    model: nn.Module
-    tokenizer: Any
-    fmt: Any
-    mean: float = 0.0
-    std: float = 1.0
-    path: str | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
-        """(raw - mean) / std with the normalisation saved at training time."""
-        return (raw - self.mean) / self.std
-
-    @torch.no_grad()
-    def score_token_ids(self, sequences: Sequence[Sequence[int]], batch_size: int = 16,
-                        normalize: bool = True) -> torch.Tensor:
-        """Scores `(n,)` float32 on CPU of token sequences (each ending at the response's end-of-turn).
-
-        Sequences are sorted by length into right-padded batches (little padding), scored at their last
-        real token and returned in the input order. Longer than the model's context: cut from the left.
-        """
-        n = len(sequences)
-        out = torch.empty(n, dtype=torch.float32)
-        if n == 0:
-            return out
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        order = sorted(range(n), key=lambda i: len(sequences[i]))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, n, max(1, batch_size)):
-                idx = order[start:start + batch_size]
-                rows = [list(sequences[i])[-limit:] if limit else list(sequences[i]) for i in idx]
-                if any(len(r) == 0 for r in rows):
-                    raise ChatsmithError("cannot score an empty token sequence")
-                width = max(len(r) for r in rows)
-                ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for j, r in enumerate(rows):
-                    ids[j, :len(r)] = torch.tensor(r, dtype=torch.long)
-                    mask[j, :len(r)] = 1
-                raw = sequence_rewards(self.model, ids.to(self.device), mask.to(self.device)).cpu()
-                out[torch.tensor(idx)] = raw
-        finally:
-            self.model.train(was_training)
-        return self.normalize(out) if normalize else out
-
-
-def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype | str | None = None,
-                      template: str | None = None) -> RewardModel:
-    """Load a reward-model directory written by `chatsmith reward` (or any HF seq-classification dir).
-
-    The normalisation comes from config.json (`chatsmith_reward_mean/std`), else
-    reward_normalization.json, else (0, 1). The chat format is the one the model was trained with
-    (`template` overrides it; needed only for directories chatsmith did not write).
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from chatsmith.chat.templates import get_format
-    from chatsmith.utils import resolve_device
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ChatsmithError(f"{path}: not a model directory (no config.json); train one with `chatsmith reward`")
-    if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "auto": None}[dtype]
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    from chatsmith.model import quiet_transformers
-
-    with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **kwargs)
-    if getattr(model.config, "num_labels", 1) != 1:
-        raise ChatsmithError(f"{path}: a reward model has one output (num_labels=1), this one has "
-                             f"{model.config.num_labels}")
-    if tokenizer.pad_token_id is None:
-        raise ChatsmithError(f"{path}: the tokenizer has no pad token; chatsmith reward models always set one")
-    fmt_name = template or getattr(model.config, FORMAT_KEY, None)
-    try:
-        fmt = get_format(fmt_name, tokenizer)
-    except ChatsmithError:
-        fmt = get_format(None, tokenizer)
-    mean = getattr(model.config, NORM_MEAN_KEY, None)
-    std = getattr(model.config, NORM_STD_KEY, None)
-    if (mean is None or std is None) and (path / NORM_FILE).is_file():
-        saved = json.loads((path / NORM_FILE).read_text())
-        mean, std = saved.get("mean"), saved.get("std")
-    model.to(resolve_device(device)).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return RewardModel(model, tokenizer, fmt, float(mean if mean is not None else 0.0),
-                       float(std if std else 1.0), str(path))
-
-
-def score_conversations(rm: RewardModel, tokenizer: Any = None, fmt: Any = None,
-                        conversations: Sequence[list[dict]] = (), batch_size: int = 16,
-                        normalize: bool = True, max_len: int | None = None) -> torch.Tensor:
-    """Reward of each conversation's final assistant reply: `(n,)` float32 on CPU.
-
-    Each conversation is a list of messages ending with the assistant reply; it is rendered with the
-    RM's chat format (`tokenizer`/`fmt` default to the RM's own; pass them only to override) up to the
-    reply's end-of-turn token and scored there. Normalised with the saved (mean, std) unless
-    `normalize=False`.
-    """
-    tokenizer = tokenizer if tokenizer is not None else rm.tokenizer
-    fmt = fmt if fmt is not None else rm.fmt
-    sequences = []
-    for i, messages in enumerate(conversations):
-        ids, _, _ = render_for_scoring(list(messages), tokenizer, fmt, max_len, where=f"conversation {i}")
-        sequences.append(ids)
-    return rm.score_token_ids(sequences, batch_size=batch_size, normalize=normalize)
-
-
 # ----------------------------------------------------------------------------- training
 
 @dataclass
-class RewardConfig(TrainConfig):
+class RewardConfig(PreferenceConfig):
     model: str = arg("runs/sft", "SFT model directory to initialise the reward model from.")
-    data: str = arg("data/preferences.jsonl", "Preference data: prompt + chosen/rejected, or a ranked list.")
     out: str = arg("runs/rm", "Output directory (HF AutoModelForSequenceClassification dir + metrics).")
-    template: str | None = arg(None, "Chat format if the model has none: chatml, llama2, alpaca or a .jinja path.")
-    eval_data: str | None = arg(None, "Held-out preference file (default: hold out --eval-fraction of --data).")
-    eval_fraction: float = arg(0.05, "Fraction of --data held out for pairwise accuracy (deterministic split).")
-    on_bad_row: str = arg("error", "What to do with a malformed data row: error (name it and stop) or skip.",
-                          choices=["error", "skip"])
-    epochs: float = arg(1.0, "Passes over the training pairs when --max-steps is 0.")
-    max_steps: int = arg(0, "Optimizer steps (0 = --epochs passes over the data).")
     lr: float = arg(1e-4, "Peak learning rate (AdamW).")
-    warmup_steps: int = arg(5, "Linear warmup steps.")
-    batch_size: int = arg(16, "Preference examples (pairs or rankings) per micro-batch.")
-    max_len: int = arg(256, "Maximum tokens of one conversation (prompt + response); longer ones lose their start.")
     margin: float = arg(0.0, "Margin m in -logsigmoid(r_chosen - r_rejected - m) (Llama 2).")
-    share_prompt: bool = arg(True, "Compute each example's shared prompt once (tree packing); same result.")
-    eval_every: int = arg(0, "Evaluate held-out accuracy every N steps (0 = only at the end).")
-    save_every: int = arg(50, "Write OUT/checkpoint every N steps (0 = only at the end).")
-    log_every: int = arg(5, "Write a metrics row every N steps.")
     norm_source: str = arg("samples", "Normalise rewards on responses sampled from the SFT model ('samples') "
                            "or on the preference responses ('preferences').", choices=["samples", "preferences"])
     norm_samples: int = arg(64, "How many responses to normalise on.")
     norm_max_new_tokens: int = arg(64, "Length limit of the SFT samples used for normalisation.")
     norm_temperature: float = arg(1.0, "Sampling temperature of those samples.")
-
-
-def _load_preferences(path: str, what: str, on_bad_row: str = "error") -> list[Any]:
-    from chatsmith.data.formats import load_examples
-
-    if not Path(path).exists():
-        raise ChatsmithError(f"{what} {path}: file not found")
-    result = load_examples(path, kind="preference", on_bad_row=on_bad_row)
-    if result.bad_rows:
-        _note(f"{path}: {result.summary()}")
-    if not result.examples:
-        raise DataError(f"{path}: no preference examples found ({result.summary()})")
-    return list(result.examples)
-
-
-def steps_for_epochs(n_examples: int, cfg: TrainConfig, epochs: float) -> int:
-    """Optimizer steps for `epochs` passes over `n_examples` at the configured global batch."""
-    from chatsmith.utils import world_size
-
-    per_step = max(1, cfg.batch_size * cfg.grad_accum * world_size())
-    return max(1, math.ceil(n_examples * epochs / per_step))
-
-
-def _note(message: str) -> None:
-    from chatsmith.utils import is_main_process
-
-    if is_main_process():
-        print(message, file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -528,14 +179,11 @@ def accuracy_by_group(model: nn.Module, trees: Sequence[PrefixTree], metas: Sequ
 
 
 def _sample_sft_responses(causal_lm: nn.Module, tokenizer: Any, fmt: Any, prompts: list[list[dict]],
-                          cfg: RewardConfig, device: str) -> list[list[dict]] | None:
-    """Conversations (prompt + one sampled reply) from the SFT model, or None if sampling is unavailable."""
-    try:
-        from chatsmith.chat.render import render_prompt
-        from chatsmith.generate import SamplingConfig, generate
-    except ImportError as exc:
-        _note(f"reward: sampling unavailable ({exc}); normalising on the preference responses")
-        return None
+                          cfg: RewardConfig, device: str) -> list[list[dict]]:
+    """Conversations (prompt + one sampled reply) from the SFT model."""
+    from chatsmith.chat.render import render_prompt
+    from chatsmith.generate import SamplingConfig, generate
+
     prompt_ids = [render_prompt(p, tokenizer, fmt) for p in prompts]
     limit = max(8, cfg.max_len - cfg.norm_max_new_tokens)
     prompt_ids = [ids[-limit:] for ids in prompt_ids]
@@ -554,26 +202,13 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     from chatsmith.utils import MetricsLogger, atomic_write_text, resolve_device, set_seed
 
     set_seed(cfg.seed)
-    examples = _load_preferences(cfg.data, "--data", cfg.on_bad_row)
-    if cfg.eval_data:
-        train_examples, eval_examples = examples, _load_preferences(cfg.eval_data, "--eval-data", cfg.on_bad_row)
-    else:
-        train_idx, eval_idx = split_train_eval(len(examples), cfg.eval_fraction, seed=0)
-        train_examples = [examples[i] for i in train_idx]
-        eval_examples = [examples[i] for i in eval_idx]
+    train_examples, eval_examples = load_preference_split(cfg)
     loaded = load_model(cfg.model, device="cpu", template=cfg.template)
     causal_lm, tokenizer, fmt = loaded.model, loaded.tokenizer, loaded.fmt
     if tokenizer.pad_token_id is None:
         raise ChatsmithError(f"{cfg.model}: the tokenizer has no pad token")
-    train_tok = tokenize_preferences(train_examples, tokenizer, fmt, cfg.max_len, share_prompt=cfg.share_prompt)
-    eval_tok = tokenize_preferences(eval_examples, tokenizer, fmt, cfg.max_len, share_prompt=cfg.share_prompt)
-    if train_tok.n_truncated or eval_tok.n_truncated:
-        _note(f"reward: {train_tok.n_truncated + eval_tok.n_truncated} conversation(s) longer than --max-len "
-              f"{cfg.max_len} lost tokens from the start of their prompt")
-    if cfg.max_steps <= 0:
-        cfg = dataclasses.replace(cfg, max_steps=steps_for_epochs(len(train_tok.trees), cfg, cfg.epochs))
-    _note(f"reward: {len(train_tok.trees)} training examples ({train_tok.n_pairs} pairs), "
-          f"{len(eval_tok.trees)} held out ({eval_tok.n_pairs} pairs); {cfg.max_steps} steps")
+    cfg, train_tok, eval_tok = tokenize_preference_split(cfg, train_examples, eval_examples, tokenizer, fmt,
+                                                         stage="reward")
 
     device = resolve_device(cfg.device)
     norm_conversations = None
@@ -637,9 +272,9 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
         atomic_write_text(Path(cfg.out) / "reward_summary.json", json.dumps(summary, indent=1) + "\n")
     barrier()   # a caller on another rank (rlhf) reads the model next
     acc = final.get("eval_accuracy")
-    _note(f"reward: saved {cfg.out}" + (f"; held-out pairwise accuracy {acc:.1%}, mean margin "
-                                       f"{final.get('eval_margin', float('nan')):.3f}" if acc is not None else "")
-          + f"; normalised on {norm_source} (mean {mean:.3f}, std {std:.3f})")
+    note(f"reward: saved {cfg.out}" + (f"; held-out pairwise accuracy {acc:.1%}, mean margin "
+                                      f"{final.get('eval_margin', float('nan')):.3f}" if acc is not None else "")
+         + f"; normalised on {norm_source} (mean {mean:.3f}, std {std:.3f})")
     return summary
 
 

@@ -34,11 +34,11 @@ from torch import nn
 
 from chatsmith.errors import ChatsmithError
 from chatsmith.generate import SamplingConfig, distinct_rows, generate
-from chatsmith.model import cache_keyword, returned_cache
+from chatsmith.model import cache_keyword, disable_dropout, returned_cache
 from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_logits
 
 __all__ = [
-    "Rollout", "PromptItem", "load_policy", "disable_dropout", "load_prompts", "make_scorer", "freeze", "truncate_at_stop", "pad_rollout", "response_forward", "policy_logprobs",
+    "Rollout", "PromptItem", "load_policy", "load_prompts", "make_scorer", "freeze", "truncate_at_stop", "pad_rollout", "response_forward", "policy_logprobs",
     "sample", "collect_rollout", "apply_no_eos_penalty", "RewardModelScorer", "WorldJudgeScorer",
     "position_ids_from_mask", "value_forward", "plan_micro_batches", "rollout_micro_batches",
     "micro_batch_tensors",
@@ -405,7 +405,7 @@ def apply_no_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: 
 
 
 class RewardModelScorer:
-    """Scores episodes with a frozen reward model (`chatsmith.train.reward.RewardModel`).
+    """Scores episodes with a frozen reward model (`chatsmith.reward_model.RewardModel`).
 
     When the reward model shares the policy's vocabulary (both come from the same SFT model, the usual
     case) it reads the sampled token ids directly - prompt + response up to the end-of-turn token, no
@@ -438,7 +438,7 @@ class RewardModelScorer:
         elif rows:
             if prompts is None:
                 raise ChatsmithError("scoring with a reward model of another vocabulary needs the prompts")
-            from chatsmith.train.reward import score_conversations
+            from chatsmith.reward_model import score_conversations
 
             convs = [list(prompts[rollout.prompt_index[i]].messages)
                      + [{"role": "assistant", "content": rollout.texts[i]}] for i in rows]
@@ -477,31 +477,6 @@ class WorldJudgeScorer:
 
 
 # ----------------------------------------------------------------------------- loading
-
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Dropout off everywhere (Huang et al. 2024, detail "disable dropout"): with dropout on, the
-    rollout-time log-probs and values would not be those the update recomputes, and the PPO ratio of
-    an unchanged policy would not be 1. Uses `chatsmith.model.disable_dropout` when present."""
-    try:
-        from chatsmith.model import disable_dropout as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        shared(model)
-        return model
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
-                 "hidden_dropout_prob", "attention_probs_dropout_prob", "summary_first_dropout"):
-        if config is not None and isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
-    for module in model.modules():  # attention modules copy the rate at construction time
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-    return model
-
 
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no gradients: the frozen reference and reward models."""
@@ -567,7 +542,7 @@ def make_scorer(spec: str, policy_tokenizer: Any, device: str, forward_batch_siz
     if spec == "world":
         return WorldJudgeScorer()
     path = spec[3:] if spec.startswith("rm:") else spec
-    from chatsmith.train.reward import load_reward_model
+    from chatsmith.reward_model import load_reward_model
 
     rm = load_reward_model(path, device=device)
     return RewardModelScorer(rm, same_vocabulary=_same_vocabulary(rm.tokenizer, policy_tokenizer),

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from chatsmith.config import arg
+from chatsmith.data.packing import pack_sequences
 from chatsmith.errors import ChatsmithError, DataError, TemplateError
 from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.train.loop import (ShardedBatchSource, TrainConfig, Trainer, TrainResult, evaluate_loss,
@@ -122,29 +123,6 @@ def prepare_examples(conversations: Sequence[tuple[list[dict], str]], tokenizer,
     return out, stats
 
 
-def _best_fit(lengths: list[int], max_len: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing (fallback when chatsmith.data.packing is unavailable)."""
-    bins: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
-        best = min((b for b in range(len(bins)) if free[b] >= lengths[i]), key=lambda b: free[b], default=None)
-        if best is None:
-            bins.append([i])
-            free.append(max_len - lengths[i])
-        else:
-            bins[best].append(i)
-            free[best] -= lengths[i]
-    return bins
-
-
-def _pack(lengths: list[int], max_len: int) -> list[list[int]]:
-    try:
-        from chatsmith.data.packing import pack_sequences
-    except ImportError:
-        return _best_fit(lengths, max_len)
-    return pack_sequences(lengths, max_len)
-
-
 class SFTCollator:
     """Turns a list of :class:`SFTExample` into a micro-batch dict.
 
@@ -159,7 +137,7 @@ class SFTCollator:
 
     def __call__(self, examples: list[SFTExample]) -> dict[str, Any]:
         lengths = [len(ex.input_ids) for ex in examples]
-        bins = _pack(lengths, self.max_len) if self.packing else [[i] for i in range(len(examples))]
+        bins = pack_sequences(lengths, self.max_len) if self.packing else [[i] for i in range(len(examples))]
         t = max(sum(lengths[i] for i in b) for b in bins)
         b = len(bins)
         input_ids = torch.full((b, t), self.pad_id, dtype=torch.long)

@@ -66,7 +66,7 @@ def fit_history(system: str | None, history: list[dict], tokenizer: Any, fmt: An
 def chat_cli(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
              stderr: TextIO | None = None) -> int:
     """Run the chat loop until /exit or end of input."""
-    from chatsmith.generate import Generator, chat_sampling_config
+    from chatsmith.generate.engine import Generator, chat_sampling_config
     from chatsmith.model import load_model, max_context_length
 
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr

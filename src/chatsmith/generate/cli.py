@@ -1,0 +1,57 @@
+"""`chatsmith generate MODEL --prompt TEXT`: raw completion of a prompt (no chat template; what a base
+model does), streamed to stdout.
+
+    chatsmith generate runs/base --prompt "The capital of Veldoria is" --temperature 0
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from chatsmith.config import arg
+from chatsmith.errors import ChatsmithError
+from chatsmith.generate.engine import SamplingConfig, stream
+
+__all__ = ["GenerateConfig", "generate_cli"]
+
+
+@dataclass
+class GenerateConfig:
+    model: str = arg("", "Model directory (any local Hugging Face causal LM).")
+    prompt: str = arg("", "Text to continue (raw: no chat template is applied).")
+    max_new_tokens: int = arg(128, "Most tokens to generate.")
+    temperature: float = arg(0.8, "Sampling temperature; 0 = greedy.")
+    top_k: int = arg(0, "Sample among the k most likely tokens only (0 = off).")
+    top_p: float = arg(1.0, "Nucleus sampling: smallest set of tokens holding this probability (1 = off).")
+    repetition_penalty: float = arg(1.0, "Penalise tokens already present (1 = off, 1.1-1.3 typical).")
+    seed: int | None = arg(None, "Random seed (same seed, same output).")
+    stop: list[str] = arg([], "Stop when one of these strings is generated (it is not printed).")
+    ignore_eos: bool = arg(False, "Keep going past the end-of-text token.")
+    device: str = arg("auto", "cpu, cuda, mps or auto.")
+
+
+def generate_cli(cfg: GenerateConfig) -> int:
+    """`chatsmith generate MODEL --prompt TEXT`: stream the raw continuation to stdout."""
+    from chatsmith.model import load_model
+
+    if not cfg.model:
+        raise ChatsmithError("generate: give a model directory (chatsmith generate MODEL --prompt TEXT)")
+    if not cfg.prompt:
+        raise ChatsmithError("--prompt: give the text to continue")
+    loaded = load_model(cfg.model, device=cfg.device, require_template=False)
+    tokenizer = loaded.tokenizer
+    ids = tokenizer.encode(cfg.prompt, add_special_tokens=False)
+    if not ids:
+        raise ChatsmithError("--prompt: the prompt encodes to no tokens")
+    stop_ids = [] if cfg.ignore_eos or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                              top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
+                              stop_token_ids=tuple(stop_ids), stop_strings=tuple(cfg.stop), logprobs=False)
+    out = sys.stdout
+    for piece in stream(loaded.model, tokenizer, ids, sampling):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    return 0

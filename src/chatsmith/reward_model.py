@@ -1,0 +1,275 @@
+"""Reward-model scoring: load a reward model and score conversations or token sequences with it.
+
+    from chatsmith.reward_model import load_reward_model, score_conversations
+    rm = load_reward_model("runs/rm", device="cpu")                # -> RewardModel (eval mode, no grad)
+    scores = score_conversations(rm, rm.tokenizer, rm.fmt, conversations, batch_size=16)
+        # conversations: list of message lists ending with the assistant reply to score
+        # -> (n,) float32 CPU tensor, normalised (mean 0 / std 1 on SFT samples); normalize=False: raw
+    scores = rm.score_token_ids(sequences)   # sequences already in the RM's vocabulary: list[list[int]],
+        # each ending at the response's end-of-turn token -> (n,) float32 CPU, normalised
+    values = token_scores(rm.model, input_ids, attention_mask)     # (b, t): the head at every position
+        # (raw, unnormalised; for a value model initialised from the reward model)
+    rewards = sequence_rewards(model, input_ids, attention_mask)   # (b,) raw, last real token, with grad
+
+A reward model is a decoder's transformer with a scalar head (`AutoModelForSequenceClassification`,
+num_labels=1) read at the LAST REAL TOKEN of each conversation, i.e. the end-of-turn token closing the
+response. The index comes from the attention mask (correct under left or right padding and when
+pad == eos; HF's own pooling looks for the last non-pad id instead). The (mean, std) normalisation
+saved by `chatsmith reward` is read from config.json (`chatsmith_reward_mean` / `chatsmith_reward_std`)
+or `reward_normalization.json`. Used by PPO/GRPO (rewards, value-model init), evaluation and
+`chatsmith score`; training lives in `chatsmith.train.reward`. This API is stable: extend it only with
+defaulted keyword arguments.
+
+Run the tests: `python -m pytest tests/test_reward.py -q`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from chatsmith.errors import ChatsmithError, DataError
+from chatsmith.train.preference_functional import PackedTrees, gather_last_token, position_ids_from_mask
+
+__all__ = [
+    "RewardModel", "load_reward_model", "score_conversations", "token_scores", "sequence_rewards",
+    "packed_rewards", "backbone_hidden", "backbone", "score_head", "mask_for_model", "render_for_scoring",
+    "NORM_MEAN_KEY", "NORM_STD_KEY", "FORMAT_KEY", "NORM_FILE",
+]
+
+NORM_MEAN_KEY = "chatsmith_reward_mean"
+NORM_STD_KEY = "chatsmith_reward_std"
+FORMAT_KEY = "chatsmith_chat_format"
+NORM_FILE = "reward_normalization.json"
+
+
+# ----------------------------------------------------------------------------- model plumbing
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The bare transformer (LlamaModel, Qwen2Model, GPT2Model...) under a task head."""
+    prefix = getattr(model, "base_model_prefix", "model")
+    inner = getattr(model, prefix, None)
+    if inner is None:
+        raise ChatsmithError(f"{type(model).__name__} has no '{prefix}' backbone attribute")
+    return inner
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    head = getattr(model, "score", None)
+    if head is None:
+        raise ChatsmithError(f"{type(model).__name__} has no `score` head; chatsmith reward models are "
+                             "*ForSequenceClassification models of decoder architectures (Llama, Qwen2, GPT-2, ...)")
+    return head
+
+
+def mask_for_model(model: nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D bool mask as the model's attention implementation wants it (eager adds masks to scores)."""
+    if mask.ndim != 4:
+        return mask
+    impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    if impl == "sdpa" or impl == "flex_attention":
+        return mask
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ChatsmithError(f"attention implementation {impl!r} cannot take chatsmith's packed tree mask; "
+                         "load the model with attn_implementation='sdpa' or 'eager'")
+
+
+def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states `(b, t, h)` of the model's transformer (after its final norm).
+
+    attention_mask: `(b, t)` 0/1 padding mask, or a `(b, 1, t, t)` bool mask (packed trees). With a 2D
+    mask, positions are counted over real tokens only, so left and right padding give the same result.
+    """
+    if position_ids is None and attention_mask.ndim == 2:
+        position_ids = position_ids_from_mask(attention_mask)
+    dtype = next(model.parameters()).dtype
+    out = backbone(model)(input_ids=input_ids, attention_mask=mask_for_model(model, attention_mask, dtype),
+                           position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Raw reward `(b,)` float32 of each row, read at its last real token (from `attention_mask (b, t)`).
+
+    The head runs on the `(b, h)` pooled states only. Differentiable (used for training and PPO values).
+    """
+    hidden = backbone_hidden(model, input_ids, attention_mask)
+    return score_head(model)(gather_last_token(hidden, attention_mask)).squeeze(-1).float()
+
+
+def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head at every position `(b, t)` float32 (raw). Row i's reward is at its last real token."""
+    hidden = backbone_hidden(model, input_ids, attention_mask)
+    return score_head(model)(hidden).squeeze(-1).float()
+
+
+def packed_rewards(model: nn.Module, batch: PackedTrees) -> torch.Tensor:
+    """Raw rewards `(n,)` float32 of every conversation in a packed tree batch (one forward)."""
+    hidden = backbone_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+    pooled = hidden.reshape(-1, hidden.shape[-1])[batch.last_token]
+    return score_head(model)(pooled).squeeze(-1).float()
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def render_for_scoring(messages: list[dict], tokenizer: Any, fmt: Any, max_len: int | None = None,
+                       where: str = "conversation") -> tuple[list[int], list[int], bool]:
+    """Token ids of a conversation ending at the end-of-turn token of its final assistant reply.
+
+    Returns `(ids, response_mask, truncated)`: `response_mask` is 1 on the final reply's tokens and its
+    end-of-turn token (the last contiguous run of `render_chat`'s assistant mask) and 0 elsewhere;
+    anything the template renders after the end-of-turn (e.g. chatml's newline) is dropped so the last
+    token IS the end-of-turn. Sequences longer than `max_len` lose tokens from the LEFT (the prompt's
+    start) so the response and its end-of-turn are kept.
+    """
+    from chatsmith.chat.render import render_chat
+
+    if not messages or messages[-1].get("role") != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant reply to score "
+                        f"(got role {messages[-1].get('role') if messages else None!r})")
+    rendered = render_chat(messages, tokenizer, fmt)
+    ids, mask = list(rendered.input_ids), list(rendered.assistant_mask)
+    ones = [i for i, m in enumerate(mask) if m]
+    if not ones:
+        raise DataError(f"{where}: the chat format produced no assistant tokens for the reply")
+    last = ones[-1]
+    start = last
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    ids = ids[:last + 1]
+    response_mask = [0] * start + [1] * (last + 1 - start)
+    truncated = False
+    if max_len and len(ids) > max_len:
+        cut = len(ids) - max_len
+        ids, response_mask, truncated = ids[cut:], response_mask[cut:], True
+    return ids, response_mask, truncated
+
+
+# ----------------------------------------------------------------------------- scoring API
+
+@dataclass
+class RewardModel:
+    """A loaded reward model: HF sequence-classification model + tokenizer + chat format + normalisation."""
+
+    model: nn.Module
+    tokenizer: Any
+    fmt: Any
+    mean: float = 0.0
+    std: float = 1.0
+    path: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """(raw - mean) / std with the normalisation saved at training time."""
+        return (raw - self.mean) / self.std
+
+    @torch.no_grad()
+    def score_token_ids(self, sequences: Sequence[Sequence[int]], batch_size: int = 16,
+                        normalize: bool = True) -> torch.Tensor:
+        """Scores `(n,)` float32 on CPU of token sequences (each ending at the response's end-of-turn).
+
+        Sequences are sorted by length into right-padded batches (little padding), scored at their last
+        real token and returned in the input order. Longer than the model's context: cut from the left.
+        """
+        n = len(sequences)
+        out = torch.empty(n, dtype=torch.float32)
+        if n == 0:
+            return out
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        order = sorted(range(n), key=lambda i: len(sequences[i]))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, n, max(1, batch_size)):
+                idx = order[start:start + batch_size]
+                rows = [list(sequences[i])[-limit:] if limit else list(sequences[i]) for i in idx]
+                if any(len(r) == 0 for r in rows):
+                    raise ChatsmithError("cannot score an empty token sequence")
+                width = max(len(r) for r in rows)
+                ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for j, r in enumerate(rows):
+                    ids[j, :len(r)] = torch.tensor(r, dtype=torch.long)
+                    mask[j, :len(r)] = 1
+                raw = sequence_rewards(self.model, ids.to(self.device), mask.to(self.device)).cpu()
+                out[torch.tensor(idx)] = raw
+        finally:
+            self.model.train(was_training)
+        return self.normalize(out) if normalize else out
+
+
+def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype | str | None = None,
+                      template: str | None = None) -> RewardModel:
+    """Load a reward-model directory written by `chatsmith reward` (or any HF seq-classification dir).
+
+    The normalisation comes from config.json (`chatsmith_reward_mean/std`), else
+    reward_normalization.json, else (0, 1). The chat format is the one the model was trained with
+    (`template` overrides it; needed only for directories chatsmith did not write).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from chatsmith.chat.templates import get_format
+    from chatsmith.utils import resolve_device
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ChatsmithError(f"{path}: not a model directory (no config.json); train one with `chatsmith reward`")
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "auto": None}[dtype]
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    from chatsmith.model import quiet_transformers
+
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **kwargs)
+    if getattr(model.config, "num_labels", 1) != 1:
+        raise ChatsmithError(f"{path}: a reward model has one output (num_labels=1), this one has "
+                             f"{model.config.num_labels}")
+    if tokenizer.pad_token_id is None:
+        raise ChatsmithError(f"{path}: the tokenizer has no pad token; chatsmith reward models always set one")
+    fmt_name = template or getattr(model.config, FORMAT_KEY, None)
+    try:
+        fmt = get_format(fmt_name, tokenizer)
+    except ChatsmithError:
+        fmt = get_format(None, tokenizer)
+    mean = getattr(model.config, NORM_MEAN_KEY, None)
+    std = getattr(model.config, NORM_STD_KEY, None)
+    if (mean is None or std is None) and (path / NORM_FILE).is_file():
+        saved = json.loads((path / NORM_FILE).read_text())
+        mean, std = saved.get("mean"), saved.get("std")
+    model.to(resolve_device(device)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return RewardModel(model, tokenizer, fmt, float(mean if mean is not None else 0.0),
+                       float(std if std else 1.0), str(path))
+
+
+def score_conversations(rm: RewardModel, tokenizer: Any = None, fmt: Any = None,
+                        conversations: Sequence[list[dict]] = (), batch_size: int = 16,
+                        normalize: bool = True, max_len: int | None = None) -> torch.Tensor:
+    """Reward of each conversation's final assistant reply: `(n,)` float32 on CPU.
+
+    Each conversation is a list of messages ending with the assistant reply; it is rendered with the
+    RM's chat format (`tokenizer`/`fmt` default to the RM's own; pass them only to override) up to the
+    reply's end-of-turn token and scored there. Normalised with the saved (mean, std) unless
+    `normalize=False`.
+    """
+    tokenizer = tokenizer if tokenizer is not None else rm.tokenizer
+    fmt = fmt if fmt is not None else rm.fmt
+    sequences = []
+    for i, messages in enumerate(conversations):
+        ids, _, _ = render_for_scoring(list(messages), tokenizer, fmt, max_len, where=f"conversation {i}")
+        sequences.append(ids)
+    return rm.score_token_ids(sequences, batch_size=batch_size, normalize=normalize)

@@ -1,0 +1,119 @@
+"""Preference data for the training stages (`chatsmith reward`, `chatsmith dpo`): their shared flags,
+the train / held-out split, and tokenisation into prefix trees (each prompt shared by its responses).
+
+    cfg = RewardConfig(...)                                   # a PreferenceConfig
+    train_examples, eval_examples = load_preference_split(cfg)
+    cfg, train_tok, eval_tok = tokenize_preference_split(cfg, train_examples, eval_examples, tokenizer, fmt,
+                                                         stage="reward")
+    train_tok.trees                                           # list[PrefixTree], one per example
+
+Both stages hold out the same examples of the same file (`chatsmith.data.formats.split_train_eval`).
+
+Run the tests: `python -m pytest tests/test_reward.py tests/test_dpo.py -q`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from chatsmith.config import arg
+from chatsmith.data.formats import load_preferences, split_train_eval
+from chatsmith.errors import ChatsmithError, DataError
+from chatsmith.reward_model import render_for_scoring
+from chatsmith.train.loop import TrainConfig, steps_for_epochs
+from chatsmith.train.preference_functional import PrefixTree, prefix_tree
+from chatsmith.utils import note
+
+__all__ = ["PreferenceConfig", "TokenizedPreferences", "tokenize_preferences", "load_preference_split",
+           "tokenize_preference_split"]
+
+
+@dataclass
+class PreferenceConfig(TrainConfig):
+    """Flags every preference stage shares; `RewardConfig` and `DPOConfig` add their own."""
+
+    data: str = arg("data/preferences.jsonl", "Preference data: prompt + chosen/rejected, or a ranked list.")
+    template: str | None = arg(None, "Chat format if the model has none: chatml, llama2, alpaca or a .jinja path.")
+    eval_data: str | None = arg(None, "Held-out preference file (default: hold out --eval-fraction of --data).")
+    eval_fraction: float = arg(0.05, "Fraction of --data held out (a deterministic split, the same in `reward` "
+                               "and `dpo`).")
+    on_bad_row: str = arg("error", "What to do with a malformed data row: error (name it and stop) or skip.",
+                          choices=["error", "skip"])
+    epochs: float = arg(1.0, "Passes over the training pairs when --max-steps is 0.")
+    max_steps: int = arg(0, "Optimizer steps (0 = --epochs passes over the data).")
+    warmup_steps: int = arg(5, "Linear warmup steps.")
+    batch_size: int = arg(16, "Preference examples (pairs or rankings) per micro-batch.")
+    max_len: int = arg(256, "Maximum tokens of one conversation (prompt + response); longer ones lose their start.")
+    share_prompt: bool = arg(True, "Compute each example's shared prompt once (tree packing); same result.")
+    eval_every: int = arg(0, "Evaluate on the held-out examples every N steps (0 = only at the end).")
+    save_every: int = arg(50, "Write OUT/checkpoint every N steps (0 = only at the end).")
+    log_every: int = arg(5, "Write a metrics row every N steps.")
+
+
+@dataclass
+class TokenizedPreferences:
+    trees: list[PrefixTree]
+    origins: list[str]
+    n_truncated: int          # conversations cut to max_len
+    n_pairs: int
+
+
+def tokenize_preferences(examples: Sequence[Any], tokenizer: Any, fmt: Any, max_len: int,
+                         share_prompt: bool = True, with_masks: bool = False) -> TokenizedPreferences:
+    """Render every response of every `PreferenceExample` and build its prefix tree (prompt shared once).
+
+    `with_masks` keeps each conversation's response mask (DPO needs which tokens to sum log-probs over).
+    """
+    trees, origins, truncated, pairs = [], [], 0, 0
+    for ex in examples:
+        origin = getattr(ex, "origin", "?")
+        if len(ex.responses) < 2:
+            raise DataError(f"{origin}: a preference example needs at least 2 responses, got {len(ex.responses)}")
+        seqs, masks = [], []
+        for k, response in enumerate(ex.responses):
+            if not isinstance(response, str):
+                raise DataError(f"{origin}: response {k} must be a string, got {type(response).__name__}")
+            messages = list(ex.prompt) + [{"role": "assistant", "content": response}]
+            try:
+                ids, mask, cut = render_for_scoring(messages, tokenizer, fmt, max_len, where=f"{origin} response {k}")
+            except DataError:
+                raise
+            except ChatsmithError as exc:
+                raise DataError(f"{origin}: {exc}") from None
+            seqs.append(ids)
+            masks.append(mask)
+            truncated += cut
+        trees.append(prefix_tree(seqs, masks if with_masks else None, share=share_prompt))
+        origins.append(origin)
+        pairs += len(ex.responses) * (len(ex.responses) - 1) // 2
+    return TokenizedPreferences(trees, origins, truncated, pairs)
+
+
+def load_preference_split(cfg: PreferenceConfig) -> tuple[list[Any], list[Any]]:
+    """`(train, held-out)` PreferenceExamples: `--eval-data` when given, else the deterministic
+    `--eval-fraction` split of `--data`."""
+    examples = load_preferences(cfg.data, "--data", cfg.on_bad_row)
+    if cfg.eval_data:
+        return examples, load_preferences(cfg.eval_data, "--eval-data", cfg.on_bad_row)
+    train_idx, eval_idx = split_train_eval(len(examples), cfg.eval_fraction, seed=0)
+    return [examples[i] for i in train_idx], [examples[i] for i in eval_idx]
+
+
+def tokenize_preference_split(cfg: PreferenceConfig, train_examples: Sequence[Any], eval_examples: Sequence[Any],
+                              tokenizer: Any, fmt: Any, stage: str, with_masks: bool = False,
+                              detail: str = "") -> tuple[PreferenceConfig, TokenizedPreferences,
+                                                         TokenizedPreferences]:
+    """Tokenize both splits and say so on stderr; returns `cfg` with `max_steps` resolved from `--epochs`
+    when it is 0. `detail` ends the summary line (e.g. ", beta 0.1")."""
+    train_tok = tokenize_preferences(train_examples, tokenizer, fmt, cfg.max_len, cfg.share_prompt, with_masks)
+    eval_tok = tokenize_preferences(eval_examples, tokenizer, fmt, cfg.max_len, cfg.share_prompt, with_masks)
+    if train_tok.n_truncated or eval_tok.n_truncated:
+        note(f"{stage}: {train_tok.n_truncated + eval_tok.n_truncated} conversation(s) longer than --max-len "
+             f"{cfg.max_len} lost tokens from the start of their prompt")
+    if cfg.max_steps <= 0:
+        cfg = dataclasses.replace(cfg, max_steps=steps_for_epochs(len(train_tok.trees), cfg, cfg.epochs))
+    note(f"{stage}: {len(train_tok.trees)} training examples ({train_tok.n_pairs} pairs), "
+         f"{len(eval_tok.trees)} held out ({eval_tok.n_pairs} pairs); {cfg.max_steps} steps{detail}")
+    return cfg, train_tok, eval_tok
