@@ -12,9 +12,9 @@ import re
 
 import pytest
 
-from chatsmith import demo as D
+from chatsmith.world import demo as D
 from chatsmith.errors import ChatsmithError
-from chatsmith.eval import METRICS
+from chatsmith.world.judge import REPORT_METRICS as METRICS
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from chatsmith.errors import ChatsmithError
-from chatsmith.eval import METRICS
+from chatsmith.world.judge import REPORT_METRICS as METRICS
 from chatsmith.eval import behaviour as B
 from chatsmith.eval import report as R
 

@@ -52,27 +52,29 @@ def test_grpo_with_several_iterations_clips(tmp_path):
 
 def test_grpo_world_reward_uses_the_judge(tmp_path):
     from chatsmith.chat.render import render_prompt
-    from chatsmith.data.world import World
-    from chatsmith.train.rollout import PromptItem, WorldJudgeScorer
+    from chatsmith.world import World
+    from chatsmith.train.rollout import FunctionScorer, PromptItem
+    from chatsmith.world.judge import prompt_item, reward
 
     _, _, _, tokenizer, fmt = toy_models()
     rows = World(seed=0).prompts()[:4]
     prompts = [PromptItem(r["messages"], f"world:{i}", {k: v for k, v in r.items() if k != "messages"},
                           render_prompt(r["messages"], tokenizer, fmt)) for i, r in enumerate(rows)]
-    scorer = WorldJudgeScorer()
+    scorer = FunctionScorer(reward, "world")
     trainer = make_trainer(grpo_cfg(tmp_path, max_steps=1, prompts_per_step=2, num_generations=2), scorer,
                            prompts=prompts)
     result = trainer.run()
     assert result.metrics["clip_fraction"] == 0.0   # one update per batch: ratio exactly 1, nothing clipped
     rollout, rewards = trainer._last_samples
-    from chatsmith.data.judge import score
+    from chatsmith.world.judge import score
 
     for i in range(rollout.batch_size):
-        item = scorer.item(prompts, rollout.prompt_index[i])
+        p = prompts[rollout.prompt_index[i]]
+        item = prompt_item(p.messages, p.meta, p.origin)
         assert rewards[i].item() == pytest.approx(score(item, rollout.texts[i], finished=bool(rollout.finished[i])))
     bad = [PromptItem([{"role": "user", "content": "hi"}], "p.jsonl:3", {}, [1, 2])]
     with pytest.raises(Exception, match="p.jsonl:3.*category"):
-        scorer.item(bad, 0)
+        scorer.score_one(bad[0], "Paris.")
 
 
 def test_grpo_resume_equals_an_uninterrupted_run(tmp_path):

@@ -13,7 +13,7 @@ from test_ppo import one_thread  # noqa: F401
 
 
 def world_prompts_file(tmp_path, n: int = 6):
-    from chatsmith.data.world import World
+    from chatsmith.world import World
 
     rows = [r for r in World(seed=0).prompts() if r["category"] in ("fact", "harmful", "haiku")][:n]
     path = tmp_path / "world_prompts.jsonl"
@@ -65,16 +65,17 @@ def test_rlhf_two_rounds_with_the_world_judge(tmp_path):
     assert [r.metrics for r in again] == [r.metrics for r in results]
 
 
-def test_rank_with_world_judge_collapses_ties():
-    from chatsmith.data.world import World
-    from chatsmith.train.rlhf import rank_with_world_judge
-    from chatsmith.train.rollout import PromptItem, WorldJudgeScorer
+def test_rank_with_the_world_judge_collapses_ties():
+    from chatsmith.world import World
+    from chatsmith.train.rlhf import rank_with_judge
+    from chatsmith.train.rollout import FunctionScorer, PromptItem
+    from chatsmith.world.judge import reward
 
     row = next(r for r in World(seed=0).prompts() if r["category"] == "fact")
     prompt = PromptItem(row["messages"], "w:1", {k: v for k, v in row.items() if k != "messages"})
     answer = row["expected"]["accept"][0]
     responses = [f"It is {answer}.", "what is the capital of", f"It is {answer}.", f"The answer is {answer}."]
-    ranked, scores = rank_with_world_judge(prompt, responses, [True, True, True, True], WorldJudgeScorer())
+    ranked, scores = rank_with_judge(prompt, responses, [True, True, True, True], FunctionScorer(reward))
     assert ranked[0] == f"It is {answer}."            # correct answer first
     assert len(set(ranked)) == len(ranked) and len(set(scores)) == len(scores)
     assert scores == sorted(scores, reverse=True)

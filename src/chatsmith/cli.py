@@ -30,9 +30,9 @@ class Command:
 
 
 COMMANDS: list[Command] = [
-    Command("demo", "chatsmith.demo:DemoConfig:run_demo",
+    Command("demo", "chatsmith.world.demo:DemoConfig:run_demo",
             "Run the whole journey (world -> base -> SFT -> reward model -> PPO/DPO -> report)."),
-    Command("world export", "chatsmith.data.world:WorldExportConfig:export_world",
+    Command("world export", "chatsmith.world.export:WorldExportConfig:export_world",
             "Write the built-in synthetic world (corpus, SFT, preferences, prompts, eval) as files.",
             positional=("out",)),
     Command("data check", "chatsmith.data.check:DataCheckConfig:check_data",
