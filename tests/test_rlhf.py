@@ -115,3 +115,21 @@ def test_rlhf_goes_on_from_an_earlier_ppo_policy(tmp_path):
     assert ppo_settings["reference"] == cfg.policy
     rm_settings = yaml.safe_load((tmp_path / "rlhf" / "round_1" / "rm" / "train_config.yaml").read_text())
     assert rm_settings["model"] == cfg.policy
+
+
+def test_rlhf_labeler_with_a_users_judge(tmp_path, monkeypatch):
+    """`--judge py:module:function` ranks the samples by the user's score (longest first here)."""
+    from chatsmith.train.rlhf import rlhf
+
+    (tmp_path / "user_labeler_rlhf.py").write_text(
+        "def longest(messages, response, row):\n    return float(len(response))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    results = rlhf(rlhf_cfg(tmp_path, judge="py:user_labeler_rlhf:longest", rounds=1))
+    rows = [json.loads(x) for x in (tmp_path / "rlhf" / "round_1" / "preferences.jsonl").read_text().splitlines()]
+    assert rows and results[0].metrics["comparisons_added"] == len(rows)
+    for row in rows:
+        lengths = [len(r) for r in row["ranked"]]
+        assert lengths == sorted(set(lengths), reverse=True) and row["labeler"] == "py:user_labeler_rlhf:longest"
+    samples = [json.loads(x) for x in (tmp_path / "rlhf" / "round_1" / "samples.jsonl").read_text().splitlines()]
+    mean_length = sum(len(r) for s in samples for r in s["responses"]) / sum(len(s["responses"]) for s in samples)
+    assert results[0].metrics["label_score"] == pytest.approx(mean_length, abs=1e-3)
