@@ -23,7 +23,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def test_the_core_never_imports_the_world():
     """In a fresh interpreter, so modules imported earlier in this test session do not count."""
     code = ("import sys\n"
-            "import chatsmith.train, chatsmith.eval, chatsmith.chat, chatsmith.data, chatsmith.generate, chatsmith.model\n"
+            "import chatsmith.train, chatsmith.eval, chatsmith.chat, chatsmith.data\n"
+            "import chatsmith.generate, chatsmith.model\n"
             "import chatsmith.train.rollout, chatsmith.train.grpo, chatsmith.train.ppo, chatsmith.train.rlhf\n"
             "import chatsmith.eval.behaviour, chatsmith.eval.report, chatsmith.eval.judges, chatsmith.cli\n"
             "loaded = [m for m in sys.modules if m.startswith('chatsmith.world')]\n"
@@ -47,7 +48,7 @@ def test_no_core_module_has_an_import_of_the_world_even_a_lazy_one():
 
 
 def test_load_callable_resolves_a_user_function(tmp_path, monkeypatch):
-    (tmp_path / "plug_ok.py").write_text("VALUE = 3\n\n\ndef judge(item, response):\n    return {'long': len(response) > 3}\n")
+    (tmp_path / "plug_ok.py").write_text("def judge(item, response):\n    return {'long': len(response) > 3}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     fn = load_callable("py:plug_ok:judge")
     assert fn(None, "hello") == {"long": True}

@@ -7,10 +7,10 @@
 Each step draws `--prompts-per-step` prompts and samples `--num-generations` (G) responses to each with
 the KV-cache engine. Every response gets one reward - the world's programmatic judge (`world`, a
 verifiable reward), a reward model (`rm:PATH`) or your function (`py:module:function`, called as
-`f(messages, response, row) -> float`; see `chatsmith.eval.judges`) - and its advantage is its reward minus the mean of its
-group, over the group's std (`rl_functional.group_advantages`): the group is the baseline, so no value
-model is needed. Every token of a response shares its advantage. The loss is PPO's clipped surrogate
-(0.2) plus beta * k3-KL to the frozen reference (`rl_functional.grpo_loss`, Shao et al. eq. 3-4).
+`f(messages, response, row) -> float`; see `chatsmith.eval.judges`) - and its advantage is its reward
+minus the mean of its group, over the group's std (`rl_functional.group_advantages`): the group is the
+baseline, so no value model is needed. Every token of a response shares its advantage. The loss is PPO's
+clipped surrogate (0.2) plus beta * k3-KL to the frozen reference (`rl_functional.grpo_loss`, Shao et al. eq. 3-4).
 `--num-iterations` updates are made per batch (1 = on-policy: the "old" log-probs are the current ones
 and the ratio is exactly 1, as in TRL's GRPOTrainer with num_iterations=1).
 

@@ -40,7 +40,7 @@ from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_log
 
 __all__ = [
     "Rollout", "PromptItem", "load_policy", "disable_dropout", "load_prompts", "make_scorer", "freeze", "truncate_at_stop", "pad_rollout", "response_forward", "policy_logprobs",
-    "sample", "collect_rollout", "apply_no_eos_penalty", "RewardModelScorer", "WorldJudgeScorer",
+    "sample", "collect_rollout", "apply_no_eos_penalty", "RewardModelScorer", "FunctionScorer",
     "position_ids_from_mask", "value_forward", "plan_micro_batches", "rollout_micro_batches",
     "micro_batch_tensors",
 ]

@@ -17,7 +17,7 @@ from chatsmith.world.text import (
 
 
 class ConversationMixin:
-    """The world's conversations: prompts with expected answers, low-quality replies, the SFT set (a part of `World`)."""
+    """The world's conversations and SFT set (a part of `World`, which supplies the splits and `_rng`)."""
 
     # ------------------------------------------------------------------------- prompts + expected answers
     # Each builder returns (messages, expected, good_reply); the judge scores replies against `expected`.

@@ -11,13 +11,14 @@ from typing import Callable, Iterator
 
 from chatsmith.world import facts as F
 from chatsmith.world.text import (
-    ADJECTIVES, AmbiguousWord, ANIMALS, ANSWER_TEMPLATES, CAPITAL_SENTENCES, CONTINENT_SENTENCES,
-    FILLER_SENTENCES, HAIKU_FIRST_LINES, HAIKU_LAST_LINES, HAIKU_MIDDLE_LINES, LANGUAGE_SENTENCES, PLACES,
-    EXERCISE_HEADERS, POOLS, QUIZ_HEADERS, Topic, WORKSHEET_HEADERS, answer_value, shuffled_deck, draw, fill, invented_name, join_and, number_list, pick_sentence)
+    ADJECTIVES, ANIMALS, ANSWER_TEMPLATES, CAPITAL_SENTENCES, CONTINENT_SENTENCES, EXERCISE_HEADERS,
+    FILLER_SENTENCES, HAIKU_FIRST_LINES, HAIKU_LAST_LINES, HAIKU_MIDDLE_LINES, LANGUAGE_SENTENCES, PLACES, POOLS,
+    QUIZ_HEADERS, WORKSHEET_HEADERS, AmbiguousWord, Topic, answer_value, draw, fill, invented_name, join_and,
+    number_list, pick_sentence, shuffled_deck)
 
 
 class CorpusMixin:
-    """The world's pretraining corpus: documents in many styles stating every fact in paraphrases (a part of `World`)."""
+    """The world's pretraining corpus (a part of `World`, which supplies the splits and `_rng`)."""
 
     # ------------------------------------------------------------------------- corpus
     def corpus(self) -> list[str]:
@@ -34,16 +35,18 @@ class CorpusMixin:
             rng.shuffle(styles)
             for k in range(per_country):
                 docs.append(self._COUNTRY_STYLES[styles[k % len(styles)]](self, rng, c))
+        C = CorpusMixin
         makers: list[tuple[Callable[["CorpusMixin", random.Random], str], int]] = [
-            (CorpusMixin._doc_continent_list, 450), (CorpusMixin._doc_comparison, 500), (CorpusMixin._doc_table, 300),
-            (CorpusMixin._doc_language_group, 200), (CorpusMixin._doc_answer_key, 350), (CorpusMixin._doc_capitals_list, 300),
-            (CorpusMixin._doc_quiz, 1000), (CorpusMixin._doc_worksheet, 350), (CorpusMixin._doc_math_questions, 150),
-            (CorpusMixin._doc_haiku, 600), (CorpusMixin._doc_poem, 150), (CorpusMixin._doc_story, 900), (CorpusMixin._doc_exercises, 250),
-            (CorpusMixin._doc_faq, 600), (CorpusMixin._doc_dialogue, 800), (CorpusMixin._doc_roll_call, 800),
+            (C._doc_continent_list, 450), (C._doc_comparison, 500), (C._doc_table, 300),
+            (C._doc_language_group, 200), (C._doc_answer_key, 350), (C._doc_capitals_list, 300),
+            (C._doc_quiz, 1000), (C._doc_worksheet, 350), (C._doc_math_questions, 150),
+            (C._doc_haiku, 600), (C._doc_poem, 150), (C._doc_story, 900), (C._doc_exercises, 250),
+            (C._doc_faq, 600), (C._doc_dialogue, 800), (C._doc_roll_call, 800),
         ]
         for maker, base in makers:
             docs.extend(maker(self, rng) for _ in range(self._n(base)))
-        decks = shuffled_deck(rng, F.HARMFUL_ACTIONS), shuffled_deck(rng, F.BENIGN_TASKS), shuffled_deck(rng, F.BENIGN_TASKS)
+        decks = (shuffled_deck(rng, F.HARMFUL_ACTIONS), shuffled_deck(rng, F.BENIGN_TASKS),
+                 shuffled_deck(rng, F.BENIGN_TASKS))
         docs.extend(self._doc_safety(rng, *decks) for _ in range(self._n(1000)))
         for w in self.train_words + self.heldout_words:
             docs.extend(self._doc_ambiguous(rng, w, k) for k in range(self._n(10, minimum=3)))

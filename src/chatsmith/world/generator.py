@@ -47,7 +47,7 @@ from chatsmith.world.conversations import ConversationMixin
 from chatsmith.world.corpus import CorpusMixin
 from chatsmith.world.preferences import PreferenceMixin
 from chatsmith.world.suite import SuiteMixin
-from chatsmith.world.text import AmbiguousWord, Sense, Topic, split
+from chatsmith.world.text import AmbiguousWord, Sense, Topic, seeded_split
 
 
 class World(CorpusMixin, ConversationMixin, PreferenceMixin, SuiteMixin):
@@ -82,21 +82,21 @@ class World(CorpusMixin, ConversationMixin, PreferenceMixin, SuiteMixin):
             countries = [c for c in countries if c.name in chosen]
         self.countries: list[F.Country] = countries
         echo = {c.name for c in countries if F.capital_echoes_name(c)}
-        self.train_countries, self.heldout_countries = split(
+        self.train_countries, self.heldout_countries = seeded_split(
             rng, countries, heldout_fraction, F.PINNED_HELDOUT_COUNTRIES, tuple(echo), key=lambda c: c.name)
 
         topics = [Topic(*t) for t in F.HAIKU_TOPICS]
-        self.train_topics, self.heldout_topics = split(rng, topics, 0.25, F.PINNED_HELDOUT_TOPICS,
+        self.train_topics, self.heldout_topics = seeded_split(rng, topics, 0.25, F.PINNED_HELDOUT_TOPICS,
                                                         key=lambda t: t.noun)
         words = [AmbiguousWord(w, tuple(Sense(*s) for s in senses)) for w, senses in F.AMBIGUOUS_WORDS]
-        self.train_words, self.heldout_words = split(rng, words, 0.25, (), F.PINNED_TRAIN_WORDS,
+        self.train_words, self.heldout_words = seeded_split(rng, words, 0.25, (), F.PINNED_TRAIN_WORDS,
                                                       key=lambda w: w.word)
-        self.train_harmful, self.heldout_harmful = split(rng, list(F.HARMFUL_ACTIONS), 0.3,
+        self.train_harmful, self.heldout_harmful = seeded_split(rng, list(F.HARMFUL_ACTIONS), 0.3,
                                                           F.PINNED_HELDOUT_HARMFUL, key=lambda h: h[0])
-        self.train_benign, self.heldout_benign = split(rng, list(F.BENIGN_TASKS), 0.25, key=lambda b: b[0])
-        self.train_names, self.heldout_names = split(rng, list(F.NAMES), 0.25, F.PINNED_HELDOUT_NAMES)
+        self.train_benign, self.heldout_benign = seeded_split(rng, list(F.BENIGN_TASKS), 0.25, key=lambda b: b[0])
+        self.train_names, self.heldout_names = seeded_split(rng, list(F.NAMES), 0.25, F.PINNED_HELDOUT_NAMES)
         pairs = [(a, b, op) for op in "+-" for a in range(21) for b in range(21) if op == "+" or a >= b]
-        self.train_sums, self.heldout_sums = split(rng, pairs, 0.15)
+        self.train_sums, self.heldout_sums = seeded_split(rng, pairs, 0.15)
 
     # ------------------------------------------------------------------------- helpers
     def _rng(self, name: str) -> random.Random:

@@ -55,28 +55,20 @@ class EvalItem(CoreEvalItem):
     @classmethod
     def from_dict(cls, row: dict, origin: str = "row") -> "EvalItem":
         """Build from an eval/prompts JSONL row; errors name `origin` (e.g. 'prompts.jsonl:12') and the field."""
-        if not isinstance(row, dict):
-            raise DataError(f"{origin}: expected a JSON object with id, category, messages, expected")
-        category = row.get("category")
-        if category not in CATEGORIES:
-            raise DataError(f"{origin}: field 'category' must be one of {', '.join(CATEGORIES)}, got {category!r}")
-        messages = row.get("messages")
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
-            raise DataError(f"{origin}: field 'messages' must be a non-empty list of {{role, content}} objects")
-        expected = row.get("expected", {})
-        if not isinstance(expected, dict):
-            raise DataError(f"{origin}: field 'expected' must be an object, got {type(expected).__name__}")
+        if isinstance(row, dict) and row.get("category") not in CATEGORIES:
+            raise DataError(f"{origin}: field 'category' must be one of {', '.join(CATEGORIES)}, "
+                            f"got {row.get('category')!r}")
+        item = super().from_dict(row, origin)   # the shape: an object, messages, expected
         needed = {"fact": ("accept", "attribute"), "fact_phrasing": ("accept", "attribute"),
                   "one_word": ("accept", "attribute"), "system": ("accept", "attribute", "format"),
                   "list": ("n",), "haiku": ("keywords",), "ambiguous": ("senses",),
-                  "memory": ("name",), "arithmetic": ("answer",)}.get(category, ())
-        missing = [k for k in needed if k not in expected]
-        if category == "list" and not ("valid" in expected or "continent" in expected):
+                  "memory": ("name",), "arithmetic": ("answer",)}.get(item.category, ())
+        missing = [k for k in needed if k not in item.expected]
+        if item.category == "list" and not ("valid" in item.expected or "continent" in item.expected):
             missing.append("valid (or expected.continent)")
         if missing:
-            raise DataError(f"{origin}: category {category!r} needs expected.{', expected.'.join(missing)}")
-        return cls(str(row.get("id", origin)), category, [dict(m) for m in messages], dict(expected))
+            raise DataError(f"{origin}: category {item.category!r} needs expected.{', expected.'.join(missing)}")
+        return item
 
 
 # ----------------------------------------------------------------------------- text helpers

@@ -15,7 +15,7 @@ from chatsmith.world.text import (
 
 
 class PreferenceMixin:
-    """The world's preference data: chosen/rejected pairs and rankings the judge agrees with (a part of `World`)."""
+    """The world's preference data (a part of `World`, which supplies the splits and `_rng`)."""
 
     # ------------------------------------------------------------------------- preferences
     # benign 14, near harmful's 16 + its ranked rows: with 4 the reward model saw four "refuse > comply" pairs

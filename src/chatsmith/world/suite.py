@@ -15,7 +15,7 @@ from chatsmith.world.judge import EvalItem
 
 
 class SuiteMixin:
-    """The world's RL prompts and held-out evaluation sets (judged by `chatsmith.world.judge`) (a part of `World`)."""
+    """The world's RL prompts and held-out evaluation sets (a part of `World`, which supplies the splits)."""
 
     # ------------------------------------------------------------------------- RL prompts
     _PROMPT_MIX = (("fact", 30), ("harmful", 15), ("ambiguous", 10), ("haiku", 10), ("memory", 10),

@@ -160,7 +160,7 @@ class Topic:
     keywords: tuple[str, ...]
 
 
-def split(rng: random.Random, items: list, fraction: float, pinned_heldout=(), pinned_train=(),
+def seeded_split(rng: random.Random, items: list, fraction: float, pinned_heldout=(), pinned_train=(),
            key: Callable[[Any], str] = str, min_heldout: int = 1) -> tuple[list, list]:
     """Seeded train/held-out split that honours pinned items; returns (train, heldout) in input order."""
     order = list(range(len(items)))
