@@ -522,11 +522,11 @@ def evaluate_all(cfg: EvalConfig, *, stage_seconds: dict[str, float] | None = No
         raise ChatsmithError("no model directories given (chatsmith eval MODEL_DIR... --out DIR)")
     set_seed(cfg.seed)
     names = model_names(cfg.models, cfg.names)
-    specs = metric_specs(judge_fn) if judge_fn is not None else None
-    spec_judge = judge_fn if specs else cfg.judge
     judge_fn = judge_fn or resolve_judge(cfg.judge)
-    specs = specs or metric_specs(cfg.judge)
-    metric_help = getattr(resolve_judge(spec_judge), "metric_help", {})
+    # A judge passed in without metric definitions of its own takes those of --judge (tests' stand-ins).
+    definitions = judge_fn if hasattr(judge_fn, "metrics") else resolve_judge(cfg.judge)
+    specs = metric_specs(definitions)
+    metric_help = getattr(definitions, "metric_help", {})
     items = list(items) if items is not None else load_suite(cfg.suite, world_seed=cfg.world_seed,
                                                               max_items=cfg.max_items, judge=judge_fn)
     muts = [load_model_under_test(p, n, base_names=cfg.base, template=cfg.template, device=cfg.device)
