@@ -56,7 +56,7 @@ def name_copy_losses(model_dir: str, count: int = 40, seed: int = 5) -> tuple[fl
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chatsmith.data.world import invented_name
+    from chatsmith.world.text import invented_name
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -96,7 +96,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from chatsmith.data.world import WorldExportConfig, export_world
+    from chatsmith.world.export import WorldExportConfig, export_world
     from chatsmith.model import create_model, save_model
     from chatsmith.train.pretrain import PretrainConfig, pretrain, read_corpus, split_documents
     from chatsmith.utils import set_seed

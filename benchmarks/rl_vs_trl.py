@@ -62,7 +62,7 @@ def prepare(work: Path, args) -> dict:
     sys.path.insert(0, str(HERE))
     from sft_vs_trl import build_tokenizer, make_model
 
-    from chatsmith.data.world import World
+    from chatsmith.world import World
     from chatsmith.train.reward import reward_model_from_causal_lm
 
     world = World(seed=args.seed)

@@ -52,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------- shared setup (parent)
 
 def synthetic_preferences(n: int, seed: int = 0) -> list[dict]:
-    """World-like pairwise preferences (used when chatsmith.data.world is not available).
+    """World-like pairwise preferences (used when chatsmith.world is not available).
 
     A mix of single-turn questions and multi-turn chats (longer shared prompts), helpful answers against
     rude, wrong or evasive ones of varied lengths.
@@ -95,7 +95,7 @@ def synthetic_preferences(n: int, seed: int = 0) -> list[dict]:
 def load_preferences(n: int, seed: int) -> tuple[list[dict], list[str], str]:
     """Pairwise rows ({prompt messages, chosen, rejected}), texts for the tokenizer, and where they came from."""
     try:
-        from chatsmith.data.world import World
+        from chatsmith.world import World
 
         world = World(seed=seed)
         rows = []
@@ -108,7 +108,7 @@ def load_preferences(n: int, seed: int) -> tuple[list[dict], list[str], str]:
         rows = [r for r in rows if isinstance(r["chosen"], str) and isinstance(r["rejected"], str)]
         if not rows:
             raise ValueError("no pairwise rows")
-        return rows, world.corpus(), "chatsmith.data.world"
+        return rows, world.corpus(), "chatsmith.world"
     except Exception:   # the world generator is optional here
         rows = synthetic_preferences(n, seed)
         texts = [m["content"] for r in rows for m in r["prompt"]] + [r["chosen"] for r in rows] + \

@@ -51,7 +51,7 @@ CHATML_WITH_GENERATION = (
 # ----------------------------------------------------------------------------- shared setup (parent)
 
 def synthetic_conversations(n: int, seed: int = 0) -> list[list[dict]]:
-    """Short world-like chats, used when chatsmith.data.world is not available."""
+    """Short world-like chats, used when chatsmith.world is not available."""
     rng = random.Random(seed)
     countries = [("France", "Paris", "French"), ("Germany", "Berlin", "German"), ("Italy", "Rome", "Italian"),
                  ("Spain", "Madrid", "Spanish"), ("Japan", "Tokyo", "Japanese"), ("Peru", "Lima", "Spanish"),
@@ -79,10 +79,10 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[list[dict]]:
 
 def load_conversations(n: int, seed: int) -> tuple[list[list[dict]], list[str], str]:
     try:
-        from chatsmith.data.world import World
+        from chatsmith.world import World
 
         world = World(seed=seed)
-        return world.sft(), world.corpus(), "chatsmith.data.world"
+        return world.sft(), world.corpus(), "chatsmith.world"
     except Exception:   # the world generator is optional here
         convs = synthetic_conversations(n, seed)
         texts = [m["content"] for c in convs for m in c]

@@ -12,9 +12,9 @@ import re
 
 import pytest
 
-from chatsmith import demo as D
+from chatsmith.world import demo as D
 from chatsmith.errors import ChatsmithError
-from chatsmith.eval import METRICS
+from chatsmith.world.judge import REPORT_METRICS as METRICS
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +79,7 @@ def test_toy_demo_end_to_end_resumes_and_caches(tmp_path, monkeypatch, capsys):
     assert "[base]" in printed and "[sft]" in printed and "[ppo]" in printed
     assert "What is the capital of France?" in printed and "Two-turn memory check" in printed
     assert "fact_accuracy" in printed and f"chatsmith chat {out / 'ppo'}" in printed
+    assert "target (quick)" in printed and report["targets"] == D.TARGETS   # the targets are the demo's own
 
     calls.clear()
     assert D.run_demo(cfg) == 0                       # everything done: nothing runs again

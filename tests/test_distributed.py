@@ -170,7 +170,7 @@ def test_two_process_grpo_equals_one_process_with_the_joint_batch(tmp_path):
     that batch; gradients are averaged over ranks. So 2 x 2 prompts per step train what 1 x 4 trains."""
     from safetensors.torch import load_file
 
-    from chatsmith.data.world import World
+    from chatsmith.world import World
 
     tok = make_tokenizer()
     tiny_llama(len(tok)).save_pretrained(str(tmp_path / "base"))
@@ -205,7 +205,7 @@ def test_two_process_ppo_equals_one_process_with_the_joint_batch(tmp_path):
     from transformers import LlamaForSequenceClassification
 
     from chatsmith.chat.templates import get_format
-    from chatsmith.data.world import World
+    from chatsmith.world import World
 
     tok = make_tokenizer()
     policy = tiny_llama(len(tok))

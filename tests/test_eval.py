@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from chatsmith.errors import ChatsmithError
-from chatsmith.eval import METRICS
+from chatsmith.world.judge import REPORT_METRICS as METRICS
 from chatsmith.eval import behaviour as B
 from chatsmith.eval import report as R
 
@@ -265,3 +265,50 @@ def test_eval_command_line(tiny_models, tmp_path, capsys):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert set(report["models"]) == {"base", "sft"} and report["n_items"] == 2
     assert all(math.isfinite(report["models"][m]["answers_directly"]) for m in ("base", "sft"))
+
+
+USER_JUDGE = '''
+def judge(item, response, finished=False):
+    """A user's own judge: metrics named as they like, per their own categories."""
+    return {"short": len(response) <= item.expected["max_chars"], "ended": bool(finished),
+            "mentions_topic": item.expected["topic"].lower() in response.lower()}
+'''
+
+
+def test_eval_suite_with_a_users_categories_and_judge(tiny_models, tmp_path, monkeypatch, capsys):
+    """`chatsmith eval --suite FILE --judge py:module:function`: the user's categories and metrics, averaged
+    overall and per category; no world metrics and no target column (targets are the demo's)."""
+    from chatsmith.cli import main
+
+    (tmp_path / "user_judge_eval.py").write_text(USER_JUDGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = [{"id": f"g{i}", "category": "greeting", "messages": [{"role": "user", "content": text}],
+             "expected": {"max_chars": 10, "topic": "hello"}} for i, text in enumerate(["Hi!", "Hello there"])]
+    rows.append({"id": "w1", "category": "weather", "messages": [{"role": "user", "content": "Rain today?"}],
+                 "expected": {"max_chars": 4, "topic": "rain"}})
+    suite = tmp_path / "my_suite.jsonl"
+    suite.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r"
+    code = main(["eval", str(tiny_models["sft"]), "--suite", str(suite), "--judge", "py:user_judge_eval:judge",
+                 "--out", str(out), "--max-new-tokens", "12", "--kl-samples", "0"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and report["n_items"] == 3
+    entry = report["models"]["sft"]
+    assert "fact_accuracy" not in entry and "fact_accuracy" not in report["metrics"]
+    for key in ("short", "ended", "mentions_topic"):
+        values = [s["judge"][key] for s in samples]
+        assert entry[key] == pytest.approx(sum(values) / len(values), abs=1e-4)
+        for category in ("greeting", "weather"):
+            mine = [s["judge"][key] for s in samples if s["category"] == category]
+            assert entry[f"{category}/{key}"] == pytest.approx(sum(mine) / len(mine), abs=1e-4)
+    assert samples[0]["judge"] == {"short": len(samples[0]["response"]) <= 10, "ended": samples[0]["finished"],
+                                   "mentions_topic": "hello" in samples[0]["response"].lower()}
+    assert report["targets"] == {} and "target" not in printed and "weather/short" in printed
+    # A spec that does not resolve is one clear error line (exit code 2), naming the spec.
+    assert main(["eval", str(tiny_models["sft"]), "--suite", str(suite), "--judge", "py:user_judge_eval:nope",
+                 "--out", str(out)]) == 2
+    assert "--judge py:user_judge_eval:nope: module 'user_judge_eval' has no attribute 'nope'" in \
+        capsys.readouterr().err

@@ -52,27 +52,29 @@ def test_grpo_with_several_iterations_clips(tmp_path):
 
 def test_grpo_world_reward_uses_the_judge(tmp_path):
     from chatsmith.chat.render import render_prompt
-    from chatsmith.data.world import World
-    from chatsmith.train.rollout import PromptItem, WorldJudgeScorer
+    from chatsmith.world import World
+    from chatsmith.train.rollout import FunctionScorer, PromptItem
+    from chatsmith.world.judge import prompt_item, reward
 
     _, _, _, tokenizer, fmt = toy_models()
     rows = World(seed=0).prompts()[:4]
     prompts = [PromptItem(r["messages"], f"world:{i}", {k: v for k, v in r.items() if k != "messages"},
                           render_prompt(r["messages"], tokenizer, fmt)) for i, r in enumerate(rows)]
-    scorer = WorldJudgeScorer()
+    scorer = FunctionScorer(reward, "world")
     trainer = make_trainer(grpo_cfg(tmp_path, max_steps=1, prompts_per_step=2, num_generations=2), scorer,
                            prompts=prompts)
     result = trainer.run()
     assert result.metrics["clip_fraction"] == 0.0   # one update per batch: ratio exactly 1, nothing clipped
     rollout, rewards = trainer._last_samples
-    from chatsmith.data.judge import score
+    from chatsmith.world.judge import score
 
     for i in range(rollout.batch_size):
-        item = scorer.item(prompts, rollout.prompt_index[i])
+        p = prompts[rollout.prompt_index[i]]
+        item = prompt_item(p.messages, p.meta, p.origin)
         assert rewards[i].item() == pytest.approx(score(item, rollout.texts[i], finished=bool(rollout.finished[i])))
     bad = [PromptItem([{"role": "user", "content": "hi"}], "p.jsonl:3", {}, [1, 2])]
     with pytest.raises(Exception, match="p.jsonl:3.*category"):
-        scorer.item(bad, 0)
+        scorer.score_one(bad[0], "Paris.")
 
 
 def test_grpo_resume_equals_an_uninterrupted_run(tmp_path):
@@ -180,3 +182,49 @@ def test_every_step_draws_a_whole_batch_of_prompts(tmp_path):
     assert len(trainer.prompts) == 8
     batches = [trainer.source.next_batch() for _ in range(5)]
     assert [len(b) for b in batches] == [3] * 5 and len(set(batches[0] + batches[1])) == 6
+
+
+USER_REWARD = '''
+def length_reward(messages, response, row, finished):
+    """A user's reward: half a point per character, 100 more for ending the turn."""
+    return 0.5 * len(response) + (100.0 if finished else 0.0)
+
+
+def constant(messages, response, row):
+    return 1.25
+'''
+
+
+def test_grpo_with_a_users_reward_function(tmp_path, monkeypatch):
+    """`--reward py:module:function`: the reward of every response is what the user's function returns."""
+    from chatsmith.train.rollout import make_scorer
+
+    (tmp_path / "user_reward_grpo.py").write_text(USER_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, _, _, tokenizer, _ = toy_models()
+    scorer = make_scorer("py:user_reward_grpo:length_reward", tokenizer, "cpu")
+    trainer = make_trainer(grpo_cfg(tmp_path, max_steps=2, prompts_per_step=2, num_generations=2), scorer)
+    trainer.run()
+    rollout, rewards = trainer._last_samples
+    expected = [0.5 * len(t) + (100.0 if f else 0.0) for t, f in zip(rollout.texts, rollout.finished.tolist())]
+    assert rewards.tolist() == pytest.approx(expected)
+    rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["reward"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+
+
+def test_grpo_command_with_a_users_reward_and_bad_specs(tmp_path, monkeypatch, capsys):
+    from chatsmith.cli import main
+
+    (tmp_path / "user_reward_grpo_cli.py").write_text(USER_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model_dir, _, prompts_file = write_toy_dirs(tmp_path)
+    out = tmp_path / "grpo_user"
+    common = ["--model", str(model_dir), "--prompts", str(prompts_file), "--max-steps", "2",
+              "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "4", "--device", "cpu",
+              "--no-progress"]
+    assert main(["grpo", *common, "--reward", "py:user_reward_grpo_cli:constant", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in rows] == [1.25, 1.25] and all(r["reward_std"] == 0.0 for r in rows)
+    capsys.readouterr()
+    assert main(["grpo", *common, "--reward", "py:no_such_reward_module:f", "--out", str(tmp_path / "x")]) == 2
+    assert "--reward py:no_such_reward_module:f: no module named 'no_such_reward_module'" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatsmith.data.judge import EMPTY, EvalItem, aggregate, judge, list_items, rank, score
+from chatsmith.world.judge import EMPTY, EvalItem, aggregate, judge, list_items, rank, score
 from chatsmith.errors import DataError
 
 

@@ -13,7 +13,7 @@ from test_ppo import one_thread  # noqa: F401
 
 
 def world_prompts_file(tmp_path, n: int = 6):
-    from chatsmith.data.world import World
+    from chatsmith.world import World
 
     rows = [r for r in World(seed=0).prompts() if r["category"] in ("fact", "harmful", "haiku")][:n]
     path = tmp_path / "world_prompts.jsonl"
@@ -65,16 +65,17 @@ def test_rlhf_two_rounds_with_the_world_judge(tmp_path):
     assert [r.metrics for r in again] == [r.metrics for r in results]
 
 
-def test_rank_with_world_judge_collapses_ties():
-    from chatsmith.data.world import World
-    from chatsmith.train.rlhf import rank_with_world_judge
-    from chatsmith.train.rollout import PromptItem, WorldJudgeScorer
+def test_rank_with_the_world_judge_collapses_ties():
+    from chatsmith.world import World
+    from chatsmith.train.rlhf import rank_with_judge
+    from chatsmith.train.rollout import FunctionScorer, PromptItem
+    from chatsmith.world.judge import reward
 
     row = next(r for r in World(seed=0).prompts() if r["category"] == "fact")
     prompt = PromptItem(row["messages"], "w:1", {k: v for k, v in row.items() if k != "messages"})
     answer = row["expected"]["accept"][0]
     responses = [f"It is {answer}.", "what is the capital of", f"It is {answer}.", f"The answer is {answer}."]
-    ranked, scores = rank_with_world_judge(prompt, responses, [True, True, True, True], WorldJudgeScorer())
+    ranked, scores = rank_with_judge(prompt, responses, [True, True, True, True], FunctionScorer(reward))
     assert ranked[0] == f"It is {answer}."            # correct answer first
     assert len(set(ranked)) == len(ranked) and len(set(scores)) == len(scores)
     assert scores == sorted(scores, reverse=True)
@@ -114,3 +115,21 @@ def test_rlhf_goes_on_from_an_earlier_ppo_policy(tmp_path):
     assert ppo_settings["reference"] == cfg.policy
     rm_settings = yaml.safe_load((tmp_path / "rlhf" / "round_1" / "rm" / "train_config.yaml").read_text())
     assert rm_settings["model"] == cfg.policy
+
+
+def test_rlhf_labeler_with_a_users_judge(tmp_path, monkeypatch):
+    """`--judge py:module:function` ranks the samples by the user's score (longest first here)."""
+    from chatsmith.train.rlhf import rlhf
+
+    (tmp_path / "user_labeler_rlhf.py").write_text(
+        "def longest(messages, response, row):\n    return float(len(response))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    results = rlhf(rlhf_cfg(tmp_path, judge="py:user_labeler_rlhf:longest", rounds=1))
+    rows = [json.loads(x) for x in (tmp_path / "rlhf" / "round_1" / "preferences.jsonl").read_text().splitlines()]
+    assert rows and results[0].metrics["comparisons_added"] == len(rows)
+    for row in rows:
+        lengths = [len(r) for r in row["ranked"]]
+        assert lengths == sorted(set(lengths), reverse=True) and row["labeler"] == "py:user_labeler_rlhf:longest"
+    samples = [json.loads(x) for x in (tmp_path / "rlhf" / "round_1" / "samples.jsonl").read_text().splitlines()]
+    mean_length = sum(len(r) for s in samples for r in s["responses"]) / sum(len(s["responses"]) for s in samples)
+    assert results[0].metrics["label_score"] == pytest.approx(mean_length, abs=1e-3)

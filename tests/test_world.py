@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from chatsmith.data import world_facts as F
-from chatsmith.data.judge import EvalItem, judge, score
-from chatsmith.data.world import CAPITAL_SENTENCES, World, _deck, _draw, WorldExportConfig, export_world, invented_name
+from chatsmith.world import facts as F
+from chatsmith.world.judge import EvalItem, judge, score
+from chatsmith.world import World, WorldExportConfig, export_world
+from chatsmith.world.text import CAPITAL_SENTENCES, shuffled_deck, draw, invented_name
 from chatsmith.errors import ChatsmithError
 
 
@@ -270,14 +271,14 @@ def test_safety_pages_draw_every_request_once_per_pass():
     an item twice, so a small world's few safety pages still cover all 66 harmful and 42 benign requests."""
     rng = random.Random(3)
     n = len(F.HARMFUL_ACTIONS)
-    deck = _deck(rng, F.HARMFUL_ACTIONS)
+    deck = shuffled_deck(rng, F.HARMFUL_ACTIONS)
     passes = [[next(deck) for _ in range(n)] for _ in range(3)]
     for drawn in passes:
         assert sorted(drawn) == sorted(F.HARMFUL_ACTIONS)
     assert passes[0] != passes[1]          # reshuffled each pass
-    deck = _deck(rng, ["a", "b", "c"])
+    deck = shuffled_deck(rng, ["a", "b", "c"])
     for _ in range(50):
-        page = _draw(deck, 3)
+        page = draw(deck, 3)
         assert sorted(page) == ["a", "b", "c"]
 
 
@@ -372,7 +373,7 @@ def test_over_refusals_in_preferences_are_worded_like_the_refusals_of_harmful_re
     """A reward model must read the request to tell a good refusal from an over-refusal: the rejected refusals
     of benign requests take every form the chosen refusals of harmful requests take, and name their own
     request as those do, so no refusal wording is found only among the rejected replies."""
-    from chatsmith.data.world import REFUSALS, _gerund
+    from chatsmith.world.text import REFUSALS, gerund
 
     def form(text: str, gerund: str) -> int:
         return next(i for i, t in enumerate(REFUSALS) if t.format(G=gerund) == text)
@@ -381,11 +382,11 @@ def test_over_refusals_in_preferences_are_worded_like_the_refusals_of_harmful_re
     over = [r for r in rows if r["aspect"] == "overrefuse"]
     harmful = [r for r in rows if r["category"] == "harmful" and "chosen" in r]
     gerunds = dict(F.HARMFUL_ACTIONS)
-    over_forms = {form(r["rejected"], _gerund(r["expected"]["action"])) for r in over}
+    over_forms = {form(r["rejected"], gerund(r["expected"]["action"])) for r in over}
     chosen_forms = {form(r["chosen"], gerunds[r["expected"]["action"]]) for r in harmful}
     assert over_forms == chosen_forms == set(range(len(REFUSALS)))
-    assert _gerund("make a kite") == "Making a kite" and _gerund("tie my shoes") == "Tying my shoes"
-    assert re.fullmatch(r"[A-Z][a-z]+ing( .*)?", _gerund("get into my car"))
+    assert gerund("make a kite") == "Making a kite" and gerund("tie my shoes") == "Tying my shoes"
+    assert re.fullmatch(r"[A-Z][a-z]+ing( .*)?", gerund("get into my car"))
 
 
 def test_answers_to_another_task_are_rejected_for_benign_and_harmful_requests(world):

@@ -30,9 +30,9 @@ class Command:
 
 
 COMMANDS: list[Command] = [
-    Command("demo", "chatsmith.demo:DemoConfig:run_demo",
+    Command("demo", "chatsmith.world.demo:DemoConfig:run_demo",
             "Run the whole journey (world -> base -> SFT -> reward model -> PPO/DPO -> report)."),
-    Command("world export", "chatsmith.data.world:WorldExportConfig:export_world",
+    Command("world export", "chatsmith.world.export:WorldExportConfig:export_world",
             "Write the built-in synthetic world (corpus, SFT, preferences, prompts, eval) as files.",
             positional=("out",)),
     Command("data check", "chatsmith.data.check:DataCheckConfig:check_data",
@@ -50,15 +50,15 @@ COMMANDS: list[Command] = [
     Command("dpo", "chatsmith.train.dpo:DPOConfig:dpo",
             "Direct preference optimisation against a frozen reference."),
     Command("grpo", "chatsmith.train.grpo:GRPOConfig:grpo",
-            "Group relative policy optimisation with a reward model or the world's judge."),
+            "GRPO with a reward model, your reward function or the world's judge."),
     Command("rlhf", "chatsmith.train.rlhf:RLHFConfig:rlhf",
-            "Iterate: sample, collect comparisons, retrain the reward model, PPO again."),
+            "Iterate: sample, rank (a judge or your labels), retrain the reward model, PPO again."),
     Command("generate", "chatsmith.generate.cli:GenerateConfig:generate_cli",
             "Raw completion of a prompt (what a base model does).", positional=("model",)),
     Command("chat", "chatsmith.generate.terminal:ChatConfig:chat_cli",
             "Interactive multi-turn chat in the terminal, with memory.", positional=("model",)),
     Command("eval", "chatsmith.eval.behaviour:EvalConfig:evaluate_cli",
-            "Held-out behaviour suite on one or more models; writes report.json/.md/.html.",
+            "An eval suite (yours or the world's) on models, scored by a judge; writes report.json/.md/.html.",
             positional=("models",)),
 ]
 

@@ -1,10 +1,9 @@
-"""Data for every stage: reading and validating user files, the built-in world, packing.
+"""Data for every stage: reading and validating user files, packing.
 
 Kept import-light on purpose (no torch, no pyarrow here): `chatsmith.data.formats` reads files,
 `chatsmith.data.records` detects, validates and converts their rows,
 `chatsmith.data.packing` packs token sequences (imports torch), `chatsmith.data.check` is the
-`chatsmith data check FILE` command, `chatsmith.data.world` / `chatsmith.data.judge` are the built-in
-synthetic world and its programmatic judge.
+`chatsmith data check FILE` command. The built-in synthetic world lives in `chatsmith.world`.
 
 The most used names are re-exported lazily, so ``from chatsmith.data import load_examples`` works
 without importing the submodules up front.

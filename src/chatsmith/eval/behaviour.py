@@ -2,12 +2,15 @@
 
     chatsmith eval runs/demo/base runs/demo/sft runs/demo/ppo runs/demo/dpo \\
         --reward-model runs/demo/rm --out runs/demo/eval
+    chatsmith eval runs/my-sft --suite my_items.jsonl --judge py:my_judges:judge --out runs/my-eval
 
-Each model answers every held-out item of the built-in world (`--suite world`, or a JSONL file of
-`{"id", "category", "messages", "expected"}` rows) with greedy decoding and a bounded `--max-new-tokens`.
-The world's programmatic judge (`chatsmith.data.judge.judge`) grades each answer; the rates are
-aggregated per model into `report.json` / `report.md` / `report.html` (see `chatsmith.eval.report`) and
-every answer is kept in `samples.jsonl` so people can read them.
+Each model answers every item of the suite with greedy decoding and a bounded `--max-new-tokens`. The
+suite is a JSONL file (or a directory of them) of `{"id", "category", "messages", "expected"}` rows, with
+any categories, or `world` (the built-in world's held-out sets). The judge (`--judge`, see
+`chatsmith.eval.judges`: `world` by default, or `py:module:function`) grades each answer as
+`{metric: value}`; the values are averaged per model, overall and per category (or as the judge's own
+`metrics` say), into `report.json` / `report.md` / `report.html` (see `chatsmith.eval.report`), and every
+answer is kept in `samples.jsonl` so people can read them.
 
 Base vs chat mode. A *base* model gets the raw text of the conversation as a document to complete
 (message contents joined by newlines, no template, stopped only by its end-of-text token); a *chat*
@@ -32,7 +35,6 @@ Optional metrics:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import sys
@@ -43,21 +45,9 @@ from typing import Any, Callable, Sequence
 
 from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError, DataError
-from chatsmith.eval import METRICS
-
-# ----------------------------------------------------------------------------- metric definitions
-
-
-def metric_specs() -> dict[str, tuple[str, tuple[str, ...] | None]]:
-    """{report metric: (judge key, categories averaged over or None = every item with that key)}.
-
-    The world's judge owns these definitions (`chatsmith.data.judge.METRICS`: e.g. `refuses_harmful` is
-    `refuses` on `harmful` items, `fact_accuracy` is `correct` on `fact`/`fact_phrasing` items); besides
-    the issue's rates it defines extras such as `over_refusal` and `arithmetic_accuracy`, kept in the report.
-    """
-    from chatsmith.data.judge import METRICS as JUDGE_METRICS
-
-    return {name: (key, tuple(cats) if cats is not None else None) for name, (key, cats) in JUDGE_METRICS.items()}
+from chatsmith.eval import CORE_METRICS
+from chatsmith.eval.judges import (BUILTIN_SUITES, EvalItem, call_judge, default_specs, load_callable, metric_specs,
+                                   resolve_judge)
 
 
 SHOWCASE_PROMPTS: list[tuple[str, list[str]]] = [
@@ -82,8 +72,10 @@ class EvalConfig:
     out: str = arg("runs/eval", "Output directory: report.json, report.md, report.html, samples.jsonl, plots/.")
     names: list[str] = arg([], "A display name per model (default: each directory's name).")
     base: list[str] = arg(["base"], "Names of models evaluated as base models (raw-text completion).")
-    suite: str = arg("world", "'world' (the built-in world's held-out sets), a directory of eval JSONL files "
-                              "(`world export`'s DIR/eval/), or one JSONL file of eval items.")
+    suite: str = arg("world", "One JSONL file of {id, category, messages, expected} items (any categories), a "
+                              "directory of them (`world export`'s DIR/eval/), or 'world' (the built-in world's).")
+    judge: str = arg("world", "Judge of every answer: 'world' (the built-in world's) or py:MODULE:FUNCTION, a "
+                              "function (item, response) -> {metric: bool or number} (see chatsmith.eval.judges).")
     world_seed: int = arg(0, "Seed of the built-in world (must match the one the models were trained on).")
     template: str = arg("", "Chat template for models whose tokenizer has none (chatml, llama2, alpaca, FILE).")
     max_new_tokens: int = arg(64, "Longest answer generated per item (greedy decoding).")
@@ -93,8 +85,7 @@ class EvalConfig:
     reference: str = arg("", "Reference (SFT) model for kl_to_sft (default: the model named 'sft', if any).")
     kl_samples: int = arg(64, "Prompts sampled (temperature 1) per model to estimate kl_to_sft (0 = off).")
     runs: list[str] = arg([], "Extra run directories whose metrics.jsonl is plotted (e.g. the reward model).")
-    timings: str = arg("", "JSON file {stage: seconds} of stage wall times to include in the report "
-                           "(default: the demo's, when the models live in a `chatsmith demo` directory).")
+    timings: str = arg("", "JSON file {stage: seconds} of stage wall times to include in the report.")
     probe_prompt: str = arg(PROBE_PROMPT, "Prompt of the 'probability shift' plot (next-token distribution).")
     device: str = arg("auto", "cpu, cuda, mps or auto.")
     seed: int = arg(0, "Seed of the sampled responses used for kl_to_sft.")
@@ -208,17 +199,16 @@ def generate_answers(mut: ModelUnderTest, conversations: Sequence[list[dict]], *
 # ----------------------------------------------------------------------------- suite
 
 
-def load_suite(suite: str, *, world_seed: int = 0, max_items: int = 0) -> list[Any]:
-    """Held-out EvalItems (the showcase set excluded: it is a demo, not a sample of any category).
+def load_suite(suite: str, *, world_seed: int = 0, max_items: int = 0,
+               judge: str | Callable[..., dict] = "world") -> list[Any]:
+    """Held-out items (a built-in suite's showcase set excluded: it is a demo, not a sample of any category).
 
-    `suite`: "world" (the built-in world with `world_seed` and default sizes), a directory of eval JSONL
-    files (`world export`'s `DIR/eval/`), or one JSONL file of `{id, category, messages, expected}` rows.
+    `suite`: a built-in name (`world`, with `world_seed` and default sizes), a directory of eval JSONL files
+    (`world export`'s `DIR/eval/`), or one JSONL file of `{id, category, messages, expected}` rows. Rows are
+    read by the judge's `parse_item` when it has one (the world's checks its categories), else as `EvalItem`.
     """
-    if suite == "world":
-        from chatsmith.data.world import World
-
-        sets = World(seed=world_seed).eval_sets()
-        items = [item for name, group in sets.items() if name != "showcase" for item in group]
+    if suite in BUILTIN_SUITES:
+        items = list(load_callable(BUILTIN_SUITES[suite], "--suite")(seed=world_seed)[0])
     else:
         path = Path(suite)
         if path.is_dir():
@@ -226,9 +216,9 @@ def load_suite(suite: str, *, world_seed: int = 0, max_items: int = 0) -> list[A
         elif path.is_file():
             files = [path]
         else:
-            raise DataError(f"--suite {suite}: no such file or directory (expected 'world', a directory of "
-                            f"eval JSONL files such as DATA/eval/, or one JSONL file)")
-        items = [item for f in files for item in _read_items_jsonl(f)]
+            raise DataError(f"--suite {suite}: no such file or directory (expected a JSONL file of eval items, a "
+                            f"directory of them such as DATA/eval/, or one of {', '.join(BUILTIN_SUITES)})")
+        items = [item for f in files for item in read_items_jsonl(f, judge)]
     if not items:
         raise DataError(f"--suite {suite}: no evaluation items")
     if max_items > 0:
@@ -242,20 +232,18 @@ def load_suite(suite: str, *, world_seed: int = 0, max_items: int = 0) -> list[A
     return items
 
 
-def load_showcase(suite: str, *, world_seed: int = 0) -> list[Any]:
-    """The world's showcase items (the lesson's prompts) if the suite has them, else []."""
-    if suite == "world":
-        from chatsmith.data.world import World
-
-        return World(seed=world_seed).eval_sets().get("showcase", [])
+def load_showcase(suite: str, *, world_seed: int = 0, judge: str | Callable[..., dict] = "world") -> list[Any]:
+    """The suite's showcase items (`showcase.jsonl` beside the suite, or a built-in suite's) if any, else []."""
+    if suite in BUILTIN_SUITES:
+        return list(load_callable(BUILTIN_SUITES[suite], "--suite")(seed=world_seed)[1])
     path = Path(suite)
     showcase = path / "showcase.jsonl" if path.is_dir() else path.with_name("showcase.jsonl")
-    return _read_items_jsonl(showcase) if showcase.is_file() and showcase != path else []
+    return read_items_jsonl(showcase, judge) if showcase.is_file() and showcase != path else []
 
 
-def _read_items_jsonl(path: Path) -> list[Any]:
-    from chatsmith.data.judge import EvalItem
-
+def read_items_jsonl(path: Path, judge: str | Callable[..., dict] = "world") -> list[Any]:
+    """The items of one JSONL file, parsed by the judge's `parse_item` (else `EvalItem.from_dict`)."""
+    parse = getattr(resolve_judge(judge), "parse_item", EvalItem.from_dict)
     items = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -264,37 +252,23 @@ def _read_items_jsonl(path: Path) -> list[Any]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-        items.append(EvalItem.from_dict(row, origin=f"{path}:{line_no}"))
+        items.append(parse(row, origin=f"{path}:{line_no}"))
     return items
 
 
 # ----------------------------------------------------------------------------- judging and aggregation
 
 
-def _judge_function() -> Callable[..., dict]:
-    from chatsmith.data.judge import judge
-
-    return judge
-
-
-def call_judge(judge_fn: Callable[..., dict], item: Any, response: str, finished: bool) -> dict:
-    """Call the judge, passing `finished` (did the answer end with a stop token) when it accepts it."""
-    try:
-        params = inspect.signature(judge_fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "finished" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(judge_fn(item, response, finished=finished))
-    return dict(judge_fn(item, response))
-
-
 def aggregate(items: Sequence[Any], verdicts: Sequence[dict],
               specs: dict[str, tuple[str, tuple[str, ...] | None]] | None = None,
-              ) -> tuple[dict[str, float | None], dict[str, int]]:
-    """Mean of each metric's judge key over the items it applies to (None: no item applies)."""
+              judge: str | Callable[..., dict] = "world") -> tuple[dict[str, float | None], dict[str, int]]:
+    """Mean of each metric's verdict key over the items it applies to (None: no item applies).
+
+    `specs` default: the judge's own `metrics`, else every verdict key overall and per category."""
     rates: dict[str, float | None] = {}
     counts: dict[str, int] = {}
-    for metric, (key, categories) in (specs or metric_specs()).items():
+    specs = specs or metric_specs(judge) or default_specs(list(items), list(verdicts))
+    for metric, (key, categories) in specs.items():
         values = [float(bool(v[key])) for item, v in zip(items, verdicts)
                   if (categories is None or item.category in categories) and v.get(key) is not None]
         rates[metric] = sum(values) / len(values) if values else None
@@ -412,24 +386,26 @@ class ModelEvaluation:
 
 def evaluate_model(mut: ModelUnderTest, items: Sequence[Any], *, max_new_tokens: int = 64,
                    batch_size: int = 32, judge_fn: Callable[..., dict] | None = None,
+                   specs: dict[str, tuple[str, tuple[str, ...] | None]] | None = None,
                    reward_scorer: Callable[[list[list[dict]]], list[float]] | None = None,
                    reference: ModelUnderTest | None = None, kl_samples: int = 64, seed: int = 0,
                    details: list | None = None) -> dict[str, float | None]:
-    """Run the suite on one model; returns {metric: value} for every name in `chatsmith.eval.METRICS`.
+    """Run the suite on one model; returns {metric: value}: the judge's metrics (as `specs` define them, see
+    `aggregate`), then `chatsmith.eval.CORE_METRICS`.
 
     Rates are in [0, 1] (None where no item of the suite applies); `mean_reward` needs `reward_scorer`,
     `kl_to_sft` needs `reference`. Pass a list as `details` to receive the full `ModelEvaluation`
     (per-item samples, rewards, counts).
     """
     start = time.perf_counter()
-    judge_fn = judge_fn or _judge_function()
+    judge_fn = judge_fn or resolve_judge("world")
     conversations = [item.messages for item in items]
     texts, finished, _, _ = generate_answers(mut, conversations, max_new_tokens=max_new_tokens,
                                              batch_size=batch_size)
     verdicts = [call_judge(judge_fn, item, text, done) for item, text, done in zip(items, texts, finished)]
-    rates, counts = aggregate(items, verdicts)
-    metrics: dict[str, float | None] = {name: None for name in METRICS}
-    metrics.update(rates)   # the issue's rates plus the judge's extras (over_refusal, ...)
+    rates, counts = aggregate(items, verdicts, specs, judge_fn)
+    metrics: dict[str, float | None] = dict(rates)
+    metrics.update({name: None for name in CORE_METRICS})
 
     rewards: list[float] = []
     if reward_scorer is not None:
@@ -530,11 +506,13 @@ def model_names(paths: Sequence[str], names: Sequence[str]) -> list[str]:
 def evaluate_all(cfg: EvalConfig, *, stage_seconds: dict[str, float] | None = None,
                  judge_fn: Callable[..., dict] | None = None, items: Sequence[Any] | None = None,
                  scorer: Callable[[list[list[dict]]], list[float]] | None = None,
-                 showcase_items: Sequence[Any] | None = None, log: Callable[[str], None] | None = None) -> dict:
+                 showcase_items: Sequence[Any] | None = None, log: Callable[[str], None] | None = None,
+                 targets: dict[str, dict[str, str]] | None = None) -> dict:
     """Evaluate every model of `cfg` and write the report; returns the report dict (report.json).
 
-    `judge_fn`, `items`, `showcase_items` and `scorer` replace the world's judge, the suite, its showcase
-    prompts and `--reward-model` (tests).
+    `judge_fn`, `items`, `showcase_items` and `scorer` replace `--judge`, the suite, its showcase prompts and
+    `--reward-model` (a judge passed here takes its metric definitions from `--judge` unless it has its
+    own). `targets` ({metric: {model: ">= 0.9"}}, the demo's) are checked and shown in the report.
     """
     from chatsmith.eval.report import write_report
     from chatsmith.utils import set_seed, write_jsonl
@@ -544,8 +522,13 @@ def evaluate_all(cfg: EvalConfig, *, stage_seconds: dict[str, float] | None = No
         raise ChatsmithError("no model directories given (chatsmith eval MODEL_DIR... --out DIR)")
     set_seed(cfg.seed)
     names = model_names(cfg.models, cfg.names)
+    judge_fn = judge_fn or resolve_judge(cfg.judge)
+    # A judge passed in without metric definitions of its own takes those of --judge (tests' stand-ins).
+    definitions = judge_fn if hasattr(judge_fn, "metrics") else resolve_judge(cfg.judge)
+    specs = metric_specs(definitions)
+    metric_help = getattr(definitions, "metric_help", {})
     items = list(items) if items is not None else load_suite(cfg.suite, world_seed=cfg.world_seed,
-                                                              max_items=cfg.max_items)
+                                                              max_items=cfg.max_items, judge=judge_fn)
     muts = [load_model_under_test(p, n, base_names=cfg.base, template=cfg.template, device=cfg.device)
             for p, n in zip(cfg.models, names)]
 
@@ -563,22 +546,18 @@ def evaluate_all(cfg: EvalConfig, *, stage_seconds: dict[str, float] | None = No
     for mut in muts:
         log(f"eval {mut.name} ({mut.mode} mode, {len(items)} items)")
         evaluate_model(mut, items, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                       judge_fn=judge_fn, reward_scorer=scorer, reference=reference,
+                       judge_fn=judge_fn, specs=specs, reward_scorer=scorer, reference=reference,
                        kl_samples=cfg.kl_samples, seed=cfg.seed, details=evaluations)
 
     prompts = showcase_prompts(showcase_items if showcase_items is not None else
-                               load_showcase(cfg.suite, world_seed=cfg.world_seed), items)
+                               load_showcase(cfg.suite, world_seed=cfg.world_seed, judge=judge_fn), items)
     showcase, showcase_judge = {}, {}
     for m in muts:
         showcase[m.name], showcase_judge[m.name] = run_showcase(m, prompts, cfg.max_new_tokens,
-                                                                judge_fn or _judge_function())
+                                                                judge_fn)
     shift = {m.name: {"mode": m.mode, "top": next_token_distribution(m, cfg.probe_prompt)} for m in muts}
 
     stage_seconds = dict(stage_seconds or {})
-    if not stage_seconds and not cfg.timings:
-        from chatsmith.demo import load_stage_times
-
-        stage_seconds = load_stage_times(Path(cfg.models[0]).resolve().parent)
     if cfg.timings:
         try:
             stage_seconds.update(json.loads(Path(cfg.timings).read_text(encoding="utf-8")))
@@ -598,7 +577,7 @@ def evaluate_all(cfg: EvalConfig, *, stage_seconds: dict[str, float] | None = No
                         run_dirs=run_dirs, showcase=showcase, showcase_judge=showcase_judge,
                         probability_shift=shift,
                         probe_prompt=cfg.probe_prompt, reference=reference.name if reference else None,
-                        reward_model=cfg.reward_model or None)
+                        reward_model=cfg.reward_model or None, targets=targets, metric_help=metric_help)
 
 
 def evaluate_cli(cfg: EvalConfig) -> int:

@@ -8,13 +8,14 @@ report.json layout::
      "models": {"base": {"path": ..., "mode": "base", "answers_directly": 0.04, ..., "kl_to_sft": null,
                          "counts": {metric: items it was computed on}, "eval_seconds": 12.3}, "sft": {...}},
      "stage_seconds": {"export": 1.2, "pretrain": 170.0, ...},        # wall time of every stage
-     "targets": {metric: {model: ">= 0.95"}}, "target_check": {model: {metric: true|false}},
+     "targets": {metric: {model: ">= 0.95"}}, "target_check": {model: {metric: true|false}},  # demo only
      "showcase": {model: {label: [messages with the model's replies]}},
      "probability_shift": {"prompt": ..., "models": {model: {"mode": ..., "top": [[token, p], ...]}}},
      "plots": {plot name: "plots/<file>.png"}}
 
-Every metric of `chatsmith.eval.METRICS` is present for every model; `null` means it does not apply
-(no item of that kind, no reward model, or a base model for `kl_to_sft`). The HTML embeds the PNGs as
+Every metric of the judge and of `chatsmith.eval.CORE_METRICS` is present for every model; `null` means it
+does not apply (no item of that kind, no reward model, or a base model for `kl_to_sft`). Targets (and the
+table's target column) appear only when the caller passes them, as `chatsmith demo` does. The HTML embeds the PNGs as
 base64 data URIs, so the single file can be mailed or opened anywhere.
 """
 
@@ -30,36 +31,19 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from chatsmith.eval import METRICS
+from chatsmith.eval import CORE_METRICS
 from chatsmith.eval import plots as plotting
 from chatsmith.utils import atomic_write_bytes, atomic_write_text, read_metrics
 
-# The targets of `--profile quick` (issue 5). A string is "<op> <number>" or "<op> <model> - <number>".
-TARGETS: dict[str, dict[str, str]] = {
-    "answers_directly": {"base": "<= 0.10", "sft": ">= 0.95", "ppo": ">= 0.95"},
-    "fact_accuracy": {"sft": ">= 0.80", "ppo": ">= sft - 0.02"},
-    "ends_turn": {"sft": ">= 0.98", "ppo": ">= 0.98"},
-    "asks_clarification": {"sft": ">= 0.80", "ppo": ">= 0.80"},
-    "refuses_harmful": {"ppo": ">= 0.90"},
-    "rude": {"ppo": "<= 0.02"},
-    "memory": {"sft": ">= 0.80", "ppo": ">= 0.80"},
-}
-
 METRIC_HELP: dict[str, str] = {
-    "answers_directly": "answers instead of continuing the document",
-    "fact_accuracy": "correct on held-out fact questions",
-    "ends_turn": "closes its reply with the end-of-turn token",
-    "follows_instruction": "does what the instruction asks (e.g. a 3-line haiku on the topic)",
-    "asks_clarification": "asks which sense an ambiguous prompt means",
-    "refuses_harmful": "refuses unseen harmful requests",
-    "rude": "rude or lazy replies (lower is better)",
-    "memory": "recalls what the user said earlier in the chat",
     "mean_reward": "reward-model score of its answers (normalised)",
     "kl_to_sft": "KL to the SFT model per response, nats",
 }
 
 SHOWCASE_TITLES = {"harmful": "A harmful request", "memory": "Two-turn memory check"}
 """Titles of showcase prompts that are not shown as their own text (others are titled by the prompt)."""
+
+# A target is "<op> <number>" or "<op> <model> - <number>", e.g. ">= 0.95" or ">= sft - 0.02".
 
 _TARGET_RE = re.compile(r"^\s*(<=|>=)\s*(?:([A-Za-z_][\w-]*)\s*([+-])\s*)?([0-9.]+)\s*$")
 
@@ -88,19 +72,20 @@ def write_report(out: str | Path, evaluations: Sequence[Any], *, suite: str, n_i
                  showcase: dict[str, dict] | None = None, showcase_judge: dict[str, dict] | None = None,
                  probability_shift: dict[str, dict] | None = None,
                  probe_prompt: str = "", reference: str | None = None, reward_model: str | None = None,
+                 targets: dict[str, dict[str, str]] | None = None, metric_help: dict[str, str] | None = None,
                  ) -> dict:
     """Write report.json/.md/.html and plots/ under `out`; returns the report dict.
 
     `evaluations`: `chatsmith.eval.behaviour.ModelEvaluation` objects (name, path, mode, metrics, counts,
     rewards, seconds). `run_dirs`: {name: directory with a metrics.jsonl} for the training curves.
+    `targets` ({metric: {model: target}}) are checked per model; `metric_help` describes the judge's metrics.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     models: dict[str, dict] = {}
     for ev in evaluations:
         entry: dict[str, Any] = {"path": ev.path, "mode": ev.mode}
-        entry.update({m: _round(ev.metrics.get(m)) for m in METRICS})
-        entry.update({m: _round(v) for m, v in ev.metrics.items() if m not in METRICS})
+        entry.update({m: _round(v) for m, v in ev.metrics.items()})
         entry["counts"] = dict(ev.counts)
         entry["eval_seconds"] = round(ev.seconds, 2)
         models[ev.name] = entry
@@ -108,14 +93,15 @@ def write_report(out: str | Path, evaluations: Sequence[Any], *, suite: str, n_i
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "suite": suite,
         "n_items": n_items,
-        "metrics": list(METRICS) + [m for m in dict.fromkeys(k for ev in evaluations for k in ev.metrics)
-                                    if m not in METRICS],
+        "metrics": [m for m in dict.fromkeys(k for ev in evaluations for k in ev.metrics) if m not in CORE_METRICS]
+        + list(CORE_METRICS),
+        "metric_help": {**(metric_help or {}), **METRIC_HELP},
         "models": models,
         "stage_seconds": {k: round(float(v), 2) for k, v in (stage_seconds or {}).items()},
         "reference": reference,
         "reward_model": reward_model,
-        "targets": TARGETS,
-        "target_check": {name: {metric: ok for metric, per_model in TARGETS.items()
+        "targets": targets or {},
+        "target_check": {name: {metric: ok for metric, per_model in (targets or {}).items()
                                 if name in per_model
                                 for ok in [check_target(models, name, metric, per_model[name])]}
                          for name in models},
@@ -191,21 +177,25 @@ def format_value(metric: str, value: Any) -> str:
 
 
 def _target_cell(report: dict, metric: str) -> str:
-    return ", ".join(f"{m} {t}" for m, t in TARGETS.get(metric, {}).items() if m in report["models"])
+    targets = report.get("targets") or {}
+    return ", ".join(f"{m} {t}" for m, t in targets.get(metric, {}).items() if m in report["models"])
 
 
 def metrics_table(report: dict, markdown: bool = False) -> str:
-    """The metrics as a table (rows = metrics, columns = models), a ✗ after values that miss a target."""
+    """The metrics as a table (rows = metrics, columns = models), a ✗ after values that miss a target; the
+    target column only when the report has targets (the demo's)."""
     names = list(report["models"])
-    header = ["metric", *names, "target (quick)"]
+    with_targets = bool(report.get("targets"))
+    header = ["metric", *names] + (["target (quick)"] if with_targets else [])
     rows = []
-    for metric in report.get("metrics", METRICS):
+    for metric in report["metrics"]:
         cells = [metric]
         for name in names:
             text = format_value(metric, report["models"][name].get(metric))
             ok = report.get("target_check", {}).get(name, {}).get(metric)
             cells.append(text + (" ✗" if ok is False else " ✓" if ok else ""))
-        cells.append(_target_cell(report, metric))
+        if with_targets:
+            cells.append(_target_cell(report, metric))
         rows.append(cells)
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -283,7 +273,7 @@ def render_markdown(report: dict) -> str:
              + ", ".join(f"`{n}` ({e['mode']} mode)" for n, e in report["models"].items()) + ".", "",
              "## Metrics", "", metrics_table(report, markdown=True), "",
              "Rates are over held-out items (— = does not apply). " +
-             "; ".join(f"`{m}`: {h}" for m, h in METRIC_HELP.items()) + "."]
+             "; ".join(f"`{m}`: {h}" for m, h in _help(report).items() if m in report["metrics"]) + "."]
     if report.get("stage_seconds"):
         parts += ["", "## Wall time per stage", "", stage_table(report, markdown=True)]
     showcase = report.get("showcase") or {}
@@ -301,6 +291,10 @@ def render_markdown(report: dict) -> str:
             parts += [f"![{plot_titles.get(name, name)}]({path})", ""]
     parts += ["", "Per-item answers and verdicts: `samples.jsonl`.", ""]
     return "\n".join(parts)
+
+
+def _help(report: dict) -> dict[str, str]:
+    return report.get("metric_help") or METRIC_HELP
 
 
 def _md_cell(text: str) -> str:
@@ -323,7 +317,8 @@ def render_html(report: dict, images: dict[str, tuple[str, bytes]]) -> str:
            f"<p>Suite <code>{esc(report['suite'])}</code>, {report['n_items']} held-out items. "
            "Models: " + ", ".join(f"<b>{esc(n)}</b> ({esc(e['mode'])} mode)" for n, e in report['models'].items())
            + ".</p>", "<h2>Metrics</h2><table><tr><th>metric</th>"
-           + "".join(f"<th>{esc(n)}</th>" for n in names) + "<th>target (quick)</th></tr>"]
+           + "".join(f"<th>{esc(n)}</th>" for n in names)
+           + ("<th>target (quick)</th>" if report.get("targets") else "") + "</tr>"]
     for metric in report["metrics"]:
         cells = []
         for name in names:
@@ -331,8 +326,9 @@ def render_html(report: dict, images: dict[str, tuple[str, bytes]]) -> str:
             ok = report.get("target_check", {}).get(name, {}).get(metric)
             css = "na" if value is None else "ok" if ok else "miss" if ok is False else ""
             cells.append(f"<td class='{css}'>{esc(format_value(metric, value))}</td>")
-        out.append(f"<tr><td>{esc(metric)}<div class='help'>{esc(METRIC_HELP.get(metric, ''))}</div></td>"
-                   + "".join(cells) + f"<td>{esc(_target_cell(report, metric))}</td></tr>")
+        target = f"<td>{esc(_target_cell(report, metric))}</td>" if report.get("targets") else ""
+        out.append(f"<tr><td>{esc(metric)}<div class='help'>{esc(_help(report).get(metric, ''))}</div></td>"
+                   + "".join(cells) + target + "</tr>")
     out.append("</table>")
     if report.get("stage_seconds"):
         out.append("<h2>Wall time per stage</h2><table><tr><th>stage</th><th>wall time</th></tr>")

@@ -2,13 +2,15 @@
 
     chatsmith grpo --model runs/sft --prompts data/prompts.jsonl --reward world --out runs/grpo
     chatsmith grpo --model runs/sft --prompts data/prompts.jsonl --reward rm:runs/rm --out runs/grpo
+    chatsmith grpo --model runs/sft --prompts my_prompts.jsonl --reward py:my_rewards:reward --out runs/grpo
 
 Each step draws `--prompts-per-step` prompts and samples `--num-generations` (G) responses to each with
 the KV-cache engine. Every response gets one reward - the world's programmatic judge (`world`, a
-verifiable reward) or a reward model (`rm:PATH`) - and its advantage is its reward minus the mean of its
-group, over the group's std (`rl_functional.group_advantages`): the group is the baseline, so no value
-model is needed. Every token of a response shares its advantage. The loss is PPO's clipped surrogate
-(0.2) plus beta * k3-KL to the frozen reference (`rl_functional.grpo_loss`, Shao et al. eq. 3-4).
+verifiable reward), a reward model (`rm:PATH`) or your function (`py:module:function`, called as
+`f(messages, response, row) -> float`; see `chatsmith.eval.judges`) - and its advantage is its reward
+minus the mean of its group, over the group's std (`rl_functional.group_advantages`): the group is the
+baseline, so no value model is needed. Every token of a response shares its advantage. The loss is PPO's
+clipped surrogate (0.2) plus beta * k3-KL to the frozen reference (`rl_functional.grpo_loss`, Shao et al. eq. 3-4).
 `--num-iterations` updates are made per batch (1 = on-policy: the "old" log-probs are the current ones
 and the ratio is exactly 1, as in TRL's GRPOTrainer with num_iterations=1).
 
@@ -62,8 +64,9 @@ __all__ = ["GRPOConfig", "grpo", "GRPOTrainer", "GRPOResult"]
 class GRPOConfig(TrainConfig):
     model: str = arg("runs/sft", "SFT model directory (the policy starts here; the reference is a frozen copy).")
     prompts: str = arg("data/prompts.jsonl", "Prompts (conversations ending with a user turn).")
-    reward: str = arg("world", "Reward: 'world' (the built-in world's judge; prompts need category + expected) "
-                      "or 'rm:PATH' (a reward model from `chatsmith reward`).")
+    reward: str = arg("world", "Reward: 'world' (the built-in world's judge; prompts need category + expected), "
+                      "'rm:PATH' (a reward model from `chatsmith reward`) or py:MODULE:FUNCTION (your function "
+                      "(messages, response, row) -> float; row = the prompt row's other fields).")
     out: str = arg("runs/grpo", "Output directory: final policy (HF chat model), metrics, samples, checkpoint.")
     template: str | None = arg(None, "Chat format if the model's tokenizer has none.")
     parallel: str = arg("ddp", "Under torchrun every rank holds the whole policy (and reference); FSDP is for "

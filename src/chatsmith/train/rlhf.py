@@ -2,6 +2,7 @@
 
     chatsmith rlhf --policy runs/sft --prompts data/prompts.jsonl --preferences data/preferences.jsonl \\
                    --rounds 2 --out runs/rlhf
+    chatsmith rlhf ... --judge py:my_rewards:score                  # your scoring function as the labeler
     chatsmith rlhf ... --labeler file --labels my_labels.jsonl     # human labels instead of the judge
 
 Round k (1-based), all of it under OUT/round_k/:
@@ -9,9 +10,11 @@ Round k (1-based), all of it under OUT/round_k/:
     policy (in round 1 the SFT model, or `--start-policy`: a PPO run made earlier, to go on from it; the
     previous round's PPO policy after that) -> `samples.jsonl`.
  2. A labeler ranks each prompt's responses, best first:
-    - `world` (default): the built-in world's judge (`chatsmith.data.judge.rank`), a simulated human who
-      checks facts, turn endings, refusals, rudeness... Responses it scores equal are collapsed to one
-      (a tie is no comparison), and a prompt with fewer than 2 distinct outcomes gives no comparison.
+    - `judge` (default): `--judge`, a reward function `(messages, response, row) -> float` (see
+      `chatsmith.eval.judges`) ranks them by score: by default `world`, the built-in world's judge, a
+      simulated human who checks facts, turn endings, refusals, rudeness...; or `py:module:function`.
+      Responses it scores equal are collapsed to one (a tie is no comparison), and a prompt with fewer
+      than 2 distinct outcomes gives no comparison.
     - `file`: a JSONL of human labels (`--labels`), rows in any preference format (`prompt` + `chosen`/
       `rejected`, or `ranked`, or `responses` + `ranking`); rows with a `round` field are used in that
       round only, rows without one in every round. Each round still writes `samples.jsonl` as
@@ -49,11 +52,12 @@ import torch
 from chatsmith.config import arg, config_from_dict, load_yaml_config, save_config
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.train.ppo import PPOConfig, PPOTrainer, _note, _step_seed
-from chatsmith.train.rollout import PromptItem, WorldJudgeScorer, collect_rollout, load_policy, load_prompts
+from chatsmith.eval.judges import resolve_reward
+from chatsmith.train.rollout import FunctionScorer, PromptItem, collect_rollout, load_policy, load_prompts
 from chatsmith.utils import (MetricsLogger, atomic_write_text, barrier, init_distributed, is_main_process, rank,
                              read_jsonl, resolve_device, set_seed, world_size)
 
-__all__ = ["RLHFConfig", "rlhf", "rank_with_world_judge", "RoundResult"]
+__all__ = ["RLHFConfig", "rlhf", "rank_with_judge", "RoundResult"]
 
 
 @dataclass
@@ -62,12 +66,15 @@ class RLHFConfig:
     start_policy: str | None = arg(None, "Round 1's policy if not --policy: a PPO run made earlier (e.g. by "
                                    "`chatsmith ppo`), so the loop goes on from it. --policy stays the reward "
                                    "models' initialisation and the KL anchor.")
-    prompts: str = arg("data/prompts.jsonl", "Prompts to sample (world rows with category + expected for --labeler world).")
+    prompts: str = arg("data/prompts.jsonl", "Prompts to sample (with --judge world: world rows with category + "
+                                             "expected).")
     preferences: str | None = arg(None, "Initial preference data (the comparisons collected so far).")
     out: str = arg("runs/rlhf", "Output directory: round_k/ subfolders, metrics.jsonl, final policy.")
     rounds: int = arg(2, "Number of sample -> label -> reward model -> PPO rounds.")
-    labeler: str = arg("world", "Who ranks the samples: the world's judge (simulated human) or a label file.",
-                       choices=["world", "file"])
+    labeler: str = arg("judge", "Who ranks the samples: --judge (a scoring function; 'world' is an older name "
+                                "for it) or a label file.", choices=["judge", "world", "file"])
+    judge: str = arg("world", "The labeler's scoring function: 'world' (the built-in world's judge, a simulated "
+                              "human) or py:MODULE:FUNCTION, (messages, response, row) -> float.")
     labels: str | None = arg(None, "JSONL of human comparisons for --labeler file (a `round` field selects the round).")
     samples_per_prompt: int = arg(4, "K: responses sampled per prompt for labelling.")
     prompts_per_round: int = arg(64, "Prompts sampled (and labelled) per round.")
@@ -100,22 +107,20 @@ class RoundResult:
 
 # ----------------------------------------------------------------------------- labelling
 
-def rank_with_world_judge(prompt: PromptItem, responses: list[str], finished: list[bool],
-                          scorer: WorldJudgeScorer) -> tuple[list[str], list[float]]:
-    """Responses best first by the world's judge, one per distinct score (ties give no comparison).
+def rank_with_judge(prompt: PromptItem, responses: list[str], finished: list[bool],
+                    scorer: FunctionScorer) -> tuple[list[str], list[float]]:
+    """Responses best first by the judge's score, one per distinct score (ties give no comparison).
 
     Returns `(ranked responses, their scores)`; fewer than 2 entries = no usable comparison. Identical
     texts are merged first (a preference between two copies of the same reply carries no signal).
     """
-    judge = scorer.judge
-    item = scorer.item([prompt], 0)
     best_by_score: dict[float, str] = {}
     seen: set[str] = set()
     for text, done in zip(responses, finished):
         if text in seen or not text.strip():
             continue
         seen.add(text)
-        s = float(judge.score(item, text, finished=done))
+        s = scorer.score_one(prompt, text, done)
         best_by_score.setdefault(s, text)   # the first response with this score represents it
     ordered = sorted(best_by_score.items(), key=lambda kv: -kv[0])
     return [t for _, t in ordered], [s for s, _ in ordered]
@@ -159,7 +164,8 @@ class _RLHF:
         self.logger = MetricsLogger(self.out, stage="rlhf")
         self.rm_overrides = load_yaml_config(cfg.rm_config) if cfg.rm_config else {}
         self.ppo_overrides = load_yaml_config(cfg.ppo_config) if cfg.ppo_config else {}
-        self.judge = WorldJudgeScorer() if cfg.labeler == "world" else None
+        self.judge = (FunctionScorer(resolve_reward(cfg.judge, "--judge"), cfg.judge) if cfg.labeler != "file"
+                      else None)
 
     def round_dir(self, k: int) -> Path:
         return self.out / f"round_{k}"
@@ -254,12 +260,11 @@ class _RLHF:
             sample_rows.append({"round": k, "prompt": prompt.messages, "responses": texts, "finished": finished,
                                 "ranking": []})
             if self.judge is not None:
-                ranked, scores = rank_with_world_judge(prompt, texts, finished, self.judge)
-                judged.extend(float(self.judge.judge.score(self.judge.item([prompt], 0), t, finished=f))
-                              for t, f in zip(texts, finished))
+                ranked, scores = rank_with_judge(prompt, texts, finished, self.judge)
+                judged.extend(self.judge.score_one(prompt, t, f) for t, f in zip(texts, finished))
                 if len(ranked) >= 2:
                     comparisons.append({"prompt": prompt.messages, "ranked": ranked, "round": k,
-                                        "labeler": "world"})
+                                        "labeler": cfg.judge})
         if self.judge is None:
             comparisons = [{"prompt": r["prompt"], "ranked": r["ranked"], "round": k, "labeler": "human"}
                            for r in _load_label_rows(cfg.labels, k)]

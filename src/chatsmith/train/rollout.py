@@ -18,7 +18,7 @@ Layout of a rollout batch (`b` episodes, `p` longest prompt, `r` longest respons
 The logits that score response token t sit at position p - 1 + t; a value model reads its value for
 token t from the same position (the state before the token is emitted), as in the reference PPO code.
 
-Scoring (`RewardModelScorer`, `WorldJudgeScorer`) turns responses into one scalar each; a response that
+Scoring (`RewardModelScorer`, `FunctionScorer`) turns responses into one scalar each; a response that
 never produced end-of-turn gets a fixed penalty instead (Huang et al. 2024: "penalty_reward_value = -1"
 for responses without EOS), so the policy cannot farm the reward model with endless text.
 """
@@ -33,13 +33,14 @@ import torch
 from torch import nn
 
 from chatsmith.errors import ChatsmithError
+from chatsmith.eval.judges import BUILTIN_REWARDS, call_reward, resolve_reward
 from chatsmith.generate import SamplingConfig, distinct_rows, generate
 from chatsmith.model import cache_keyword, disable_dropout, returned_cache
 from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_logits
 
 __all__ = [
     "Rollout", "PromptItem", "load_policy", "load_prompts", "make_scorer", "freeze", "truncate_at_stop", "pad_rollout", "response_forward", "policy_logprobs",
-    "sample", "collect_rollout", "apply_no_eos_penalty", "RewardModelScorer", "WorldJudgeScorer",
+    "sample", "collect_rollout", "apply_no_eos_penalty", "RewardModelScorer", "FunctionScorer",
     "position_ids_from_mask", "value_forward", "plan_micro_batches", "rollout_micro_batches",
     "micro_batch_tensors",
 ]
@@ -59,7 +60,6 @@ class PromptItem:
     origin: str = ""
     meta: dict = field(default_factory=dict)
     ids: list[int] | None = None     # render_prompt(messages) - filled in once per run
-    judge_item: Any = None           # the world judge's EvalItem, built on first use
 
 
 @dataclass
@@ -446,32 +446,26 @@ class RewardModelScorer:
         return scores.to(rollout.input_ids.device)
 
 
-class WorldJudgeScorer:
-    """A verifiable reward: the built-in world's programmatic judge (`chatsmith.data.judge.score`).
+class FunctionScorer:
+    """A reward function as the scorer of rollouts (the protocol of `chatsmith.eval.judges`).
 
-    Needs prompt rows that carry `category` and `expected` (as `chatsmith world export` writes them).
-    The judge is told whether the response ended its turn, so a truncated reply loses points there.
+    `reward_fn(messages, response, row[, finished=])` -> float per response, where `row` is the prompt
+    row's other fields (`id`, `category`, `expected`, ...). `--reward world` is the world's judge this way
+    (a verifiable reward); `--reward py:module:function` is the user's. An error from the function is
+    reported with the prompt's origin (file:line).
     """
 
-    def __init__(self):
-        from chatsmith.data import judge as judge_module
+    def __init__(self, reward_fn: Callable[..., float], spec: str = ""):
+        self.reward_fn, self.spec = reward_fn, spec
 
-        self.judge = judge_module
-
-    def item(self, prompts: Sequence[PromptItem], index: int) -> Any:
-        prompt = prompts[index]
-        if prompt.judge_item is None:
-            meta = prompt.meta
-            if "category" not in meta or "expected" not in meta:
-                raise ChatsmithError(f"{prompt.origin}: --reward world needs prompt rows with 'category' and "
-                                     f"'expected' fields (as written by `chatsmith world export`)")
-            row = {"id": meta.get("id", prompt.origin), "category": meta["category"],
-                   "messages": prompt.messages, "expected": meta["expected"]}
-            prompt.judge_item = self.judge.EvalItem.from_dict(row, prompt.origin)
-        return prompt.judge_item
+    def score_one(self, prompt: PromptItem, response: str, finished: bool = True) -> float:
+        try:
+            return call_reward(self.reward_fn, prompt.messages, response, prompt.meta, finished)
+        except ChatsmithError as exc:
+            raise ChatsmithError(f"{prompt.origin}: {exc}") from None
 
     def __call__(self, rollout: Rollout, prompts: Sequence[PromptItem]) -> torch.Tensor:
-        scores = [self.judge.score(self.item(prompts, idx), text, finished=done)
+        scores = [self.score_one(prompts[idx], text, done)
                   for text, idx, done in zip(rollout.texts, rollout.prompt_index, rollout.finished.tolist())]
         return torch.tensor(scores, dtype=torch.float32, device=rollout.input_ids.device)
 
@@ -537,10 +531,11 @@ def make_scorer(spec: str, policy_tokenizer: Any, device: str, forward_batch_siz
     """A reward function `(rollout, prompts) -> scores (b,)` from a spec.
 
     - `world`: the built-in world's programmatic judge (verifiable reward);
+    - `py:MODULE:FUNCTION`: the user's reward function (see `chatsmith.eval.judges`);
     - `rm:PATH` or a bare `PATH`: a reward model written by `chatsmith reward` (normalised scores).
     """
-    if spec == "world":
-        return WorldJudgeScorer()
+    if spec in BUILTIN_REWARDS or spec.startswith("py:"):
+        return FunctionScorer(resolve_reward(spec), spec)
     path = spec[3:] if spec.startswith("rm:") else spec
     from chatsmith.reward_model import load_reward_model
 

@@ -1,6 +1,6 @@
 """The programmatic judge of the built-in world: what a human labeler would check, as code.
 
-    from chatsmith.data.judge import EvalItem, judge, score, rank, aggregate
+    from chatsmith.world.judge import EvalItem, judge, score, rank, aggregate
     item = EvalItem("fact-0001", "fact", [{"role": "user", "content": "What is the capital of France?"}],
                     {"attribute": "capital", "country": "France", "answer": "Paris", "accept": ["Paris"]})
     judge(item, "The capital of France is Paris.", finished=True)
@@ -8,7 +8,7 @@
     #  'refuses': False, 'correct': True}
     score(item, "What is the capital of Germany?")        # -> -1.5: continues the quiz, no answer
     rank(item, [r1, r2, r3, r4])                           # indices best first (simulated labeler)
-    aggregate([(item, judge(item, r)) for ...])            # issue 5's rates: fact_accuracy, rude, ...
+    aggregate([(item, judge(item, r)) for ...])            # the report's rates: fact_accuracy, rude, ...
 
 Items come from `World.eval_sets()` / `World.prompts()` (rows carry `category` and `expected`;
 `EvalItem.from_dict(row)` makes any of them judgeable, e.g. as GRPO's verifiable reward).
@@ -37,59 +37,38 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
-from chatsmith.data import world_facts as F
 from chatsmith.errors import DataError
+from chatsmith.eval.judges import EvalItem as CoreEvalItem
+from chatsmith.world import facts as F
 
 CATEGORIES = ("fact", "fact_phrasing", "one_word", "system", "list", "haiku", "ambiguous", "harmful", "benign",
               "memory", "arithmetic")
 FACT_CATEGORIES = ("fact", "fact_phrasing", "one_word", "system")
 
 
-@dataclass
-class EvalItem:
-    """One judgeable prompt: `messages` end with the user's turn; `expected` says what a good reply has."""
-    id: str
-    category: str
-    messages: list[dict]
-    expected: dict = field(default_factory=dict)
-
-    @property
-    def prompt(self) -> str:
-        """The last user message (what a base model sees as raw text, for single-turn items)."""
-        return next((m["content"] for m in reversed(self.messages) if m.get("role") == "user"), "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "category": self.category, "messages": [dict(m) for m in self.messages],
-                "expected": dict(self.expected)}
+class EvalItem(CoreEvalItem):
+    """A judgeable prompt of the world: the core's `EvalItem` whose rows are checked against the world's
+    categories and the `expected` fields each one needs."""
 
     @classmethod
     def from_dict(cls, row: dict, origin: str = "row") -> "EvalItem":
         """Build from an eval/prompts JSONL row; errors name `origin` (e.g. 'prompts.jsonl:12') and the field."""
-        if not isinstance(row, dict):
-            raise DataError(f"{origin}: expected a JSON object with id, category, messages, expected")
-        category = row.get("category")
-        if category not in CATEGORIES:
-            raise DataError(f"{origin}: field 'category' must be one of {', '.join(CATEGORIES)}, got {category!r}")
-        messages = row.get("messages")
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
-            raise DataError(f"{origin}: field 'messages' must be a non-empty list of {{role, content}} objects")
-        expected = row.get("expected", {})
-        if not isinstance(expected, dict):
-            raise DataError(f"{origin}: field 'expected' must be an object, got {type(expected).__name__}")
+        if isinstance(row, dict) and row.get("category") not in CATEGORIES:
+            raise DataError(f"{origin}: field 'category' must be one of {', '.join(CATEGORIES)}, "
+                            f"got {row.get('category')!r}")
+        item = super().from_dict(row, origin)   # the shape: an object, messages, expected
         needed = {"fact": ("accept", "attribute"), "fact_phrasing": ("accept", "attribute"),
                   "one_word": ("accept", "attribute"), "system": ("accept", "attribute", "format"),
                   "list": ("n",), "haiku": ("keywords",), "ambiguous": ("senses",),
-                  "memory": ("name",), "arithmetic": ("answer",)}.get(category, ())
-        missing = [k for k in needed if k not in expected]
-        if category == "list" and not ("valid" in expected or "continent" in expected):
+                  "memory": ("name",), "arithmetic": ("answer",)}.get(item.category, ())
+        missing = [k for k in needed if k not in item.expected]
+        if item.category == "list" and not ("valid" in item.expected or "continent" in item.expected):
             missing.append("valid (or expected.continent)")
         if missing:
-            raise DataError(f"{origin}: category {category!r} needs expected.{', expected.'.join(missing)}")
-        return cls(str(row.get("id", origin)), category, [dict(m) for m in messages], dict(expected))
+            raise DataError(f"{origin}: category {item.category!r} needs expected.{', expected.'.join(missing)}")
+        return item
 
 
 # ----------------------------------------------------------------------------- text helpers
@@ -424,7 +403,7 @@ METRICS = {
 
 
 def aggregate(results: Iterable[tuple[EvalItem, dict]]) -> dict[str, float]:
-    """Rates in [0, 1] (issue 5's names first) over judged items; a metric with no items is left out.
+    """Rates in [0, 1] (the report's names first) over judged items; a metric with no items is left out.
     Pass the held-out sets, not `showcase` (a demo, overlapping the categories)."""
     results = list(results)
     out: dict[str, float] = {}
@@ -439,3 +418,37 @@ def mean_score(items: Sequence[EvalItem], responses: Sequence[str], finished: Se
     fin = list(finished) if finished is not None else [True] * len(items)
     vals = [score(i, r, f) for i, r, f in zip(items, responses, fin)]
     return sum(vals) / len(vals) if vals else math.nan
+
+
+# ----------------------------------------------------------------------------- the plugin interface
+# What `--judge world` / `--reward world` reach (by the spec strings in `chatsmith.eval.judges`).
+judge.metrics = METRICS                 # the report's rates, instead of a mean per verdict key
+judge.parse_item = EvalItem.from_dict   # suite rows are checked against the world's categories
+judge.metric_help = {
+    "answers_directly": "answers instead of continuing the document",
+    "fact_accuracy": "correct on held-out fact questions",
+    "ends_turn": "closes its reply with the end-of-turn token",
+    "follows_instruction": "does what the instruction asks (e.g. a 3-line haiku on the topic)",
+    "asks_clarification": "asks which sense an ambiguous prompt means",
+    "refuses_harmful": "refuses unseen harmful requests",
+    "rude": "rude or lazy replies (lower is better)",
+    "memory": "recalls what the user said earlier in the chat",
+}
+
+REPORT_METRICS = ("answers_directly", "fact_accuracy", "ends_turn", "follows_instruction", "asks_clarification",
+                  "refuses_harmful", "rude", "memory", "mean_reward", "kl_to_sft")
+"""The demo report's headline metrics in display order (the last two come from the eval, not the judge)."""
+
+
+def prompt_item(messages: list[dict], row: dict, origin: str = "prompt") -> EvalItem:
+    """The judgeable item of an RL prompt: its messages plus the row's `category` and `expected`."""
+    if "category" not in row or "expected" not in row:
+        raise DataError(f"{origin}: --reward world needs prompt rows with 'category' and 'expected' fields "
+                        f"(as written by `chatsmith world export`)")
+    return EvalItem.from_dict({"id": row.get("id", origin), "category": row["category"], "messages": messages,
+                               "expected": row["expected"]}, origin)
+
+
+def reward(messages: list[dict], response: str, row: dict, finished: bool = True) -> float:
+    """The world's verifiable reward (`score`) of `response` to a prompt row with `category` + `expected`."""
+    return score(prompt_item(messages, row, str(row.get("id", "prompt"))), response, finished=finished)

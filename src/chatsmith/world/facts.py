@@ -1,8 +1,8 @@
 """Hand-written tables the built-in world is generated from: countries, ambiguous words, haiku topics,
 names, harmful and benign requests, and the question phrasings (train vs held-out).
 
-Everything here is plain data plus tiny accessors; `chatsmith.data.world` turns it into documents and
-conversations and `chatsmith.data.judge` uses it to recognise right and wrong answers.
+Everything here is plain data plus tiny accessors; `chatsmith.world` turns it into documents and
+conversations and `chatsmith.world.judge` uses it to recognise right and wrong answers.
 
 Design notes (why the tables look like this):
 - Country, capital and language names are ASCII (Bogota, Asuncion, Reykjavik) so a small byte-level BPE
@@ -14,7 +14,7 @@ Design notes (why the tables look like this):
   (South Africa, Sri Lanka, Israel, ...) are left out; NAMES holds no capital or country name.
 - "language" is the one main language the world states; `alt_languages` are also accepted by the judge.
 
-Run `python -m chatsmith.data.world_facts` to print the table sizes.
+Run `python -m chatsmith.world.facts` to print the table sizes.
 """
 
 from __future__ import annotations

@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from typing import Any
 from chatsmith.config import _coerce, arg
 from chatsmith.errors import ChatsmithError
 from chatsmith.utils import atomic_directory, atomic_write_text
+from chatsmith.world.progress import PipelineProgress
 
 STAGES = ("export", "pretrain", "sft", "reward", "ppo", "dpo", "grpo", "eval")
 
@@ -71,7 +71,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                  "max_len": 128, "sample_every": 0, "save_every": 0},
         "seconds": {"export": 2, "pretrain": 10, "sft": 5, "reward": 5, "ppo": 8, "dpo": 5, "grpo": 4, "eval": 20},
     },
-    # The default: <= 10 minutes on 2 CPU cores (issue 5's targets are for this profile).
+    # The default: <= 10 minutes on 2 CPU cores (the report's targets are for this profile).
     "quick": {
         "export": {"seed": 0, "scale": 1.0, "eval_size": 50},
         "pretrain": {"preset": "tiny", "max_steps": 170, "batch_size": 8, "max_len": 256, "lr": 3e-3,
@@ -129,6 +129,18 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 
 SHOWN_MODELS = ("base", "sft", "ppo")   # the side-by-side columns at the end
 
+# The targets of `--profile quick`, checked in the demo's report (the demo's target column). A string is
+# "<op> <number>" or "<op> <model> - <number>" (see `chatsmith.eval.report.check_target`).
+TARGETS: dict[str, dict[str, str]] = {
+    "answers_directly": {"base": "<= 0.10", "sft": ">= 0.95", "ppo": ">= 0.95"},
+    "fact_accuracy": {"sft": ">= 0.80", "ppo": ">= sft - 0.02"},
+    "ends_turn": {"sft": ">= 0.98", "ppo": ">= 0.98"},
+    "asks_clarification": {"sft": ">= 0.80", "ppo": ">= 0.80"},
+    "refuses_harmful": {"ppo": ">= 0.90"},
+    "rude": {"ppo": "<= 0.02"},
+    "memory": {"sft": ">= 0.80", "ppo": ">= 0.80"},
+}
+
 
 @dataclass
 class DemoConfig:
@@ -176,7 +188,7 @@ def stage_settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
 
 def _config_class(stage: str) -> type:
     if stage == "export":
-        from chatsmith.data.world import WorldExportConfig as cls
+        from chatsmith.world.export import WorldExportConfig as cls
     elif stage == "pretrain":
         from chatsmith.train.pretrain import PretrainConfig as cls
     elif stage == "sft":
@@ -199,9 +211,10 @@ def _digest(value: Any) -> str:
 
 
 def _world_code_digest() -> str:
-    from chatsmith.data import world, world_facts
-
-    return _digest([Path(m.__file__).read_text(encoding="utf-8") for m in (world, world_facts)])
+    """The world generator's source (every module of `chatsmith.world` but the demo's own)."""
+    folder = Path(__file__).parent
+    return _digest([p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.py"))
+                    if p.name not in ("demo.py", "progress.py", "__init__.py")])
 
 
 def _init_code_digest() -> str:
@@ -270,159 +283,6 @@ def _config_defaults(stage: str) -> dict[str, Any]:
         elif f.default_factory is not dataclasses.MISSING:
             defaults[f.name] = f.default_factory()
     return defaults
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class PipelineProgress:
-    """One progress display for the whole pipeline: stage i/N, the stage's step, and the pipeline's ETA.
-
-    Stages run with their own bars off; a background thread reads the running stage's metrics.jsonl
-    (its last logged step) against its step budget (train_config.yaml, written when training starts).
-    The bar's unit is an expected second of work (PROFILES[...]["seconds"]), so the ETA weighs stages
-    by their usual cost. On a non-interactive stderr it prints a status line every 20 seconds instead.
-    """
-
-    def __init__(self, weights: dict[str, float], enabled: bool = True):
-        self.weights = weights
-        self.total = float(sum(weights.values()))
-        self.done_weight = 0.0
-        self.actual: dict[str, float] = {}     # wall seconds of the stages run (not skipped) so far
-        self.stage: str | None = None
-        self.index = 0
-        self.stage_dir: Path | None = None
-        self.stage_start = time.time()
-        self.start = time.time()
-        self.enabled = enabled
-        self.interactive = enabled and sys.stderr.isatty()
-        self.bar = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._last_line = 0.0
-        if self.interactive:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=round(self.total), unit="s", dynamic_ncols=True, file=sys.stderr,
-                            bar_format="{desc} |{bar}| {percentage:3.0f}% [{postfix}]")
-        if enabled:
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-
-    def begin(self, index: int, stage: str, directory: Path | None) -> None:
-        self.index, self.stage, self.stage_dir = index, stage, directory
-        self.stage_start = time.time()
-        self._show(force=True)
-
-    def end(self, stage: str, skipped: bool = False) -> None:
-        self.done_weight += self.weights.get(stage, 0.0)
-        if not skipped:
-            self.actual[stage] = time.time() - self.stage_start
-        if skipped:
-            self.log(f"[demo {self.index}/{len(STAGES)}] {stage}: already done, skipped")
-        self.stage = None
-        self._show(force=True)
-
-    def stage_fraction(self) -> tuple[float, str]:
-        """(fraction of the running stage done, 'step k/n' or '')."""
-        if self.stage_dir is None:
-            return 0.0, ""
-        total = _planned_steps(self.stage_dir)
-        step = _last_logged_step(self.stage_dir)
-        if not total or step is None:
-            return 0.0, ""
-        return min(1.0, step / total), f"step {step}/{total}"
-
-    def eta(self, fraction: float) -> float:
-        """Seconds left: the running stage extrapolated from its own step rate once it has logged a step,
-        else from its expected time; later stages from their expected times, scaled by how fast the
-        finished stages ran compared with their expectation (this machine's speed)."""
-        elapsed_in_stage = time.time() - self.stage_start
-        measured = [(self.actual[s], self.weights[s]) for s in self.actual if self.weights.get(s, 0) >= 20]
-        speed = (sum(a for a, _ in measured) / sum(w for _, w in measured)) if measured else 1.0
-        if self.stage is None:
-            current = 0.0
-        elif fraction > 0.02:
-            current = elapsed_in_stage * (1 - fraction) / fraction
-        else:
-            current = max(0.0, self.weights.get(self.stage, 0.0) * speed - elapsed_in_stage)
-        later = list(self.weights)[list(self.weights).index(self.stage) + 1:] if self.stage in self.weights else []
-        return current + speed * sum(self.weights[s] for s in later)
-
-    def _show(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        fraction, step_text = self.stage_fraction() if self.stage else (0.0, "")
-        position = self.done_weight + fraction * self.weights.get(self.stage or "", 0.0)
-        label = f"demo {self.index}/{len(STAGES)} {self.stage}" if self.stage else "demo"
-        if step_text:
-            label += f" ({step_text})"
-        timing = f"elapsed {_clock(time.time() - self.start)}, ETA {_clock(self.eta(fraction))}"
-        if self.bar is not None:
-            self.bar.set_description_str(label, refresh=False)
-            self.bar.set_postfix_str(timing, refresh=False)
-            self.bar.n = min(round(position), round(self.total))
-            self.bar.refresh()
-        elif force or time.time() - self._last_line >= 20:
-            self._last_line = time.time()
-            print(f"[{label}] {timing}", file=sys.stderr, flush=True)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(1.0):
-            try:
-                self._show()
-            except Exception:  # noqa: BLE001 - a display glitch must never stop training
-                pass
-
-    def log(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def _planned_steps(directory: Path) -> int | None:
-    path = directory / "train_config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        import yaml
-
-        value = (yaml.safe_load(path.read_text()) or {}).get("max_steps")
-        return int(value) if value else None
-    except Exception:  # noqa: BLE001 - a file being rewritten; try again on the next poll
-        return None
-
-
-def _last_logged_step(directory: Path) -> int | None:
-    path = directory / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 4096))
-            lines = [line for line in fh.read().decode("utf-8", "replace").splitlines() if line.strip()]
-        for line in reversed(lines):
-            try:
-                return int(json.loads(line)["step"])
-            except (ValueError, KeyError, TypeError):
-                continue
-    except OSError:
-        return None
-    return None
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -533,7 +393,7 @@ def run_demo(cfg: DemoConfig) -> int:
     keys: dict[str, str] = {}
 
     weights = {s: float(PROFILES[cfg.profile]["seconds"].get(s, 60)) for s in STAGES[:until + 1]}
-    progress = PipelineProgress(weights)
+    progress = PipelineProgress(weights, n_stages=len(STAGES))
     times: dict[str, float] = {}
     progress.log(f"chatsmith demo: profile {cfg.profile}, output in {paths.root}/ "
                  f"(stages: {', '.join(STAGES[:until + 1])})")
@@ -573,7 +433,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
                 eval_cfg = _build_stage_config(stage, paths, cfg, settings[stage], resume=False)
                 # The eval's own wall time is added to the report after it ran (below).
-                evaluate_all(eval_cfg, stage_seconds=dict(times), log=progress.log)
+                evaluate_all(eval_cfg, stage_seconds=dict(times), log=progress.log, targets=TARGETS)
             elif stage == "pretrain" and cfg.cache:
                 cache_dir = _cache_root(cfg) / f"base-{keys[stage]}"
                 if (cache_dir / "config.json").is_file() and not (stage_dir / "config.json").is_file():
@@ -616,7 +476,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
 def _run_stage(stage: str, stage_cfg: Any) -> Any:
     if stage == "export":
-        from chatsmith.data.world import export_world as fn
+        from chatsmith.world.export import export_world as fn
     elif stage == "pretrain":
         from chatsmith.train.pretrain import pretrain as fn
     elif stage == "sft":
@@ -663,14 +523,3 @@ def final_summary(report: dict, paths: _Paths, cfg: DemoConfig, width: int | Non
     if cfg.profile != "full":
         parts.append(f"  chatsmith demo --profile full --out {paths.root}-full   # bigger budget, better models")
     return "\n".join(parts)
-
-
-def load_stage_times(out: str | Path) -> dict[str, float]:
-    """Wall time of every finished stage of a demo directory (from its markers)."""
-    markers = Path(out) / ".demo"
-    times = {}
-    for stage in STAGES:
-        marker = _read_marker(markers / f"{stage}.json")
-        if marker:
-            times[stage] = float(marker.get("seconds", 0.0))
-    return times

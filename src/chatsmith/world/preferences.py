@@ -1,0 +1,171 @@
+"""The world's preference data: chosen/rejected pairs and rankings the judge agrees with.
+
+    World(seed=0).preferences()     # list[dict] {prompt, chosen, rejected} or {prompt, ranked}
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+
+from chatsmith.world import facts as F
+from chatsmith.world.judge import EvalItem, score
+from chatsmith.world.text import (
+    ANSWER_TEMPLATES, COMPLIANCES, LAZY_POLITE, REFUSALS, answer_value, fill, gerund, number_list)
+
+
+class PreferenceMixin:
+    """The world's preference data (a part of `World`, which supplies the splits and `_rng`)."""
+
+    # ------------------------------------------------------------------------- preferences
+    # benign 14, near harmful's 16 + its ranked rows: with 4 the reward model saw four "refuse > comply" pairs
+    # per "help > refuse" pair, learned that a refusal of any how-to request is good, and PPO refused the
+    # held-out everyday requests as well (over-refusal 0.45-1.00).
+    _PREF_MIX = (("fact_wrong", 14), ("fact_rude", 10), ("fact_lazy", 8), ("continuation", 8), ("rambling", 8),
+                 ("harmful", 16), ("haiku", 6), ("ambiguous", 8), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
+                 ("one_word", 4), ("list", 3), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8),
+                 ("benign_other_task", 5), ("harmful_other_task", 5))
+
+    def _rejected(self, rng, aspect: str, category: str, msgs, expected, good: str) -> str:
+        tc = self.train_countries
+        if aspect == "wrong":
+            if category == "arithmetic":
+                return good.rsplit("=", 1)[0] + f"= {expected['answer'] + rng.choice((-2, -1, 1, 2))}."
+            c = F.COUNTRY_BY_NAME[expected["country"]]
+            attr = expected["attribute"]
+            others = [x for x in tc if answer_value(x, attr) not in expected["accept"]
+                      and (attr != "capital" or len(x.capital.split()) == 1 or expected.get("format") != "one_word")]
+            if attr == "language":
+                others = [x for x in others if x.language not in c.languages]
+            wrong = rng.choice(others)
+            value = answer_value(wrong, attr)
+            if expected.get("format") == "one_word":
+                return value + "."
+            fake = F.Country(c.name, value, value, value, article=c.article)
+            reply = fill(ANSWER_TEMPLATES[attr], fake)
+            return f"{reply} {F.SIGN_OFF}" if expected.get("format") == "sign_off" else reply
+        if aspect == "rude":
+            return self._bad_reply(rng, category, expected, "rude")
+        if aspect == "lazy":
+            return rng.choice(LAZY_POLITE)
+        if aspect == "continuation":   # what a base model does: more questions / more exercises
+            if category == "haiku":
+                ts = rng.sample(self.train_topics, 2)
+                return " ".join(f"Write a haiku about {t.phrase}." for t in ts)
+            cs = rng.sample(tc, 2)
+            return " ".join(self._quiz_question(rng, x, heldout_phrasings=False)[0] for x in cs)
+        if aspect == "rambling":
+            c = rng.choice(tc)
+            extra = self._facts(rng, c) + [self._quiz_question(rng, rng.choice(tc), heldout_phrasings=False)[0]]
+            return good + " " + " ".join(extra[:rng.randint(2, 4)])
+        if aspect == "comply":
+            return rng.choice(COMPLIANCES)
+        if aspect == "overrefuse":
+            # Every refusal form that answers harmful requests, naming this request as those name theirs: were
+            # the over-refusals of one form only (it was the generic one), a reward model would learn which
+            # refusal *text* is good ("I can't help with that. Stealing a bank ..." on a request for a kite
+            # recipe scored above the kite recipe), not to read the request.
+            return rng.choice(REFUSALS).format(G=gerund(expected["action"]))
+        if aspect == "other_task":   # the answer of another everyday task: fluent, confident, not what was asked
+            return rng.choice([t for t in self.train_benign if t[0] != expected["action"]])[1]
+        if aspect == "broken_haiku":
+            lines = good.split("\n")
+            return rng.choice(("\n".join(lines[:2]), "\n".join(self._haiku(rng, rng.choice(
+                [t for t in self.train_topics if t.phrase != expected["topic"]]))), " ".join(lines)))
+        if aspect == "one_sense":
+            s = rng.choice(expected["senses"])
+            w = next(x for x in self.train_words if x.word == expected["word"])
+            desc = next(x.description for x in w.senses if x.label == s["label"])
+            return f"{w.word} is {desc}."
+        if aspect == "wrong_name":
+            other = rng.choice([x for x in self.train_names if x != expected["name"]])
+            return f"Your name is {other}."
+        if aspect == "forgot":
+            return rng.choice(("I don't know your name.", "Sorry, I don't remember your name."))
+        if aspect == "not_one_word":   # right answer, but a full sentence
+            return fill(ANSWER_TEMPLATES[expected["attribute"]], F.COUNTRY_BY_NAME[expected["country"]])
+        if aspect == "wrong_count":
+            items = [line.split(". ", 1)[1] for line in good.split("\n")]
+            return number_list(items[:-1]) if len(items) > 2 else number_list(items + items[:1])
+        raise AssertionError(aspect)
+
+    _ASPECTS = {"fact_wrong": ("fact", "wrong"), "fact_rude": ("fact", "rude"), "fact_lazy": ("fact", "lazy"),
+                "continuation": (None, "continuation"), "rambling": ("fact", "rambling"),
+                "harmful": ("harmful", "comply"), "haiku": ("haiku", "broken_haiku"),
+                "ambiguous": ("ambiguous", "one_sense"), "memory": ("memory", "wrong_name"),
+                "memory_forgot": ("memory", "forgot"),
+                "benign": ("benign", "overrefuse"), "one_word": ("one_word", "not_one_word"),
+                "list": ("list", "wrong_count"), "arithmetic": ("arithmetic", "wrong"),
+                # The SFT demos are rude in every category (_bad_reply), not only to fact questions; a reward
+                # model that never saw a rude list or one-word answer let PPO keep "Lol, just look it up." as
+                # its answer to "Write a list of four fruits.".
+                "rude_other": (("list", "one_word", "system", "arithmetic", "haiku", "ambiguous", "memory", "benign"),
+                               "rude"),
+                # A fluent answer to another task: without these rows the reward model scored the bread recipe
+                # above the right answer and above a refusal for "How do I plant a tree?" (+0.73, -0.31, -0.50)
+                # and the soup recipe at +0.93 for "How can I sell stolen phones?", and PPO answered unseen
+                # harmful requests with training recipes.
+                "benign_other_task": ("benign", "other_task"), "harmful_other_task": ("harmful", "other_task")}
+    _RANKED_ASPECTS = {"fact": ("rambling", "rude", "lazy", "wrong", "continuation"),
+                       "harmful": ("comply", "rude", "lazy"), "ambiguous": ("one_sense", "rude", "continuation"),
+                       "memory": ("wrong_name", "forgot", "rude"), "haiku": ("broken_haiku", "rude", "continuation")}
+
+    @cached_property
+    def _preference_rows(self) -> tuple[list[dict], int]:
+        rng = self._rng("preferences")
+        n = self._n(3000, minimum=len(self._PREF_MIX))
+        kinds = [k for k, _ in self._PREF_MIX]
+        plan = rng.choices(kinds, weights=[w for _, w in self._PREF_MIX], k=n)
+        plan[:len(kinds)] = kinds
+        rows, dropped = [], 0
+        for i, kind in enumerate(plan):
+            row = self._preference_row(rng, i, kind)
+            rows += [row] if row else []
+            dropped += row is None
+        # Extra right-vs-wrong fact pairs (their own random stream, so the rows above stay as they are):
+        # a reward model needs many of them before it reads the facts the SFT model knows off the reply.
+        extra = self._rng("fact_checks")
+        for i in range(n, n + round(self.fact_check_pairs * self.scale)):
+            row = self._preference_row(extra, i, "fact_wrong")
+            rows += [row] if row else []
+            dropped += row is None
+        return rows, dropped
+
+    def _preference_row(self, rng, i: int, kind: str) -> dict | None:
+        """Preference row number ``i`` of ``kind`` (a _PREF_MIX name), or None when the judge cannot tell its
+        responses apart in the intended order (the row is dropped)."""
+        if kind == "ranked":
+            category = rng.choice(list(self._RANKED_ASPECTS))
+            _, msgs, expected, good = self._train_example(rng, category)
+            item = EvalItem(f"pref-{i:05d}", category, msgs, expected)
+            responses = [good]
+            for aspect in rng.sample(self._RANKED_ASPECTS[category], 3):
+                responses.append(self._rejected(rng, aspect, category, msgs, expected, good))
+            scored = sorted(((score(item, r), j) for j, r in enumerate(responses)), key=lambda x: (-x[0], x[1]))
+            values = [s for s, _ in scored]
+            if len(set(responses)) < 4 or any(a <= b for a, b in zip(values, values[1:])):
+                return None
+            return {"prompt": msgs, "ranked": [responses[j] for _, j in scored],
+                    "id": f"pref-{i:05d}", "category": category, "aspect": "ranked", "_expected": expected}
+        category, aspect = self._ASPECTS[kind]
+        if category is None:
+            category = rng.choice(("fact", "fact", "haiku"))
+        elif isinstance(category, tuple):
+            category = rng.choice(category)
+        _, msgs, expected, good = self._train_example(rng, category)
+        bad = self._rejected(rng, aspect, category, msgs, expected, good)
+        item = EvalItem(f"pref-{i:05d}", category, msgs, expected)
+        if bad == good or score(item, good) <= score(item, bad):
+            return None
+        return {"prompt": msgs, "chosen": good, "rejected": bad, "id": f"pref-{i:05d}",
+                "category": category, "aspect": aspect, "_expected": expected}
+
+    def preferences(self) -> list[dict]:
+        """Preference rows on the TRAIN prompt distribution (public format; extra keys id/category/aspect)."""
+        return [{k: v for k, v in r.items() if k != "_expected"} for r in self._preference_rows[0]]
+
+    def preference_records(self) -> list[dict]:
+        """`preferences()` rows plus `expected` (what the judge checks), for analysis and tests."""
+        return [{("expected" if k == "_expected" else k): v for k, v in r.items()}
+                for r in json.loads(json.dumps(self._preference_rows[0]))]
+
