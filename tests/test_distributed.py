@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from chatsmith.model import frozen_weight_masks, plant_induction_head, plant_previous_token_head
+from chatsmith.planted import frozen_weight_masks, plant_induction_head, plant_previous_token_head
 from chatsmith.utils import read_metrics
 
 from conftest import make_tokenizer

@@ -64,7 +64,7 @@ def test_grpo_world_reward_uses_the_judge(tmp_path):
                            prompts=prompts)
     result = trainer.run()
     assert result.metrics["clip_fraction"] == 0.0   # one update per batch: ratio exactly 1, nothing clipped
-    rollout, rewards = trainer._last_samples
+    rollout, rewards = trainer.last_samples
     from chatsmith.data.judge import score
 
     for i in range(rollout.batch_size):

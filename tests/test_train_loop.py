@@ -1,4 +1,4 @@
-"""Tests for chatsmith.train.loop: schedule, optimizer groups, batch source, exact resume, atomic checkpoints,
+"""Tests for the shared training loop (chatsmith.train.run, supervised, optim, batching, checkpoint): schedule, optimizer groups, batch source, exact resume, atomic checkpoints,
 NaN detection and the accumulated-batch loss normalisation.
 
 Run: python -m pytest tests/test_train_loop.py -x -q
@@ -14,8 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from chatsmith.errors import ChatsmithError
-from chatsmith.train.loop import (Checkpointer, ShardedBatchSource, TrainConfig, Trainer, TrainingDiverged,
-                                  build_optimizer, build_scheduler, lr_multiplier)
+from chatsmith.train.batching import ShardedBatchSource
+from chatsmith.train.checkpoint import Checkpointer
+from chatsmith.train.config import TrainConfig
+from chatsmith.train.optim import build_optimizer, build_scheduler, lr_multiplier
+from chatsmith.train.run import TrainingDiverged
+from chatsmith.train.supervised import Trainer
 from chatsmith.utils import read_metrics, set_seed
 
 VOCAB = 64
@@ -24,14 +28,14 @@ VOCAB = 64
 def tiny_llama(seed: int = 0, dropout: float = 0.0, tie: bool = False, planted: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from chatsmith.model import plant_induction_head, plant_previous_token_head
+    from chatsmith.planted import plant_induction_head, plant_previous_token_head
 
     set_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       attention_dropout=dropout, tie_word_embeddings=tie)
     model = LlamaForCausalLM(cfg)
-    if planted:                 # the induction init's frozen slices (restored after every optimizer step)
+    if planted:                 # the induction init's frozen slices (kept by --freeze-planted)
         plant_previous_token_head(model)
         plant_induction_head(model)
     return model
@@ -153,7 +157,7 @@ def test_batch_source_shards_by_rank_from_env(monkeypatch):
 
 @pytest.mark.parametrize("planted", [False, True])
 def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path, planted):
-    full, full_model = run(config(tmp_path / "a", save_every=3), planted=planted)
+    full, full_model = run(config(tmp_path / "a", save_every=3, freeze_planted=planted), planted=planted)
     full.run()
     expected = [r["loss"] for r in read_metrics(tmp_path / "a" / "run") if "loss" in r]
     assert len(expected) == 6
@@ -166,11 +170,13 @@ def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path, planted):
             raise KeyboardInterrupt
         return lm_loss(model, batch)
 
-    interrupted, _ = run(config(tmp_path / "b", save_every=3), loss_fn=crashing_loss, planted=planted)
+    interrupted, _ = run(config(tmp_path / "b", save_every=3, freeze_planted=planted), loss_fn=crashing_loss,
+                         planted=planted)
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
     assert Checkpointer(tmp_path / "b" / "run").step() == 3
-    resumed, resumed_model = run(config(tmp_path / "b", save_every=3, resume=True), planted=planted)
+    resumed, resumed_model = run(config(tmp_path / "b", save_every=3, resume=True, freeze_planted=planted),
+                                 planted=planted)
     result = resumed.run()
     assert result.resumed_from == 3 and result.step == 6
     got = [r["loss"] for r in read_metrics(tmp_path / "b" / "run") if "loss" in r]

@@ -209,11 +209,11 @@ def _init_code_digest() -> str:
     base model."""
     import inspect
 
-    from chatsmith import model
+    from chatsmith import planted
 
     parts = [inspect.getsource(f).replace(f.__doc__ or "", "") for f in (
-        model.plant_previous_token_head, model.induction_code_dims, model.plant_induction_head)]
-    constants = {k: v for k, v in vars(model).items() if k.startswith(("INDUCTION_", "PREV_TOKEN_"))}
+        planted.plant_previous_token_head, planted.induction_code_dims, planted.plant_induction_head)]
+    constants = {k: v for k, v in vars(planted).items() if k.startswith(("INDUCTION_", "PREV_TOKEN_"))}
     return _digest([parts, constants])
 
 

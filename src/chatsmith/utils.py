@@ -1,4 +1,7 @@
-"""Small shared helpers: seeding, atomic file writes, JSONL, rank awareness, metrics logging."""
+"""Small shared helpers: seeding, atomic file writes, JSONL, rank awareness, messages, metrics logging.
+
+Tests: every test file uses them; `python -m pytest tests/test_train_loop.py -q` covers the metrics file.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,6 +94,12 @@ def set_seed(seed: int) -> None:
         pass
 
 
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A per-step seed, so the random draws of step k (an RL rollout, a minibatch order) are the same in a
+    resumed and an uninterrupted run; ``salt`` separates the streams used within one step."""
+    return (seed * 1_000_003 + step * 7_919 + salt) % (2**31 - 1)
+
+
 def resolve_device(device: str = "auto") -> str:
     """'auto' picks cuda (the local rank's GPU under torchrun), then mps, then cpu."""
     import torch
@@ -101,6 +111,14 @@ def resolve_device(device: str = "auto") -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+# ----------------------------------------------------------------------------- messages
+
+def note(message: str) -> None:
+    """A line for the user on stderr, from the main process only (other ranks would repeat it)."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- atomic files

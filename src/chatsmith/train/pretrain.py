@@ -36,8 +36,10 @@ import torch
 from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.model import INITS
-from chatsmith.train.loop import (ShardedBatchSource, TrainConfig, Trainer, TrainResult, evaluate_loss,
-                                  lm_loss_on_targets)
+from chatsmith.train.batching import ShardedBatchSource
+from chatsmith.train.config import TrainConfig
+from chatsmith.train.run import TrainResult
+from chatsmith.train.supervised import Trainer, evaluate_loss, lm_loss_on_targets
 from chatsmith.utils import is_main_process, rank, set_seed, world_size
 
 

@@ -48,10 +48,10 @@ import torch
 
 from chatsmith.config import arg, config_from_dict, load_yaml_config, save_config
 from chatsmith.errors import ChatsmithError, DataError
-from chatsmith.train.ppo import PPOConfig, PPOTrainer, _note, _step_seed
+from chatsmith.train.ppo import PPOConfig, PPOTrainer
 from chatsmith.train.rollout import PromptItem, WorldJudgeScorer, collect_rollout, load_policy, load_prompts
-from chatsmith.utils import (MetricsLogger, atomic_write_text, barrier, init_distributed, is_main_process, rank,
-                             read_jsonl, resolve_device, set_seed, world_size)
+from chatsmith.utils import (MetricsLogger, atomic_write_text, barrier, init_distributed, is_main_process, note,
+                             rank, read_jsonl, resolve_device, set_seed, step_seed, world_size)
 
 __all__ = ["RLHFConfig", "rlhf", "rank_with_world_judge", "RoundResult"]
 
@@ -178,7 +178,7 @@ class _RLHF:
                 info = json.loads(done.read_text())
                 results.append(RoundResult(k, info["policy"], info["reward_model"], info["metrics"]))
                 policy = info["policy"]
-                _note(f"rlhf: round {k} already finished, skipping (policy {policy})")
+                note(f"rlhf: round {k} already finished, skipping (policy {policy})")
                 continue
             results.append(self.run_round(k, policy))
             policy = results[-1].policy
@@ -189,7 +189,7 @@ class _RLHF:
         cfg = self.cfg
         rdir = self.round_dir(k)
         rdir.mkdir(parents=True, exist_ok=True)
-        _note(f"rlhf: round {k}/{cfg.rounds}: sampling {cfg.samples_per_prompt} responses to "
+        note(f"rlhf: round {k}/{cfg.rounds}: sampling {cfg.samples_per_prompt} responses to "
               f"{cfg.prompts_per_round} prompts from {policy_dir}")
         sample_rows, new_comparisons, label_score = self.sample_and_label(k, policy_dir)
         # Preference data so far = initial file + every earlier round's new comparisons + this round's.
@@ -225,7 +225,7 @@ class _RLHF:
         set_seed(cfg.seed + k)
         policy, tokenizer, fmt = load_policy(policy_dir, self.device)
         prompts, _ = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, k, salt=2))
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, k, salt=2))
         chosen = torch.randperm(len(prompts), generator=gen)[:cfg.prompts_per_round].tolist()
         if len(chosen) < self.world:
             raise ChatsmithError(f"rlhf: {len(chosen)} prompts per round cannot be split over {self.world} "
@@ -237,7 +237,7 @@ class _RLHF:
         stop = list(fmt.stop_token_ids(tokenizer)) or [int(tokenizer.eos_token_id)]
         rollout = collect_rollout(policy, None, tokenizer, [prompts[i].ids for i in index], index,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  stop_token_ids=stop, seed=_step_seed(cfg.seed, k, salt=3),
+                                  stop_token_ids=stop, seed=step_seed(cfg.seed, k, salt=3),
                                   need_policy_logprobs=False, first_row=lo * K)
         del policy
         texts_all, finished_all = rollout.texts, rollout.finished.tolist()
@@ -296,7 +296,7 @@ class _RLHF:
         settings.setdefault("lr", cfg.rm_lr)
         settings.setdefault("batch_size", cfg.rm_batch_size)
         rm_cfg = config_from_dict(RewardConfig, settings, source=cfg.rm_config or "rlhf")
-        _note(f"rlhf: round {k}: training the reward model on {rdir / 'preferences.jsonl'}")
+        note(f"rlhf: round {k}: training the reward model on {rdir / 'preferences.jsonl'}")
         return train_reward_model(rm_cfg) or {}
 
     def run_ppo(self, k: int, policy_dir: str, rdir: Path):
@@ -310,7 +310,7 @@ class _RLHF:
         settings.setdefault("max_new_tokens", cfg.max_new_tokens)
         settings.setdefault("max_len", cfg.max_len)
         ppo_cfg = config_from_dict(PPOConfig, settings, source=cfg.ppo_config or "rlhf")
-        _note(f"rlhf: round {k}: PPO from {policy_dir} against {rdir / 'rm'}")
+        note(f"rlhf: round {k}: PPO from {policy_dir} against {rdir / 'rm'}")
         return PPOTrainer(ppo_cfg).run()
 
     def _export_final(self, policy_dir: Path) -> None:
