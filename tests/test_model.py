@@ -340,6 +340,30 @@ def test_induction_circuit_stays_frozen_through_training_and_saving(chatml_token
         assert {n for n, _, _ in frozen_weight_masks(reloaded)} == set(masks)   # the reward model keeps it too
 
 
+def test_planted_slices_train_unless_the_run_asks_to_freeze_them(chatml_tokenizer):
+    """Freezing is a training option (--freeze-planted), never a side effect of the model's config: without it
+    every listed slice trains like the rest. And pretraining plants nothing unless asked."""
+    from chatsmith.train.config import TrainConfig
+    from chatsmith.train.optim import build_optimizer
+    from chatsmith.train.pretrain import PretrainConfig
+
+    assert PretrainConfig().init == "standard" and not TrainConfig().freeze_planted
+    assert frozen_weight_masks(create_model(PREV_TOKEN_MODEL, chatml_tokenizer)) == []
+    torch.manual_seed(0)
+    model = create_model(PREV_TOKEN_MODEL, chatml_tokenizer, init="induction")
+    masks = {name: mask.bool() for name, _, mask in frozen_weight_masks(model)}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    ids = torch.randint(10, len(chatml_tokenizer), (4, 32), generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert (params[name].detach() != before[name])[mask].any(), name   # the listed slices moved
+
+
 def test_induction_init_refuses_a_model_without_room(chatml_tokenizer):
     model = create_model(dict(PREV_TOKEN_MODEL, num_hidden_layers=1), chatml_tokenizer)
     with pytest.raises(ChatsmithError, match="2 decoder layers"):

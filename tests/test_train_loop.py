@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from chatsmith.errors import ChatsmithError
 from chatsmith.train.batching import ShardedBatchSource
@@ -334,5 +335,6 @@ def test_metrics_rows_and_config_written(tmp_path):
     assert [r["step"] for r in train_rows] == [1, 2, 3]
     assert {"lr", "grad_norm", "tokens_per_s", "n_targets"} <= set(train_rows[0])
     assert any(r.get("eval_loss") == 1.5 for r in rows)
-    assert (tmp_path / "run" / "train_config.yaml").is_file()
+    saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    assert saved["freeze_planted"] is False and saved["lr"] == 3e-3 and saved["report_to"] == "none"
     assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3

@@ -117,7 +117,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, fmt: Any) -> Any:
 
 # ----------------------------------------------------------------------------- create / load / save
 
-INITS = ("induction", "prev-token", "standard")
+INITS = ("standard", "prev-token", "induction")
 
 
 def create_model(preset: str | dict[str, Any], tokenizer: Any, init: str = "standard") -> Any:
