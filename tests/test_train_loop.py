@@ -338,3 +338,56 @@ def test_metrics_rows_and_config_written(tmp_path):
     saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
     assert saved["freeze_planted"] is False and saved["lr"] == 3e-3 and saved["report_to"] == "none"
     assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+
+
+# ----------------------------------------------------------------------------- TensorBoard, setting names
+
+def test_report_to_tensorboard_writes_the_logged_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, _ = run(config(tmp_path, max_steps=3, log_every=1, report_to="tensorboard"),
+                     eval_fn=lambda m: {"loss": 1.5})
+    trainer.run()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "run") if "loss" in r]
+    board = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in board] == [1, 2, 3]
+    assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
+    assert events.Scalars("eval/loss")[-1].value == pytest.approx(1.5)
+    assert "train/grad_norm" in events.Tags()["scalars"]
+
+
+def test_report_to_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import fails as if not installed
+    with pytest.raises(ChatsmithError, match="pip install tensorboard"):
+        run(config(tmp_path, report_to="tensorboard"))
+
+
+def test_transformers_setting_names_are_aliases_of_the_fields(tmp_path):
+    from chatsmith.cli import COMMANDS, build_parser
+    from chatsmith.config import parse_config
+    from chatsmith.train.ppo import PPOConfig
+    from chatsmith.train.sft import SFTConfig
+
+    cfg = parse_config(SFTConfig, ["--learning-rate", "3e-4", "--per-device-train-batch-size", "2",
+                                   "--gradient-accumulation-steps", "3", "--max-grad-norm", "0.5",
+                                   "--logging-steps", "5", "--save-steps", "7", "--eval-steps", "9",
+                                   "--num-train-epochs", "2", "--output-dir", "x"])
+    assert (cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.grad_clip) == (3e-4, 2, 3, 0.5)
+    assert (cfg.log_every, cfg.save_every, cfg.eval_every, cfg.epochs, cfg.out) == (5, 7, 9, 2.0, "x")
+    settings = tmp_path / "sft.yaml"
+    settings.write_text("learning_rate: 3.0e-4\nper_device_train_batch_size: 4\n")
+    from_yaml = parse_config(SFTConfig, ["--config", str(settings)])
+    assert (from_yaml.lr, from_yaml.batch_size) == (3e-4, 4)
+    assert parse_config(SFTConfig, ["--config", str(settings), "--lr", "1e-3"]).lr == 1e-3   # flags win
+    settings.write_text("learning_rate: 3.0e-4\nlr: 1.0e-3\n")
+    with pytest.raises(ChatsmithError, match="same setting"):
+        parse_config(SFTConfig, ["--config", str(settings)])
+    with pytest.raises(SystemExit):                       # ppo has no epochs: no --num-train-epochs either
+        parse_config(PPOConfig, ["--num-train-epochs", "2"])
+    help_text = build_parser(next(c for c in COMMANDS if c.name == "sft"))[0].format_help()
+    assert "--lr X, --learning-rate X" in help_text

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from chatsmith.config import arg, config_from_dict, load_yaml_config, save_config
+from chatsmith.config import arg, canonical_settings, config_from_dict, load_yaml_config, save_config
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.train.ppo import PPOConfig, PPOTrainer
 from chatsmith.train.rollout import PromptItem, WorldJudgeScorer, collect_rollout, load_policy, load_prompts
@@ -288,7 +288,9 @@ class _RLHF:
         from chatsmith.train.reward import RewardConfig, train_reward_model
 
         cfg = self.cfg
-        settings = {**self.rm_overrides, "model": cfg.policy, "data": str(rdir / "preferences.jsonl"),
+        # The YAML may use transformers' names (learning_rate): the defaults below must see them as fields.
+        overrides = canonical_settings(RewardConfig, self.rm_overrides, cfg.rm_config or "rlhf")
+        settings = {**overrides, "model": cfg.policy, "data": str(rdir / "preferences.jsonl"),
                     "out": str(rdir / "rm"), "seed": cfg.seed + k, "device": cfg.device,
                     "resume": cfg.resume, "progress": cfg.progress}
         settings.setdefault("max_steps", cfg.rm_steps)
@@ -301,7 +303,8 @@ class _RLHF:
 
     def run_ppo(self, k: int, policy_dir: str, rdir: Path):
         cfg = self.cfg
-        settings = {**self.ppo_overrides, "policy": policy_dir, "reward_model": str(rdir / "rm"),
+        overrides = canonical_settings(PPOConfig, self.ppo_overrides, cfg.ppo_config or "rlhf")
+        settings = {**overrides, "policy": policy_dir, "reward_model": str(rdir / "rm"),
                     "reference": cfg.policy if cfg.kl_anchor == "sft" else policy_dir,
                     "prompts": cfg.prompts, "out": str(rdir / "ppo"), "seed": cfg.seed + k,
                     "device": cfg.device, "resume": cfg.resume, "progress": cfg.progress}
