@@ -98,7 +98,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce_value(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML or string value to the field's declared type, with a clear error."""
     base, optional = _unwrap_optional(tp)
     if value is None:
@@ -115,7 +115,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin in (list, tuple):
             (inner,) = get_args(base)[:1] or (str,)
             items = value if isinstance(value, (list, tuple)) else [value]
-            return [_coerce(v, inner, where) for v in items]
+            return [coerce_value(v, inner, where) for v in items]
         if origin is dict:
             if not isinstance(value, dict):
                 raise ChatsmithError(f"{where}: expected a mapping, got {value!r}")
@@ -157,7 +157,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
             close = [n for n in names if n.split("_")[0] == name.split("_")[0]]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ChatsmithError(f"{source}: unknown setting {name!r} for {cls.__name__}{hint}")
-        kwargs[name] = _coerce(value, hints[name], f"{source}: field {name!r}")
+        kwargs[name] = coerce_value(value, hints[name], f"{source}: field {name!r}")
     try:
         return cls(**kwargs)
     except TypeError as exc:

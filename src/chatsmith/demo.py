@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chatsmith.config import _coerce, arg
+from chatsmith.config import arg, coerce_value
 from chatsmith.errors import ChatsmithError
 from chatsmith.utils import atomic_directory, atomic_write_text
 
@@ -175,7 +175,7 @@ def stage_settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
             if name not in names:
                 raise ChatsmithError(f"profile {cfg.profile!r}, stage {stage}: {cls.__name__} has no setting "
                                      f"{name!r}")
-            settings[stage][name] = _coerce(value, hints[name], f"--override {stage}.{name}")
+            settings[stage][name] = coerce_value(value, hints[name], f"--override {stage}.{name}")
     return settings
 
 
