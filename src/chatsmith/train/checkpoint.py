@@ -35,6 +35,7 @@ __all__ = ["Checkpointer", "rng_state", "set_rng_state", "save_final_model"]
 
 
 def rng_state() -> dict[str, Any]:
+    """The Python, NumPy, torch (and CUDA) random states, in a form ``torch.load(weights_only=True)`` reads."""
     py = random.getstate()
     np_state = np.random.get_state()
     state = {
@@ -50,6 +51,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` took, so a resumed run draws the same dropout masks and samples."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     name, keys, pos, has_gauss, cached = state["numpy"]
