@@ -45,9 +45,10 @@ from chatsmith.errors import ChatsmithError
 from chatsmith.model import ROW_MASK_ATTRIBUTE
 from chatsmith.utils import process_group_ready
 
-__all__ = ["all_reduce_sum", "sum_over_ranks", "all_reduce_gradients", "PARALLEL_MODES", "enable_activation_checkpointing", "shard_for_training", "is_sharded",
-           "full_state_dict", "save_weights", "load_full_state_dict", "full_optimizer_state",
-           "load_optimizer_state", "mask_embedding_gradients", "unsharded_root"]
+__all__ = ["all_reduce_sum", "sum_over_ranks", "all_reduce_gradients", "PARALLEL_MODES",
+           "enable_activation_checkpointing", "shard_for_training", "is_sharded", "full_state_dict", "save_weights",
+           "load_full_state_dict", "full_optimizer_state", "load_optimizer_state", "mask_embedding_gradients",
+           "unsharded_root", "local_tensor", "local_piece"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
 _LOCAL_MASK_ATTRIBUTE = "_chatsmith_row_mask_shard"   # this rank's rows of ROW_MASK_ATTRIBUTE's mask
