@@ -27,7 +27,9 @@ from pathlib import Path
 WORKER = r'''
 import json, os, resource, sys, time
 import torch
-from chatsmith.train.loop import ShardedBatchSource, TrainConfig, Trainer, lm_loss_on_targets
+from chatsmith.train.batching import ShardedBatchSource
+from chatsmith.train.config import TrainConfig
+from chatsmith.train.supervised import Trainer, lm_loss_on_targets
 from chatsmith.utils import is_main_process
 from transformers import AutoModelForCausalLM
 

@@ -113,7 +113,8 @@ def main() -> None:
         out = work / init
         cfg = PretrainConfig(data=corpus, out=str(out), init=init, preset="tiny", max_steps=args.steps,
                              batch_size=8, max_len=256, lr=3e-3, warmup_steps=30, save_every=0, log_every=10,
-                             eval_every=args.eval_every, eval_batches=8, progress=False)
+                             eval_every=args.eval_every, eval_batches=8, progress=False,
+                             freeze_planted=init == "induction")   # the induction circuit's wiring stays fixed
         pretrain(cfg)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         seconds = max(r.get("time", 0.0) for r in rows)           # training time, evaluations included

@@ -130,7 +130,8 @@ def run_chatsmith(work: Path, args) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from chatsmith.train.loop import ShardedBatchSource, Trainer
+    from chatsmith.train.batching import ShardedBatchSource
+    from chatsmith.train.supervised import Trainer
     from chatsmith.train.preference_functional import prefix_tree
     from chatsmith.train.reward import RewardConfig, TreeCollate, make_reward_loss
 

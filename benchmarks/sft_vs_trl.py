@@ -160,7 +160,8 @@ def run_chatsmith(work: Path, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chatsmith.chat.templates import get_format
-    from chatsmith.train.loop import ShardedBatchSource, Trainer
+    from chatsmith.train.batching import ShardedBatchSource
+    from chatsmith.train.supervised import Trainer
     from chatsmith.train.sft import SFTCollator, SFTConfig, assistant_loss, prepare_examples
 
     tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))

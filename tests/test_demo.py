@@ -169,18 +169,18 @@ def test_stage_keys_follow_the_bytes_each_stage_reads(tmp_path):
 
 
 def test_a_new_default_of_a_stage_setting_is_a_new_key(tmp_path, monkeypatch):
-    """An upgrade that changes a default the profile does not set (pretraining's `init`) must not reuse a
-    base model cached under the old default."""
+    """An upgrade that changes a default the profile does not set (pretraining's `eval_fraction`) must not
+    reuse a base model cached under the old default."""
     import dataclasses
 
     from chatsmith.train.pretrain import PretrainConfig
 
     settings = D.stage_settings(D.DemoConfig(profile="toy"))
-    assert "init" not in settings["pretrain"]
+    assert "eval_fraction" not in settings["pretrain"]
     (tmp_path / "corpus.jsonl").write_text("text\n")
     before = D._stage_key("pretrain", {}, settings, 0, tmp_path)
-    field = next(f for f in dataclasses.fields(PretrainConfig) if f.name == "init")
-    monkeypatch.setattr(field, "default", "standard")
+    field = next(f for f in dataclasses.fields(PretrainConfig) if f.name == "eval_fraction")
+    monkeypatch.setattr(field, "default", 0.5)
     assert D._stage_key("pretrain", {}, settings, 0, tmp_path) != before
 
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from chatsmith.model import frozen_weight_masks, plant_induction_head, plant_previous_token_head
+from chatsmith.planted import frozen_weight_masks, plant_induction_head, plant_previous_token_head
 from chatsmith.utils import read_metrics
 
 from conftest import make_tokenizer
@@ -82,14 +82,14 @@ def test_fsdp_sft_equals_one_process_and_its_checkpoints_resume_anywhere(tmp_pat
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=512, tie_word_embeddings=True))
     plant_previous_token_head(model)
-    plant_induction_head(model)          # its frozen slices must stay frozen on sharded weights too
+    plant_induction_head(model)          # --freeze-planted must keep its slices on sharded weights too
     model.save_pretrained(str(tmp_path / "base"))
     tok.save_pretrained(str(tmp_path / "base"))
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS * 4))
     # A constant learning rate, so that a 2-step run resumed to step 3 is the 3-step run.
     args = [*SFT_ARGS[:SFT_ARGS.index("--max-steps")], "--lr", "1e-2", "--warmup-steps", "0", "--min-lr-ratio", "1",
             "--device", "cpu", "--eval-fraction", "0.2", "--eval-every", "2", "--no-progress", "--log-every", "1",
-            "--save-every", "0", "--grad-accum", "2"]
+            "--save-every", "0", "--grad-accum", "2", "--freeze-planted"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "chatsmith"]
     single = [sys.executable, "-m", "chatsmith"]
     _run([*single, *args, "--max-steps", "3", "--batch-size", "2", "--out", "single"], tmp_path)

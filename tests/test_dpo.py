@@ -104,7 +104,7 @@ def test_dpo_raises_margin_and_saves_a_chat_model(tmp_path, sft_dir):
 
 
 def test_dpo_resume_matches_uninterrupted(tmp_path, sft_dir, monkeypatch):
-    from chatsmith.train import loop
+    from chatsmith.train import supervised
     from chatsmith.train.dpo import DPOConfig, dpo
     from chatsmith.utils import read_jsonl
 
@@ -112,17 +112,17 @@ def test_dpo_resume_matches_uninterrupted(tmp_path, sft_dir, monkeypatch):
     common = dict(model=str(sft_dir), data=data, batch_size=8, max_len=64, lr=1e-3, warmup_steps=1,
                   eval_fraction=0.0, log_every=1, save_every=2, progress=False)
     dpo(DPOConfig(out=str(tmp_path / "a"), max_steps=4, **common))
-    real_step = loop.Trainer.train_step
+    real_step = supervised.Trainer.train_step
 
     def crash_at_step_3(self):
         if self.step == 2:
             raise KeyboardInterrupt
         return real_step(self)
 
-    monkeypatch.setattr(loop.Trainer, "train_step", crash_at_step_3)
+    monkeypatch.setattr(supervised.Trainer, "train_step", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):       # interrupted after the step-2 checkpoint
         dpo(DPOConfig(out=str(tmp_path / "b"), max_steps=4, **common))
-    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
+    monkeypatch.setattr(supervised.Trainer, "train_step", real_step)
     dpo(DPOConfig(out=str(tmp_path / "b"), max_steps=4, resume=True, **common))
     losses = lambda p: [r["loss"] for r in read_jsonl(p / "metrics.jsonl") if "loss" in r]  # noqa: E731
     assert len(losses(tmp_path / "a")) == 4

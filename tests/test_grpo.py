@@ -65,7 +65,7 @@ def test_grpo_world_reward_uses_the_judge(tmp_path):
                            prompts=prompts)
     result = trainer.run()
     assert result.metrics["clip_fraction"] == 0.0   # one update per batch: ratio exactly 1, nothing clipped
-    rollout, rewards = trainer._last_samples
+    rollout, rewards = trainer.last_samples
     from chatsmith.world.judge import score
 
     for i in range(rollout.batch_size):
@@ -205,7 +205,7 @@ def test_grpo_with_a_users_reward_function(tmp_path, monkeypatch):
     scorer = make_scorer("py:user_reward_grpo:length_reward", tokenizer, "cpu")
     trainer = make_trainer(grpo_cfg(tmp_path, max_steps=2, prompts_per_step=2, num_generations=2), scorer)
     trainer.run()
-    rollout, rewards = trainer._last_samples
+    rollout, rewards = trainer.last_samples
     expected = [0.5 * len(t) + (100.0 if f else 0.0) for t, f in zip(rollout.texts, rollout.finished.tolist())]
     assert rewards.tolist() == pytest.approx(expected)
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]

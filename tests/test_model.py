@@ -17,9 +17,9 @@ from chatsmith.chat.render import render_chat, render_prompt
 from chatsmith.chat.templates import BUILTIN_SPECIAL_TOKENS, get_format
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import (PAD_TOKEN, PRESETS, build_tokenizer, count_parameters, create_model, disable_dropout,
-                             frozen_weight_masks, load_model, max_context_length, plant_induction_head,
-                             plant_previous_token_head, restrict_embedding_training,
-                             save_model, special_token_ids)
+                             load_model, max_context_length, restrict_embedding_training, save_model,
+                             special_token_ids)
+from chatsmith.planted import frozen_weight_masks, plant_induction_head, plant_previous_token_head
 from conftest import SAMPLE_TEXTS
 
 CONVERSATION = [
@@ -315,14 +315,15 @@ def test_induction_init_attends_to_the_token_after_the_earlier_occurrence_and_co
 def test_induction_circuit_stays_frozen_through_training_and_saving(chatml_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from chatsmith.train.loop import TrainConfig, build_optimizer
+    from chatsmith.train.config import TrainConfig
+    from chatsmith.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = create_model(PREV_TOKEN_MODEL, chatml_tokenizer, init="induction")
     masks = {name: mask.bool() for name, _, mask in frozen_weight_masks(model)}
     assert "model.layers.1.self_attn.q_proj.weight" in masks and "model.embed_tokens.weight" in masks
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1, freeze_planted=True))
     ids = torch.randint(10, len(chatml_tokenizer), (4, 32), generator=torch.Generator().manual_seed(3))
     for _ in range(3):
         model(ids, labels=ids).loss.backward()
@@ -337,6 +338,30 @@ def test_induction_circuit_stays_frozen_through_training_and_saving(chatml_token
     for loader in (AutoModelForCausalLM, AutoModelForSequenceClassification):
         reloaded = loader.from_pretrained(str(tmp_path / "m"))
         assert {n for n, _, _ in frozen_weight_masks(reloaded)} == set(masks)   # the reward model keeps it too
+
+
+def test_planted_slices_train_unless_the_run_asks_to_freeze_them(chatml_tokenizer):
+    """Freezing is a training option (--freeze-planted), never a side effect of the model's config: without it
+    every listed slice trains like the rest. And pretraining plants nothing unless asked."""
+    from chatsmith.train.config import TrainConfig
+    from chatsmith.train.optim import build_optimizer
+    from chatsmith.train.pretrain import PretrainConfig
+
+    assert PretrainConfig().init == "standard" and not TrainConfig().freeze_planted
+    assert frozen_weight_masks(create_model(PREV_TOKEN_MODEL, chatml_tokenizer)) == []
+    torch.manual_seed(0)
+    model = create_model(PREV_TOKEN_MODEL, chatml_tokenizer, init="induction")
+    masks = {name: mask.bool() for name, _, mask in frozen_weight_masks(model)}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    ids = torch.randint(10, len(chatml_tokenizer), (4, 32), generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert (params[name].detach() != before[name])[mask].any(), name   # the listed slices moved
 
 
 def test_induction_init_refuses_a_model_without_room(chatml_tokenizer):

@@ -278,3 +278,18 @@ def test_ppo_resume_equals_an_uninterrupted_run(tmp_path):
     assert rows(tmp_path / "a" / "ppo") == rows(tmp_path / "b" / "ppo")
     assert ((tmp_path / "a" / "ppo" / "samples.jsonl").read_text()
             == (tmp_path / "b" / "ppo" / "samples.jsonl").read_text())
+
+
+def test_ppo_and_grpo_supply_steps_to_the_shared_run():
+    """Resume, logging, samples, checkpoints and the final save live in chatsmith.train.run, once."""
+    import inspect
+
+    from chatsmith.train import grpo, ppo
+    from chatsmith.train.run import Stage
+
+    for module, cls in ((ppo, ppo.PPOTrainer), (grpo, grpo.GRPOTrainer)):
+        assert issubclass(cls, Stage)
+        source = inspect.getsource(module)
+        for copy in ("MetricsLogger", "save_config", "truncate", "save_final_model", "Progress(", "checkpointer.",
+                     "samples.jsonl\","):
+            assert copy not in source, (module.__name__, copy)

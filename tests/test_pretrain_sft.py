@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatsmith.train.loop import lm_loss_on_targets
+from chatsmith.train.supervised import lm_loss_on_targets
 from chatsmith.train.pretrain import pack_stream
 from chatsmith.train.sft import SFTCollator, assistant_loss, prepare_examples, shift_mask_to_targets
 

@@ -1,4 +1,4 @@
-"""Tests for chatsmith.train.loop: schedule, optimizer groups, batch source, exact resume, atomic checkpoints,
+"""Tests for the shared training loop (chatsmith.train.run, supervised, optim, batching, checkpoint): schedule, optimizer groups, batch source, exact resume, atomic checkpoints,
 NaN detection and the accumulated-batch loss normalisation.
 
 Run: python -m pytest tests/test_train_loop.py -x -q
@@ -12,10 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from chatsmith.errors import ChatsmithError
-from chatsmith.train.loop import (Checkpointer, ShardedBatchSource, TrainConfig, Trainer, TrainingDiverged,
-                                  build_optimizer, build_scheduler, lr_multiplier)
+from chatsmith.train.batching import ShardedBatchSource
+from chatsmith.train.checkpoint import Checkpointer
+from chatsmith.train.config import TrainConfig
+from chatsmith.train.optim import build_optimizer, build_scheduler, lr_multiplier
+from chatsmith.train.run import TrainingDiverged
+from chatsmith.train.supervised import Trainer
 from chatsmith.utils import read_metrics, set_seed
 
 VOCAB = 64
@@ -24,14 +29,14 @@ VOCAB = 64
 def tiny_llama(seed: int = 0, dropout: float = 0.0, tie: bool = False, planted: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from chatsmith.model import plant_induction_head, plant_previous_token_head
+    from chatsmith.planted import plant_induction_head, plant_previous_token_head
 
     set_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       attention_dropout=dropout, tie_word_embeddings=tie)
     model = LlamaForCausalLM(cfg)
-    if planted:                 # the induction init's frozen slices (restored after every optimizer step)
+    if planted:                 # the induction init's frozen slices (kept by --freeze-planted)
         plant_previous_token_head(model)
         plant_induction_head(model)
     return model
@@ -153,7 +158,7 @@ def test_batch_source_shards_by_rank_from_env(monkeypatch):
 
 @pytest.mark.parametrize("planted", [False, True])
 def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path, planted):
-    full, full_model = run(config(tmp_path / "a", save_every=3), planted=planted)
+    full, full_model = run(config(tmp_path / "a", save_every=3, freeze_planted=planted), planted=planted)
     full.run()
     expected = [r["loss"] for r in read_metrics(tmp_path / "a" / "run") if "loss" in r]
     assert len(expected) == 6
@@ -166,11 +171,13 @@ def test_resumed_run_matches_uninterrupted_run_exactly(tmp_path, planted):
             raise KeyboardInterrupt
         return lm_loss(model, batch)
 
-    interrupted, _ = run(config(tmp_path / "b", save_every=3), loss_fn=crashing_loss, planted=planted)
+    interrupted, _ = run(config(tmp_path / "b", save_every=3, freeze_planted=planted), loss_fn=crashing_loss,
+                         planted=planted)
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
     assert Checkpointer(tmp_path / "b" / "run").step() == 3
-    resumed, resumed_model = run(config(tmp_path / "b", save_every=3, resume=True), planted=planted)
+    resumed, resumed_model = run(config(tmp_path / "b", save_every=3, resume=True, freeze_planted=planted),
+                                 planted=planted)
     result = resumed.run()
     assert result.resumed_from == 3 and result.step == 6
     got = [r["loss"] for r in read_metrics(tmp_path / "b" / "run") if "loss" in r]
@@ -328,5 +335,59 @@ def test_metrics_rows_and_config_written(tmp_path):
     assert [r["step"] for r in train_rows] == [1, 2, 3]
     assert {"lr", "grad_norm", "tokens_per_s", "n_targets"} <= set(train_rows[0])
     assert any(r.get("eval_loss") == 1.5 for r in rows)
-    assert (tmp_path / "run" / "train_config.yaml").is_file()
+    saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    assert saved["freeze_planted"] is False and saved["lr"] == 3e-3 and saved["report_to"] == "none"
     assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+
+
+# ----------------------------------------------------------------------------- TensorBoard, setting names
+
+def test_report_to_tensorboard_writes_the_logged_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, _ = run(config(tmp_path, max_steps=3, log_every=1, report_to="tensorboard"),
+                     eval_fn=lambda m: {"loss": 1.5})
+    trainer.run()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "run") if "loss" in r]
+    board = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in board] == [1, 2, 3]
+    assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
+    assert events.Scalars("eval/loss")[-1].value == pytest.approx(1.5)
+    assert "train/grad_norm" in events.Tags()["scalars"]
+
+
+def test_report_to_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import fails as if not installed
+    with pytest.raises(ChatsmithError, match="pip install tensorboard"):
+        run(config(tmp_path, report_to="tensorboard"))
+
+
+def test_transformers_setting_names_are_aliases_of_the_fields(tmp_path):
+    from chatsmith.cli import COMMANDS, build_parser
+    from chatsmith.config import parse_config
+    from chatsmith.train.ppo import PPOConfig
+    from chatsmith.train.sft import SFTConfig
+
+    cfg = parse_config(SFTConfig, ["--learning-rate", "3e-4", "--per-device-train-batch-size", "2",
+                                   "--gradient-accumulation-steps", "3", "--max-grad-norm", "0.5",
+                                   "--logging-steps", "5", "--save-steps", "7", "--eval-steps", "9",
+                                   "--num-train-epochs", "2", "--output-dir", "x"])
+    assert (cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.grad_clip) == (3e-4, 2, 3, 0.5)
+    assert (cfg.log_every, cfg.save_every, cfg.eval_every, cfg.epochs, cfg.out) == (5, 7, 9, 2.0, "x")
+    settings = tmp_path / "sft.yaml"
+    settings.write_text("learning_rate: 3.0e-4\nper_device_train_batch_size: 4\n")
+    from_yaml = parse_config(SFTConfig, ["--config", str(settings)])
+    assert (from_yaml.lr, from_yaml.batch_size) == (3e-4, 4)
+    assert parse_config(SFTConfig, ["--config", str(settings), "--lr", "1e-3"]).lr == 1e-3   # flags win
+    settings.write_text("learning_rate: 3.0e-4\nlr: 1.0e-3\n")
+    with pytest.raises(ChatsmithError, match="same setting"):
+        parse_config(SFTConfig, ["--config", str(settings)])
+    with pytest.raises(SystemExit):                       # ppo has no epochs: no --num-train-epochs either
+        parse_config(PPOConfig, ["--num-train-epochs", "2"])
+    help_text = build_parser(next(c for c in COMMANDS if c.name == "sft"))[0].format_help()
+    assert "--lr X, --learning-rate X" in help_text

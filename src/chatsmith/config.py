@@ -10,6 +10,12 @@ field default < YAML file < explicit command-line flag.
         lr: float = arg(2e-5, "Peak learning rate.")
 
     cfg = parse_config(SFTConfig, ["--lr", "1e-4"])
+
+Settings also answer to the names transformers and TRL users know (`HF_ALIASES`): `--learning-rate 1e-4` or
+`learning_rate: 1e-4` in the YAML sets `lr`. The dataclass field keeps chatsmith's short name (it is what
+train_config.yaml records); `--help` lists the alias next to the flag.
+
+Tests: `python -m pytest tests/test_train_loop.py -q`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,45 @@ import yaml
 from chatsmith.errors import ChatsmithError
 
 T = typing.TypeVar("T")
+
+# transformers' TrainingArguments / TRL name -> chatsmith field. An alias works wherever its field exists (an
+# epochs alias only for the stages that have `epochs`), as a flag and as a YAML key.
+HF_ALIASES: dict[str, str] = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_grad_norm": "grad_clip",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "num_train_epochs": "epochs",
+    "output_dir": "out",
+    "gradient_checkpointing": "activation_checkpointing",
+    "max_length": "max_len",
+    "max_completion_length": "max_new_tokens",
+    "num_ppo_epochs": "ppo_epochs",
+}
+
+
+def aliases_for(cls: type) -> dict[str, str]:
+    """The `HF_ALIASES` that apply to ``cls``: its field exists and no field of ``cls`` has the alias's name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {alias: field for alias, field in HF_ALIASES.items() if field in names and alias not in names}
+
+
+def canonical_settings(cls: type, data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """``data`` with dashes turned into underscores and aliases into field names; a setting given under two
+    names is an error."""
+    aliases = aliases_for(cls)
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        name = aliases.get(name, name)
+        if name in out:
+            raise ChatsmithError(f"{source}: {given_as[name]!r} and {key!r} set the same setting ({name})")
+        out[name], given_as[name] = value, key
+    return out
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, choices: typing.Sequence[Any] | None = None,
@@ -53,7 +98,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce_value(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML or string value to the field's declared type, with a clear error."""
     base, optional = _unwrap_optional(tp)
     if value is None:
@@ -70,7 +115,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin in (list, tuple):
             (inner,) = get_args(base)[:1] or (str,)
             items = value if isinstance(value, (list, tuple)) else [value]
-            return [_coerce(v, inner, where) for v in items]
+            return [coerce_value(v, inner, where) for v in items]
         if origin is dict:
             if not isinstance(value, dict):
                 raise ChatsmithError(f"{where}: expected a mapping, got {value!r}")
@@ -107,13 +152,12 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
+    for name, value in canonical_settings(cls, data, source).items():
         if name not in names:
             close = [n for n in names if n.split("_")[0] == name.split("_")[0]]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
-            raise ChatsmithError(f"{source}: unknown setting {key!r} for {cls.__name__}{hint}")
-        kwargs[name] = _coerce(value, hints[name], f"{source}: field {key!r}")
+            raise ChatsmithError(f"{source}: unknown setting {name!r} for {cls.__name__}{hint}")
+        kwargs[name] = coerce_value(value, hints[name], f"{source}: field {name!r}")
     try:
         return cls(**kwargs)
     except TypeError as exc:
@@ -136,8 +180,10 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per dataclass field. Defaults are SUPPRESSed so we can tell what was given."""
     hints = _field_types(cls)
+    aliases = aliases_for(cls)
     parser.add_argument("--config", metavar="FILE.yaml",
-                        help="Read settings from a YAML file (keys are the flag names); flags override it.")
+                        help="Read settings from a YAML file (keys are the flag names or their transformers "
+                             "aliases); flags override it.")
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -146,7 +192,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         help_text = meta.get("help", "")
-        names = [flag_name(f.name)]
+        names = [flag_name(f.name)] + [flag_name(a) for a, target in aliases.items() if target == f.name]
         if meta.get("short"):
             names.insert(0, meta["short"])
         if tp is bool:
@@ -187,7 +233,7 @@ def config_from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
     values: dict[str, Any] = {}
     config_path = getattr(ns, "config", None)
     if config_path:
-        values.update({k.replace("-", "_"): v for k, v in load_yaml_config(config_path).items()})
+        values.update(canonical_settings(cls, load_yaml_config(config_path), source=config_path))
     names = {f.name for f in dataclasses.fields(cls)}
     for name, value in vars(ns).items():
         if name in names:

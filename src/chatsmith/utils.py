@@ -1,4 +1,7 @@
-"""Small shared helpers: seeding, atomic file writes, JSONL, rank awareness, metrics logging."""
+"""Small shared helpers: seeding, atomic file writes, JSONL, rank awareness, messages, metrics logging.
+
+Tests: every test file uses them; `python -m pytest tests/test_train_loop.py -q` covers the metrics file.
+"""
 
 from __future__ import annotations
 
@@ -95,6 +98,12 @@ def set_seed(seed: int) -> None:
         torch.manual_seed(seed)
     except ImportError:  # pragma: no cover - torch is a hard dependency
         pass
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A per-step seed, so the random draws of step k (an RL rollout, a minibatch order) are the same in a
+    resumed and an uninterrupted run; ``salt`` separates the streams used within one step."""
+    return (seed * 1_000_003 + step * 7_919 + salt) % (2**31 - 1)
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -15,7 +15,7 @@ and IPO (`--loss-type ipo`, Azar et al. 2023).
 
 Reports per step and on a held-out split: implicit reward accuracy (share of pairs where
 beta * log(pi/ref) ranks the chosen response higher), mean implicit reward margin, chosen/rejected
-rewards and log-probs. Checkpoints and `--resume` go through the shared `train/loop.py` Trainer; the
+rewards and log-probs. Checkpoints and `--resume` go through the shared `train/supervised.py` Trainer; the
 result in `--out` is a standard HF chat model directory.
 
 Run the tests: `python -m pytest tests/test_dpo.py -q`.
@@ -103,7 +103,8 @@ class DPOCollate:
 def reference_logprobs(model: nn.Module, trees: Sequence[PrefixTree], pad_id: int, batch_size: int,
                        device: str, amp_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Per tree, the `(K,)` summed response log-probs under `model` (the frozen reference), on CPU."""
-    from chatsmith.train.loop import autocast_context, move_to_device
+    from chatsmith.train.batching import move_to_device
+    from chatsmith.train.devices import autocast_context
 
     was_training = model.training
     model.eval()
@@ -161,7 +162,7 @@ def make_dpo_loss(cfg: DPOConfig):
 @torch.no_grad()
 def evaluate_dpo(model: nn.Module, batches: Sequence[DPOBatch], cfg: DPOConfig) -> dict[str, float]:
     """Held-out DPO loss, implicit reward accuracy and margin over pre-collated batches."""
-    from chatsmith.train.loop import move_to_device
+    from chatsmith.train.batching import move_to_device
 
     device = next(model.parameters()).device
     total, n = 0.0, 0
@@ -182,7 +183,9 @@ def evaluate_dpo(model: nn.Module, batches: Sequence[DPOBatch], cfg: DPOConfig) 
 def dpo(cfg: DPOConfig) -> dict[str, Any]:
     """`chatsmith dpo`: train the policy with DPO against its own starting weights; returns final metrics."""
     from chatsmith.model import load_model
-    from chatsmith.train.loop import ShardedBatchSource, Trainer, resolve_dtype
+    from chatsmith.train.batching import ShardedBatchSource
+    from chatsmith.train.devices import resolve_dtype
+    from chatsmith.train.supervised import Trainer
     from chatsmith.utils import atomic_write_text, is_main_process, resolve_device, set_seed, world_size
 
     if cfg.beta <= 0:

@@ -33,31 +33,29 @@ processes train exactly what one process with N x P prompts per step trains (tes
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from chatsmith.config import arg, save_config
+from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, restrict_embedding_training
 from chatsmith.train import rl_functional as F
-from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, TrainConfig, TrainingDiverged,
-                                  all_reduce_gradients, all_reduce_sum, autocast_context, build_optimizer,
-                                  build_scheduler, resolve_dtype)
-from chatsmith.train.parallel import enable_activation_checkpointing
-from chatsmith.train.ppo import _note, _step_seed, format_samples_table, save_policy_into
+from chatsmith.train.batching import ShardedBatchSource
+from chatsmith.train.config import TrainConfig
+from chatsmith.train.devices import autocast_context
+from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradients
+from chatsmith.train.parallel import all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout,
                                      freeze, load_policy, load_prompts, make_scorer, micro_batch_tensors,
                                      response_forward, rollout_micro_batches)
-from chatsmith.utils import (MetricsLogger, barrier, init_distributed, is_main_process, rank, read_jsonl,
-                             resolve_device, set_seed, world_size)
+from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
+from chatsmith.utils import note, rank, set_seed, step_seed, world_size
 
-__all__ = ["GRPOConfig", "grpo", "GRPOTrainer", "GRPOResult"]
+__all__ = ["GRPOConfig", "grpo", "GRPOTrainer"]
 
 
 @dataclass
@@ -100,16 +98,14 @@ class GRPOConfig(TrainConfig):
     entropy: bool = arg(True, "Log the policy's entropy (computed from the update's logits).")
 
 
-@dataclass
-class GRPOResult:
-    out: Path
-    step: int
-    metrics: dict[str, float]
-    resumed_from: int | None
+class GRPOTrainer(Stage):
+    """Policy + (optional) frozen reference + a reward function; supplies GRPO steps to a
+    `chatsmith.train.run.Run` (which owns resume, logging, samples, checkpoints and the final save).
+    `grpo(cfg)` is the command."""
 
-
-class GRPOTrainer:
-    """Policy + (optional) frozen reference + a reward function; runs GRPO steps. `grpo(cfg)` is the command."""
+    name = "grpo"
+    progress_keys = ("reward", "kl")
+    throughput = "episodes"
 
     def __init__(self, cfg: GRPOConfig, policy: nn.Module | None = None, tokenizer: Any = None, fmt: Any = None,
                  reference: nn.Module | None = None, scorer: Any = None, prompts: list[PromptItem] | None = None,
@@ -126,13 +122,13 @@ class GRPOTrainer:
         ]:
             if not ok:
                 raise ChatsmithError(message)
+        self.runner = Run(cfg, "grpo")
         self.cfg = cfg
-        self.out = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
-        self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
+        self.sample_every, self.num_samples = cfg.sample_every, cfg.num_samples
+        self.device, self.amp_dtype = self.runner.device, self.runner.amp_dtype
         # Under torchrun each rank samples --prompts-per-step prompts of one global batch and the gradients
-        # are averaged over ranks before every optimizer step (loop.all_reduce_gradients).
-        self.distributed = init_distributed(self.device)
+        # are averaged over ranks before every optimizer step (parallel.all_reduce_gradients).
+        self.distributed = self.runner.distributed
         self.rank, self.world = (rank(), world_size()) if self.distributed else (0, 1)
         set_seed(cfg.seed)
         if policy is None:
@@ -157,7 +153,7 @@ class GRPOTrainer:
         if prompts is None:
             prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
             if dropped:
-                _note(f"grpo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
+                note(f"grpo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
         self.prompts = prompts
         # One global batch of prompts per step, the same order on every rank; rank r takes the r-th slice.
         # Every step is a whole batch (an epoch's remainder is dropped): a short one would leave ranks empty.
@@ -165,11 +161,9 @@ class GRPOTrainer:
                                          seed=cfg.seed, drop_last=True, rank=0, world_size=1)
         self.optimizer = build_optimizer(self.policy, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, cfg.max_steps * cfg.num_iterations)
-        self.checkpointer = Checkpointer(self.out)
-        self.logger = MetricsLogger(self.out, stage="grpo")
         self.generate_fn = generate_fn
         self.step = 0
-        self._last_samples: tuple | None = None
+        self.last_samples: tuple | None = None
 
     # ------------------------------------------------------------------------- one step
     def rollout(self) -> Rollout:
@@ -182,7 +176,7 @@ class GRPOTrainer:
             return collect_rollout(self.policy, self.reference if cfg.beta != 0.0 else None, self.tokenizer,
                                    [self.prompts[i].ids for i in index], index,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   stop_token_ids=self.stop_token_ids, seed=_step_seed(cfg.seed, self.step),
+                                   stop_token_ids=self.stop_token_ids, seed=step_seed(cfg.seed, self.step),
                                    forward_batch_size=cfg.forward_batch_size,
                                    need_policy_logprobs=cfg.num_iterations > 1, generate_fn=self.generate_fn,
                                    first_row=self.rank * len(index), share_prompt=cfg.share_prompt)
@@ -199,7 +193,7 @@ class GRPOTrainer:
         stats = self._update(rollout, advantages)
         t3 = time.perf_counter()
         self.step += 1
-        self._last_samples = (rollout, rewards)
+        self.last_samples = (rollout, rewards)
         grouped = rewards.view(-1, cfg.num_generations)
         metrics = {
             "reward": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
@@ -253,9 +247,7 @@ class GRPOTrainer:
             # Every rank holds the same number of responses, so the mean over ranks of their per-response
             # mean gradients is the gradient of the global batch.
             all_reduce_gradients(self.policy.parameters(), average=True)
-            params = [p for p in self.policy.parameters() if p.grad is not None]
-            if params and cfg.grad_clip and cfg.grad_clip > 0:
-                step_stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            step_stats["grad_norm"] = clip_gradients(self.policy.parameters(), cfg.grad_clip)
             step_stats["lr"] = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -270,9 +262,9 @@ class GRPOTrainer:
         sums = all_reduce_sum([float(stats[k]) for k in keys], self.device)
         return {k: v / self.world for k, v in zip(keys, sums)}
 
-    # ------------------------------------------------------------------------- samples, checkpoints
+    # ------------------------------------------------------------------------- samples table
     def sample_rows(self, n: int) -> list[dict[str, Any]]:
-        rollout, rewards = self._last_samples
+        rollout, rewards = self.last_samples
         rows = []
         # One response from each of the first groups, so the table shows different prompts.
         for i in list(range(0, rollout.batch_size, self.cfg.num_generations))[:n]:
@@ -282,66 +274,17 @@ class GRPOTrainer:
                          "score": round(float(rewards[i]), 4), "ended_turn": bool(rollout.finished[i])})
         return rows
 
-    def _write_samples(self, rows: list[dict[str, Any]]) -> None:
-        if not is_main_process():
-            return
-        import json
+    # ------------------------------------------------------------------------- the Run's hooks
+    def run(self) -> TrainResult:
+        return self.runner.train(self)
 
-        with open(self.out / "samples.jsonl", "a", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        print(format_samples_table(rows), file=sys.stderr, flush=True)
+    def checkpoint_parts(self) -> CheckpointParts:
+        return CheckpointParts(self.policy, self.optimizer, self.scheduler, self.source)
 
-    def save_checkpoint(self) -> None:
-        self.checkpointer.save(self.step, self.policy, self.optimizer, self.scheduler, self.source.state_dict(),
-                               info={"stage": "grpo", "max_steps": self.cfg.max_steps})
-
-    def run(self) -> GRPOResult:
-        import json
-
-        from chatsmith.utils import atomic_write_text
-
-        cfg = self.cfg
-        resumed_from = None
-        samples = self.out / "samples.jsonl"
-        if cfg.resume and self.checkpointer.exists():
-            state = self.checkpointer.load(self.policy, self.optimizer, self.scheduler, self.source)
-            self.step = resumed_from = int(state["step"])
-            self.logger.truncate_after(self.step)
-            if is_main_process() and samples.exists():
-                kept = [r for r in read_jsonl(samples) if int(r.get("step", 0)) <= self.step]
-                atomic_write_text(samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-            _note(f"grpo: resuming from {self.checkpointer.path} at step {self.step}")
-        elif is_main_process():
-            for path in (self.out / "metrics.jsonl", samples):
-                path.unlink(missing_ok=True)
-        if is_main_process():
-            save_config(cfg, self.out / "train_config.yaml")
-        progress = Progress(cfg.max_steps, initial=self.step, desc="grpo", enabled=cfg.progress and sys.stderr.isatty())
-        metrics: dict[str, float] = {}
-        try:
-            while self.step < cfg.max_steps:
-                metrics = self.train_step()
-                progress.update(1, int(metrics["episodes"]), reward=metrics["reward"], kl=metrics.get("kl", 0.0))
-                if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps:
-                    self.logger.log(self.step, **metrics)
-                    if progress.bar is None and cfg.progress and is_main_process():
-                        _note(f"grpo step {self.step}/{cfg.max_steps} reward {metrics['reward']:.3f} "
-                              f"kl {metrics.get('kl', 0.0):.4f} len {metrics['response_length']:.1f}")
-                if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
-                    self._write_samples(self.sample_rows(cfg.num_samples))
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                    self.save_checkpoint()
-        finally:
-            progress.close()
-        if resumed_from is None or self.step > resumed_from:
-            self.save_checkpoint()
-        if is_main_process():
-            save_policy_into(self.policy, self.tokenizer, self.out)
-        barrier()   # the other ranks wait while rank 0 writes the model
-        return GRPOResult(self.out, self.step, metrics, resumed_from)
+    def final_model(self) -> nn.Module:
+        return self.policy
 
 
-def grpo(cfg: GRPOConfig) -> GRPOResult:
+def grpo(cfg: GRPOConfig) -> TrainResult:
     """`chatsmith grpo`: see the module docstring."""
     return GRPOTrainer(cfg).run()

@@ -1,5 +1,6 @@
-"""Memory for big models: fully sharded data parallelism (FSDP2, `--parallel fsdp` under torchrun) for the
-shared Trainer, and activation checkpointing (`--activation-checkpointing`) for every training command.
+"""Several processes and big models: the collectives every stage uses under torchrun (`all_reduce_sum`,
+`sum_over_ranks`, `all_reduce_gradients`), fully sharded data parallelism (FSDP2, `--parallel fsdp`) for the
+supervised Trainer, and activation checkpointing (`--activation-checkpointing`) for every training command.
 
     torchrun --nproc-per-node 8 -m chatsmith sft --model runs/base --data chats.jsonl --parallel fsdp
 
@@ -35,21 +36,70 @@ Experiences on Scaling Fully Sharded Data Parallel" (VLDB 2023).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import ROW_MASK_ATTRIBUTE
+from chatsmith.utils import process_group_ready
 
-__all__ = ["PARALLEL_MODES", "enable_activation_checkpointing", "shard_for_training", "is_sharded",
-           "full_state_dict", "save_weights", "load_full_state_dict", "full_optimizer_state",
-           "load_optimizer_state", "mask_embedding_gradients", "unsharded_root"]
+__all__ = ["all_reduce_sum", "sum_over_ranks", "all_reduce_gradients", "PARALLEL_MODES",
+           "enable_activation_checkpointing", "shard_for_training", "is_sharded", "full_state_dict", "save_weights",
+           "load_full_state_dict", "full_optimizer_state", "load_optimizer_state", "mask_embedding_gradients",
+           "unsharded_root", "local_tensor", "local_piece"]
 
 PARALLEL_MODES = ("ddp", "fsdp")
 _LOCAL_MASK_ATTRIBUTE = "_chatsmith_row_mask_shard"   # this rank's rows of ROW_MASK_ATTRIBUTE's mask
 
+
+# ----------------------------------------------------------------------------- collectives
+
+def all_reduce_sum(values: list[float], device: Any) -> list[float]:
+    """Each value summed over ranks (one float64 all-reduce); the values themselves in one process."""
+    if not process_group_ready():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over ranks (a new tensor; the tensor itself in one process)."""
+    if not process_group_ready():
+        return t
+    t = t.clone()
+    torch.distributed.all_reduce(t)
+    return t
+
+
+def all_reduce_gradients(params: Iterable[nn.Parameter], average: bool) -> None:
+    """Sum (or average) the parameters' gradients over ranks in place, with one all-reduce of a flat buffer.
+
+    For the RL loops, which do their own accumulation instead of wrapping the model in DDP: `average` when
+    each rank's loss is already a mean over an equal share of the batch (GRPO), a plain sum when each rank
+    weighted its loss by its share of the global token count (PPO)."""
+    if not process_group_ready():
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:   # every rank must contribute a buffer of the same layout
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat)
+    if average:
+        flat /= torch.distributed.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# ----------------------------------------------------------------------------- FSDP
 
 def _dtensor_type():
     try:

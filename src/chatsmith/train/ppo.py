@@ -50,9 +50,7 @@ OUT/checkpoint holds policy + value + both optimizers and schedulers + beta + RN
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,21 +59,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from chatsmith.config import arg, save_config
+from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, restrict_embedding_training
+from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, quiet_transformers,
+                             restrict_embedding_training)
 from chatsmith.train import rl_functional as F
-from chatsmith.train.loop import (Checkpointer, Progress, ShardedBatchSource, TrainConfig, TrainingDiverged,
-                                  all_reduce_gradients, all_reduce_sum, autocast_context, build_optimizer,
-                                  build_scheduler, resolve_dtype, save_final_model, sum_over_ranks)
-from chatsmith.train.parallel import enable_activation_checkpointing
+from chatsmith.train.batching import ShardedBatchSource
+from chatsmith.train.config import TrainConfig
+from chatsmith.train.devices import autocast_context
+from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradients
+from chatsmith.train.parallel import (all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing,
+                                      sum_over_ranks)
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout,
                                      freeze, load_policy, load_prompts, make_scorer, micro_batch_tensors,
                                      response_forward, rollout_micro_batches, value_forward)
-from chatsmith.utils import (MetricsLogger, atomic_directory, atomic_write_text, barrier, init_distributed,
-                             is_main_process, rank, read_jsonl, resolve_device, set_seed, world_size)
+from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
+from chatsmith.utils import atomic_directory, note, rank, set_seed, step_seed, world_size
 
-__all__ = ["PPOConfig", "ppo", "PPOTrainer", "PPOResult"]
+__all__ = ["PPOConfig", "ppo", "PPOTrainer"]
 
 
 @dataclass
@@ -123,14 +124,6 @@ class PPOConfig(TrainConfig):
     save_value: bool = arg(True, "Also save the trained value model in OUT/value.")
 
 
-@dataclass
-class PPOResult:
-    out: Path
-    step: int
-    metrics: dict[str, float]
-    resumed_from: int | None
-
-
 class _Pair:
     """Two optimizers (or schedulers) saved and restored as one object by the shared Checkpointer."""
 
@@ -168,31 +161,31 @@ def _check_config(cfg: PPOConfig) -> None:
             raise ChatsmithError(message)
 
 
-def _step_seed(seed: int, step: int, salt: int = 0) -> int:
-    """A per-step seed, so the rollout of step k is the same in a resumed and an uninterrupted run."""
-    return (seed * 1_000_003 + step * 7_919 + salt) % (2**31 - 1)
-
-
-class PPOTrainer:
-    """Holds the four models and runs PPO steps. `ppo(cfg)` is the command; tests and `rlhf` use this too.
+class PPOTrainer(Stage):
+    """Holds the four models and supplies PPO steps to a `chatsmith.train.run.Run` (which owns resume, logging,
+    samples, checkpoints and the final save). `ppo(cfg)` is the command; tests and `rlhf` use this too.
 
     `scorer` and `generate_fn` can be injected (tests use a toy reward); by default the reward model at
     `cfg.reward_model` scores and `chatsmith.generate` samples.
     """
 
+    name = "ppo"
+    progress_keys = ("score", "kl")
+    throughput = "episodes"
+
     def __init__(self, cfg: PPOConfig, policy: nn.Module | None = None, tokenizer: Any = None, fmt: Any = None,
                  reference: nn.Module | None = None, value_model: nn.Module | None = None, scorer: Any = None,
                  prompts: list[PromptItem] | None = None, generate_fn: Any = None):
         _check_config(cfg)
+        self.runner = Run(cfg, "ppo")
         self.cfg = cfg
-        self.out = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
-        self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
+        self.sample_every, self.num_samples = cfg.sample_every, cfg.num_samples
+        self.device, self.amp_dtype = self.runner.device, self.runner.amp_dtype
         # Under torchrun each rank collects --rollout-batch-size episodes of one global batch; whitening,
         # the KL controller and the token-weighted losses use the whole batch's statistics, and the
         # gradients are summed over ranks (see _update), so W processes train what one process with W times
         # the rollout batch trains.
-        self.distributed = init_distributed(self.device)
+        self.distributed = self.runner.distributed
         self.rank, self.world = (rank(), world_size()) if self.distributed else (0, 1)
         self.sum_across = sum_over_ranks if self.distributed else None
         set_seed(cfg.seed)
@@ -226,7 +219,7 @@ class PPOTrainer:
         if prompts is None:
             prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
             if dropped:
-                _note(f"ppo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
+                note(f"ppo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
         self.prompts = prompts
         # One global batch of prompts per step, the same order on every rank; rank r takes the r-th slice.
         # Every step is a whole batch (an epoch's remainder is dropped): a short one would leave ranks empty.
@@ -241,10 +234,9 @@ class PPOTrainer:
                                build_scheduler(self.optimizer.value, value_cfg, total_optimizer_steps))
         self.kl_ctl = (F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
                        if cfg.kl_target is not None else F.FixedKLController(cfg.kl_coef))
-        self.checkpointer = Checkpointer(self.out)
-        self.logger = MetricsLogger(self.out, stage="ppo")
         self.generate_fn = generate_fn
         self.step = 0
+        self.last_samples: tuple | None = None
 
     # ------------------------------------------------------------------------- setup
     def _load_value_model(self) -> nn.Module:
@@ -255,8 +247,6 @@ class PPOTrainer:
 
         if not (Path(path) / "config.json").is_file():
             raise ChatsmithError(f"--value-model {path}: not a model directory (no config.json)")
-        from chatsmith.model import quiet_transformers
-
         with quiet_transformers():
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
 
@@ -269,7 +259,7 @@ class PPOTrainer:
             rollout = collect_rollout(self.policy, self.reference, self.tokenizer, prompt_ids, indices,
                                       max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                       stop_token_ids=self.stop_token_ids,
-                                      seed=_step_seed(self.cfg.seed, self.step),
+                                      seed=step_seed(self.cfg.seed, self.step),
                                       forward_batch_size=self.cfg.forward_batch_size, generate_fn=self.generate_fn,
                                       first_row=self.rank * per_rank)
         return rollout, indices
@@ -336,7 +326,7 @@ class PPOTrainer:
         # Ziegler et al. 2019: the controller sees the batch's mean per-episode KL (k1, summed over tokens).
         self.kl_ctl.update(episode_means["kl"], rollout.batch_size * self.world)
         self.step += 1
-        self._last_samples = (rollout, scores, indices)
+        self.last_samples = (rollout, scores, indices)
         return {
             **episode_means,
             "beta": beta,
@@ -362,7 +352,7 @@ class PPOTrainer:
         sums: dict[str, float] = {}
         norms: dict[str, float] = {}
         n_updates = 0
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, self.step, salt=1 + 7 * self.rank))
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, salt=1 + 7 * self.rank))
         self.policy.train()
         self.value_model.train()
         for _ in range(cfg.ppo_epochs):
@@ -399,8 +389,10 @@ class PPOTrainer:
                 # Each rank's loss carries its share of the global minibatch's tokens: the sum over ranks
                 # is the gradient of the whole minibatch.
                 all_reduce_gradients([*self.policy.parameters(), *self.value_model.parameters()], average=False)
-                norms["grad_norm"] = norms.get("grad_norm", 0.0) + self._clip(self.policy)
-                norms["value_grad_norm"] = norms.get("value_grad_norm", 0.0) + self._clip(self.value_model)
+                norms["grad_norm"] = norms.get("grad_norm", 0.0) + clip_gradients(self.policy.parameters(),
+                                                                                   cfg.grad_clip)
+                norms["value_grad_norm"] = norms.get("value_grad_norm", 0.0) + clip_gradients(
+                    self.value_model.parameters(), cfg.grad_clip)
                 for opt, sched in ((self.optimizer.policy, self.scheduler.policy),
                                    (self.optimizer.value, self.scheduler.value)):
                     opt.step()
@@ -412,17 +404,9 @@ class PPOTrainer:
         n_updates = max(1, n_updates)
         return ({k: v / n_updates for k, v in sums.items()}, {k: v / n_updates for k, v in norms.items()})
 
-    def _clip(self, model: nn.Module) -> float:
-        params = [p for p in model.parameters() if p.grad is not None]
-        if not params:
-            return 0.0
-        if self.cfg.grad_clip and self.cfg.grad_clip > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
-
     # ------------------------------------------------------------------------- samples table
     def sample_rows(self, n: int) -> list[dict[str, Any]]:
-        rollout, scores, indices = self._last_samples
+        rollout, scores, indices = self.last_samples
         rows = []
         for i in range(min(n, rollout.batch_size)):
             prompt = self.prompts[indices[i]]
@@ -431,113 +415,32 @@ class PPOTrainer:
                          "score": round(float(scores[i]), 4), "ended_turn": bool(rollout.finished[i])})
         return rows
 
-    def _write_samples(self, rows: list[dict[str, Any]]) -> None:
-        if not is_main_process():
+    # ------------------------------------------------------------------------- the Run's hooks
+    def run(self) -> TrainResult:
+        return self.runner.train(self)
+
+    def checkpoint_parts(self) -> CheckpointParts:
+        return CheckpointParts(self.models, self.optimizer, self.scheduler, self.source)
+
+    def final_model(self) -> nn.Module:
+        return self.policy
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl_ctl": self.kl_ctl.state_dict()}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.kl_ctl.load_state_dict(extra["kl_ctl"])
+
+    def save_extras(self, out: Path) -> None:
+        """OUT/value: the trained value model (an HF sequence-classification directory)."""
+        if not self.cfg.save_value:
             return
-        path = self.out / "samples.jsonl"
-        with open(path, "a", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        print(format_samples_table(rows), file=sys.stderr, flush=True)
-
-    def _truncate_samples(self, step: int) -> None:
-        path = self.out / "samples.jsonl"
-        if is_main_process() and path.exists():
-            kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-
-    # ------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> None:
-        self.checkpointer.save(self.step, self.models, self.optimizer, self.scheduler, self.source.state_dict(),
-                               extra={"kl_ctl": self.kl_ctl.state_dict()},
-                               info={"stage": "ppo", "max_steps": self.cfg.max_steps, "beta": self.kl_ctl.value})
-
-    def load_checkpoint(self) -> int:
-        state = self.checkpointer.load(self.models, self.optimizer, self.scheduler, self.source)
-        self.kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
-        self.step = int(state["step"])
-        return self.step
-
-    # ------------------------------------------------------------------------- the run
-    def run(self) -> PPOResult:
-        cfg = self.cfg
-        resumed_from = None
-        if cfg.resume and self.checkpointer.exists():
-            resumed_from = self.load_checkpoint()
-            self.logger.truncate_after(self.step)
-            self._truncate_samples(self.step)
-            _note(f"ppo: resuming from {self.checkpointer.path} at step {self.step}")
-        else:
-            if cfg.resume:
-                _note(f"ppo: --resume: no checkpoint in {self.checkpointer.path}, starting from step 0")
-            if is_main_process():
-                for name in ("metrics.jsonl", "samples.jsonl"):
-                    (self.out / name).unlink(missing_ok=True)
-        if is_main_process():
-            save_config(cfg, self.out / "train_config.yaml")
-        progress = Progress(cfg.max_steps, initial=self.step, desc="ppo",
-                            enabled=cfg.progress and sys.stderr.isatty())
-        metrics: dict[str, float] = {}
-        try:
-            while self.step < cfg.max_steps:
-                metrics = self.train_step()
-                progress.update(1, int(metrics["episodes"]), score=metrics["score"], kl=metrics["kl"])
-                if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps:
-                    self.logger.log(self.step, **metrics)
-                    if progress.bar is None and cfg.progress and is_main_process():
-                        _note(f"ppo step {self.step}/{cfg.max_steps} score {metrics['score']:.3f} "
-                              f"kl {metrics['kl']:.3f} beta {metrics['beta']:.4f} "
-                              f"len {metrics['response_length']:.1f}")
-                if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
-                    self._write_samples(self.sample_rows(cfg.num_samples))
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                    self.save_checkpoint()
-        finally:
-            progress.close()
-        if resumed_from is None or self.step > resumed_from:
-            self.save_checkpoint()
-        if is_main_process():
-            save_policy_into(self.policy, self.tokenizer, self.out)
-            if cfg.save_value:
-                self._save_value()
-        barrier()   # the other ranks wait while rank 0 writes the model
-        return PPOResult(self.out, self.step, metrics, resumed_from)
-
-    def _save_value(self) -> None:
-        with atomic_directory(self.out / "value") as tmp:
-            from chatsmith.model import quiet_transformers
-
+        with atomic_directory(out / "value") as tmp:
             with quiet_transformers():
                 self.value_model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
 
 
-def save_policy_into(model: nn.Module, tokenizer: Any, out: Path) -> None:
-    """Write the HF model files into `out`, keeping metrics.jsonl, samples.jsonl, checkpoint/ and value/
-    beside them (the shared `loop.save_final_model` stages the model and moves its files in one by one)."""
-    save_final_model(model, tokenizer, out, None)
-
-
-def format_samples_table(rows: list[dict[str, Any]], width: int = 60) -> str:
-    """A plain-text table of (prompt, response, score) rows for the terminal."""
-    def cut(text: str) -> str:
-        text = " ".join(str(text).split())
-        return text if len(text) <= width else text[:width - 1] + "…"
-
-    if not rows:
-        return ""
-    lines = [f"samples at step {rows[0]['step']}:", f"  {'score':>7}  {'prompt':<{width}}  response"]
-    for r in rows:
-        mark = "" if r.get("ended_turn", True) else " [no end-of-turn]"
-        lines.append(f"  {r['score']:>7.3f}  {cut(r['prompt']):<{width}}  {cut(r['response'])}{mark}")
-    return "\n".join(lines)
-
-
-def _note(message: str) -> None:
-    if is_main_process():
-        print(message, file=sys.stderr, flush=True)
-
-
-def ppo(cfg: PPOConfig) -> PPOResult:
+def ppo(cfg: PPOConfig) -> TrainResult:
     """`chatsmith ppo`: train the policy in cfg.policy against cfg.reward_model; see the module docstring."""
     return PPOTrainer(cfg).run()

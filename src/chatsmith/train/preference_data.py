@@ -22,7 +22,7 @@ from chatsmith.config import arg
 from chatsmith.data.formats import load_preferences, split_train_eval
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.reward_model import render_for_scoring
-from chatsmith.train.loop import TrainConfig, steps_for_epochs
+from chatsmith.train.config import TrainConfig, steps_for_epochs
 from chatsmith.train.preference_functional import PrefixTree, prefix_tree
 from chatsmith.utils import note
 

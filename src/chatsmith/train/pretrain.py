@@ -11,12 +11,12 @@ Rows cross document boundaries on purpose: no padding is wasted and the end-of-t
 where a document stops; attention may see the previous document's tail, which is harmless for a base model.
 A held-out share of documents (`--eval-fraction`) gives an eval loss.
 
-The model starts from transformers' initialisation with two circuits planted (`--init induction`, the default),
-which the tiny preset does not learn on its own at this budget: head 0 of layer 0 attends to the previous token
-(`chatsmith.model.plant_previous_token_head`), and three heads of layer 1 are induction heads that copy the
-token that followed an earlier occurrence of the current one (`chatsmith.model.plant_induction_head`; their
-wiring is listed in config.json and stays frozen in every stage). `--init prev-token` plants only the first,
-`--init standard` neither.
+The model starts from transformers' initialisation (`--init standard`, the default). `--init induction` plants
+two circuits the tiny preset does not learn on its own at a small budget (the demo asks for them): head 0 of
+layer 0 attends to the previous token (`chatsmith.planted.plant_previous_token_head`), and three heads of layer 1
+are induction heads that copy the token that followed an earlier occurrence of the current one
+(`chatsmith.planted.plant_induction_head`). Their wiring is listed in config.json; a run with `--freeze-planted`
+(this one or any later stage's) keeps it as it is. `--init prev-token` plants only the first.
 
 The tokenizer reserves the special tokens of `--template` (default chatml) so a later `chatsmith sft` needs
 no embedding resize. Output: `OUT/` is a standard Hugging Face model directory (config.json,
@@ -36,8 +36,10 @@ import torch
 from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.model import INITS
-from chatsmith.train.loop import (ShardedBatchSource, TrainConfig, Trainer, TrainResult, evaluate_loss,
-                                  lm_loss_on_targets)
+from chatsmith.train.batching import ShardedBatchSource
+from chatsmith.train.config import TrainConfig
+from chatsmith.train.run import TrainResult
+from chatsmith.train.supervised import Trainer, evaluate_loss, lm_loss_on_targets
 from chatsmith.utils import is_main_process, rank, set_seed, world_size
 
 
@@ -48,11 +50,12 @@ class PretrainConfig(TrainConfig):
     template: str = arg("chatml", "Chat format whose special tokens the tokenizer reserves and whose "
                                   "chat_template the saved tokenizer carries.")
     vocab_size: int = arg(0, "Tokenizer vocabulary size (0 = the preset's, else 4096).")
-    init: str = arg("induction", "Weight initialisation: induction (prev-token, plus three induction heads in "
-                                 "layer 1, with frozen wiring, that copy the token after an earlier occurrence "
-                                 "of the current one: chatsmith.model.plant_induction_head), prev-token "
-                                 "(transformers' init, then head 0 of layer 0 set to attend to the previous token: "
-                                 "chatsmith.model.plant_previous_token_head) or standard.", choices=INITS)
+    init: str = arg("standard", "Weight initialisation: standard (transformers' own), prev-token (then head 0 of "
+                                "layer 0 set to attend to the previous token: chatsmith.planted."
+                                "plant_previous_token_head) or induction (prev-token, plus three induction heads in "
+                                "layer 1 that copy the token after an earlier occurrence of the current one: "
+                                "chatsmith.planted.plant_induction_head; add --freeze-planted to keep their "
+                                "wiring fixed).", choices=INITS)
     eval_fraction: float = arg(0.02, "Share of documents held out for the eval loss.")
     eval_batches: int = arg(8, "Batches of held-out rows scored at each evaluation.")
     out: str = arg("runs/base", "Output directory (HF model dir + metrics.jsonl + checkpoint/).")

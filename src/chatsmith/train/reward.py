@@ -10,7 +10,7 @@ Loss `-logsigmoid(r_chosen - r_rejected - margin)` (Bradley & Terry 1952; Ouyang
 K-way ranking is one batch element whose K responses are each scored once and give all C(K, 2) pairs.
 All responses of an example sit in the same forward batch; their shared prompt is computed once
 (prefix-tree packing, `preference_functional.pack_trees`). One epoch by default, through the shared
-`train/loop.py` Trainer (checkpoints, `--resume`, metrics). A deterministic held-out split gives
+`train/supervised.py` Trainer (checkpoints, `--resume`, metrics). A deterministic held-out split gives
 pairwise accuracy and mean margin. Afterwards rewards are normalised to mean 0 / std 1 on responses
 sampled from the SFT model (or on the preference responses with `--norm-source preferences`;
 `reward_norm_source` in metrics.jsonl says which), and the (mean, std) is stored in config.json as
@@ -103,7 +103,7 @@ def evaluate_preferences(model: nn.Module, batches: Sequence[PackedTrees], margi
     """Held-out pairwise accuracy, mean margin r_better - r_worse, and mean loss over packed batches."""
     device = next(model.parameters()).device
     diffs, losses, n_examples = [], 0.0, 0
-    from chatsmith.train.loop import move_to_device
+    from chatsmith.train.batching import move_to_device
 
     for batch in batches:
         batch = move_to_device(batch, device)
@@ -151,7 +151,7 @@ def make_reward_loss(margin: float = 0.0):
 def accuracy_by_group(model: nn.Module, trees: Sequence[PrefixTree], metas: Sequence[dict], pad_id: int,
                       batch_size: int) -> dict[str, dict[str, float]]:
     """Held-out pairwise accuracy per data group (the row's `aspect`, else `category`, e.g. rude/wrong/lazy)."""
-    from chatsmith.train.loop import move_to_device
+    from chatsmith.train.batching import move_to_device
 
     if not trees:
         return {}
@@ -198,7 +198,9 @@ def _sample_sft_responses(causal_lm: nn.Module, tokenizer: Any, fmt: Any, prompt
 def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     """`chatsmith reward`: train, evaluate, normalise and save a reward model. Returns the final metrics."""
     from chatsmith.model import load_model
-    from chatsmith.train.loop import ShardedBatchSource, Trainer, save_final_model
+    from chatsmith.train.batching import ShardedBatchSource
+    from chatsmith.train.checkpoint import save_final_model
+    from chatsmith.train.supervised import Trainer
     from chatsmith.utils import MetricsLogger, atomic_write_text, resolve_device, set_seed
 
     set_seed(cfg.seed)
@@ -241,7 +243,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
         raw = score_conversations(probe, tokenizer, fmt, norm_conversations, cfg.batch_size, normalize=False,
                                   max_len=cfg.max_len)
     else:
-        from chatsmith.train.loop import move_to_device
+        from chatsmith.train.batching import move_to_device
 
         trees = train_tok.trees + eval_tok.trees
         with torch.no_grad():

@@ -48,7 +48,7 @@ __all__ = [
     "group_advantages", "grpo_loss",
 ]
 
-# Sums a tensor over the processes that each hold a share of the batch (`loop.sum_over_ranks`).
+# Sums a tensor over the processes that each hold a share of the batch (`parallel.sum_over_ranks`).
 SumAcross = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -87,7 +87,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
     With `unbiased` the sum of squares is divided by n - 1 (Bessel's correction), as in the reference
     implementation of Ziegler et al. / Huang 2024 (`masked_var(..., unbiased=True)`).
     `sum_across`: when the batch is split over processes, a function that sums a tensor over them
-    (`loop.sum_over_ranks`); the variance is then that of the whole batch, not of this process's share.
+    (`parallel.sum_over_ranks`); the variance is then that of the whole batch, not of this process's share.
     """
     mean = masked_mean(values, mask, sum_across=sum_across)
     n = _summed(mask.sum().to(values.dtype), sum_across)

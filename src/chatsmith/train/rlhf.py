@@ -49,13 +49,13 @@ from typing import Any
 
 import torch
 
-from chatsmith.config import arg, config_from_dict, load_yaml_config, save_config
+from chatsmith.config import arg, canonical_settings, config_from_dict, load_yaml_config, save_config
 from chatsmith.errors import ChatsmithError, DataError
-from chatsmith.train.ppo import PPOConfig, PPOTrainer, _note, _step_seed
+from chatsmith.train.ppo import PPOConfig, PPOTrainer
 from chatsmith.eval.judges import resolve_reward
 from chatsmith.train.rollout import FunctionScorer, PromptItem, collect_rollout, load_policy, load_prompts
-from chatsmith.utils import (MetricsLogger, atomic_write_text, barrier, init_distributed, is_main_process, rank,
-                             read_jsonl, resolve_device, set_seed, world_size)
+from chatsmith.utils import (MetricsLogger, atomic_write_text, barrier, init_distributed, is_main_process, note,
+                             rank, read_jsonl, resolve_device, set_seed, step_seed, world_size)
 
 __all__ = ["RLHFConfig", "rlhf", "rank_with_judge", "RoundResult"]
 
@@ -184,7 +184,7 @@ class _RLHF:
                 info = json.loads(done.read_text())
                 results.append(RoundResult(k, info["policy"], info["reward_model"], info["metrics"]))
                 policy = info["policy"]
-                _note(f"rlhf: round {k} already finished, skipping (policy {policy})")
+                note(f"rlhf: round {k} already finished, skipping (policy {policy})")
                 continue
             results.append(self.run_round(k, policy))
             policy = results[-1].policy
@@ -195,7 +195,7 @@ class _RLHF:
         cfg = self.cfg
         rdir = self.round_dir(k)
         rdir.mkdir(parents=True, exist_ok=True)
-        _note(f"rlhf: round {k}/{cfg.rounds}: sampling {cfg.samples_per_prompt} responses to "
+        note(f"rlhf: round {k}/{cfg.rounds}: sampling {cfg.samples_per_prompt} responses to "
               f"{cfg.prompts_per_round} prompts from {policy_dir}")
         sample_rows, new_comparisons, label_score = self.sample_and_label(k, policy_dir)
         # Preference data so far = initial file + every earlier round's new comparisons + this round's.
@@ -231,7 +231,7 @@ class _RLHF:
         set_seed(cfg.seed + k)
         policy, tokenizer, fmt = load_policy(policy_dir, self.device)
         prompts, _ = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
-        gen = torch.Generator().manual_seed(_step_seed(cfg.seed, k, salt=2))
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, k, salt=2))
         chosen = torch.randperm(len(prompts), generator=gen)[:cfg.prompts_per_round].tolist()
         if len(chosen) < self.world:
             raise ChatsmithError(f"rlhf: {len(chosen)} prompts per round cannot be split over {self.world} "
@@ -243,7 +243,7 @@ class _RLHF:
         stop = list(fmt.stop_token_ids(tokenizer)) or [int(tokenizer.eos_token_id)]
         rollout = collect_rollout(policy, None, tokenizer, [prompts[i].ids for i in index], index,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  stop_token_ids=stop, seed=_step_seed(cfg.seed, k, salt=3),
+                                  stop_token_ids=stop, seed=step_seed(cfg.seed, k, salt=3),
                                   need_policy_logprobs=False, first_row=lo * K)
         del policy
         texts_all, finished_all = rollout.texts, rollout.finished.tolist()
@@ -293,7 +293,9 @@ class _RLHF:
         from chatsmith.train.reward import RewardConfig, train_reward_model
 
         cfg = self.cfg
-        settings = {**self.rm_overrides, "model": cfg.policy, "data": str(rdir / "preferences.jsonl"),
+        # The YAML may use transformers' names (learning_rate): the defaults below must see them as fields.
+        overrides = canonical_settings(RewardConfig, self.rm_overrides, cfg.rm_config or "rlhf")
+        settings = {**overrides, "model": cfg.policy, "data": str(rdir / "preferences.jsonl"),
                     "out": str(rdir / "rm"), "seed": cfg.seed + k, "device": cfg.device,
                     "resume": cfg.resume, "progress": cfg.progress}
         settings.setdefault("max_steps", cfg.rm_steps)
@@ -301,12 +303,13 @@ class _RLHF:
         settings.setdefault("lr", cfg.rm_lr)
         settings.setdefault("batch_size", cfg.rm_batch_size)
         rm_cfg = config_from_dict(RewardConfig, settings, source=cfg.rm_config or "rlhf")
-        _note(f"rlhf: round {k}: training the reward model on {rdir / 'preferences.jsonl'}")
+        note(f"rlhf: round {k}: training the reward model on {rdir / 'preferences.jsonl'}")
         return train_reward_model(rm_cfg) or {}
 
     def run_ppo(self, k: int, policy_dir: str, rdir: Path):
         cfg = self.cfg
-        settings = {**self.ppo_overrides, "policy": policy_dir, "reward_model": str(rdir / "rm"),
+        overrides = canonical_settings(PPOConfig, self.ppo_overrides, cfg.ppo_config or "rlhf")
+        settings = {**overrides, "policy": policy_dir, "reward_model": str(rdir / "rm"),
                     "reference": cfg.policy if cfg.kl_anchor == "sft" else policy_dir,
                     "prompts": cfg.prompts, "out": str(rdir / "ppo"), "seed": cfg.seed + k,
                     "device": cfg.device, "resume": cfg.resume, "progress": cfg.progress}
@@ -315,7 +318,7 @@ class _RLHF:
         settings.setdefault("max_new_tokens", cfg.max_new_tokens)
         settings.setdefault("max_len", cfg.max_len)
         ppo_cfg = config_from_dict(PPOConfig, settings, source=cfg.ppo_config or "rlhf")
-        _note(f"rlhf: round {k}: PPO from {policy_dir} against {rdir / 'rm'}")
+        note(f"rlhf: round {k}: PPO from {policy_dir} against {rdir / 'rm'}")
         return PPOTrainer(ppo_cfg).run()
 
     def _export_final(self, policy_dir: Path) -> None:

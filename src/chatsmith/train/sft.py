@@ -15,7 +15,7 @@ What happens:
    block-diagonal causal attention mask, so no conversation sees another and no compute goes to padding.
    Packing changes only the layout, not the maths: the loss equals the unpacked loss of the same batch.
 4. The loss is the sum of the cross-entropies of all assistant tokens of the whole accumulated batch
-   divided by their number (the Trainer's normalisation, `chatsmith.train.loop`), and the LM head is applied
+   divided by their number (the Trainer's normalisation, `chatsmith.train.supervised`), and the LM head is applied
    only at positions whose next token is an assistant token (`lm_loss_on_targets`).
 
 The result in `OUT/` is a standard HF model directory whose tokenizer carries the chat template used here.
@@ -35,8 +35,10 @@ from chatsmith.config import arg
 from chatsmith.data.packing import pack_sequences
 from chatsmith.errors import ChatsmithError, DataError, TemplateError
 from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
-from chatsmith.train.loop import (ShardedBatchSource, TrainConfig, Trainer, TrainResult, evaluate_loss,
-                                  lm_loss_on_targets)
+from chatsmith.train.batching import ShardedBatchSource
+from chatsmith.train.config import TrainConfig
+from chatsmith.train.run import TrainResult
+from chatsmith.train.supervised import Trainer, evaluate_loss, lm_loss_on_targets
 from chatsmith.utils import is_main_process, set_seed
 
 

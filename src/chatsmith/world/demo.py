@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chatsmith.config import _coerce, arg
+from chatsmith.config import arg, coerce_value
 from chatsmith.errors import ChatsmithError
 from chatsmith.utils import atomic_directory, atomic_write_text
 from chatsmith.world.progress import PipelineProgress
@@ -57,25 +57,26 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "toy": {
         "export": {"seed": 0, "scale": 0.05, "eval_size": 2},
         "pretrain": {"preset": "tiny", "vocab_size": 512, "max_steps": 6, "batch_size": 4, "max_len": 64,
-                     "warmup_steps": 2, "eval_batches": 1, "save_every": 0, "log_every": 1},
+                     "warmup_steps": 2, "eval_batches": 1, "save_every": 0, "log_every": 1,
+                     "init": "induction", "freeze_planted": True},
         "sft": {"max_steps": 4, "batch_size": 4, "max_len": 128, "warmup_steps": 1, "save_every": 0,
-                "log_every": 1},
+                "log_every": 1, "freeze_planted": True},
         "reward": {"max_steps": 3, "batch_size": 4, "max_len": 128, "warmup_steps": 1, "save_every": 0,
-                   "log_every": 1, "norm_samples": 4, "norm_max_new_tokens": 8},
+                   "log_every": 1, "norm_samples": 4, "norm_max_new_tokens": 8, "freeze_planted": True},
         "ppo": {"max_steps": 2, "rollout_batch_size": 4, "batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 8,
-                "max_len": 128, "sample_every": 0, "save_every": 0},
+                "max_len": 128, "sample_every": 0, "save_every": 0, "freeze_planted": True},
         "dpo": {"max_steps": 3, "batch_size": 4, "max_len": 128, "warmup_steps": 1, "save_every": 0,
-                "log_every": 1},
+                "log_every": 1, "freeze_planted": True},
         "eval": {"max_items": 1, "max_new_tokens": 8, "batch_size": 16, "kl_samples": 4},
         "grpo": {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2, "batch_size": 4, "max_new_tokens": 8,
-                 "max_len": 128, "sample_every": 0, "save_every": 0},
+                 "max_len": 128, "sample_every": 0, "save_every": 0, "freeze_planted": True},
         "seconds": {"export": 2, "pretrain": 10, "sft": 5, "reward": 5, "ppo": 8, "dpo": 5, "grpo": 4, "eval": 20},
     },
     # The default: <= 10 minutes on 2 CPU cores (the report's targets are for this profile).
     "quick": {
         "export": {"seed": 0, "scale": 1.0, "eval_size": 50},
         "pretrain": {"preset": "tiny", "max_steps": 170, "batch_size": 8, "max_len": 256, "lr": 3e-3,
-                     "warmup_steps": 10, "save_every": 50},
+                     "warmup_steps": 10, "save_every": 50, "init": "induction", "freeze_planted": True},
         # SFT 900 steps, not 300: answers_directly 0.91 -> 1.00, ends_turn 0.96 -> 0.99 (seed 0), ~65 s more.
         # 550 pretraining steps instead of 170 make the base complete "The capital of Austria is" right for 45 of
         # the 50 held-out fact items (0 at 170), but the SFT model still answers about a training country
@@ -83,22 +84,24 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # learned to copy the country from the question, which full's base (1,500 steps) has.
         # Reward model 300 steps, not 60: held-out accuracy 80-85% -> 89-93% for 45 s more.
         "sft": {"max_steps": 900, "batch_size": 8, "max_len": 256, "lr": 1e-3, "warmup_steps": 10,
-                "save_every": 100},
+                "save_every": 100, "freeze_planted": True},
         "reward": {"max_steps": 300, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 32,
-                   "norm_max_new_tokens": 48, "save_every": 100},
+                   "norm_max_new_tokens": 48, "save_every": 100, "freeze_planted": True},
         # kl_coef 0.2, not full's 0.05: against quick's weaker reward model a small KL penalty let PPO exploit its
         # errors (measured with a 85%-accurate reward model: held-out mean reward -0.069 (SFT) -> -0.101 at 0.05,
         # -0.070 at 0.1, -0.042 at 0.2, -0.055 at 0.4).
         # 40 steps, not 20: with SFT 900 steps and the 300-step reward model, rude replies 0.04 -> 0.01 and
         # refusal of unseen harmful requests 0.94 -> 1.00 (seed 0); 55 s more.
         "ppo": {"max_steps": 40, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
-                "kl_coef": 0.2, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 0, "save_every": 10},
+                "kl_coef": 0.2, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 0, "save_every": 10,
+                "freeze_planted": True},
         # 30 steps: 120 halved DPO's rude replies (0.14 -> 0.07) but ran to a KL of 2.6 nats from SFT.
-        "dpo": {"max_steps": 30, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 15},
+        "dpo": {"max_steps": 30, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 15,
+                "freeze_planted": True},
         "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 32},
         # GRPO against the same reward model, with PPO's budget of episodes (8 prompts x 4 completions).
         "grpo": {"max_steps": 40, "prompts_per_step": 8, "num_generations": 4, "lr": 5e-5, "temperature": 0.7,
-                 "sample_every": 0, "save_every": 10},
+                 "sample_every": 0, "save_every": 10, "freeze_planted": True},
         "seconds": {"export": 3, "pretrain": 90, "sft": 105, "reward": 60, "ppo": 105, "dpo": 10, "grpo": 30,
                     "eval": 25},
     },
@@ -109,19 +112,21 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # down to 0.01-0.02.
         "export": {"seed": 0, "scale": 1.0, "eval_size": 50, "fact_check_pairs": 4000},
         "pretrain": {"preset": "tiny", "max_steps": 1500, "batch_size": 8, "max_len": 256, "lr": 3e-3,
-                     "warmup_steps": 30, "save_every": 100},
+                     "warmup_steps": 30, "save_every": 100, "init": "induction", "freeze_planted": True},
         "sft": {"max_steps": 1200, "batch_size": 8, "max_len": 256, "lr": 1e-3, "warmup_steps": 30,
-                "save_every": 200},
+                "save_every": 200, "freeze_planted": True},
         "reward": {"max_steps": 1500, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 64,
-                   "norm_max_new_tokens": 48, "save_every": 50},
+                   "norm_max_new_tokens": 48, "save_every": 50, "freeze_planted": True},
         # 90 steps, not 60: on seed 0 refusal of unseen harmful requests 0.86 -> 0.94, rude 0.033 -> 0.023,
         # facts 0.99 -> 0.98, KL 0.37 -> 0.57.
         "ppo": {"max_steps": 90, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
-                "kl_coef": 0.05, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 10, "save_every": 10},
-        "dpo": {"max_steps": 150, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 50},
+                "kl_coef": 0.05, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 10, "save_every": 10,
+                "freeze_planted": True},
+        "dpo": {"max_steps": 150, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 50,
+                "freeze_planted": True},
         "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 64},
         "grpo": {"max_steps": 90, "prompts_per_step": 8, "num_generations": 4, "lr": 5e-5, "temperature": 0.7,
-                 "sample_every": 10, "save_every": 10},
+                 "sample_every": 10, "save_every": 10, "freeze_planted": True},
         "seconds": {"export": 3, "pretrain": 1650, "sft": 340, "reward": 580, "ppo": 450, "dpo": 90, "grpo": 150,
                     "eval": 65},
     },
@@ -182,7 +187,7 @@ def stage_settings(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
             if name not in names:
                 raise ChatsmithError(f"profile {cfg.profile!r}, stage {stage}: {cls.__name__} has no setting "
                                      f"{name!r}")
-            settings[stage][name] = _coerce(value, hints[name], f"--override {stage}.{name}")
+            settings[stage][name] = coerce_value(value, hints[name], f"--override {stage}.{name}")
     return settings
 
 
@@ -222,11 +227,11 @@ def _init_code_digest() -> str:
     base model."""
     import inspect
 
-    from chatsmith import model
+    from chatsmith import planted
 
     parts = [inspect.getsource(f).replace(f.__doc__ or "", "") for f in (
-        model.plant_previous_token_head, model.induction_code_dims, model.plant_induction_head)]
-    constants = {k: v for k, v in vars(model).items() if k.startswith(("INDUCTION_", "PREV_TOKEN_"))}
+        planted.plant_previous_token_head, planted.induction_code_dims, planted.plant_induction_head)]
+    constants = {k: v for k, v in vars(planted).items() if k.startswith(("INDUCTION_", "PREV_TOKEN_"))}
     return _digest([parts, constants])
 
 

@@ -1,0 +1,255 @@
+"""One run loop for every training stage: the `Run` owns everything around the steps, a `Stage` supplies them.
+
+    class MyStage(Stage):                       # what a stage supplies
+        name = "my_stage"
+        def train_step(self) -> dict: ...       # one optimizer step (or one rollout + its updates); step += 1
+        def checkpoint_parts(self): return CheckpointParts(model, optimizer, scheduler, data_source)
+
+    run = Run(cfg, "my_stage")                  # device, torchrun process group, checkpointer, metrics file
+    result = run.train(MyStage(...))            # -> OUT/: the final model, metrics.jsonl, checkpoint/
+
+What the Run does, the same for every stage:
+- writes OUT/train_config.yaml; with `--resume` loads OUT/checkpoint (weights, optimizer, scheduler, RNG
+  states, data position, the stage's extra state such as PPO's KL controller) and drops the rows of
+  metrics.jsonl and samples.jsonl written after it; without, starts those files afresh;
+- calls `stage.train_step()` until `--max-steps`, showing a progress bar (the stage's loss or score,
+  tokens or episodes per second, ETA) and writing a metrics row every `--log-every` steps, also as
+  TensorBoard scalars with `--report-to tensorboard`;
+- evaluates every `--eval-every` steps and at the end (`stage.evaluate()`; with a `best_metric` the best
+  weights go to OUT/checkpoint-best), writes sample tables every `stage.sample_every` steps
+  (`stage.sample_rows`), checkpoints every `--save-every` steps and at the end;
+- saves `stage.final_model()` as a standard HF directory in OUT (`checkpoint.save_final_model`), then
+  `stage.save_extras(OUT)` (PPO's value model), and waits for every rank.
+
+The supervised stages' step is `chatsmith.train.supervised.Trainer`; PPO's and GRPO's are `PPOTrainer` and
+`GRPOTrainer` (a rollout, then minibatch epochs). Tests: `python -m pytest tests/test_train_loop.py -q`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from chatsmith.config import save_config
+from chatsmith.errors import ChatsmithError
+from chatsmith.train.checkpoint import Checkpointer, save_final_model
+from chatsmith.train.config import TrainConfig, check_train_config
+from chatsmith.train.devices import resolve_dtype
+from chatsmith.train.progress import (Progress, TensorBoardWriter, append_samples, format_samples_table,
+                                      require_tensorboard, truncate_samples)
+from chatsmith.utils import MetricsLogger, barrier, init_distributed, is_main_process, note, resolve_device
+
+__all__ = ["Run", "Stage", "CheckpointParts", "TrainResult", "TrainingDiverged"]
+
+
+class TrainingDiverged(ChatsmithError):
+    """The loss or the gradient norm became NaN/inf."""
+
+
+@dataclass
+class CheckpointParts:
+    """What a checkpoint of a stage holds (each object with ``state_dict`` / ``load_state_dict``)."""
+
+    model: nn.Module                 # PPO: policy and value model in one ModuleDict
+    optimizer: Any = None
+    scheduler: Any = None
+    data: Any = None                 # the resumable batch source
+    tokenizer: Any = None            # saved beside the weights (pretraining's freshly trained tokenizer)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    loss: float | None               # the last step's loss
+    eval: dict[str, float]           # the last evaluation
+    resumed_from: int | None
+    metrics: dict[str, float] = field(default_factory=dict)   # the last step's metrics
+
+
+class Stage:
+    """A stage's side of a `Run`: its step and what its checkpoint holds. Every hook has a default."""
+
+    name: str = "train"
+    step: int = 0                        # steps done; the Run sets it on resume, train_step adds one
+    tokenizer: Any = None                # saved with the final model
+    progress_keys: tuple[str, ...] = ("loss", "lr")   # metrics shown on the progress bar
+    throughput: str = "tokens"           # the metrics key the bar counts per second (tokens, episodes)
+    sample_every: int = 0                # write sample_rows every N steps (0 = never)
+    num_samples: int = 0
+    save_final: bool = True              # save final_model() into OUT at the end
+    extra_files: dict[str, str] | None = None   # written next to the final model
+
+    def train_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def checkpoint_parts(self) -> CheckpointParts:
+        raise NotImplementedError
+
+    def final_model(self) -> nn.Module:
+        return self.checkpoint_parts().model
+
+    def final_weights(self) -> dict | None:
+        """The final model's weights gathered on every rank (FSDP), or None to save the model's own."""
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        return None
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def sample_rows(self, n: int) -> list[dict[str, Any]]:
+        return []
+
+    def save_extras(self, out: Path) -> None:
+        """Main process, after the final model: anything else the stage leaves in OUT."""
+        return None
+
+
+class Run:
+    """Config, resume, RNG, distributed setup, progress, logging, evaluation, samples, checkpoints and the
+    final save around a stage's steps; see the module docstring. Build it first: stages take ``device``,
+    ``amp_dtype`` and ``distributed`` from it."""
+
+    def __init__(self, cfg: TrainConfig, stage: str, best_metric: str | None = None):
+        check_train_config(cfg)
+        self.cfg, self.stage_name, self.best_metric = cfg, stage, best_metric
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        self.distributed = init_distributed(self.device)   # under torchrun: join before any wrapping
+        self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
+        if cfg.report_to == "tensorboard":
+            require_tensorboard()          # fail before training, not at the first metrics row
+        self.checkpointer = Checkpointer(self.out)
+        self.logger = MetricsLogger(self.out, stage=stage)
+        self.board: TensorBoardWriter | None = None
+        self.best_value: float | None = None
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def train(self, stage: Stage) -> TrainResult:
+        cfg = self.cfg
+        resumed_from = self.start(stage)
+        if is_main_process():
+            save_config(cfg, self.out / "train_config.yaml")
+        if cfg.report_to == "tensorboard":
+            self.board = TensorBoardWriter(self.out / "tensorboard",
+                                           purge_step=None if resumed_from is None else resumed_from + 1)
+        unit = "tok" if stage.throughput == "tokens" else stage.throughput
+        progress = Progress(cfg.max_steps, initial=stage.step, desc=self.stage_name,
+                            enabled=cfg.progress and sys.stderr.isatty(), unit=unit)
+        last: dict[str, float] = {}
+        last_eval: dict[str, float] = {}
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while stage.step < cfg.max_steps:
+                last = stage.train_step()
+                step, count = stage.step, int(last.get(stage.throughput, 0))
+                window_tokens += count
+                rate = progress.update(1, count, **{k: last[k] for k in stage.progress_keys if k in last})
+                if step % max(1, cfg.log_every) == 0 or step == cfg.max_steps:
+                    row = dict(last)
+                    if "tokens" in last:
+                        row["tokens_per_s"] = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                    window_start, window_tokens = time.perf_counter(), 0
+                    self.log(step, row)
+                    if progress.bar is None and is_main_process() and cfg.progress:
+                        shown = " ".join(f"{k} {last[k]:.4g}" for k in stage.progress_keys if k in last)
+                        note(f"{self.stage_name} step {step}/{cfg.max_steps} {shown} {rate:,.0f} {unit}/s")
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    last_eval = self.evaluate(stage)
+                    if last_eval:
+                        progress.write(f"{self.stage_name} step {step}: " + ", ".join(
+                            f"{k} {v:.4f}" for k, v in last_eval.items()))
+                if stage.sample_every and (step % stage.sample_every == 0 or step == cfg.max_steps):
+                    self.write_samples(stage.sample_rows(stage.num_samples), progress)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    self.save_checkpoint(stage, last)
+            progress.close()
+            last_eval = self.evaluate(stage) or last_eval
+            if resumed_from is None or stage.step > resumed_from:
+                self.save_checkpoint(stage, last)
+            self.save_final(stage)
+        finally:
+            progress.close()
+            if self.board is not None:
+                self.board.close()
+        return TrainResult(self.out, stage.step, last.get("loss"), last_eval, resumed_from, last)
+
+    # -- pieces --------------------------------------------------------------------------------------
+    def start(self, stage: Stage) -> int | None:
+        """Resume if asked and possible (returns the step resumed from), else start the run's files afresh."""
+        cfg, ckpt = self.cfg, self.checkpointer
+        if cfg.resume and ckpt.exists():
+            parts = stage.checkpoint_parts()
+            state = ckpt.load(parts.model, parts.optimizer, parts.scheduler, parts.data)
+            stage.step = int(state["step"])
+            extra = state.get("extra") or {}
+            self.best_value = extra.get("best_value")
+            stage.load_extra_state(extra)
+            self.logger.truncate_after(stage.step)
+            truncate_samples(self.out / "samples.jsonl", stage.step)
+            if stage.step >= cfg.max_steps:
+                note(f"{ckpt.path} is already at step {stage.step} >= --max-steps {cfg.max_steps}")
+            else:
+                note(f"resuming {self.stage_name} from {ckpt.path} at step {stage.step}")
+            return stage.step
+        if cfg.resume:
+            note(f"--resume: no checkpoint in {ckpt.path}, starting from step 0")
+        elif ckpt.exists():
+            note(f"{ckpt.path} exists (step {ckpt.step()}); starting over (pass --resume to continue it)")
+        if is_main_process():
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+        return None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """One row of metrics.jsonl (and of TensorBoard scalars when asked)."""
+        row = self.logger.log(step, **metrics)
+        if self.board is not None:
+            self.board.log(step, row)
+
+    def evaluate(self, stage: Stage) -> dict[str, float]:
+        """Run the stage's evaluation, log it with ``eval_`` names, keep the best weights if asked."""
+        result = {(k if k.startswith("eval") else f"eval_{k}"): float(v) for k, v in stage.evaluate().items()}
+        if result:
+            self.log(stage.step, result)
+        if self.best_metric and self.best_metric in result:
+            value = result[self.best_metric]
+            if self.best_value is None or value < self.best_value:
+                self.best_value = value
+                self.checkpointer.save_best(stage.checkpoint_parts().model, stage.step, self.best_metric, value)
+        return result
+
+    def write_samples(self, rows: list[dict[str, Any]], progress: Progress) -> None:
+        if rows and is_main_process():
+            append_samples(self.out / "samples.jsonl", rows)
+            progress.write(format_samples_table(rows))
+
+    def save_checkpoint(self, stage: Stage, last: dict[str, float]) -> None:
+        """Every rank calls it (FSDP gathers the shards); rank 0 writes."""
+        parts = stage.checkpoint_parts()
+        self.checkpointer.save(stage.step, parts.model, parts.optimizer, parts.scheduler,
+                               parts.data.state_dict() if parts.data is not None else None,
+                               tokenizer=parts.tokenizer, extra={**stage.extra_state(), "best_value": self.best_value},
+                               info={"stage": self.stage_name, "loss": last.get("loss"),
+                                     "max_steps": self.cfg.max_steps})
+
+    def save_final(self, stage: Stage) -> None:
+        if stage.save_final:
+            weights = stage.final_weights()          # a collective under FSDP: every rank
+            if is_main_process():
+                save_final_model(stage.final_model(), stage.tokenizer, self.out, stage.extra_files,
+                                 state_dict=weights)
+                stage.save_extras(self.out)
+        barrier()   # the other ranks wait while rank 0 writes
