@@ -51,7 +51,7 @@ from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradien
 from chatsmith.train.parallel import all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout,
                                      freeze, load_policy, load_prompts, make_scorer, micro_batch_tensors,
-                                     response_forward, rollout_micro_batches)
+                                     response_forward, rollout_micro_batches, sample_row)
 from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
 from chatsmith.utils import note, rank, set_seed, step_seed, world_size
 
@@ -265,14 +265,9 @@ class GRPOTrainer(Stage):
     # ------------------------------------------------------------------------- samples table
     def sample_rows(self, n: int) -> list[dict[str, Any]]:
         rollout, rewards = self.last_samples
-        rows = []
         # One response from each of the first groups, so the table shows different prompts.
-        for i in list(range(0, rollout.batch_size, self.cfg.num_generations))[:n]:
-            prompt = self.prompts[rollout.prompt_index[i]]
-            user = next((m["content"] for m in reversed(prompt.messages) if m["role"] == "user"), "")
-            rows.append({"step": self.step, "prompt": user, "response": rollout.texts[i],
-                         "score": round(float(rewards[i]), 4), "ended_turn": bool(rollout.finished[i])})
-        return rows
+        return [sample_row(self.step, self.prompts[rollout.prompt_index[i]], rollout, i, rewards[i])
+                for i in list(range(0, rollout.batch_size, self.cfg.num_generations))[:n]]
 
     # ------------------------------------------------------------------------- the Run's hooks
     def run(self) -> TrainResult:

@@ -72,7 +72,7 @@ from chatsmith.train.parallel import (all_reduce_gradients, all_reduce_sum, enab
                                       sum_over_ranks)
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout,
                                      freeze, load_policy, load_prompts, make_scorer, micro_batch_tensors,
-                                     response_forward, rollout_micro_batches, value_forward)
+                                     response_forward, rollout_micro_batches, sample_row, value_forward)
 from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
 from chatsmith.utils import atomic_directory, note, rank, set_seed, step_seed, world_size
 
@@ -407,13 +407,8 @@ class PPOTrainer(Stage):
     # ------------------------------------------------------------------------- samples table
     def sample_rows(self, n: int) -> list[dict[str, Any]]:
         rollout, scores, indices = self.last_samples
-        rows = []
-        for i in range(min(n, rollout.batch_size)):
-            prompt = self.prompts[indices[i]]
-            user = next((m["content"] for m in reversed(prompt.messages) if m["role"] == "user"), "")
-            rows.append({"step": self.step, "prompt": user, "response": rollout.texts[i],
-                         "score": round(float(scores[i]), 4), "ended_turn": bool(rollout.finished[i])})
-        return rows
+        return [sample_row(self.step, self.prompts[indices[i]], rollout, i, scores[i])
+                for i in range(min(n, rollout.batch_size))]
 
     # ------------------------------------------------------------------------- the Run's hooks
     def run(self) -> TrainResult:

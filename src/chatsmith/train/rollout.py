@@ -40,7 +40,7 @@ from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_log
 
 __all__ = [
     "Rollout", "PromptItem", "load_policy", "load_prompts", "make_scorer", "freeze", "truncate_at_stop", "pad_rollout", "response_forward", "policy_logprobs",
-    "sample", "collect_rollout", "apply_no_eos_penalty", "RewardModelScorer", "FunctionScorer",
+    "sample", "collect_rollout", "apply_no_eos_penalty", "sample_row", "RewardModelScorer", "FunctionScorer",
     "position_ids_from_mask", "value_forward", "plan_micro_batches", "rollout_micro_batches",
     "micro_batch_tensors",
 ]
@@ -402,6 +402,13 @@ def apply_no_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, penalty: 
     if penalty is None:
         return scores
     return torch.where(finished, scores, torch.full_like(scores, float(penalty)))
+
+
+def sample_row(step: int, prompt: PromptItem, rollout: Rollout, i: int, score: float) -> dict[str, Any]:
+    """One row of the samples table (OUT/samples.jsonl): the prompt's last user message, response i, its score."""
+    user = next((m["content"] for m in reversed(prompt.messages) if m["role"] == "user"), "")
+    return {"step": step, "prompt": user, "response": rollout.texts[i], "score": round(float(score), 4),
+            "ended_turn": bool(rollout.finished[i])}
 
 
 class RewardModelScorer:
