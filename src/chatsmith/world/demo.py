@@ -77,25 +77,16 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "export": {"seed": 0, "scale": 1.0, "eval_size": 50},
         "pretrain": {"preset": "tiny", "max_steps": 170, "batch_size": 8, "max_len": 256, "lr": 3e-3,
                      "warmup_steps": 10, "save_every": 50, "init": "induction", "freeze_planted": True},
-        # SFT 900 steps, not 300: answers_directly 0.91 -> 1.00, ends_turn 0.96 -> 0.99 (seed 0), ~65 s more.
-        # 550 pretraining steps instead of 170 make the base complete "The capital of Austria is" right for 45 of
-        # the 50 held-out fact items (0 at 170), but the SFT model still answers about a training country
-        # ("What city is the capital of Austria?" -> "The capital of Slovakia is Bratislava."): it has not
-        # learned to copy the country from the question, which full's base (1,500 steps) has.
-        # Reward model 300 steps, not 60: held-out accuracy 80-85% -> 89-93% for 45 s more.
+        # Why these budgets (SFT 900 steps, reward model 300): measured in docs/EXPERIMENTS.md.
         "sft": {"max_steps": 900, "batch_size": 8, "max_len": 256, "lr": 1e-3, "warmup_steps": 10,
                 "save_every": 100, "freeze_planted": True},
         "reward": {"max_steps": 300, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 32,
                    "norm_max_new_tokens": 48, "save_every": 100, "freeze_planted": True},
-        # kl_coef 0.2, not full's 0.05: against quick's weaker reward model a small KL penalty let PPO exploit its
-        # errors (measured with a 85%-accurate reward model: held-out mean reward -0.069 (SFT) -> -0.101 at 0.05,
-        # -0.070 at 0.1, -0.042 at 0.2, -0.055 at 0.4).
-        # 40 steps, not 20: with SFT 900 steps and the 300-step reward model, rude replies 0.04 -> 0.01 and
-        # refusal of unseen harmful requests 0.94 -> 1.00 (seed 0); 55 s more.
+        # A larger KL penalty than full's: a weaker reward model is easier to exploit (docs/EXPERIMENTS.md).
         "ppo": {"max_steps": 40, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
                 "kl_coef": 0.2, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 0, "save_every": 10,
                 "freeze_planted": True},
-        # 30 steps: 120 halved DPO's rude replies (0.14 -> 0.07) but ran to a KL of 2.6 nats from SFT.
+        # Few steps: longer DPO runs drift far from SFT (docs/EXPERIMENTS.md).
         "dpo": {"max_steps": 30, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 15,
                 "freeze_planted": True},
         "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 32},
@@ -107,9 +98,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     # Better models for a longer wait: <= 60 minutes on 2 CPU cores.
     "full": {
-        # Extra right-vs-wrong fact pairs: with 2000 of them the reward model (750 steps) ranked held-out wrong
-        # facts 89% right instead of 52%, with 4000 (1500 steps) 95%; PPO with it (60 steps) gets rude replies
-        # down to 0.01-0.02.
+        # Extra right-vs-wrong fact pairs teach the reward model to check facts (docs/EXPERIMENTS.md).
         "export": {"seed": 0, "scale": 1.0, "eval_size": 50, "fact_check_pairs": 4000},
         "pretrain": {"preset": "tiny", "max_steps": 1500, "batch_size": 8, "max_len": 256, "lr": 3e-3,
                      "warmup_steps": 30, "save_every": 100, "init": "induction", "freeze_planted": True},
@@ -117,8 +106,6 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "save_every": 200, "freeze_planted": True},
         "reward": {"max_steps": 1500, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 64,
                    "norm_max_new_tokens": 48, "save_every": 50, "freeze_planted": True},
-        # 90 steps, not 60: on seed 0 refusal of unseen harmful requests 0.86 -> 0.94, rude 0.033 -> 0.023,
-        # facts 0.99 -> 0.98, KL 0.37 -> 0.57.
         "ppo": {"max_steps": 90, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
                 "kl_coef": 0.05, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 10, "save_every": 10,
                 "freeze_planted": True},
