@@ -1,0 +1,88 @@
+"""Real architectures: every family of tests/families.py saves, reloads in plain transformers, loads in
+chatsmith, and chatsmith's greedy sampling equals `model.generate` token for token.
+
+Run: `python -m pytest tests/test_architectures.py -q`
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatsmith.chat import get_format, render_chat, render_prompt
+from chatsmith.generate import SamplingConfig, generate
+from chatsmith.generate.decoders import fast_path_layers
+from chatsmith.model import load_model, save_model
+from families import FAMILIES, build_family
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "user", "content": "What is the capital of France? Paris is in Europe."},
+     {"role": "assistant", "content": "Paris."},
+     {"role": "user", "content": "And Germany?"}],
+]
+NEW_TOKENS = 12
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' own greedy decoding of one prompt (no stop token; explicit all-ones attention mask,
+    since a prompt may contain the pad token, e.g. GPT-2's `<|endoftext|>` between turns)."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def saved(request, tmp_path_factory):
+    """(family name, directory) of a family's tiny model saved with chatsmith's `save_model`."""
+    name = request.param
+    model, tokenizer = build_family(name)
+    out = tmp_path_factory.mktemp(name)
+    save_model(model, tokenizer, out)
+    return name, out
+
+
+def test_saved_model_reloads_in_transformers_and_greedy_sampling_matches(saved):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name, path = saved
+    family = FAMILIES[name]
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    assert type(model).__name__ == family.model
+    assert tokenizer.chat_template == family.template
+    fmt = get_format(None, tokenizer)
+    for conversation in CONVERSATIONS:   # chatsmith renders what transformers renders
+        assert render_chat(conversation, tokenizer, fmt, add_generation_prompt=True).text == (
+            tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+    prompts = [render_prompt(c, tokenizer, fmt) for c in CONVERSATIONS]
+    assert len({len(p) for p in prompts}) == 2   # one batch, left-padded
+    expected = [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+    out = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0))
+    assert out.sequences == expected
+    if fast_path_layers(model) is not None:   # Llama-family: the generic decoder agrees too
+        generic = generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0),
+                           fast=False)
+        assert generic.sequences == expected
+
+
+def test_load_model_takes_every_family(saved):
+    name, path = saved
+    family = FAMILIES[name]
+    if name == "phi3":
+        pytest.xfail("stop strings derived for a final turn closed with an extra eos (fixed next)")
+    loaded = load_model(path, device="cpu")
+    assert type(loaded.model).__name__ == family.model
+    assert loaded.fmt.template == family.template
+    assert family.end_of_turn in loaded.fmt.stop_strings
+    stops = set(loaded.fmt.stop_token_ids(loaded.tokenizer)) | {loaded.tokenizer.eos_token_id}
+    assert loaded.tokenizer.convert_tokens_to_ids(family.end_of_turn) in stops
+    assert loaded.tokenizer.pad_token_id is not None and loaded.tokenizer.pad_token_id not in stops
+    rows = loaded.model.get_input_embeddings().weight.shape[0]
+    assert rows >= len(loaded.tokenizer)
+    # greedy decoding still matches transformers after load_model (pad token added, embeddings resized)
+    prompt = render_prompt(CONVERSATIONS[1], loaded.tokenizer, loaded.fmt)
+    out = generate(loaded.model, loaded.tokenizer, [prompt], SamplingConfig(max_new_tokens=6, temperature=0))
+    assert out.sequences == [hf_greedy(loaded.model, prompt, 6)]
