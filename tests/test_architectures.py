@@ -84,3 +84,54 @@ def test_load_model_takes_every_family(saved):
     prompt = render_prompt(CONVERSATIONS[1], loaded.tokenizer, loaded.fmt)
     out = generate(loaded.model, loaded.tokenizer, [prompt], SamplingConfig(max_new_tokens=6, temperature=0))
     assert out.sequences == [hf_greedy(loaded.model, prompt, 6)]
+
+
+# ----------------------------------------------------------------------------- Hub ids
+
+def test_model_source_tells_local_paths_from_hub_ids(tmp_path):
+    from chatsmith.model import model_source
+
+    (tmp_path / "owner").mkdir()
+    assert model_source(tmp_path / "owner") == (str(tmp_path / "owner"), False)
+    for local in ("./owner/name", "/abs/owner/name", "a/b/c", "../name", "owner/"):
+        assert model_source(local)[1] is False, local
+    for hub in ("Qwen/Qwen2.5-0.5B-Instruct", "HuggingFaceTB/SmolLM3-3B", "gpt2"):
+        assert model_source(hub) == (hub, True), hub
+
+
+def test_a_hub_id_reaches_transformers_and_its_offline_error_is_shown(monkeypatch):
+    """No download can happen here (HF_HUB_OFFLINE=1, set in conftest before transformers is imported)."""
+    import huggingface_hub.constants
+    import transformers
+
+    from chatsmith.errors import ChatsmithError
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
+    asked = []
+    original = transformers.AutoTokenizer.from_pretrained
+
+    def spy(name, *args, **kwargs):
+        asked.append(name)
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    with pytest.raises(ChatsmithError) as err:
+        load_model("chatsmith-test/no-such-model", device="cpu")
+    assert asked == ["chatsmith-test/no-such-model"]
+    message = str(err.value)
+    assert "model directory not found" not in message
+    assert "chatsmith-test/no-such-model" in message and "Hugging Face Hub id" in message
+    assert "offline" in message and "couldn't connect" in message.lower()   # transformers' own words
+
+
+def test_generate_command_takes_a_hub_id(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "chatsmith", "generate", "chatsmith-test/no-such-model", "--prompt",
+                           "Hello"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode != 0
+    assert "model directory not found" not in done.stderr
+    assert "chatsmith-test/no-such-model" in done.stderr and "offline" in done.stderr
