@@ -298,9 +298,12 @@ def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, bas
                 header = after.rstrip() if later_text else ""  # never the generation prompt
             if header:
                 closing[position + 1] = len(header)
+    return _Plan(_tokenize_literals(codec, raw_pieces, closing, opening), masked)
 
-    # Tokenize the template's text once per structure: masked end-of-turn text, the rest, and masked text
-    # generated before a reply as separate segments.
+
+def _tokenize_literals(codec: _Codec, raw_pieces: list, closing: dict[int, int], opening: dict[int, int]) -> list:
+    """Pieces with every literal tokenized (once per structure) as up to three segments: its masked
+    end-of-turn prefix (`closing`), the rest, and its masked suffix generated before a reply (`opening`)."""
     cuts: list[tuple[int, int]] = []
     segment_texts: list[str] = []
     for position, piece in enumerate(raw_pieces):
@@ -325,7 +328,7 @@ def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, bas
                 ids += segment
                 mask += [bit] * len(segment)
         pieces.append(_Literal(piece, ids, mask, head, tail))
-    return _Plan(pieces, masked)
+    return pieces
 
 
 def _generated_before_reply(fmt: ChatFormat, skeleton_messages: list[dict], index: int, before: str,
@@ -334,7 +337,7 @@ def _generated_before_reply(fmt: ChatFormat, skeleton_messages: list[dict], inde
 
     `before` is the skeleton up to the reply. The prompt for this turn (messages before it, generation
     prompt appended) is compared with `before` after the last content both share: if the template writes
-    more than the generation prompt (Qwen3's empty `<think>\n\n</think>\n\n`, gpt-oss's
+    more than the generation prompt (Qwen3's empty `<think>\\n\\n</think>\\n\\n`, gpt-oss's
     `<|channel|>final<|message|>`), the extra text is returned. "" when there is none, the generation
     prompt already holds it, the prompt is not a prefix of what the template writes before the reply, or
     the template has no generation prompt (its text before a reply is the reply's header, as before).
