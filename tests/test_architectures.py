@@ -86,6 +86,39 @@ def test_load_model_takes_every_family(saved):
     assert out.sequences == [hf_greedy(loaded.model, prompt, 6)]
 
 
+def test_sft_and_generate_commands_run_on_every_family(saved, tmp_path, capsys):
+    """One SFT step through the CLI on the family's own template; the result reloads in transformers with
+    the same template, and `chatsmith generate` samples from it."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatsmith.cli import main
+
+    name, path = saved
+    family = FAMILIES[name]
+    data = tmp_path / "sft.jsonl"
+    system = [{"role": "system", "content": "Be brief."}] if family.system else []
+    with open(data, "w", encoding="utf-8") as f:
+        for i in range(4):
+            messages = system + [{"role": "user", "content": f"What is {i} + {i}?"},
+                                 {"role": "assistant", "content": f"{2 * i}."},
+                                 {"role": "user", "content": "Thanks"},
+                                 {"role": "assistant", "content": "You are welcome."}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    out = tmp_path / "sft"
+    assert main(["sft", "--model", str(path), "--data", str(data), "--out", str(out), "--max-steps", "1",
+                 "--batch-size", "2", "--max-len", "128", "--eval-fraction", "0", "--no-progress",
+                 "--device", "cpu"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(model).__name__ == family.model
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == family.template
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "4", "--temperature", "0",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
 # ----------------------------------------------------------------------------- Hub ids
 
 def test_model_source_tells_local_paths_from_hub_ids(tmp_path):
