@@ -90,10 +90,12 @@ EXPECT["gpt_oss"] = Expect(GPT_OSS_FAMILY, generated=lambda k, n: "<|channel|>fi
 
 @pytest.fixture(scope="module")
 def tokenizers():
+    """Family name -> its tokenizer, built on first use."""
     return {}
 
 
-def setup(name, tokenizers):
+def template_for(name, tokenizers):
+    """`(Expect, tokenizer, ChatFormat)` of template `name` (its extra variables bound, if any)."""
     expect = EXPECT[name]
     family = expect.family
     if family.name not in tokenizers:
@@ -165,7 +167,7 @@ NAMES = list(EXPECT)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), add_generation_prompt=st.booleans())
 def test_masks_cover_what_each_turn_generates(tokenizers, name, data, add_generation_prompt):
-    expect, tok, fmt = setup(name, tokenizers)
+    expect, tok, fmt = template_for(name, tokenizers)
     messages = data.draw(conversations(expect))
     check_masks(expect, tok, fmt, messages, add_generation_prompt)
 
@@ -175,7 +177,7 @@ def test_masks_cover_what_each_turn_generates(tokenizers, name, data, add_genera
 @given(data=st.data())
 def test_prompt_ids_are_a_prefix_of_training_ids(tokenizers, name, data):
     """What the model is trained on after a prompt is what it generates after that prompt at inference."""
-    expect, tok, fmt = setup(name, tokenizers)
+    expect, tok, fmt = template_for(name, tokenizers)
     messages = data.draw(conversations(expect))
     if messages[-1]["role"] != "user":
         messages.append({"role": "user", "content": "next"})
@@ -195,7 +197,7 @@ def test_prompt_ids_are_a_prefix_of_training_ids(tokenizers, name, data):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_stop_strings_end_a_turn_in_the_middle_of_a_chat(tokenizers, name):
-    expect, tok, fmt = setup(name, tokenizers)
+    expect, tok, fmt = template_for(name, tokenizers)
     end_of_turn = expect.family.end_of_turn
     assert fmt.stop_strings == (expect.stops or [end_of_turn])
     cfg = chat_sampling_config(fmt, tok)
@@ -210,7 +212,7 @@ def test_stop_strings_end_a_turn_in_the_middle_of_a_chat(tokenizers, name):
 
 
 def test_phi3_final_eos_is_not_part_of_the_turn(tokenizers):
-    expect, tok, fmt = setup("phi3", tokenizers)
+    expect, tok, fmt = template_for("phi3", tokenizers)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
     r = render_chat(messages, tok, fmt)
@@ -220,7 +222,7 @@ def test_phi3_final_eos_is_not_part_of_the_turn(tokenizers):
 
 
 def test_gpt_oss_turns_close_with_their_own_markers(tokenizers):
-    expect, tok, fmt = setup("gpt_oss", tokenizers)
+    expect, tok, fmt = template_for("gpt_oss", tokenizers)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
     r = render_chat(messages, tok, fmt)
@@ -232,7 +234,7 @@ def test_qwen3_think_block_is_trained_unless_the_prompt_holds_it(tokenizers):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
     for name, last in (("qwen3", QWEN3_THINK + "See you.<|im_end|>"), ("qwen3_no_think", "See you.<|im_end|>")):
-        expect, tok, fmt = setup(name, tokenizers)
+        expect, tok, fmt = template_for(name, tokenizers)
         r = render_chat(messages, tok, fmt)
         assert QWEN3_THINK + "See you." in r.text   # the template writes the block in both modes
         masked = [tok.decode(r.input_ids[a:b], skip_special_tokens=False) for a, b in masked_runs(r.assistant_mask)]
