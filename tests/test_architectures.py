@@ -68,6 +68,32 @@ def test_saved_model_reloads_in_transformers_and_greedy_sampling_matches(saved):
         assert generic.sequences == expected
 
 
+@pytest.mark.parametrize("name, window", [("mistral", 16), ("qwen2", 16)])
+def test_sliding_window_attention_matches_transformers(name, window):
+    """Mistral v0.1 (and Qwen2 with use_sliding_window) attend to the last `window` positions only:
+    greedy sampling past the window still equals transformers', and the fast decoder (which attends to
+    every position) is used only while the window cannot bind."""
+    import dataclasses
+
+    from families import build_model, build_tokenizer
+
+    extra = {"sliding_window": window}
+    if name == "qwen2":
+        extra.update(use_sliding_window=True, max_window_layers=1)
+    family = dataclasses.replace(FAMILIES[name], fields=dict(FAMILIES[name].fields, **extra))
+    tokenizer = build_tokenizer(family)
+    model = build_model(family, tokenizer)
+    fmt = get_format(None, tokenizer)
+    prompts = [render_prompt(c, tokenizer, fmt) for c in CONVERSATIONS]
+    assert max(len(p) for p in prompts) > window
+    expected = [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+    assert generate(model, tokenizer, prompts, SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0)).sequences \
+        == expected
+    assert fast_path_layers(model, window + 1) is None and fast_path_layers(model) is None
+    if name == "mistral":   # (Qwen2's sliding layers carry the window themselves: always the generic path)
+        assert fast_path_layers(model, window) is not None
+
+
 def test_load_model_takes_every_family(saved):
     name, path = saved
     family = FAMILIES[name]
