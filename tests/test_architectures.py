@@ -1,5 +1,7 @@
 """Real architectures: every family of tests/families.py saves, reloads in plain transformers, loads in
-chatsmith, and chatsmith's greedy sampling equals `model.generate` token for token.
+chatsmith, and chatsmith's greedy sampling equals `model.generate` token for token (also past a sliding
+attention window); `chatsmith sft` and `chatsmith generate` run on each; a Hub id given as the model
+reaches transformers' loader (offline here, so its error is what the user sees).
 
 Run: `python -m pytest tests/test_architectures.py -q`
 """
