@@ -147,6 +147,29 @@ def test_sft_and_generate_commands_run_on_every_family(saved, tmp_path, capsys):
     assert capsys.readouterr().out.strip()
 
 
+def test_chat_command_holds_a_conversation_on_every_family(saved, monkeypatch):
+    """`chatsmith chat` (stdin, greedy) keeps the history across turns and renders it with the family's
+    template: the second prompt is the first exchange followed by the new user message."""
+    import io
+
+    import chatsmith.generate.terminal as terminal
+
+    name, path = saved
+    seen = []
+    real = terminal.render_prompt
+
+    def spy(messages, tokenizer, fmt):
+        seen.append([dict(m) for m in messages])
+        return real(messages, tokenizer, fmt)
+
+    monkeypatch.setattr(terminal, "render_prompt", spy)
+    cfg = terminal.ChatConfig(model=str(path), max_new_tokens=4, temperature=0, device="cpu")
+    out, err = io.StringIO(), io.StringIO()
+    assert terminal.chat_cli(cfg, stdin=io.StringIO("Hi there\nAnd Germany?\n"), stdout=out, stderr=err) == 0
+    assert [[m["role"] for m in messages] for messages in seen] == [["user"], ["user", "assistant", "user"]]
+    assert seen[1][0]["content"] == "Hi there" and seen[1][2]["content"] == "And Germany?"
+
+
 # ----------------------------------------------------------------------------- Hub ids
 
 def test_model_source_tells_local_paths_from_hub_ids(tmp_path):
