@@ -1,4 +1,4 @@
-"""Models and tokenizers: create one from a preset, load any local Hugging Face causal LM, save atomically.
+"""Models and tokenizers: create one from a preset, load any Hugging Face causal LM, save atomically.
 
     from chatsmith.model import build_tokenizer, create_model, load_model, save_model
     tok = build_tokenizer(corpus_texts, vocab_size=4096, fmt="chatml")   # byte-level BPE + chat template
@@ -6,8 +6,9 @@
     save_model(model, tok, "runs/base")                                    # a standard HF directory
     loaded = load_model("runs/base")                                        # Loaded(model, tokenizer, fmt)
 
-Any HF causal LM directory loads (`AutoModelForCausalLM` + `AutoTokenizer`). A model without a pad
-token gets `<|pad|>` added (embeddings resized); a tokenizer without a chat template needs
+Any HF causal LM directory loads (`AutoModelForCausalLM` + `AutoTokenizer`), and so does a Hugging Face
+Hub id (`owner/name`, not a local directory: handed to transformers, which reads its cache or downloads).
+A model without a pad token gets `<|pad|>` added (embeddings resized); a tokenizer without a chat template needs
 `template=` (`chatml`, `llama2`, `alpaca` or a `.jinja` file), which is set on the tokenizer so the saved
 model carries it. Saved directories hold `config.json`, `model.safetensors` and tokenizer files with the
 `chat_template`, so plain `transformers` loads them and `apply_chat_template` renders what chatsmith does.
@@ -18,6 +19,7 @@ Tests: `python -m pytest tests/test_model.py -q`.
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
@@ -204,10 +206,30 @@ def _resolve_dtype(dtype: Any) -> Any:
     return names[dtype]
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")   # "name" or "owner/name"
+
+
+def model_source(path: str | Path) -> tuple[str, bool]:
+    """``(what to pass to from_pretrained, is it a Hugging Face Hub id)`` for a model argument.
+
+    An existing directory is local; so is anything that is not shaped like a Hub id (absolute or ``./``
+    paths, more than one ``/``). A string shaped like ``owner/name`` that is not a directory here is a Hub
+    id: transformers resolves it (its cache, or a download unless ``HF_HUB_OFFLINE=1``).
+    """
+    text = str(path)
+    if Path(text).exists() or not HUB_ID.fullmatch(text) or ".." in text:
+        return text, False
+    return text, True
+
+
 def load_model(path: str | Path, device: str = "auto", dtype: Any = None, template: str | None = None,
                require_template: bool = True) -> Loaded:
-    """Load any local HF causal LM directory. Returns ``Loaded(model, tokenizer, fmt)`` (model in eval mode).
+    """Load a HF causal LM: a local directory or a Hub id. Returns ``Loaded(model, tokenizer, fmt)`` (model
+    in eval mode).
 
+    - ``path``: a local model directory, or a Hugging Face Hub id (``owner/name``) that is not a local
+      directory, handed to transformers as is (see `model_source`); transformers' own error (offline,
+      unknown repository) is shown if it cannot load it.
     - ``template`` (a built-in name, ``jinja``, or a ``.jinja`` path) overrides/sets the chat template;
       without one the tokenizer's own ``chat_template`` is used; if there is none either, a
       ChatsmithError asks for ``--template`` (unless ``require_template=False``: then ``fmt`` is None).
@@ -219,20 +241,23 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
 
     from chatsmith.utils import resolve_device
 
-    path = Path(path)
-    if not path.is_dir():
-        raise ChatsmithError(f"{path}: model directory not found")
-    if not (path / "config.json").is_file():
-        raise ChatsmithError(f"{path}: not a Hugging Face model directory (no config.json)")
+    source, hub = model_source(path)
+    where = f"{source}: not a local directory; as a Hugging Face Hub id" if hub else source
+    if not hub:
+        path = Path(source)
+        if not path.is_dir():
+            raise ChatsmithError(f"{path}: model directory not found")
+        if not (path / "config.json").is_file():
+            raise ChatsmithError(f"{path}: not a Hugging Face model directory (no config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
-        raise ChatsmithError(f"{path}: cannot load the tokenizer: {exc}") from None
+        raise ChatsmithError(f"{where}: cannot load the tokenizer: {exc}") from None
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_resolve_dtype(dtype))
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(dtype))
     except Exception as exc:  # noqa: BLE001
-        raise ChatsmithError(f"{path}: cannot load a causal language model: {exc}") from None
+        raise ChatsmithError(f"{where}: cannot load a causal language model: {exc}") from None
 
     fmt = None
     if template:
@@ -241,7 +266,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
     elif getattr(tokenizer, "chat_template", None):
         fmt = _resolve_format(None, tokenizer)
     elif require_template:
-        raise ChatsmithError(f"{path}: the tokenizer has no chat_template; pass --template "
+        raise ChatsmithError(f"{source}: the tokenizer has no chat_template; pass --template "
                              "chatml|llama2|alpaca|FILE.jinja to choose the chat format")
 
     added = False

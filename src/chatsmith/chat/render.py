@@ -12,16 +12,27 @@ How the mask is made exact without `{% generation %}` markers
    merged system prompts all end up in literals. Skeletons depend only on the conversation's structure
    (roles, which fields are empty, other keys), so they are cached with everything derived from them.
 2. The real rendering is aligned to skeleton + contents, accepting each content verbatim or
-   whitespace-stripped (`trim`, `lstrip`, `rstrip` in templates). Anything else (a template that drops,
-   repeats or rewrites an assistant reply, or rewrites another message) raises `TemplateError` naming
-   the template and the message index: a mask is never silently wrong.
-3. End of turn: rendering the conversation up to and including assistant message k shows what the
-   template writes right after the reply (`<|im_end|>`, ` </s>`, `<|eot_id|>`); trailing whitespace is
-   not part of it (the model never has to generate it). A template that closes turns with the next
-   role's header (`User: …\\n\\nAssistant: …\\n\\n`) has no such text; the mask then covers the template
-   text up to the next message's content, whitespace-stripped on the right (`\\n\\nUser:`), so the model
-   learns to stop.
-4. Tokenization is done segment by segment: template text with special tokens recognised, message
+   whitespace-stripped (`trim`, `lstrip`, `rstrip` in templates; or newlines only, `lstrip('\\n')` in
+   Qwen3 and SmolLM3). Anything else (a template that drops, repeats or rewrites an assistant reply, or
+   rewrites another message) raises `TemplateError` naming the template and the message index: a mask
+   is never silently wrong.
+3. Text generated before the reply: the prompt of assistant turn k (the messages before it, generation
+   prompt appended) is compared with what the template writes before reply k, after the last content both
+   share. If the template writes more than its generation prompt (Qwen3's empty `<think>\\n\\n</think>\\n\\n`
+   on the latest turn, gpt-oss's `<|channel|>final<|message|>`), the model generates that text: it is in
+   the mask. Not so when the generation prompt already holds it (Qwen3 with `enable_thinking=false`), or
+   when the template has no generation prompt at all (its text before a reply is the reply's header).
+4. End of turn (`templates.turn_closings`): the conversation is rendered ending with reply k, and continued
+   by a user message. What both write right after the reply, cut between whole markers, is the end of turn
+   (`<|im_end|>`, ` </s>`, `<|eot_id|>`; Phi-3's `<|end|>`, whose final turn is followed by an extra eos
+   that is not part of the turn); trailing whitespace is not part of it (the model never has to generate
+   it). A template that closes the final turn with a marker of its own (gpt-oss: `<|return|>` at the end,
+   `<|end|>` before) masks that marker on the final turn and, on earlier ones, the closing the template
+   gives every other message (`<|end|>`), so an earlier turn never covers the next user's header. A
+   template that closes turns with the next role's header (`User: …\\n\\nAssistant: …\\n\\n`) has no
+   such text; the mask then covers the template text up to the next message's content, whitespace-stripped
+   on the right (`\\n\\nUser:`), so the model learns to stop.
+5. Tokenization is done segment by segment: template text with special tokens recognised, message
    contents as plain text (`encode_special_tokens`, so a typed `<|im_end|>` or `</s>` stays text). The ids
    are therefore what the model sees at inference: the prompt tokenized, then reply tokens generated — no
    BPE merge crosses a message boundary. The result is checked with `decode(ids) == text`; a tokenizer
@@ -46,7 +57,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from chatsmith.chat.templates import ChatFormat, get_format
+from chatsmith.chat.templates import ChatFormat, get_format, turn_closings
 from chatsmith.errors import DataError, TemplateError
 
 CONTENT_FIELDS = ("content", "input")  # message fields holding free text ("input": Alpaca context)
@@ -209,6 +220,7 @@ class _Literal:
     ids: list[int]
     mask: list[int]
     masked_prefix: int  # how many leading characters of `text` are end-of-turn text (mask 1)
+    masked_suffix: int = 0  # how many trailing characters the model generates before the next reply (mask 1)
 
 
 @dataclass
@@ -222,7 +234,7 @@ def _role_of(messages, slots, slot):
     return i, messages[i]["role"]
 
 
-def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, base: int,
+def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, base: int, n_markers: int,
                 add_generation_prompt: bool) -> _Plan:
     sentinels = [chr(base + j) for j in range(len(slots))]
     skeleton_messages = [dict(m) for m in messages]
@@ -232,11 +244,17 @@ def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, bas
 
     parts = re.split(f"([{chr(base)}-{chr(base + len(slots) - 1)}])", skeleton) if slots else [skeleton]
     raw_pieces: list = []
+    offsets: list[int] = []  # where each piece starts in the skeleton
+    at = 0
     for k, part in enumerate(parts):
         if k % 2:
             raw_pieces.append(ord(part) - base)
         elif part:
             raw_pieces.append(part)
+        else:
+            continue
+        offsets.append(at)
+        at += len(part)
 
     counts = Counter(p for p in raw_pieces if isinstance(p, int))
     masked = frozenset(j for j, slot in enumerate(slots) if slot[3])
@@ -249,16 +267,28 @@ def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, bas
             raise TemplateError(f"chat template {fmt.name!r} writes assistant message {i} {counts[j]} times, so "
                                 "which copy the model should learn is ambiguous")
 
-    # End-of-turn text after each assistant reply (masked), see the module docstring (step 3).
+    markers = f"[{chr(base)}-{chr(base + n_markers - 1)}]"
+    user_marker = chr(base + n_markers)  # one code point past every content marker
     closing: dict[int, int] = {}  # piece index of the literal after a reply -> length of its masked prefix
+    opening: dict[int, int] = {}  # piece index of the literal before a reply -> length of its masked suffix
     for position, piece in enumerate(raw_pieces):
         if not (isinstance(piece, int) and piece in masked):
             continue
+        index = slots[piece][0]
+        # Text the model generates between the generation prompt and the reply (module docstring, step 3).
+        if position and isinstance(raw_pieces[position - 1], str):
+            generated = _generated_before_reply(fmt, skeleton_messages, index, skeleton[:offsets[position]],
+                                                markers)
+            if generated and raw_pieces[position - 1].endswith(generated):
+                opening[position - 1] = len(generated)
+        # End-of-turn text after the reply (module docstring, step 4).
         follower = raw_pieces[position + 1] if position + 1 < len(raw_pieces) else None
         after = follower if isinstance(follower, str) else ""
-        turn_end = _turn_end_text(fmt, skeleton_messages, slots[piece][0], sentinels[piece])
-        if turn_end and after.startswith(turn_end):
-            closing[position + 1] = len(turn_end)
+        mid, final = turn_closings(fmt, skeleton_messages, index, sentinels[piece], user_marker)
+        if index == len(messages) - 1 and final and after.startswith(final):
+            closing[position + 1] = len(final)
+        elif mid and after.startswith(mid):
+            closing[position + 1] = len(mid)
         elif after.rstrip():
             # Closed by the next header: up to the next message's text. Empty contents have no slot in the
             # skeleton, so find that boundary in a rendering where every text field is marked.
@@ -268,24 +298,71 @@ def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, bas
                 header = after.rstrip() if later_text else ""  # never the generation prompt
             if header:
                 closing[position + 1] = len(header)
+    return _Plan(_tokenize_literals(codec, raw_pieces, closing, opening), masked)
 
-    # Tokenize the template's text once per structure: end-of-turn text and the rest as separate segments.
+
+def _tokenize_literals(codec: _Codec, raw_pieces: list, closing: dict[int, int], opening: dict[int, int]) -> list:
+    """Pieces with every literal tokenized (once per structure) as up to three segments: its masked
+    end-of-turn prefix (`closing`), the rest, and its masked suffix generated before a reply (`opening`)."""
+    cuts: list[tuple[int, int]] = []
     segment_texts: list[str] = []
     for position, piece in enumerate(raw_pieces):
         if isinstance(piece, str):
-            cut = closing.get(position, 0)
-            segment_texts += [piece[:cut], piece[cut:]]
+            head = closing.get(position, 0)
+            tail = min(opening.get(position, 0), len(piece) - head)
+            cuts.append((head, tail))
+            segment_texts += [piece[:head], piece[head:len(piece) - tail], piece[len(piece) - tail:]]
     segment_ids = iter(codec.encode_template([t for t in segment_texts if t]))
+    cuts_iter = iter(cuts)
     pieces: list = []
-    for position, piece in enumerate(raw_pieces):
+    for piece in raw_pieces:
         if isinstance(piece, int):
             pieces.append(piece)
             continue
-        cut = closing.get(position, 0)
-        head = next(segment_ids) if cut else []
-        tail = next(segment_ids) if cut < len(piece) else []
-        pieces.append(_Literal(piece, list(head) + list(tail), [1] * len(head) + [0] * len(tail), cut))
-    return _Plan(pieces, masked)
+        head, tail = next(cuts_iter)
+        ids: list[int] = []
+        mask: list[int] = []
+        for length, bit in ((head, 1), (len(piece) - head - tail, 0), (tail, 1)):
+            if length:
+                segment = list(next(segment_ids))
+                ids += segment
+                mask += [bit] * len(segment)
+        pieces.append(_Literal(piece, ids, mask, head, tail))
+    return pieces
+
+
+def _generated_before_reply(fmt: ChatFormat, skeleton_messages: list[dict], index: int, before: str,
+                            markers: str) -> str:
+    """Template text between the generation prompt and assistant reply `index`, which the model generates.
+
+    `before` is the skeleton up to the reply. The prompt for this turn (messages before it, generation
+    prompt appended) is compared with `before` after the last content both share: if the template writes
+    more than the generation prompt (Qwen3's empty `<think>\\n\\n</think>\\n\\n`, gpt-oss's
+    `<|channel|>final<|message|>`), the extra text is returned. "" when there is none, the generation
+    prompt already holds it, the prompt is not a prefix of what the template writes before the reply, or
+    the template has no generation prompt (its text before a reply is the reply's header, as before).
+    """
+    if index == 0:
+        return ""
+    try:
+        prompt = fmt.render_text(skeleton_messages[:index], True)
+        if prompt == fmt.render_text(skeleton_messages[:index], False):
+            return ""
+    except TemplateError:
+        return ""
+    last = None
+    for last in re.finditer(markers, prompt):
+        pass
+    if last is None:
+        generation_prompt, written = prompt, before
+    else:
+        at = before.rfind(last.group())
+        if at < 0:
+            return ""
+        generation_prompt, written = prompt[last.end():], before[at + 1:]
+    if re.search(markers, written) or not written.startswith(generation_prompt):
+        return ""
+    return written[len(generation_prompt):]
 
 
 def _next_header_text(fmt: ChatFormat, messages: list[dict], slots, base: int, add_generation_prompt: bool,
@@ -319,19 +396,8 @@ def _next_header_text(fmt: ChatFormat, messages: list[dict], slots, base: int, a
     return rendered[at + 1:match.start()].rstrip()
 
 
-def _turn_end_text(fmt: ChatFormat, skeleton_messages: list[dict], index: int, sentinel: str) -> str:
-    """What the template writes right after assistant message `index` when it ends the conversation."""
-    try:
-        rendered = fmt.render_text(skeleton_messages[: index + 1], False)
-    except TemplateError:
-        return ""
-    at = rendered.rfind(sentinel)
-    if at < 0:
-        return ""
-    return rendered[at + 1:].rstrip()
-
-
-def _get_plan(fmt: ChatFormat, tokenizer, codec: _Codec, messages, slots, key, base, add_generation_prompt) -> _Plan:
+def _get_plan(fmt: ChatFormat, tokenizer, codec: _Codec, messages, slots, key, base, n_markers,
+              add_generation_prompt) -> _Plan:
     if fmt._plans is None:
         fmt._plans = weakref.WeakKeyDictionary()
     try:
@@ -345,7 +411,8 @@ def _get_plan(fmt: ChatFormat, tokenizer, codec: _Codec, messages, slots, key, b
     if plan is None:
         if len(per_tokenizer) >= _MAX_PLANS_PER_TOKENIZER:
             per_tokenizer.clear()
-        plan = per_tokenizer[plan_key] = _build_plan(fmt, codec, messages, slots, base, add_generation_prompt)
+        plan = per_tokenizer[plan_key] = _build_plan(fmt, codec, messages, slots, base, n_markers,
+                                                     add_generation_prompt)
     return plan
 
 
@@ -353,7 +420,8 @@ def _get_plan(fmt: ChatFormat, tokenizer, codec: _Codec, messages, slots, key, b
 
 def _variants(content: str) -> list[str]:
     out = [content]
-    for v in (content.strip(), content.lstrip(), content.rstrip()):
+    for v in (content.strip(), content.lstrip(), content.rstrip(), content.strip("\n"), content.lstrip("\n"),
+              content.rstrip("\n")):
         if v not in out:
             out.append(v)
     return out
@@ -440,9 +508,9 @@ def render_chat(messages: list[dict], tokenizer, fmt: ChatFormat | str | None,
     messages = _check_messages(messages)
     slots, key = _slots_and_key(messages)
     n_fields = sum(1 for m in messages for field in CONTENT_FIELDS if field in m)
-    base = _sentinel_base([s[2] for s in slots], n_fields)
+    base = _sentinel_base([s[2] for s in slots], n_fields + 1)  # + 1: a user message's marker (turn_closings)
     codec = _codec(tokenizer)
-    plan = _get_plan(fmt, tokenizer, codec, messages, slots, key, base, add_generation_prompt)
+    plan = _get_plan(fmt, tokenizer, codec, messages, slots, key, base, n_fields, add_generation_prompt)
 
     if fmt.verbatim_contents:
         contents = [slots[p][2] for p in plan.pieces if isinstance(p, int)]
@@ -492,6 +560,8 @@ def _whole_text_tokens(codec: _Codec, plan: _Plan, parts: list[str], text: str) 
     for piece, part in zip(plan.pieces, parts):
         if isinstance(piece, _Literal):
             masked_chars[pos:pos + piece.masked_prefix] = b"\x01" * piece.masked_prefix
+            stop = pos + len(part)
+            masked_chars[stop - piece.masked_suffix:stop] = b"\x01" * piece.masked_suffix
         else:
             content_spans.append((pos, pos + len(part)))
             if piece in plan.masked_slots:

@@ -218,28 +218,93 @@ def missing_special_tokens(fmt: ChatFormat, tokenizer) -> list[str]:
     return missing
 
 
-def _derive_stop_strings(fmt: ChatFormat) -> list[str]:
-    """What the template writes right after an assistant reply (stripped), or else the next turn's header.
+def _at_boundary(text: str, position: int) -> bool:
+    """Whether `position` splits `text` between whole markers: at either end, next to whitespace, after a
+    closing `>`/`]` or before an opening `<`/`[` (so `<|end|>\\n<|user|>` splits after `<|end|>`, never
+    inside `<|user|>`)."""
+    if position <= 0 or position >= len(text):
+        return True
+    before, after = text[position - 1], text[position]
+    return before.isspace() or after.isspace() or before in ">]" or after in "<["
 
-    Rendered with private-use sentinels as contents so the template's own text can be told apart.
+
+def common_closing(a: str, b: str) -> str:
+    """The longest common prefix of `a` and `b` that ends between whole markers in both, right-stripped.
+
+    `common_closing("<|end|>\\n<|endoftext|>", "<|end|>\\n<|user|>\\n") == "<|end|>"`.
     """
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    for p in range(n, 0, -1):
+        if _at_boundary(a, p) and _at_boundary(b, p):
+            return a[:p].rstrip()
+    return ""
+
+
+def turn_closings(fmt: ChatFormat, messages: list[dict], index: int, reply_marker: str,
+                  user_marker: str) -> tuple[str | None, str]:
+    """How the template closes assistant message `index` (whose content is the unique `reply_marker`):
+    `(mid, final)`, the end-of-turn text in the middle of a chat and at the end of a conversation.
+
+    Two renderings show it: the conversation ending with the reply (`end`: what follows it, right-stripped)
+    and continued by a user message whose content is `user_marker` (`mid`: what follows the reply up to that
+    content, the next header included). Their common closing is the end of turn (`<|im_end|>`; Phi-3's
+    `<|end|>`, whose final turn is followed by an extra eos that is not part of the turn). A template that
+    closes the final turn with a marker of its own (gpt-oss: `<|return|>`, earlier turns `<|end|>`) has no
+    common closing: the final turn ends with `end`, an earlier one with the closing every other message
+    gets (the user message's, when the conversation ends with it), if the mid-chat text starts with it.
+    `mid` is None when neither applies (turns closed by the next header, `\\n\\nUser:`: see render.py).
+    Private-use markers keep the template's own text apart from contents.
+    """
+    prefix = [dict(m) for m in messages[: index + 1]]
+    try:
+        ended = fmt.render_text(prefix, False)
+    except TemplateError:
+        ended = ""
+    at = ended.rfind(reply_marker)
+    end = ended[at + 1:].rstrip() if at >= 0 else ""
+    try:
+        continued = fmt.render_text(prefix + [{"role": "user", "content": user_marker}], False)
+    except TemplateError:
+        return (end or None), end
+    at, user_at = continued.rfind(reply_marker), continued.rfind(user_marker)
+    if not 0 <= at < user_at:
+        return (end or None), end
+    mid_text = continued[at + 1:user_at]
+    shared = common_closing(end, mid_text)
+    if shared:
+        return shared, shared
+    user_close = continued[user_at + 1:].rstrip()
+    if user_close and mid_text.startswith(user_close) and _at_boundary(mid_text, len(user_close)):
+        return user_close, end
+    return None, end
+
+
+def _derive_stop_strings(fmt: ChatFormat) -> list[str]:
+    """The end-of-turn texts of an assistant reply (mid-chat first, then a different final closing), or
+    else the next turn's header (stripped). Rendered with private-use markers as contents."""
     reply, user, later = "\U0010fff0", "\U0010fff1", "\U0010fff2"
     for prefix in ([], [{"role": "system", "content": "\U0010fff3"}]):
+        conversation = prefix + [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         try:
-            closed = fmt.render_text(prefix + [{"role": "user", "content": user},
-                                               {"role": "assistant", "content": reply}])
-            after = closed[closed.rfind(reply) + 1:].strip() if reply in closed else ""
-            if after:
-                return [after]
-            longer = fmt.render_text(prefix + [{"role": "user", "content": user},
-                                               {"role": "assistant", "content": reply},
-                                               {"role": "user", "content": later}])
-            if reply in longer and later in longer:
-                header = longer[longer.rfind(reply) + 1:longer.rfind(later)].strip()
-                if header:
-                    return [header]
+            fmt.render_text(conversation)
         except TemplateError:
             continue
+        mid, final = turn_closings(fmt, conversation, len(conversation) - 1, reply, later)
+        closings = list(dict.fromkeys(text for text in (mid, final) if text))
+        if closings:
+            return closings
+        try:
+            longer = fmt.render_text(conversation + [{"role": "user", "content": later}])
+        except TemplateError:
+            continue
+        if reply in longer and later in longer:
+            header = longer[longer.rfind(reply) + 1:longer.rfind(later)].strip()
+            if header:
+                return [header]
     return [fmt.eos_token] if fmt.eos_token else []
 
 

@@ -2,7 +2,8 @@
 
 - ``FastDecoder``: a hand-written decoder step for plain Llama-family models (Llama, Qwen2, Mistral:
   RoPE, RMSNorm, SwiGLU, optional q/k/v bias, GQA) with a static KV cache and the LM head on the last
-  position only (``fast_path_layers`` says whether a model qualifies).
+  position only (``fast_path_layers`` says whether a model qualifies: not while a sliding attention
+  window is shorter than the sequence, since the fast step attends to every earlier position).
 - ``HFDecoder``: the model's own ``forward`` with ``past_key_values``; every other model.
 
 Both expose ``start(input_ids, attention_mask, max_len) -> (b, vocab)`` logits of the last position,
@@ -21,13 +22,29 @@ from torch import nn
 
 from chatsmith.model import cache_keyword, returned_cache
 
-__all__ = ["fast_path_layers", "FastDecoder", "HFDecoder", "clear_weight_cache", "FAST_PATH_MAX_PARAMETERS"]
+__all__ = ["fast_path_layers", "sliding_window", "FastDecoder", "HFDecoder", "clear_weight_cache", "FAST_PATH_MAX_PARAMETERS"]
 
 
-def fast_path_layers(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(inner model, lm_head) if ``model`` is a plain Llama-family model our fast step reproduces exactly."""
+def sliding_window(config: Any) -> int | None:
+    """The attention window of a model whose layers attend to the last ``window`` positions only (Mistral
+    v0.1's 4096, Qwen2 with ``use_sliding_window``), else None. transformers applies it through the
+    attention mask it builds from the config, not through an attribute of the attention modules."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def fast_path_layers(model: nn.Module, max_len: int | None = None) -> tuple[nn.Module, nn.Module] | None:
+    """(inner model, lm_head) if ``model`` is a plain Llama-family model our fast step reproduces exactly
+    for sequences of up to ``max_len`` tokens (None: any length). The fast step attends to every earlier
+    position, so a sliding-window model qualifies only while its window cannot bind (max_len <= window)."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in ("llama", "qwen2", "mistral"):
+        return None
+    window = sliding_window(config)
+    if window is not None and (max_len is None or max_len > window):
         return None
     inner, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     if inner is None or type(head) is not nn.Linear or head.bias is not None:

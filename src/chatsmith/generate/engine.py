@@ -226,13 +226,15 @@ class Generator:
 
     # --------------------------------------------------------------------- internals
 
-    def _decoder(self) -> Any:
+    def _decoder(self, max_len: int) -> Any:
+        """The logits backend for sequences of up to ``max_len`` tokens (prompt + generation)."""
         if self.fast is not False:
-            found = fast_path_layers(self.model)
+            found = fast_path_layers(self.model, max_len)
             if found is not None:
                 return FastDecoder(self.model, *found)
             if self.fast:
-                raise ChatsmithError("fast=True: this model is not a plain Llama-family model")
+                raise ChatsmithError("fast=True: this model is not a plain Llama-family model, or its sliding "
+                                     "attention window is shorter than the sequence")
         return HFDecoder(self.model)
 
     def _max_positions(self) -> int | None:
@@ -299,7 +301,7 @@ class Generator:
         model.eval()   # no dropout while sampling; restored below (RL samples from a policy in training)
         try:
             with torch.inference_mode():
-                decoder = self._decoder()
+                decoder = self._decoder(longest + max_new)
                 logits = _prefill(decoder, input_ids, attention_mask, longest + max_new)  # (n, vocab)
                 vocab = logits.shape[-1]
                 seen = None                                                               # (live, vocab)
