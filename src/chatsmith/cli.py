@@ -60,6 +60,8 @@ COMMANDS: list[Command] = [
     Command("eval", "chatsmith.eval.behaviour:EvalConfig:evaluate_cli",
             "Held-out behaviour suite on one or more models; writes report.json/.md/.html.",
             positional=("models",)),
+    Command("serve", "chatsmith.serve.cli:ServeConfig:serve",
+            "OpenAI-compatible HTTP server with continuous batching, metrics and a web chat.", positional=("models",)),
 ]
 
 
