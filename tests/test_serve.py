@@ -114,6 +114,9 @@ def test_models_health_and_page(server, client):
     page = httpx.get(url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "http://" not in page.text and "https://" not in page.text      # nothing fetched from elsewhere
+    for part in ('id="system"', 'id="temperature"', 'id="model"', 'id="new"', "/v1/chat/completions",
+                 "stream: true", "localStorage"):
+        assert part in page.text
 
 
 def test_chat_matches_engine_with_usage_streaming_and_not(server, client):
