@@ -37,6 +37,8 @@ class ServeConfig:
                                      "(default: each model's own).")
     max_body_bytes: int = arg(1_000_000, "Largest request body accepted (413 above).")
     device: str = arg("auto", "cpu, cuda, mps or auto.")
+    threads: int = arg(0, "Torch CPU threads for generation (0 = all cores but one, which is left to the HTTP "
+                          "event loop: OpenMP threads spinning on every core starve it and slow streaming).")
     log_level: str = arg("info", "uvicorn's log level.", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -67,8 +69,15 @@ def build_app(cfg: ServeConfig):
 
 def serve(cfg: ServeConfig) -> int:
     """`chatsmith serve`: load the models and run uvicorn until Ctrl-C."""
+    import torch
     import uvicorn
 
+    from chatsmith.utils import resolve_device
+
+    if cfg.threads < 0:
+        raise ChatsmithError(f"--threads: expected >= 0, got {cfg.threads}")
+    if resolve_device(cfg.device) == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) - 1))
     app = build_app(cfg)
     print(f"chatsmith serve: {', '.join(cfg.models)} on http://{cfg.host}:{cfg.port} "
           f"(OpenAI API at /v1, web chat at /)", flush=True)
