@@ -14,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
+import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -202,6 +205,11 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_body_b
             raise APIError(400, f"the prompt is {longest} tokens but the model's context is {served.context} "
                            "tokens; shorten it", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
+        scheduler = served.scheduler
+        if len(prompts) * params.n > scheduler.max_batch + scheduler.max_queue:
+            raise APIError(400, f"{len(prompts) * params.n} sequences asked (prompts x n); this server takes at "
+                           f"most {scheduler.max_batch + scheduler.max_queue} at once", param="n",
+                           code="invalid_value")
         run = Run(served, prompts, params, chat, max_new_tokens)
         run.submit()
         if params.stream:
@@ -210,6 +218,47 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_body_b
         return JSONResponse(await collect(request, run, chat))
 
     return Gate(app, api_key, metrics)
+
+
+class Mailbox:
+    """Hands events from scheduler threads to one event loop with at most one wake-up pending.
+
+    A decode step of 32 rows makes 32 events; waking the loop once for each (a self-pipe write and a
+    callback each) cost a visible share of a small model's step. Here the first event of a step schedules
+    one drain and the others just join the deque.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: deque[tuple[asyncio.Queue, Any]] = deque()
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items = self.items, deque()
+            self.scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The mailbox of ``loop`` (one per event loop)."""
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box
 
 
 class Run:
@@ -234,8 +283,10 @@ class Run:
                                      tuple(dict.fromkeys(stops))))
 
     def _emitter(self, index: int) -> Callable[[Event], None]:
+        box, queue = mailbox(self.loop), self.queue
+
         def emit(event: Event) -> None:   # called from the scheduler thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            box.post(queue, (index, event))
         return emit
 
     def submit(self) -> None:

@@ -189,20 +189,14 @@ class Scheduler:
         hit_string = job.text.push(token)
         if self.metrics is not None:
             self.metrics.tokens.labels(self.name).inc()
-        if token in job.stop_ids or hit_string:
-            piece = job.text.new_printable(done=True, stop_token_hit=not hit_string)
-            self._send(job, Event("text", piece)) if piece else None
-            self._finish(job, "stop")
-            return True
-        if len(job.tokens) >= job.max_new or job.cancelled:
-            piece = job.text.new_printable(done=True)
-            self._send(job, Event("text", piece)) if piece else None
-            self._finish(job, "cancelled" if job.cancelled else "length")
-            return True
-        piece = job.text.new_printable(done=False)
+        stopped = token in job.stop_ids or hit_string
+        done = stopped or len(job.tokens) >= job.max_new or job.cancelled
+        piece = job.text.new_printable(done=done, stop_token_hit=stopped and not hit_string)
         if piece:
             self._send(job, Event("text", piece))
-        return False
+        if done:
+            self._finish(job, "stop" if stopped else "cancelled" if job.cancelled else "length")
+        return done
 
     def _drop(self, rows: Iterable[int], already_finished: bool = False) -> None:
         """Remove running rows (cancelled ones are answered first) from the jobs and the batch."""
