@@ -300,15 +300,17 @@ class Run:
         for job in self.jobs:
             job.cancel()
 
-    async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        """Every event of every job until all are done; cancels the jobs if the consumer stops early."""
+    async def events(self) -> AsyncIterator[list[tuple[int, Event]]]:
+        """Every event of every job until all are done, in lists of those that arrived together (one
+        write per list when streaming); cancels the jobs if the consumer stops early."""
         open_jobs = len(self.jobs)
         try:
             while open_jobs:
-                index, event = await self.queue.get()
-                if event.kind in ("done", "error"):
-                    open_jobs -= 1
-                yield index, event
+                ready = [await self.queue.get()]
+                while not self.queue.empty():
+                    ready.append(self.queue.get_nowait())
+                open_jobs -= sum(event.kind in ("done", "error") for _, event in ready)
+                yield ready
         finally:
             if open_jobs:
                 self.cancel()
@@ -321,14 +323,15 @@ async def collect(request: Request, run: Run, chat: bool) -> dict:
     completion = 0
     watcher = asyncio.create_task(_watch_disconnect(request, run))
     try:
-        async for index, event in run.events():
-            if event.kind == "text":
-                texts[index].append(event.text)
-            elif event.kind == "done":
-                finish[index] = event.finish_reason
-                completion += event.completion_tokens
-            else:
-                raise APIError(500, event.text, "server_error")
+        async for ready in run.events():
+            for index, event in ready:
+                if event.kind == "text":
+                    texts[index].append(event.text)
+                elif event.kind == "done":
+                    finish[index] = event.finish_reason
+                    completion += event.completion_tokens
+                else:
+                    raise APIError(500, event.text, "server_error")
     finally:
         watcher.cancel()
     choices = []
@@ -372,14 +375,17 @@ async def stream_events(run: Run, params: SamplingParams, chat: bool) -> AsyncIt
     if chat:
         for i in range(len(run.jobs)):
             yield chunk(i, None, None, role=True)
-    async for index, event in run.events():
-        if event.kind == "text":
-            yield chunk(index, event.text, None)
-        elif event.kind == "done":
-            completion += event.completion_tokens
-            yield chunk(index, None if chat else "", event.finish_reason)
-        else:
-            yield f"data: {json.dumps(error_body(event.text, 'server_error'))}\n\n"
+    async for ready in run.events():
+        parts = []
+        for index, event in ready:
+            if event.kind == "text":
+                parts.append(chunk(index, event.text, None))
+            elif event.kind == "done":
+                completion += event.completion_tokens
+                parts.append(chunk(index, None if chat else "", event.finish_reason))
+            else:
+                parts.append(f"data: {json.dumps(error_body(event.text, 'server_error'))}\n\n")
+        yield "".join(parts)
     if params.include_usage:
         usage = {"prompt_tokens": run.prompt_tokens, "completion_tokens": completion,
                  "total_tokens": run.prompt_tokens + completion}
