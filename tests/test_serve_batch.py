@@ -18,7 +18,7 @@ from chatsmith.generate import SamplingConfig, generate
 from chatsmith.model import build_tokenizer, create_model
 from chatsmith.serve.batch import left_pad_cat
 from chatsmith.serve.sampling import RowSampling, choice_seed, sample_rows
-from chatsmith.serve.scheduler import Job, QueueFull, Scheduler
+from chatsmith.serve.scheduler import Job, QueueFull, Scheduler, length_groups
 from conftest import SAMPLE_TEXTS
 
 
@@ -197,3 +197,13 @@ def test_left_pad_cat_and_row_sampling():
     nucleus = set(order[(probs.cumsum(-1) - probs) < 0.5].tolist())
     assert {t[2] for t in a_tokens} <= nucleus
     assert choice_seed(5, 0) == choice_seed(5, 0) != choice_seed(5, 1)
+
+
+def test_length_groups_bound_padding():
+    lengths = [30, 5, 6, 29, 100, 5, 31, 7]
+    groups = length_groups(lengths, waste=0.2)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        padded = len(g) * max(lengths[i] for i in g)
+        assert padded - sum(lengths[i] for i in g) <= 0.2 * padded
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[5, 5, 6, 7], [29, 30, 31], [100]]

@@ -8,8 +8,8 @@
     job.cancel()                       # e.g. the client went away: it leaves at the next step
     scheduler.stop()
 
-Each loop iteration: (1) waiting jobs, up to the free batch slots, are prefilled together, sample their
-first token and join the running rows; (2) one decode step feeds every running row its last token and
+Each loop iteration: (1) waiting jobs, up to the free batch slots, are prefilled (in groups of similar
+prompt lengths, so little padding is computed), sample their first token and join the running rows; (2) one decode step feeds every running row its last token and
 samples the next one with that row's own settings; rows that hit a stop token, a stop string, their
 token limit or were cancelled leave right away. So a new request joins at the next step and a short
 reply never waits for the batch's longest one.
@@ -29,7 +29,7 @@ from chatsmith.generate.text import RowText, byte_level_table
 from chatsmith.serve.batch import DecodeBatch
 from chatsmith.serve.sampling import RowSampling, sample_rows
 
-__all__ = ["Job", "Event", "Scheduler", "QueueFull"]
+__all__ = ["Job", "Event", "Scheduler", "QueueFull", "length_groups"]
 
 
 class QueueFull(Exception):
@@ -64,6 +64,25 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+def length_groups(lengths: Sequence[int], waste: float = 0.2) -> list[list[int]]:
+    """Indices of ``lengths`` split into groups, shortest first, whose left padding stays under ``waste``
+    of the group's padded size (a prefill computes every padding position too)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        group = groups[-1] if groups else None
+        if group is not None:
+            padded = (len(group) + 1) * lengths[i]
+            if padded - (total + lengths[i]) <= waste * padded:
+                group.append(i)
+                total += lengths[i]
+                continue
+        groups.append([i])
+        total = lengths[i]
+    return groups
 
 
 class Scheduler:
@@ -150,6 +169,11 @@ class Scheduler:
         return taken
 
     def _admit(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` in groups of similar prompt lengths (little padding), then merge them in."""
+        for group in length_groups([len(job.prompt) for job in jobs]):
+            self._admit_group([jobs[i] for i in group])
+
+    def _admit_group(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` as one group, sample their first tokens, merge the unfinished ones in."""
         group, logits = self.batch.prefill([job.prompt for job in jobs])
         tokens = sample_rows(logits, [job.sampling for job in jobs]).tolist()
