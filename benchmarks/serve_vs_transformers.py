@@ -7,16 +7,19 @@ streaming clients, on the same model, prompts and max_tokens, side by side in on
 
 The model is the randomly initialised `tiny` Llama of `generate_vs_hf.py` (hidden 256, 4 layers, a
 4096-row embedding) with a ChatML tokenizer, saved once and loaded by both servers. Each server runs in
-its own child process, one after the other (never both at once, so neither steals the other's cores),
-on the CPU unless `--device cuda`. Each client sends `--requests-per-client` chat requests one after
-another (streaming, greedy, `max_tokens` fixed, prompts of mixed lengths), all clients at once. Measured
-per server and client count: output tokens per second over the wall time of the whole load (tokens from
-the `usage` of the stream, else the reply re-tokenized), p50/p99 request latency, p99 time to first
-token (first non-empty text). One warm-up request per server is not timed.
+its own child process (both started once; an idle one uses no CPU), on the CPU unless `--device cuda`.
+A load: every client sends `--requests-per-client` chat requests one after another (streaming, greedy,
+`max_tokens` fixed, prompts of mixed lengths), all clients at once. For each client count, `--rounds`
+loads per server, alternating which server goes first, so a busy spell of the machine hits both.
+Measured per server and client count: output tokens per second over the wall time of a load (median of
+the rounds; tokens from the `usage` of the stream, else the reply re-tokenized), p50/p99 request latency
+and p99 time to first token (first non-empty text) over all requests of all rounds; the ratio is the
+median of the per-round ratios. One warm-up request per server is not timed.
 
 Target: at 32 clients, >= 2x transformers serve's tokens/s with a p99 time to first token no worse.
 The last line is one JSON object: `ratio` (tokens/s, chatsmith over transformers, at the largest client
-count), `ttft_p99_s` and `tokens_per_s` for both, and the full table under `runs`.
+count; null with `--skip-transformers`), `ttft_p99_s` and `tokens_per_s` for both, `ratios` for every
+client count, and the full table under `runs`. `transformers serve` needs `accelerate` (the `bench` extra).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -124,10 +128,12 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
     return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens}
 
 
-async def load(url: str, model: str, clients: int, per_client: int, max_tokens: int, tokenizer) -> dict:
+async def load(url: str, model: str, clients: int, per_client: int, max_tokens: int, tokenizer,
+               seed: int = 0) -> dict:
+    """``clients`` concurrent clients, ``per_client`` requests each; the raw per-request results and wall time."""
     import httpx
 
-    texts = prompts(clients * per_client, seed=clients)
+    texts = prompts(clients * per_client, seed=seed)
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(limits=limits) as client:
         async def worker(c: int) -> list[dict]:
@@ -137,12 +143,19 @@ async def load(url: str, model: str, clients: int, per_client: int, max_tokens: 
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(c) for c in range(clients))) for r in rs]
         wall = time.perf_counter() - start
+    return {"results": results, "wall_s": wall, "tokens": sum(r["tokens"] for r in results)}
+
+
+def summarize(kind: str, clients: int, rounds: list[dict]) -> dict:
+    """Median tokens/s over the rounds; latency and time-to-first-token percentiles over all requests."""
+    results = [r for rnd in rounds for r in rnd["results"]]
     lat = sorted(r["latency"] for r in results)
     ttft = sorted(r["ttft"] for r in results)
-    tokens = sum(r["tokens"] for r in results)
-    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 1), "latency_p50_s": round(percentile(lat, 50), 3),
-            "latency_p99_s": round(percentile(lat, 99), 3), "ttft_p99_s": round(percentile(ttft, 99), 3)}
+    return {"server": kind, "clients": clients, "requests": len(results),
+            "tokens": sum(r["tokens"] for r in results),
+            "tokens_per_s": round(statistics.median(r["tokens"] / r["wall_s"] for r in rounds), 1),
+            "latency_p50_s": round(percentile(lat, 50), 3), "latency_p99_s": round(percentile(lat, 99), 3),
+            "ttft_p99_s": round(percentile(ttft, 99), 3)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -153,34 +166,53 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-async def bench_server(kind: str, model_dir: Path, args, tokenizer) -> list[dict]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(kind, model_dir, port, args.device, max(args.clients))
+async def bench(model_dir: Path, args, tokenizer) -> tuple[list[dict], dict[int, float]]:
+    """Start the servers, then for each client count run ``--rounds`` rounds, alternating which server
+    goes first (an idle server uses no CPU, so each load has the cores to itself). Returns the summary rows
+    and, per client count, the median of the per-round tokens/s ratios (chatsmith over transformers)."""
+    kinds = ["chatsmith"] + ([] if args.skip_transformers else ["transformers"])
+    procs, urls = {}, {}
     try:
-        await wait_ready(url, proc)
-        model = str(model_dir)
-        await load(url, model, 1, 1, args.max_tokens, tokenizer)          # warm-up, not timed
-        rows = []
+        for kind in kinds:
+            port = free_port()
+            urls[kind] = f"http://127.0.0.1:{port}"
+            procs[kind] = start_server(kind, model_dir, port, args.device, max(args.clients))
+        for kind in kinds:
+            await wait_ready(urls[kind], procs[kind])
+            await load(urls[kind], str(model_dir), 1, 1, args.max_tokens, tokenizer)     # warm-up, not timed
+        rows, ratios = [], {}
         for clients in args.clients:
-            row = await load(url, model, clients, args.requests_per_client, args.max_tokens, tokenizer)
-            row["server"] = kind
-            print(f"{kind:>12} {clients:>3} clients: {row['tokens_per_s']:8.1f} tok/s  p50 {row['latency_p50_s']:.3f}s"
-                  f"  p99 {row['latency_p99_s']:.3f}s  ttft p99 {row['ttft_p99_s']:.3f}s", flush=True)
-            rows.append(row)
-        return rows
+            rounds: dict[str, list[dict]] = {k: [] for k in kinds}
+            for r in range(args.rounds):
+                for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+                    rounds[kind].append(await load(urls[kind], str(model_dir), clients, args.requests_per_client,
+                                                   args.max_tokens, tokenizer, seed=clients * 100 + r))
+            for kind in kinds:
+                row = summarize(kind, clients, rounds[kind])
+                print(f"{kind:>12} {clients:>3} clients: {row['tokens_per_s']:8.1f} tok/s  p50 {row['latency_p50_s']:.3f}s"
+                      f"  p99 {row['latency_p99_s']:.3f}s  ttft p99 {row['ttft_p99_s']:.3f}s", flush=True)
+                rows.append(row)
+            if len(kinds) == 2:
+                per_round = [a["tokens"] / a["wall_s"] / (b["tokens"] / b["wall_s"])
+                             for a, b in zip(rounds["chatsmith"], rounds["transformers"])]
+                ratios[clients] = round(statistics.median(per_round), 3)
+                print(f"{'':>12} {clients:>3} clients: ratio {ratios[clients]:.2f} "
+                      f"(rounds {', '.join(f'{x:.2f}' for x in per_round)})", flush=True)
+        return rows, ratios
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc in procs.values():
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="timed loads per server and client count")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -190,23 +222,16 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "tiny")
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        runs = asyncio.run(bench_server("chatsmith", model_dir, args, tokenizer))
-        note = None
-        if not args.skip_transformers:
-            try:
-                runs += asyncio.run(bench_server("transformers", model_dir, args, tokenizer))
-            except Exception as exc:  # noqa: BLE001 - report chatsmith's figures even if the other side fails
-                note = f"transformers serve failed: {type(exc).__name__}: {exc}"[:500]
-                print(note, flush=True)
+        rows, ratios = asyncio.run(bench(model_dir, args, tokenizer))
     top = max(args.clients)
-    at_top = {r["server"]: r for r in runs if r["clients"] == top}
-    ours, theirs = at_top.get("chatsmith"), at_top.get("transformers")
+    at_top = {r["server"]: r for r in rows if r["clients"] == top}
     result = {
-        "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3) if ours and theirs else None,
+        "ratio": ratios.get(top),
         "clients": top,
         "tokens_per_s": {k: v["tokens_per_s"] for k, v in at_top.items()},
         "ttft_p99_s": {k: v["ttft_p99_s"] for k, v in at_top.items()},
-        "runs": runs, "note": note, "device": args.device, "max_tokens": args.max_tokens,
+        "ratios": {str(k): v for k, v in ratios.items()},
+        "runs": rows, "device": args.device, "max_tokens": args.max_tokens, "rounds": args.rounds,
     }
     print(json.dumps(result))
     return result
