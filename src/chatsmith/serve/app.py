@@ -114,7 +114,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_body_b
     metrics = metrics or ServeMetrics()
     by_id = {m.id: m for m in models}
     for m in models:
-        m.scheduler.metrics = metrics
+        m.scheduler.attach_metrics(metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -14,13 +14,27 @@ Each app has its own registry, so several servers in one process (tests) do not 
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["ServeMetrics", "CONTENT_TYPE"]
+__all__ = ["ServeMetrics", "ModelMetrics", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class ModelMetrics(NamedTuple):
+    """One model's labelled metrics, looked up once (a label lookup per token costs a lock and a dict)."""
+
+    queue_depth: Any
+    batch_size: Any
+    ttft: Any
+    latency: Any
+    tokens: Any
+    steps: Any
+    rows: Any
 
 
 class ServeMetrics:
@@ -42,6 +56,10 @@ class ServeMetrics:
         self.tokens = Counter("chatsmith_generated_tokens", "Tokens sampled.", ["model"], registry=r)
         self.steps = Counter("chatsmith_decode_steps", "Decode steps run.", ["model"], registry=r)
         self.rows = Counter("chatsmith_decode_rows", "Rows fed over all decode steps.", ["model"], registry=r)
+
+    def for_model(self, name: str) -> ModelMetrics:
+        return ModelMetrics(*(metric.labels(name) for metric in (
+            self.queue_depth, self.batch_size, self.ttft, self.latency, self.tokens, self.steps, self.rows)))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -92,7 +92,10 @@ class Scheduler:
                  metrics: Any = None, name: str = "model"):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max(1, max_batch), max(0, max_queue)
-        self.metrics, self.name = metrics, name
+        self.name = name
+        self.metrics = None            # ModelMetrics, see attach_metrics
+        if metrics is not None:
+            self.attach_metrics(metrics)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.batch = DecodeBatch(model, pad_id=pad)
         self.table = byte_level_table(tokenizer)
@@ -105,6 +108,10 @@ class Scheduler:
         self.rows_stepped = 0
 
     # ------------------------------------------------------------------ control
+
+    def attach_metrics(self, metrics: Any) -> None:
+        """Report to ``metrics`` (a ServeMetrics) under this scheduler's model name."""
+        self.metrics = metrics.for_model(self.name)
 
     def start(self) -> "Scheduler":
         self.thread = threading.Thread(target=self._loop, name=f"chatsmith-scheduler-{self.name}", daemon=True)
@@ -182,7 +189,8 @@ class Scheduler:
         for i, (job, token) in enumerate(zip(jobs, tokens)):
             job.first_token_at = now
             if self.metrics is not None:
-                self.metrics.ttft.labels(self.name).observe(now - job.submitted)
+                self.metrics.ttft.observe(now - job.submitted)
+                self.metrics.tokens.inc()
             if not self._push(job, token):
                 keep.append(i)
         if len(keep) < len(jobs):
@@ -201,8 +209,9 @@ class Scheduler:
         self.steps += 1
         self.rows_stepped += len(self.running)
         if self.metrics is not None:
-            self.metrics.steps.labels(self.name).inc()
-            self.metrics.rows.labels(self.name).inc(len(self.running))
+            self.metrics.steps.inc()
+            self.metrics.rows.inc(len(self.running))
+            self.metrics.tokens.inc(len(self.running))
         tokens = sample_rows(logits, [job.sampling for job in self.running]).tolist()
         done = [i for i, (job, token) in enumerate(zip(self.running, tokens)) if self._push(job, token)]
         self._drop(done, already_finished=True)
@@ -211,8 +220,6 @@ class Scheduler:
         """Record one sampled token of ``job``, send its new text; True when the job is finished."""
         job.tokens.append(token)
         hit_string = job.text.push(token)
-        if self.metrics is not None:
-            self.metrics.tokens.labels(self.name).inc()
         stopped = token in job.stop_ids or hit_string
         done = stopped or len(job.tokens) >= job.max_new or job.cancelled
         piece = job.text.new_printable(done=done, stop_token_hit=stopped and not hit_string)
@@ -236,7 +243,7 @@ class Scheduler:
 
     def _finish(self, job: Job, reason: str) -> None:
         if self.metrics is not None:
-            self.metrics.latency.labels(self.name).observe(time.monotonic() - job.submitted)
+            self.metrics.latency.observe(time.monotonic() - job.submitted)
         self._send(job, Event("done", finish_reason=reason, completion_tokens=len(job.tokens)))
 
     def _fail(self, jobs: list[Job], message: str) -> None:
@@ -255,5 +262,5 @@ class Scheduler:
 
     def _gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(self.name).set(len(self.waiting))
-            self.metrics.batch_size.labels(self.name).set(len(self.running))
+            self.metrics.queue_depth.set(len(self.waiting))
+            self.metrics.batch_size.set(len(self.running))
