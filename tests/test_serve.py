@@ -175,6 +175,18 @@ def test_completion_stop_string_seed_and_n(server, client):
     assert texts == [c.text for c in client.completions.create(**dict(kw, n=3)).choices]
 
 
+def test_reply_is_cut_at_the_context(server, client):
+    _, served = server
+    prompt, length = "Paris", 1
+    while length < CONTEXT - 30:          # a prompt that leaves room for about 30 tokens
+        prompt += " is in Europe. Paris"
+        length = len(served.tokenizer.encode(prompt, add_special_tokens=False))
+    assert CONTEXT - 40 < length < CONTEXT
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=200, temperature=0)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == CONTEXT - length
+
+
 def test_concurrent_requests_equal_sequential(server, client):
     """24 requests of mixed prompt lengths, max_tokens, greedy or seeded sampling, streaming or not,
     sent at once: each answer equals the same request sent alone."""

@@ -7,6 +7,8 @@ Routes: `GET /v1/models`, `POST /v1/chat/completions` (messages rendered with th
 template), `POST /v1/completions` (raw text), `GET /health`, `GET /metrics` (Prometheus), `GET /` (the
 web chat page). With an API key every `/v1` route needs `Authorization: Bearer KEY` (401 otherwise,
 compared in constant time). Streaming answers are server-sent events ending with `data: [DONE]`.
+
+Tests: `python -m pytest tests/test_serve.py -q`.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@
 
 Each model directory is served under its path as given (the `model` field of a request). Routes:
 `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), `/`.
+
+Tests: `python -m pytest tests/test_serve.py -q`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@
     chatsmith_decode_rows_total{model}
 
 Each app has its own registry, so several servers in one process (tests) do not share counts.
+
+Tests: `python -m pytest tests/test_serve.py -q`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from anywhere but this server.
 It lists the models (`GET /v1/models`), streams replies from `POST /v1/chat/completions` (server-sent
 events read with `fetch` + a stream reader), and keeps the conversation, system prompt, temperature,
 model and API key in the browser's localStorage, so a reload keeps them. "New conversation" clears it.
+
+Tests: `python -m pytest tests/test_serve.py -q`.
 """
 
 PAGE_HTML = r"""<!doctype html>

@@ -6,6 +6,8 @@
 
 Every client mistake raises `APIError`, which the app turns into the OpenAI error shape
 ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status; the server keeps serving.
+
+Tests: `python -m pytest tests/test_serve.py -q`.
 """
 
 from __future__ import annotations

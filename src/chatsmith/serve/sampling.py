@@ -6,6 +6,8 @@ top-k and random stream, so a request samples the same tokens whatever else runs
 Greedy rows (temperature 0) take the argmax. Other rows: logits / temperature, top-k and nucleus
 (top-p, Holtzman et al. 2019, arXiv:1904.09751) truncation, then the Gumbel-max trick (argmax of logits
 plus Gumbel noise is a sample of the softmax) with the row's own ``torch.Generator``.
+
+Tests: `python -m pytest tests/test_serve_batch.py -q`.
 """
 
 from __future__ import annotations
