@@ -8,7 +8,8 @@
     batch.keep(torch.tensor([...]))                       # finished rows leave at once
 
 It reuses the sampling engine's decoders (`chatsmith.generate.decoders`): the fast Llama-family step with
-its static cache, or the model's own forward with a transformers ``DynamicCache`` for other models.
+its static cache, or the model's own forward with a transformers ``DynamicCache`` for other models (and
+for sliding-window models, whose window the fast step does not apply).
 Rows are left-padded so every row's newest token sits in the same cache column; each row keeps its own
 position ids and a key mask, so its attention never sees another row's padding. Merging two groups
 left-pads the shorter one's cache to the longer one's length; when rows leave, cache columns that are
@@ -27,7 +28,7 @@ from torch import nn
 
 from chatsmith.generate.decoders import FastDecoder, HFDecoder, fast_path_layers
 
-__all__ = ["DecodeBatch", "left_pad_cat"]
+__all__ = ["DecodeBatch", "left_pad_cat", "sliding_window_layers"]
 
 
 def left_pad_cat(a: torch.Tensor, len_a: int, b: torch.Tensor, len_b: int, dim: int, capacity: int,
@@ -59,7 +60,9 @@ class DecodeBatch:
     def __init__(self, model: nn.Module, pad_id: int = 0):
         self.model = model
         self.pad_id = pad_id
-        self.fast = fast_path_layers(model)
+        # the fast step attends to every earlier position: a model with sliding-window layers takes the
+        # generic path, whose transformers cache applies the window
+        self.fast = None if sliding_window_layers(getattr(model, "config", None)) else fast_path_layers(model)
         self.decoder: Any = None
         self.can_merge = True
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None   # RoPE cos/sin for every position
@@ -203,6 +206,8 @@ class DecodeBatch:
     def _trim(self) -> None:
         """Drop leading cache columns that are padding for every remaining row."""
         dec = self.decoder
+        if not self.can_merge:       # a windowed cache keeps fewer columns than were fed: leave it as it is
+            return
         real = (dec.key_ok if self.fast is not None else dec.mask.bool())[:, : dec.length].any(0)
         cut = int(real.long().argmax()) if bool(real.any()) else 0
         if cut == 0:
@@ -217,6 +222,19 @@ class DecodeBatch:
                 layer.values = layer.values[:, :, cut:]
             dec.mask = dec.mask[:, cut:]
         dec.length -= cut
+
+
+def sliding_window_layers(config: Any) -> bool:
+    """Whether a model config has attention layers limited to a sliding window (Mistral with
+    ``sliding_window``, Qwen2 with ``use_sliding_window``, configs whose ``layer_types`` say so)."""
+    if config is None:
+        return False
+    types = getattr(config, "layer_types", None)
+    if types:
+        return any(t != "full_attention" for t in types)
+    if getattr(config, "use_sliding_window", None) is False:
+        return False
+    return bool(getattr(config, "sliding_window", None))
 
 
 def _plain_cache(cache: Any) -> bool:

@@ -177,7 +177,15 @@ class Scheduler:
 
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` in groups of similar prompt lengths (little padding), then merge them in."""
-        for group in length_groups([len(job.prompt) for job in jobs]):
+        groups = length_groups([len(job.prompt) for job in jobs]) if self.batch.can_merge else [range(len(jobs))]
+        for n, group in enumerate(groups):
+            if not self.batch.can_merge and self.running:
+                # the model's first prefill found a cache that cannot take rows while others run: the rest
+                # go back to the front of the queue and start once the running rows are done
+                rest = [jobs[i] for g in groups[n:] for i in g]
+                with self.cond:
+                    self.waiting.extendleft(reversed(rest))
+                return
             self._admit_group([jobs[i] for i in group])
 
     def _admit_group(self, jobs: list[Job]) -> None:
