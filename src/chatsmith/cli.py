@@ -60,6 +60,8 @@ COMMANDS: list[Command] = [
     Command("eval", "chatsmith.eval.behaviour:EvalConfig:evaluate_cli",
             "An eval suite (yours or the world's) on models, scored by a judge; writes report.json/.md/.html.",
             positional=("models",)),
+    Command("serve", "chatsmith.serve.cli:ServeConfig:serve",
+            "OpenAI-compatible HTTP server with continuous batching, metrics and a web chat.", positional=("models",)),
 ]
 
 

@@ -1,0 +1,87 @@
+"""`chatsmith serve MODEL_DIR [MODEL_DIR ...]`: an OpenAI-compatible HTTP server with continuous batching.
+
+    chatsmith serve runs/demo/ppo                          # http://127.0.0.1:8000 (web chat at /)
+    chatsmith serve runs/sft runs/demo/ppo --port 9000 --max-batch 32 --api-key secret
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
+    client.chat.completions.create(model="runs/sft", messages=[{"role": "user", "content": "Hi"}])
+
+Each model directory is served under its path as given (the `model` field of a request). Routes:
+`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), `/`.
+
+Tests: `python -m pytest tests/test_serve.py -q`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from chatsmith.config import arg
+from chatsmith.errors import ChatsmithError
+
+__all__ = ["ServeConfig", "serve", "build_app"]
+
+API_KEY_ENV = "CHATSMITH_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    models: list[str] = arg([], "Model directories to serve; each is a model id (its path as given).")
+    host: str = arg("127.0.0.1", "Address to bind (0.0.0.0 exposes the server to the network).")
+    port: int = arg(8000, "TCP port.")
+    max_batch: int = arg(16, "Most sequences decoded together per model (continuous batching).")
+    max_queue: int = arg(64, "Most requests waiting for a batch slot; past it requests get 503 + Retry-After.")
+    max_new_tokens: int = arg(512, "Cap on a request's max_tokens (also its default).")
+    api_key: str | None = arg(None, f"Require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}).")
+    template: str | None = arg(None, "Chat format for every model: chatml, llama2, alpaca or FILE.jinja "
+                                     "(default: each model's own).")
+    max_body_bytes: int = arg(1_000_000, "Largest request body accepted (413 above).")
+    device: str = arg("auto", "cpu, cuda, mps or auto.")
+    threads: int = arg(0, "Torch CPU threads for generation (0 = all cores but one, which is left to the HTTP "
+                          "event loop: OpenMP threads spinning on every core starve it and slow streaming).")
+    log_level: str = arg("info", "uvicorn's log level.", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def build_app(cfg: ServeConfig):
+    """Load every model of ``cfg`` and return the ASGI app (schedulers start when the app starts)."""
+    from chatsmith.serve.app import ServedModel, create_app
+    from chatsmith.serve.metrics import ServeMetrics
+
+    if not cfg.models:
+        raise ChatsmithError("serve: give at least one model directory (chatsmith serve MODEL_DIR)")
+    for name, value in (("--max-batch", cfg.max_batch), ("--max-new-tokens", cfg.max_new_tokens),
+                        ("--max-body-bytes", cfg.max_body_bytes)):
+        if value < 1:
+            raise ChatsmithError(f"{name}: expected at least 1, got {value}")
+    if cfg.max_queue < 0:
+        raise ChatsmithError(f"--max-queue: expected >= 0, got {cfg.max_queue}")
+    ids = [str(m).rstrip("/") for m in cfg.models]
+    if len(set(ids)) != len(ids):
+        raise ChatsmithError("serve: the same model directory is given twice")
+    metrics = ServeMetrics()
+    served = [ServedModel.load(path, device=cfg.device, template=cfg.template, max_batch=cfg.max_batch,
+                               max_queue=cfg.max_queue, metrics=metrics, model_id=mid)
+              for path, mid in zip(cfg.models, ids)]
+    api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    return create_app(served, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
+                      max_new_tokens=cfg.max_new_tokens, metrics=metrics)
+
+
+def serve(cfg: ServeConfig) -> int:
+    """`chatsmith serve`: load the models and run uvicorn until Ctrl-C."""
+    import torch
+    import uvicorn
+
+    from chatsmith.utils import resolve_device
+
+    if cfg.threads < 0:
+        raise ChatsmithError(f"--threads: expected >= 0, got {cfg.threads}")
+    if resolve_device(cfg.device) == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) - 1))
+    app = build_app(cfg)
+    print(f"chatsmith serve: {', '.join(cfg.models)} on http://{cfg.host}:{cfg.port} "
+          f"(OpenAI API at /v1, web chat at /)", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    return 0
