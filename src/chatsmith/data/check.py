@@ -35,8 +35,8 @@ class DataCheckConfig:
     template: str | None = arg(None, "Chat template for token lengths: chatml, llama2, alpaca, jinja (the "
                                      "tokenizer's own, default) or a .jinja file.")
     tokenizer: str | None = arg(None, "Model or tokenizer directory; enables the token-length report.")
-    max_len: int | None = arg(None, "Report how many rows this many tokens would truncate or drop.")
-    show_bad: int = arg(20, "How many bad rows to list.")
+    max_len: int | None = arg(None, "Report how many rows this many tokens would truncate or drop.", min=1)
+    show_bad: int = arg(20, "How many bad rows to list.", min=0)
 
 
 def percentile(sorted_values: Sequence[int], q: float) -> int:

@@ -22,7 +22,7 @@ from chatsmith.config import arg
 from chatsmith.data.formats import load_preferences, split_train_eval
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.reward_model import render_for_scoring
-from chatsmith.train.config import TrainConfig, steps_for_epochs
+from chatsmith.train.config import TrainConfig, check_epochs_or_steps, steps_for_epochs
 from chatsmith.train.preference_functional import PrefixTree, prefix_tree
 from chatsmith.utils import note
 
@@ -38,11 +38,11 @@ class PreferenceConfig(TrainConfig):
     template: str | None = arg(None, "Chat format if the model has none: chatml, llama2, alpaca or a .jinja path.")
     eval_data: str | None = arg(None, "Held-out preference file (default: hold out --eval-fraction of --data).")
     eval_fraction: float = arg(0.05, "Fraction of --data held out (a deterministic split, the same in `reward` "
-                               "and `dpo`).")
+                               "and `dpo`).", min=0, max=1, max_exclusive=True)
     on_bad_row: str = arg("error", "What to do with a malformed data row: error (name it and stop) or skip.",
                           choices=["error", "skip"])
-    epochs: float = arg(1.0, "Passes over the training pairs when --max-steps is 0.")
-    max_steps: int = arg(0, "Optimizer steps (0 = --epochs passes over the data).")
+    epochs: float = arg(1.0, "Passes over the training pairs when --max-steps is 0.", min=0)
+    max_steps: int = arg(0, "Optimizer steps (0 = --epochs passes over the data).", min=0)
     warmup_steps: int = arg(5, "Linear warmup steps.")
     batch_size: int = arg(16, "Preference examples (pairs or rankings) per micro-batch.")
     max_len: int = arg(256, "Maximum tokens of one conversation (prompt + response); longer ones lose their start.")
@@ -50,6 +50,10 @@ class PreferenceConfig(TrainConfig):
     eval_every: int = arg(0, "Evaluate on the held-out examples every N steps (0 = only at the end).")
     save_every: int = arg(50, "Write OUT/checkpoint every N steps (0 = only at the end).")
     log_every: int = arg(5, "Write a metrics row every N steps.")
+
+    def check_settings(self) -> None:
+        """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
+        check_epochs_or_steps(self)
 
 
 @dataclass

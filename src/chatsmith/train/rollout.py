@@ -26,6 +26,7 @@ for responses without EOS), so the policy cannot farm the reward model with endl
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -508,7 +509,6 @@ def load_prompts(path: str, tokenizer: Any, fmt: Any, max_prompt_len: int) -> tu
     different question. Every other field of a row (`id`, `category`, `expected`, ...) is kept in
     `PromptItem.meta` for programmatic judges.
     """
-    from pathlib import Path
 
     from chatsmith.chat.render import render_prompt
     from chatsmith.data.formats import load_examples
@@ -532,6 +532,26 @@ def load_prompts(path: str, tokenizer: Any, fmt: Any, max_prompt_len: int) -> tu
 
 def _same_vocabulary(a: Any, b: Any) -> bool:
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def reward_model_path(spec: str) -> str | None:
+    """The directory a reward spec names (`rm:PATH` or a bare `PATH`); None for `world` and `py:` specs."""
+    if spec in BUILTIN_REWARDS or spec.startswith("py:"):
+        return None
+    return spec[3:] if spec.startswith("rm:") else spec
+
+
+def check_reward_spec(spec: str, flag: str) -> None:
+    """Refuse, before any model is loaded, a reward spec naming a directory that is not a trained reward model."""
+    from chatsmith.reward_model import check_reward_model_dir
+
+    path = reward_model_path(spec)
+    if path is None:
+        return
+    if not (Path(path) / "config.json").is_file():
+        raise ChatsmithError(f"{flag} {spec}: not a model directory (no config.json); train a reward model with "
+                             "`chatsmith reward`")
+    check_reward_model_dir(path)
 
 
 def make_scorer(spec: str, policy_tokenizer: Any, device: str, forward_batch_size: int = 16):
