@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from chatsmith.config import arg, validate_config
+from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, quiet_transformers,
                              restrict_embedding_training)
@@ -71,9 +72,9 @@ from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradien
 from chatsmith.train.parallel import (all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing,
                                       sum_over_ranks)
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, check_reward_spec,
-                                     collect_rollout, freeze, load_policy, load_prompts, make_scorer,
-                                     micro_batch_tensors, response_forward, rollout_micro_batches, sample_row,
-                                     value_forward)
+                                     collect_rollout, dropped_prompts_line, freeze, load_policy, load_prompts,
+                                     make_scorer, micro_batch_tensors, response_forward, rollout_micro_batches,
+                                     sample_row, value_forward)
 from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
 from chatsmith.utils import atomic_directory, note, rank, set_seed, step_seed, world_size
 
@@ -214,9 +215,10 @@ class PPOTrainer(Stage):
         for p in self.value_model.parameters():
             p.requires_grad_(True)
         if prompts is None:
-            prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
+            budget = prompt_budget(cfg.max_len, cfg.max_new_tokens)
+            prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, budget)
             if dropped:
-                note(f"ppo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
+                note(dropped_prompts_line("ppo", dropped, budget))
         self.prompts = prompts
         # One global batch of prompts per step, the same order on every rank; rank r takes the r-th slice.
         # Every step is a whole batch (an epoch's remainder is dropped): a short one would leave ranks empty.

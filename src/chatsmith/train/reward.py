@@ -258,12 +258,12 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     setattr(model.config, NORM_STD_KEY, std)
     model.config.pad_token_id = pad_id
     final = {f"eval_{k}" if not k.startswith("eval") else k: v for k, v in (result.eval or {}).items()}
-    by_group = accuracy_by_group(model, eval_tok.trees, [getattr(ex, "meta", {}) or {} for ex in eval_examples],
-                                 pad_id, cfg.batch_size)
+    metas = [getattr(eval_examples[i], "meta", {}) or {} for i in eval_tok.kept]   # the examples not dropped
+    by_group = accuracy_by_group(model, eval_tok.trees, metas, pad_id, cfg.batch_size)
     final.update({"reward_mean": mean, "reward_std": std, "reward_norm_source": norm_source,
                   "reward_norm_count": int(raw.numel()), "train_examples": len(train_tok.trees),
                   "train_pairs": train_tok.n_pairs, "eval_examples": len(eval_tok.trees),
-                  "eval_pairs": eval_tok.n_pairs, "truncated": train_tok.n_truncated + eval_tok.n_truncated})
+                  "eval_pairs": eval_tok.n_pairs, "dropped_long": train_tok.n_dropped + eval_tok.n_dropped})
     summary = dict(final, eval_accuracy_by_group=by_group)
     norm_json = json.dumps({"mean": mean, "std": std, "source": norm_source, "count": int(raw.numel())}, indent=1)
     from chatsmith.utils import barrier, is_main_process

@@ -49,7 +49,9 @@ from typing import Any
 
 import torch
 
-from chatsmith.config import SEED_MAX, arg, canonical_settings, config_from_dict, load_yaml_config, save_config, validate_config
+from chatsmith.config import (SEED_MAX, arg, canonical_settings, config_from_dict, load_yaml_config, save_config,
+                              validate_config)
+from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.train.config import check_room_for_prompt
 from chatsmith.train.ppo import PPOConfig, PPOTrainer
@@ -235,7 +237,7 @@ class _RLHF:
         cfg = self.cfg
         set_seed(cfg.seed + k)
         policy, tokenizer, fmt = load_policy(policy_dir, self.device)
-        prompts, _ = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
+        prompts, _ = load_prompts(cfg.prompts, tokenizer, fmt, prompt_budget(cfg.max_len, cfg.max_new_tokens))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, k, salt=2))
         chosen = torch.randperm(len(prompts), generator=gen)[:cfg.prompts_per_round].tolist()
         if len(chosen) < self.world:

@@ -43,7 +43,7 @@ __all__ = [
     "Rollout", "PromptItem", "load_policy", "load_prompts", "make_scorer", "freeze", "truncate_at_stop", "pad_rollout", "response_forward", "policy_logprobs",
     "sample", "collect_rollout", "apply_no_eos_penalty", "sample_row", "RewardModelScorer", "FunctionScorer",
     "position_ids_from_mask", "value_forward", "plan_micro_batches", "rollout_micro_batches",
-    "micro_batch_tensors",
+    "micro_batch_tensors", "select_prompts", "dropped_prompts_line", "check_reward_spec", "reward_model_path",
 ]
 
 
@@ -502,31 +502,41 @@ def load_policy(path: str, device: str, template: str | None = None) -> tuple[nn
 
 
 def load_prompts(path: str, tokenizer: Any, fmt: Any, max_prompt_len: int) -> tuple[list[PromptItem], int]:
-    """RL prompts from any conversation file `load_examples` reads (messages up to the last user turn).
-
-    Each prompt is rendered once with the generation prompt appended. Prompts longer than
-    `max_prompt_len` tokens are dropped (returned count) rather than cut, since a cut prompt is a
-    different question. Every other field of a row (`id`, `category`, `expected`, ...) is kept in
-    `PromptItem.meta` for programmatic judges.
-    """
-
-    from chatsmith.chat.render import render_prompt
+    """RL prompts from any conversation file `load_examples` reads (messages up to the last user turn),
+    through `select_prompts`: returns the kept prompts and how many were dropped as too long."""
     from chatsmith.data.formats import load_examples
 
     if not Path(path).exists():
         raise ChatsmithError(f"--prompts {path}: file not found (export the world's prompts with "
                              f"`chatsmith world export DIR`, or give a JSONL of {{\"messages\": [...]}} rows)")
     result = load_examples(path, kind="prompt")
+    return select_prompts(result.examples, tokenizer, fmt, max_prompt_len, path)
+
+
+def dropped_prompts_line(stage: str, dropped: int, budget: int) -> str:
+    """What a sampling stage tells the user about the prompts `select_prompts` dropped."""
+    return (f"{stage}: skipped {dropped} prompt(s) longer than {budget} tokens (--max-len minus --max-new-tokens; "
+            "prompts are dropped whole, never cut)")
+
+
+def select_prompts(examples: Sequence[Any], tokenizer: Any, fmt: Any, max_prompt_len: int,
+                   source: str) -> tuple[list[PromptItem], int]:
+    """Render each prompt once with the generation prompt appended; keep those of at most `max_prompt_len`
+    tokens (`chatsmith.data.rules.prompt_budget`), dropping the rest whole, since a cut prompt is a
+    different question. Every other field of a row (`id`, `category`, `expected`, ...) is kept in
+    `PromptItem.meta` for programmatic judges. No prompt left is an error naming `source`."""
+    from chatsmith.chat.render import render_prompt
+    from chatsmith.data.rules import require_rows
+
     items, dropped = [], 0
-    for ex in result.examples:
+    for ex in examples:
         ids = render_prompt(ex.messages, tokenizer, fmt)
         if len(ids) > max_prompt_len:
             dropped += 1
             continue
         items.append(PromptItem(ex.messages, ex.origin, dict(ex.meta), ids))
-    if not items:
-        raise ChatsmithError(f"{path}: none of the {len(result.examples)} prompts fits in {max_prompt_len} tokens "
-                             f"(raise --max-len or lower --max-new-tokens)")
+    require_rows(items, source, f"none of the {len(examples)} prompts fits in {max_prompt_len} tokens",
+                 "raise --max-len or lower --max-new-tokens")
     return items, dropped
 
 

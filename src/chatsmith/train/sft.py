@@ -33,7 +33,8 @@ import torch
 
 from chatsmith.config import arg, validate_config
 from chatsmith.data.packing import pack_sequences
-from chatsmith.errors import ChatsmithError, DataError, TemplateError
+from chatsmith.data.rules import require_rows
+from chatsmith.errors import ChatsmithError, TemplateError
 from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_epochs_or_steps
@@ -217,8 +218,7 @@ def sft(cfg: SFTConfig) -> TrainResult:
     evals, _ = prepare_examples(eval_convs, tokenizer, fmt, cfg.max_len, cfg.overlength)
     if is_main_process():
         print(f"sft: train: {stats.line()}; eval: {len(evals)} conversations", file=sys.stderr)
-    if not train:
-        raise DataError(f"{cfg.data}: no conversation left to train on ({stats.line()})")
+    require_rows(train, cfg.data, "no conversation left to train on", stats.line())
     restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings,
                                 seen_ids=torch.unique(torch.cat([ex.input_ids for ex in train])).tolist())
 
