@@ -247,7 +247,8 @@ def check_reward_model_dir(path: str | Path) -> None:
     if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ChatsmithError(f"{path}: this is a causal LM ({', '.join(archs)}), not a reward model; train one "
                              "with `chatsmith reward`")
-    labels = config.get("num_labels", len(config.get("id2label") or {}) or None)
+    # transformers writes id2label only when it differs from its default of two labels
+    labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
     if labels != 1:
         raise ChatsmithError(f"{path}: a reward model has one output (num_labels=1), this one has {labels}; "
                              "train one with `chatsmith reward`")
