@@ -202,6 +202,15 @@ def test_over_large_max_new_tokens_is_capped_with_a_notice(sft_dir, capsys):
     assert "--max-new-tokens 100000000: capped to" in capsys.readouterr().err
 
 
+def test_eval_says_once_that_answers_are_capped_to_the_context(capsys):
+    from chatsmith.generate.cli import note_context_cap
+
+    note_context_cap(123456789, 256)
+    note_context_cap(123456789, 256)
+    err = capsys.readouterr().err
+    assert err.count("--max-new-tokens 123456789: capped so that prompt + reply fit the model's context of 256") == 1
+
+
 # ----------------------------------------------------------------------------- reward models
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ model does), streamed to stdout.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from chatsmith.errors import ChatsmithError
 from chatsmith.generate.engine import SamplingConfig, stream
 from chatsmith.utils import note
 
-__all__ = ["GenerateConfig", "generate_cli", "cap_new_tokens"]
+__all__ = ["GenerateConfig", "generate_cli", "cap_new_tokens", "note_context_cap"]
 
 
 @dataclass
@@ -42,6 +43,13 @@ def cap_new_tokens(max_new_tokens: int, prompt_tokens: int, context: int, flag: 
              f"takes {prompt_tokens})")
         return room
     return max_new_tokens
+
+
+@functools.lru_cache(maxsize=None)
+def note_context_cap(max_new_tokens: int, context: int) -> None:
+    """For batched callers (eval) whose engine caps each batch to the context: say so once per value."""
+    note(f"--max-new-tokens {max_new_tokens}: capped so that prompt + reply fit the model's context of {context} "
+         "tokens")
 
 
 def generate_cli(cfg: GenerateConfig) -> int:
