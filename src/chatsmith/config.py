@@ -7,15 +7,21 @@ field default < YAML file < explicit command-line flag.
     @dataclass
     class SFTConfig:
         model: str = arg("runs/base", "Model directory to fine-tune.")
-        lr: float = arg(2e-5, "Peak learning rate.")
+        lr: float = arg(2e-5, "Peak learning rate.", min=0, min_exclusive=True)
 
     cfg = parse_config(SFTConfig, ["--lr", "1e-4"])
+    parse_config(SFTConfig, ["--lr", "nan"])   # ChatsmithError: --lr: expected a finite number > 0, got nan
+
+Every value is checked against its field's bounds (`arg(min=, max=, min_exclusive=, max_exclusive=)`; a
+float must be finite), its choices, the machine's devices and the class's own `check_settings()` rules
+by `validate_config`, which `config_from_dict` calls: flags, YAML files and the stages (Python callers)
+all get the same checks, before any work starts.
 
 Settings also answer to the names transformers and TRL users know (`HF_ALIASES`): `--learning-rate 1e-4` or
 `learning_rate: 1e-4` in the YAML sets `lr`. The dataclass field keeps chatsmith's short name (it is what
 train_config.yaml records); `--help` lists the alias next to the flag.
 
-Tests: `python -m pytest tests/test_train_loop.py -q`.
+Tests: `python -m pytest tests/test_train_loop.py tests/test_validation.py -q`.
 """
 
 from __future__ import annotations
