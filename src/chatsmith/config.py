@@ -347,6 +347,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["metavar"] = {int: "N", float: "X"}.get(tp, f.name.split("_")[-1].upper())
         if default is not None and default != [] and default != "":
             help_text = f"{help_text} (default: {default})"
+        bounds = field_metadata(cls, f.name).get("range")
+        if bounds is not None:
+            help_text = f"{help_text} (allowed: {bounds.describe().removeprefix('in ')})"
         kwargs["help"] = help_text
         parser.add_argument(*names, **kwargs)
 
