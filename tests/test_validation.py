@@ -211,6 +211,21 @@ def test_eval_says_once_that_answers_are_capped_to_the_context(capsys):
     assert err.count("--max-new-tokens 123456789: capped so that prompt + reply fit the model's context of 256") == 1
 
 
+def test_rl_stages_say_when_max_len_exceeds_the_policy_context(sft_dir, capsys):
+    import transformers
+
+    from chatsmith.train.rollout import note_context_limit
+
+    policy = transformers.AutoModelForCausalLM.from_pretrained(sft_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(sft_dir)
+    capsys.readouterr()
+    note_context_limit("ppo", 256, policy, tokenizer)
+    assert capsys.readouterr().err == ""
+    note_context_limit("grpo", 1000, policy, tokenizer)
+    assert ("grpo: --max-len 1000 is more than the policy's context of 256 tokens; prompt + response are capped "
+            "to 256") in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- reward models
 
 @pytest.fixture(scope="module")

@@ -52,8 +52,8 @@ from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradien
 from chatsmith.train.parallel import all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, check_reward_spec,
                                      collect_rollout, dropped_prompts_line, freeze, load_policy, load_prompts,
-                                     make_scorer, micro_batch_tensors, response_forward, rollout_micro_batches,
-                                     sample_row)
+                                     make_scorer, micro_batch_tensors, note_context_limit, response_forward,
+                                     rollout_micro_batches, sample_row)
 from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
 from chatsmith.utils import note, rank, set_seed, step_seed, world_size
 
@@ -139,6 +139,7 @@ class GRPOTrainer(Stage):
             enable_activation_checkpointing(self.policy)
         self.reference = freeze(disable_dropout(reference.to(self.device))) if reference is not None else None
         self.tokenizer, self.fmt = tokenizer, fmt
+        note_context_limit("grpo", cfg.max_len, self.policy, tokenizer)
         self.stop_token_ids = list(fmt.stop_token_ids(tokenizer)) if fmt is not None else []
         if not self.stop_token_ids and tokenizer.eos_token_id is not None:
             self.stop_token_ids = [int(tokenizer.eos_token_id)]

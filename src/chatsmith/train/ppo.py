@@ -73,8 +73,8 @@ from chatsmith.train.parallel import (all_reduce_gradients, all_reduce_sum, enab
                                       sum_over_ranks)
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, check_reward_spec,
                                      collect_rollout, dropped_prompts_line, freeze, load_policy, load_prompts,
-                                     make_scorer, micro_batch_tensors, response_forward, rollout_micro_batches,
-                                     sample_row, value_forward)
+                                     make_scorer, micro_batch_tensors, note_context_limit, response_forward,
+                                     rollout_micro_batches, sample_row, value_forward)
 from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
 from chatsmith.utils import atomic_directory, note, rank, set_seed, step_seed, world_size
 
@@ -195,6 +195,7 @@ class PPOTrainer(Stage):
         restrict_embedding_training(self.policy, tokenizer, fmt, cfg.train_embeddings)
         self.reference = freeze(disable_dropout(reference.to(self.device)))
         self.tokenizer, self.fmt = tokenizer, fmt
+        note_context_limit("ppo", cfg.max_len, self.policy, tokenizer)
         self.stop_token_ids = list(fmt.stop_token_ids(tokenizer)) if fmt is not None else []
         if not self.stop_token_ids and tokenizer.eos_token_id is not None:
             self.stop_token_ids = [int(tokenizer.eos_token_id)]

@@ -38,12 +38,14 @@ from chatsmith.eval.judges import BUILTIN_REWARDS, call_reward, resolve_reward
 from chatsmith.generate import SamplingConfig, distinct_rows, generate
 from chatsmith.model import cache_keyword, disable_dropout, returned_cache
 from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_logits
+from chatsmith.utils import note
 
 __all__ = [
     "Rollout", "PromptItem", "load_policy", "load_prompts", "make_scorer", "freeze", "truncate_at_stop", "pad_rollout", "response_forward", "policy_logprobs",
     "sample", "collect_rollout", "apply_no_eos_penalty", "sample_row", "RewardModelScorer", "FunctionScorer",
     "position_ids_from_mask", "value_forward", "plan_micro_batches", "rollout_micro_batches",
-    "micro_batch_tensors", "select_prompts", "dropped_prompts_line", "check_reward_spec", "reward_model_path",
+    "micro_batch_tensors", "select_prompts", "dropped_prompts_line", "note_context_limit", "check_reward_spec",
+    "reward_model_path",
 ]
 
 
@@ -511,6 +513,16 @@ def load_prompts(path: str, tokenizer: Any, fmt: Any, max_prompt_len: int) -> tu
                              f"`chatsmith world export DIR`, or give a JSONL of {{\"messages\": [...]}} rows)")
     result = load_examples(path, kind="prompt")
     return select_prompts(result.examples, tokenizer, fmt, max_prompt_len, path)
+
+
+def note_context_limit(stage: str, max_len: int, policy: nn.Module, tokenizer: Any) -> None:
+    """Say when --max-len exceeds the policy's context: sampling caps prompt + response to the context."""
+    from chatsmith.model import max_context_length
+
+    context = max_context_length(policy, tokenizer)
+    if max_len > context:
+        note(f"{stage}: --max-len {max_len} is more than the policy's context of {context} tokens; prompt + "
+             f"response are capped to {context}")
 
 
 def dropped_prompts_line(stage: str, dropped: int, budget: int) -> str:
