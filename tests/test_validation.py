@@ -202,11 +202,17 @@ def test_over_large_max_new_tokens_is_capped_with_a_notice(sft_dir, capsys):
     assert "--max-new-tokens 100000000: capped to" in capsys.readouterr().err
 
 
-def test_eval_says_once_that_answers_are_capped_to_the_context(capsys):
+def test_eval_says_once_that_answers_are_capped_to_the_context(sft_dir, capsys):
+    import transformers
+
     from chatsmith.generate.cli import note_context_cap
 
-    note_context_cap(123456789, 256)
-    note_context_cap(123456789, 256)
+    model = transformers.AutoModelForCausalLM.from_pretrained(sft_dir)
+    capsys.readouterr()
+    note_context_cap(model, None, 200, 56)                 # 200 + 56 = 256 fits
+    assert capsys.readouterr().err == ""
+    for _ in range(2):
+        note_context_cap(model, None, 10, 123456789)
     err = capsys.readouterr().err
     assert err.count("--max-new-tokens 123456789: capped so that prompt + reply fit the model's context of 256") == 1
 

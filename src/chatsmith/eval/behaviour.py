@@ -178,11 +178,8 @@ def generate_answers(mut: ModelUnderTest, conversations: Sequence[list[dict]], *
     stop_ids, stop_strings = stop_settings(mut)
     from chatsmith.generate import SamplingConfig, generate
     from chatsmith.generate.cli import note_context_cap
-    from chatsmith.model import max_context_length
 
-    context = max_context_length(mut.model, mut.tokenizer)
-    if prompts and max_new_tokens > context - max(map(len, prompts)):
-        note_context_cap(max_new_tokens, context)
+    note_context_cap(mut.model, mut.tokenizer, max(map(len, prompts), default=0), max_new_tokens)
 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                          stop_token_ids=tuple(stop_ids), stop_strings=tuple(stop_strings))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from chatsmith.config import SEED_MAX, arg, validate_config
 from chatsmith.errors import ChatsmithError
@@ -45,9 +46,18 @@ def cap_new_tokens(max_new_tokens: int, prompt_tokens: int, context: int, flag: 
     return max_new_tokens
 
 
+def note_context_cap(model: Any, tokenizer: Any, longest_prompt: int, max_new_tokens: int) -> None:
+    """For batched callers (eval), whose engine caps each batch to the model's context: say so when a
+    prompt of ``longest_prompt`` tokens leaves less room than ``max_new_tokens``, once per value."""
+    from chatsmith.model import max_context_length
+
+    context = max_context_length(model, tokenizer)
+    if max_new_tokens > context - longest_prompt:
+        say_capped(max_new_tokens, context)
+
+
 @functools.lru_cache(maxsize=None)
-def note_context_cap(max_new_tokens: int, context: int) -> None:
-    """For batched callers (eval) whose engine caps each batch to the context: say so once per value."""
+def say_capped(max_new_tokens: int, context: int) -> None:
     note(f"--max-new-tokens {max_new_tokens}: capped so that prompt + reply fit the model's context of {context} "
          "tokens")
 
