@@ -132,3 +132,15 @@ def test_percentile_nearest_rank():
     values = list(range(1, 101))
     assert [percentile(values, q) for q in (0, 50, 90, 99, 100)] == [1, 50, 90, 99, 100]
     assert percentile([7], 99) == 7
+
+
+def test_without_for_the_stage_of_the_data_kind_is_assumed(tmp_path, capsys, tokenizer_dir):
+    path = write_jsonl(tmp_path / "sft.jsonl", conversations([1, 2]))
+    code = main(["data", "check", path, "--tokenizer", tokenizer_dir, "--template", "chatml", "--max-len", "5"])
+    out = capsys.readouterr().out
+    assert code == 1, out                      # sft would drop every conversation and refuse the file
+    assert "sft rules (--max-len 5, --overlength truncate): 0 conversations kept" in out
+    assert "result:  FAILED (`chatsmith sft` would refuse this file)" in out
+    code = main(["data", "check", path, "--tokenizer", tokenizer_dir, "--template", "chatml", "--max-len", "5",
+                 "--for", "pretrain"])
+    assert code == 2 and "cannot be used as text data" in capsys.readouterr().err    # read as pretrain reads

@@ -242,3 +242,12 @@ def test_reward_data_errors_name_the_row(tmp_path, sft_dir):
     with pytest.raises(ChatsmithError, match="not found"):
         train_reward_model(RewardConfig(model=str(sft_dir), data=str(tmp_path / "missing.jsonl"),
                                         out=str(tmp_path / "rm"), progress=False))
+
+
+def test_a_causal_lm_is_not_loaded_as_a_reward_model(sft_dir):
+    from chatsmith.errors import ChatsmithError
+    from chatsmith.reward_model import load_reward_model
+
+    with pytest.raises(ChatsmithError, match=r"this is a causal LM \(LlamaForCausalLM\), not a reward model; "
+                                             r"train one with `chatsmith reward`"):
+        load_reward_model(sft_dir, device="cpu")

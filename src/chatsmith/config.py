@@ -7,21 +7,28 @@ field default < YAML file < explicit command-line flag.
     @dataclass
     class SFTConfig:
         model: str = arg("runs/base", "Model directory to fine-tune.")
-        lr: float = arg(2e-5, "Peak learning rate.")
+        lr: float = arg(2e-5, "Peak learning rate.", min=0, min_exclusive=True)
 
     cfg = parse_config(SFTConfig, ["--lr", "1e-4"])
+    parse_config(SFTConfig, ["--lr", "nan"])   # ChatsmithError: --lr: expected a finite number > 0, got nan
+
+Every value is checked against its field's bounds (`arg(min=, max=, min_exclusive=, max_exclusive=)`; a
+float must be finite), its choices, the machine's devices and the class's own `check_settings()` rules
+by `validate_config`, which `config_from_dict` calls: flags, YAML files and the stages (Python callers)
+all get the same checks, before any work starts.
 
 Settings also answer to the names transformers and TRL users know (`HF_ALIASES`): `--learning-rate 1e-4` or
 `learning_rate: 1e-4` in the YAML sets `lr`. The dataclass field keeps chatsmith's short name (it is what
 train_config.yaml records); `--help` lists the alias next to the flag.
 
-Tests: `python -m pytest tests/test_train_loop.py -q`.
+Tests: `python -m pytest tests/test_train_loop.py tests/test_validation.py -q`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -32,6 +39,8 @@ import yaml
 from chatsmith.errors import ChatsmithError
 
 T = typing.TypeVar("T")
+
+SEED_MAX = 2**63 - 1          # the largest seed torch.manual_seed takes
 
 # transformers' TrainingArguments / TRL name -> chatsmith field. An alias works wherever its field exists (an
 # epochs alias only for the stages that have `epochs`), as a flag and as a YAML key.
@@ -74,15 +83,55 @@ def canonical_settings(cls: type, data: dict[str, Any], source: str = "config") 
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, choices: typing.Sequence[Any] | None = None,
-        short: str | None = None) -> Any:
-    """A dataclass field that documents itself as a CLI flag."""
-    meta = {"help": help, "choices": list(choices) if choices is not None else None, "short": short}
+        short: str | None = None, min: float | None = None, max: float | None = None,
+        min_exclusive: bool = False, max_exclusive: bool = False, finite: bool = True) -> Any:
+    """A dataclass field that documents itself as a CLI flag.
+
+    ``min``/``max`` (inclusive unless ``min_exclusive``/``max_exclusive``) bound a numeric setting;
+    ``finite`` (the default) refuses inf and nan in a float setting. `validate_config` checks them. A
+    stage that overrides a field's default without restating its bounds keeps the parent's.
+    """
+    meta: dict[str, Any] = {"help": help, "choices": list(choices) if choices is not None else None, "short": short}
+    if min is not None or max is not None:
+        meta["range"] = Range(min, max, min_exclusive, max_exclusive)
+    if not finite:
+        meta["finite"] = False
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric setting: ``min <= x <= max`` (strict where ``*_exclusive``)."""
+
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.min is not None and (value <= self.min if self.min_exclusive else value < self.min):
+            return False
+        if self.max is not None and (value >= self.max if self.max_exclusive else value > self.max):
+            return False
+        return True
+
+    def describe(self) -> str:
+        """e.g. "> 0", ">= 1", "in [0, 1)"."""
+        if self.min is not None and self.max is not None:
+            return (f"in {'(' if self.min_exclusive else '['}{_num(self.min)}, {_num(self.max)}"
+                    f"{')' if self.max_exclusive else ']'}")
+        if self.min is not None:
+            return f"{'>' if self.min_exclusive else '>='} {_num(self.min)}"
+        return f"{'<' if self.max_exclusive else '<='} {_num(self.max)}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 def flag_name(field_name: str) -> str:
@@ -137,7 +186,7 @@ def coerce_value(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         if base is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ChatsmithError(
             f"{where}: expected {getattr(base, '__name__', base)}, got {value!r}") from None
     return value
@@ -157,11 +206,93 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
             close = [n for n in names if n.split("_")[0] == name.split("_")[0]]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ChatsmithError(f"{source}: unknown setting {name!r} for {cls.__name__}{hint}")
-        kwargs[name] = coerce_value(value, hints[name], f"{source}: field {name!r}")
+        where = flag_name(name) if source == "command line" else f"{source}: field {name!r}"
+        kwargs[name] = coerce_value(value, hints[name], where)
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except TypeError as exc:
         raise ChatsmithError(f"{source}: {exc}") from None
+    validate_config(cfg)
+    return cfg
+
+
+def field_metadata(cls: type, name: str) -> dict[str, Any]:
+    """The metadata of field ``name``, with the bounds (``range``, ``finite``) a parent class declared when
+    the class itself overrides only the default and help."""
+    merged: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None:
+            meta = dict(f.metadata or {})
+            for key in ("range", "finite"):
+                if key not in meta and key in merged:
+                    meta[key] = merged[key]
+            merged = meta
+    return merged
+
+
+def check_number(name: str, value: Any, meta: dict[str, Any]) -> None:
+    """Refuse a numeric setting outside its declared bounds, naming the flag and the allowed range."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    bounds: Range | None = meta.get("range")
+    is_float = isinstance(value, float)
+    finite = meta.get("finite", True)
+    kind = ("a finite number" if finite else "a number") if is_float else "an integer"
+    expected = f"{kind} {bounds.describe()}" if bounds is not None else kind
+    if is_float and (math.isnan(value) or (finite and math.isinf(value))):
+        raise ChatsmithError(f"{flag_name(name)}: expected {expected}, got {value!r}")
+    if bounds is not None and not bounds.contains(value):
+        raise ChatsmithError(f"{flag_name(name)}: expected {expected}, got {value!r}")
+
+
+def check_device(name: str, device: str) -> None:
+    """Refuse a device this machine does not have (``--device cuda`` without CUDA), naming the flag."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ChatsmithError(f"{flag_name(name)}: expected cpu, cuda, cuda:N, mps or auto, got {device!r}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ChatsmithError(f"{flag_name(name)} {device}: CUDA is not available ({why}); use --device cpu "
+                                 "or auto")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ChatsmithError(f"{flag_name(name)} {device}: there is no GPU {parsed.index} "
+                                 f"({torch.cuda.device_count()} visible)")
+    elif parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ChatsmithError(f"{flag_name(name)} {device}: MPS (Apple GPU) is not available; use --device cpu "
+                                 "or auto")
+
+
+def validate_config(cfg: Any) -> None:
+    """Check every setting of a config dataclass against its declared bounds, its device against the
+    machine, then the class's own cross-setting rules (a ``check_settings()`` method); the first violation
+    raises a `ChatsmithError` naming the flag and what is allowed. The CLI, `config_from_dict` (YAML) and
+    the stages call it, so every caller gets the same checks before any work starts."""
+    cls = type(cfg)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        meta = field_metadata(cls, f.name)
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                check_number(f.name, item, meta)
+        else:
+            check_number(f.name, value, meta)
+        choices = meta.get("choices")
+        if choices and value is not None and value not in choices:
+            raise ChatsmithError(f"{flag_name(f.name)}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        if f.name.endswith("device") and isinstance(value, str):
+            check_device(f.name, value)
+    check = getattr(cfg, "check_settings", None)
+    if callable(check):
+        check()
 
 
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
@@ -216,6 +347,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["metavar"] = {int: "N", float: "X"}.get(tp, f.name.split("_")[-1].upper())
         if default is not None and default != [] and default != "":
             help_text = f"{help_text} (default: {default})"
+        bounds = field_metadata(cls, f.name).get("range")
+        if bounds is not None:
+            help_text = f"{help_text} (allowed: {bounds.describe().removeprefix('in ')})"
         kwargs["help"] = help_text
         parser.add_argument(*names, **kwargs)
 

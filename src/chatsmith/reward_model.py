@@ -39,7 +39,7 @@ from chatsmith.train.preference_functional import PackedTrees, gather_last_token
 __all__ = [
     "RewardModel", "load_reward_model", "score_conversations", "token_scores", "sequence_rewards",
     "packed_rewards", "backbone_hidden", "backbone", "score_head", "mask_for_model", "render_for_scoring",
-    "NORM_MEAN_KEY", "NORM_STD_KEY", "FORMAT_KEY", "NORM_FILE",
+    "NORM_MEAN_KEY", "NORM_STD_KEY", "FORMAT_KEY", "NORM_FILE", "check_reward_model_dir", "score_head_in_weights",
 ]
 
 NORM_MEAN_KEY = "chatsmith_reward_mean"
@@ -209,6 +209,54 @@ class RewardModel:
         return self.normalize(out) if normalize else out
 
 
+def score_head_in_weights(path: Path) -> bool | None:
+    """Whether the safetensors weights in ``path`` hold a ``score`` head (None: no safetensors to read)."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = list(json.loads(index.read_text()).get("weight_map", {}))
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            return None
+        names = []
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                names += list(f.keys())
+    return any(n == "score.weight" or n.endswith(".score.weight") for n in names)
+
+
+def check_reward_model_dir(path: str | Path) -> None:
+    """Refuse a directory that is not a trained reward model, before loading it.
+
+    A reward model is a sequence-classification model whose score head was trained: it carries the
+    normalisation `chatsmith reward` saves (config keys or `reward_normalization.json`), or has
+    ``num_labels == 1`` and the head's weights in its safetensors. A causal LM (an SFT or base model) would
+    otherwise be scored with a freshly, randomly initialised head.
+    """
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ChatsmithError(f"{path}: cannot read config.json ({exc}); train a reward model with "
+                             "`chatsmith reward`") from None
+    if (NORM_MEAN_KEY in config and NORM_STD_KEY in config) or (path / NORM_FILE).is_file():
+        return
+    archs = [str(a) for a in config.get("architectures") or []]
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ChatsmithError(f"{path}: this is a causal LM ({', '.join(archs)}), not a reward model; train one "
+                             "with `chatsmith reward`")
+    # transformers writes id2label only when it differs from its default of two labels
+    labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+    if labels != 1:
+        raise ChatsmithError(f"{path}: a reward model has one output (num_labels=1), this one has {labels}; "
+                             "train one with `chatsmith reward`")
+    if score_head_in_weights(path) is False:
+        raise ChatsmithError(f"{path}: the weights hold no trained score head (score.weight), so its scores "
+                             "would be random; train a reward model with `chatsmith reward`")
+
+
 def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype | str | None = None,
                       template: str | None = None) -> RewardModel:
     """Load a reward-model directory written by `chatsmith reward` (or any HF seq-classification dir).
@@ -225,6 +273,7 @@ def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ChatsmithError(f"{path}: not a model directory (no config.json); train one with `chatsmith reward`")
+    check_reward_model_dir(path)
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "auto": None}[dtype]

@@ -3,13 +3,19 @@
     chatsmith data check data/sft.jsonl
     chatsmith data check data/sft.jsonl --tokenizer runs/base --template chatml --max-len 256
     chatsmith data check prefs.parquet --format preference --on-bad-row skip
+    chatsmith data check data/prompts.jsonl --for grpo --tokenizer runs/sft --max-new-tokens 64
 
 Prints the detected format and what it is used as, rows read / usable / bad, every bad row as
 `file:line` (or `file#row N`) with its reason, and, given `--tokenizer DIR`, the token-length
 distribution (min/median/p90/p99/max) of the rendered examples and how many rows `--max-len` would
-truncate (at a turn boundary) or drop. Exit status: 0 = usable as is; 1 = bad rows (with the default
-`--on-bad-row error`, training would stop on them; with `skip` they are listed but the status is 0),
-rows that the chat template cannot render, or no usable row; 2 = the file cannot be read at all.
+truncate (at a turn boundary) or drop. `--for STAGE` reads the file as that training command does (sft:
+chat data, so a conversation without an assistant turn is a bad row) and, with a tokenizer, applies its
+row rules with the same functions it calls (`chatsmith.data.rules`): what it keeps, drops and whether it
+would refuse the file. Without `--for` the command that reads the detected kind of data is assumed.
+Exit status: 0 = usable as is; 1 = bad rows (with the default `--on-bad-row error`, training would stop
+on them; with `skip` they are listed but the status is 0), rows that the chat template cannot render, no
+usable row, or a file the training command would refuse (no row left after its rules); 2 = the file
+cannot be read at all or a setting is invalid.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Sequence
 from chatsmith.config import arg
 from chatsmith.data.formats import LoadResult, fit_to_length, load_examples
 from chatsmith.data.records import FORMATS, KINDS, ChatExample, PreferenceExample, TextExample
+from chatsmith.data.rules import STAGE_KINDS, prompt_budget, require_rows
 from chatsmith.errors import ChatsmithError
 
 
@@ -35,8 +42,16 @@ class DataCheckConfig:
     template: str | None = arg(None, "Chat template for token lengths: chatml, llama2, alpaca, jinja (the "
                                      "tokenizer's own, default) or a .jinja file.")
     tokenizer: str | None = arg(None, "Model or tokenizer directory; enables the token-length report.")
-    max_len: int | None = arg(None, "Report how many rows this many tokens would truncate or drop.")
-    show_bad: int = arg(20, "How many bad rows to list.")
+    stage: str | None = arg(None, "Apply the row rules of this training command, exactly as it applies them (default: "
+                                  "the command that reads the file's kind of data: text pretrain, chat sft, "
+                                  "preference reward, prompt ppo).", choices=list(STAGE_KINDS), short="--for")
+    max_len: int | None = arg(None, "Report how many rows this many tokens would truncate or drop (default with "
+                                    "--tokenizer: the command's own --max-len default).", min=1)
+    max_new_tokens: int | None = arg(None, "For ppo and grpo: the response length that --max-len must leave room "
+                                           "for (default: the command's own).", min=1)
+    overlength: str | None = arg(None, "For sft: truncate or drop over-long conversations (default: sft's own).",
+                                 choices=["truncate", "drop"])
+    show_bad: int = arg(20, "How many bad rows to list.", min=0)
 
 
 def percentile(sorted_values: Sequence[int], q: float) -> int:
@@ -62,9 +77,8 @@ def _load_tokenizer(path: str) -> Any:
         raise ChatsmithError(f"--tokenizer {path}: cannot load a tokenizer: {exc}") from None
 
 
-def _token_report(cfg: DataCheckConfig, result: LoadResult) -> bool:
+def _token_report(cfg: DataCheckConfig, result: LoadResult, tokenizer: Any) -> bool:
     """Print the token-length report; returns False if some rows cannot be rendered."""
-    tokenizer = _load_tokenizer(cfg.tokenizer)
     examples = result.examples
     if not examples:
         return True
@@ -134,13 +148,70 @@ def _token_report(cfg: DataCheckConfig, result: LoadResult) -> bool:
     return not failures
 
 
+KIND_STAGES = {"text": "pretrain", "chat": "sft", "preference": "reward", "prompt": "ppo"}
+STAGE_CONFIGS = {"pretrain": "chatsmith.train.pretrain:PretrainConfig", "sft": "chatsmith.train.sft:SFTConfig",
+                 "reward": "chatsmith.train.reward:RewardConfig", "dpo": "chatsmith.train.dpo:DPOConfig",
+                 "ppo": "chatsmith.train.ppo:PPOConfig", "grpo": "chatsmith.train.grpo:GRPOConfig"}
+
+
+def stage_defaults(stage: str) -> Any:
+    """The default config of training command ``stage`` (its --max-len, --max-new-tokens, --overlength)."""
+    import importlib
+
+    module, name = STAGE_CONFIGS[stage].split(":")
+    return getattr(importlib.import_module(module), name)()
+
+
+def stage_rules(cfg: DataCheckConfig, result: LoadResult, stage: str, tokenizer: Any, fmt: Any) -> bool:
+    """Apply the row rules of training command ``stage`` with the very functions it calls; print what it
+    would keep and drop. False when the command would refuse the file (no row left)."""
+    defaults = stage_defaults(stage)
+    max_len = cfg.max_len or defaults.max_len
+    try:
+        if stage == "sft":
+            from chatsmith.train.sft import prepare_examples
+
+            overlength = cfg.overlength or defaults.overlength
+            kept, stats = prepare_examples([(ex.messages, ex.origin) for ex in result.examples], tokenizer, fmt,
+                                           max_len, overlength)
+            print(f"sft rules (--max-len {max_len}, --overlength {overlength}): {stats.line()}")
+            require_rows(kept, cfg.path, "no conversation left to train on", stats.line())
+        elif stage in ("reward", "dpo"):
+            from chatsmith.train.preference_data import dropped_line, tokenize_preferences
+
+            tok = tokenize_preferences(result.examples, tokenizer, fmt, max_len)
+            print(f"{stage} rules (--max-len {max_len}): {len(tok.trees)} examples kept ({tok.n_pairs} pairs)")
+            if tok.n_dropped:
+                print(dropped_line(stage, tok.n_dropped, max_len))
+            require_rows(tok.trees, cfg.path, f"no preference example fits in --max-len {max_len} tokens",
+                         f"{tok.n_dropped} dropped as longer")
+        elif stage in ("ppo", "grpo"):
+            from chatsmith.train.rollout import dropped_prompts_line, select_prompts
+
+            max_new = cfg.max_new_tokens or defaults.max_new_tokens
+            budget = prompt_budget(max_len, max_new)
+            if budget < 1:
+                raise ChatsmithError(f"--max-new-tokens {max_new} leaves no room for a prompt in --max-len {max_len}")
+            items, dropped = select_prompts(result.examples, tokenizer, fmt, budget, cfg.path)
+            print(f"{stage} rules (--max-len {max_len}, --max-new-tokens {max_new}): {len(items)} prompts kept")
+            if dropped:
+                print(dropped_prompts_line(stage, dropped, budget))
+    except ChatsmithError as exc:
+        print(f"{stage} would stop: {exc}")
+        return False
+    return True
+
+
 def check_data(cfg: DataCheckConfig) -> int:
     """Run the check; returns the exit status (see the module docstring)."""
     if not cfg.path:
         raise ChatsmithError("give the data file to check: chatsmith data check FILE")
-    if cfg.max_len is not None and cfg.max_len <= 0:
-        raise ChatsmithError(f"--max-len must be positive, got {cfg.max_len}")
-    result = load_examples(cfg.path, format=cfg.format, on_bad_row="skip", kind=cfg.kind, allow_empty=True)
+    kind = cfg.kind
+    if cfg.stage:
+        kind = STAGE_KINDS[cfg.stage]
+        if cfg.kind and cfg.kind != kind:
+            raise ChatsmithError(f"--for {cfg.stage} reads {kind} data, but --kind {cfg.kind} was given")
+    result = load_examples(cfg.path, format=cfg.format, on_bad_row="skip", kind=kind, allow_empty=True)
     how = "auto-detected" if result.format_detected else "given"
     print(f"file:    {result.path}")
     print(f"format:  {result.format} ({how}), used as {result.kind} data")
@@ -153,11 +224,18 @@ def check_data(cfg: DataCheckConfig) -> int:
         if len(result.bad_rows) > cfg.show_bad:
             print(f"  ... and {len(result.bad_rows) - cfg.show_bad} more")
 
-    rendered_ok = True
+    rendered_ok = stage_ok = True
+    stage = cfg.stage or KIND_STAGES[result.kind]
     if cfg.tokenizer:
-        rendered_ok = _token_report(cfg, result)
-    elif cfg.template or cfg.max_len:
-        print("token lengths: give --tokenizer DIR (a model or tokenizer directory) to see them")
+        tokenizer = _load_tokenizer(cfg.tokenizer)
+        rendered_ok = _token_report(cfg, result, tokenizer)
+        if rendered_ok and result.examples and stage != "pretrain":
+            from chatsmith.chat.templates import get_format
+
+            stage_ok = stage_rules(cfg, result, stage, tokenizer, get_format(cfg.template, tokenizer))
+    elif cfg.template or cfg.max_len or cfg.stage:
+        print(f"token lengths and the length rules of {stage}: give --tokenizer DIR (a model or tokenizer "
+              "directory) to see them")
 
     if not result.examples:
         print("result:  FAILED (no usable rows)")
@@ -168,6 +246,9 @@ def check_data(cfg: DataCheckConfig) -> int:
         return 1
     if not rendered_ok:
         print("result:  FAILED (some rows cannot be rendered with this chat template)")
+        return 1
+    if not stage_ok:
+        print(f"result:  FAILED (`chatsmith {stage}` would refuse this file)")
         return 1
     skipped = f" ({len(result.bad_rows)} bad rows would be skipped)" if result.bad_rows else ""
     print(f"result:  OK{skipped}")

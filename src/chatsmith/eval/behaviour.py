@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from chatsmith.config import arg
+from chatsmith.config import SEED_MAX, arg, validate_config
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.eval import CORE_METRICS
 from chatsmith.eval.judges import (BUILTIN_SUITES, EvalItem, call_judge, default_specs, load_callable, metric_specs,
@@ -76,19 +76,20 @@ class EvalConfig:
                               "directory of them (`world export`'s DIR/eval/), or 'world' (the built-in world's).")
     judge: str = arg("world", "Judge of every answer: 'world' (the built-in world's) or py:MODULE:FUNCTION, a "
                               "function (item, response) -> {metric: bool or number} (see chatsmith.eval.judges).")
-    world_seed: int = arg(0, "Seed of the built-in world (must match the one the models were trained on).")
+    world_seed: int = arg(0, "Seed of the built-in world (must match the one the models were trained on).",
+                          min=0, max=SEED_MAX)
     template: str = arg("", "Chat template for models whose tokenizer has none (chatml, llama2, alpaca, FILE).")
-    max_new_tokens: int = arg(64, "Longest answer generated per item (greedy decoding).")
-    batch_size: int = arg(32, "Prompts generated together.")
-    max_items: int = arg(0, "At most this many items per category (0 = all).")
+    max_new_tokens: int = arg(64, "Longest answer generated per item (greedy decoding).", min=1)
+    batch_size: int = arg(32, "Prompts generated together.", min=1)
+    max_items: int = arg(0, "At most this many items per category (0 = all).", min=0)
     reward_model: str = arg("", "Reward model directory: adds mean_reward and the reward-distribution plot.")
     reference: str = arg("", "Reference (SFT) model for kl_to_sft (default: the model named 'sft', if any).")
-    kl_samples: int = arg(64, "Prompts sampled (temperature 1) per model to estimate kl_to_sft (0 = off).")
+    kl_samples: int = arg(64, "Prompts sampled (temperature 1) per model to estimate kl_to_sft (0 = off).", min=0)
     runs: list[str] = arg([], "Extra run directories whose metrics.jsonl is plotted (e.g. the reward model).")
     timings: str = arg("", "JSON file {stage: seconds} of stage wall times to include in the report.")
     probe_prompt: str = arg(PROBE_PROMPT, "Prompt of the 'probability shift' plot (next-token distribution).")
     device: str = arg("auto", "cpu, cuda, mps or auto.")
-    seed: int = arg(0, "Seed of the sampled responses used for kl_to_sft.")
+    seed: int = arg(0, "Seed of the sampled responses used for kl_to_sft.", min=0, max=SEED_MAX)
 
 
 # ----------------------------------------------------------------------------- models
@@ -176,6 +177,9 @@ def generate_answers(mut: ModelUnderTest, conversations: Sequence[list[dict]], *
     prompts = [prompt_ids(mut, conv) for conv in conversations]
     stop_ids, stop_strings = stop_settings(mut)
     from chatsmith.generate import SamplingConfig, generate
+    from chatsmith.generate.cli import note_context_cap
+
+    note_context_cap(mut.model, mut.tokenizer, max(map(len, prompts), default=0), max_new_tokens)
 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                          stop_token_ids=tuple(stop_ids), stop_strings=tuple(stop_strings))
@@ -582,6 +586,7 @@ def evaluate_all(cfg: EvalConfig, *, stage_seconds: dict[str, float] | None = No
 
 def evaluate_cli(cfg: EvalConfig) -> int:
     """`chatsmith eval`: run the suite on each model and print the metrics table."""
+    validate_config(cfg)              # every setting, before any work (Python callers too)
     from chatsmith.eval.report import metrics_table
 
     report = evaluate_all(cfg)

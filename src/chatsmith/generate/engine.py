@@ -42,6 +42,7 @@ How it works
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -75,16 +76,18 @@ class SamplingConfig:
     first_row: int = 0                # row i draws the random stream of row first_row + i (see below)
 
     def validate(self) -> None:
-        if self.max_new_tokens < 0:
+        """Refuse values that would sample nonsense; nan and inf fail every comparison here."""
+        if not self.max_new_tokens >= 0:
             raise ChatsmithError(f"max_new_tokens: expected >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ChatsmithError(f"temperature: expected >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
+        if not 0 <= self.temperature < math.inf:
+            raise ChatsmithError(f"temperature: expected a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not self.top_k >= 0:
             raise ChatsmithError(f"top_k: expected >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ChatsmithError(f"top_p: expected a value in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ChatsmithError(f"repetition_penalty: expected > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ChatsmithError(f"repetition_penalty: expected a finite number > 0 (1 = off), got "
+                                 f"{self.repetition_penalty}")
         if any(s == "" for s in self.stop_strings):
             raise ChatsmithError("stop_strings: an empty stop string would stop before the first token")
 

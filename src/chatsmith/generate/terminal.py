@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from chatsmith.chat.render import render_prompt
-from chatsmith.config import arg
+from chatsmith.config import SEED_MAX, arg, validate_config
 from chatsmith.errors import ChatsmithError
 
 HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."
@@ -31,13 +31,13 @@ class ChatConfig:
     model: str = arg("", "Model directory (a chat model, e.g. runs/sft).")
     system: str | None = arg(None, "System prompt, kept at the start of the conversation.")
     template: str | None = arg(None, "Chat format: chatml, llama2, alpaca or FILE.jinja (default: the model's own).")
-    max_new_tokens: int = arg(256, "Most tokens per reply.")
-    temperature: float = arg(0.7, "Sampling temperature; 0 = greedy.")
-    top_k: int = arg(0, "Sample among the k most likely tokens only (0 = off).")
-    top_p: float = arg(0.9, "Nucleus sampling probability mass (1 = off).")
-    repetition_penalty: float = arg(1.0, "Penalise tokens already present (1 = off).")
-    seed: int | None = arg(None, "Random seed (same seed and inputs, same replies).")
-    max_context: int = arg(0, "Context budget in tokens for history + reply (0 = the model's maximum).")
+    max_new_tokens: int = arg(256, "Most tokens per reply.", min=1)
+    temperature: float = arg(0.7, "Sampling temperature; 0 = greedy.", min=0)
+    top_k: int = arg(0, "Sample among the k most likely tokens only (0 = off).", min=0)
+    top_p: float = arg(0.9, "Nucleus sampling probability mass (1 = off).", min=0, min_exclusive=True, max=1)
+    repetition_penalty: float = arg(1.0, "Penalise tokens already present (1 = off).", min=0, min_exclusive=True)
+    seed: int | None = arg(None, "Random seed (same seed and inputs, same replies).", min=0, max=SEED_MAX)
+    max_context: int = arg(0, "Context budget in tokens for history + reply (0 = the model's maximum).", min=0)
     device: str = arg("auto", "cpu, cuda, mps or auto.")
 
 
@@ -66,6 +66,7 @@ def fit_history(system: str | None, history: list[dict], tokenizer: Any, fmt: An
 def chat_cli(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None,
              stderr: TextIO | None = None) -> int:
     """Run the chat loop until /exit or end of input."""
+    validate_config(cfg)              # every setting, before any work (Python callers too)
     from chatsmith.generate.engine import Generator, chat_sampling_config
     from chatsmith.model import load_model, max_context_length
 
@@ -78,6 +79,9 @@ def chat_cli(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None
     model, tokenizer, fmt = loaded.model, loaded.tokenizer, loaded.fmt
     model_limit = max_context_length(model, tokenizer)
     budget = min(cfg.max_context, model_limit) if cfg.max_context > 0 else model_limit
+    if cfg.max_new_tokens >= budget:
+        print(f"chatsmith chat: --max-new-tokens {cfg.max_new_tokens}: capped per reply to what is left of the "
+              f"{budget}-token context after the conversation so far", file=stderr)
     sampling = chat_sampling_config(fmt, tokenizer, max_new_tokens=cfg.max_new_tokens,
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                     repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, logprobs=False)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
-from chatsmith.config import arg
+from chatsmith.config import SEED_MAX, arg, validate_config
 from chatsmith.errors import ChatsmithError
 from chatsmith.train.parallel import PARALLEL_MODES
 from chatsmith.utils import world_size
 
-__all__ = ["TrainConfig", "REPORT_TO", "check_train_config", "steps_for_epochs"]
+__all__ = ["TrainConfig", "REPORT_TO", "check_epochs_or_steps", "check_room_for_prompt", "check_train_config", "steps_for_epochs"]
 
 REPORT_TO = ("none", "tensorboard")
 
@@ -38,20 +39,20 @@ class TrainConfig:
     """Flags every training command shares. Stages subclass this and override defaults."""
 
     out: str = arg("runs/train", "Output directory: final model, metrics.jsonl, checkpoint/.")
-    max_steps: int = arg(200, "Number of optimizer steps.")
-    seed: int = arg(0, "Random seed (model init, data order, dropout).")
+    max_steps: int = arg(200, "Number of optimizer steps.", min=1)
+    seed: int = arg(0, "Random seed (model init, data order, dropout).", min=0, max=SEED_MAX)
     resume: bool = arg(False, "Continue from OUT/checkpoint if present (same data order, optimizer, RNG).")
-    lr: float = arg(1e-3, "Peak learning rate (AdamW).")
-    warmup_steps: int = arg(20, "Linear warmup steps from 0 to --lr.")
-    min_lr_ratio: float = arg(0.1, "Cosine decay ends at lr * min_lr_ratio at --max-steps.")
-    batch_size: int = arg(16, "Sequences (rows) per micro-batch per process.")
-    grad_accum: int = arg(1, "Micro-batches accumulated per optimizer step.")
-    max_len: int = arg(256, "Maximum sequence length in tokens.")
-    weight_decay: float = arg(0.1, "AdamW weight decay (not applied to norms, biases, embeddings).")
-    grad_clip: float = arg(1.0, "Clip the global gradient norm to this value (0 = off).")
-    eval_every: int = arg(0, "Evaluate every N steps (0 = only at the end).")
-    save_every: int = arg(100, "Write OUT/checkpoint every N steps (0 = only at the end).")
-    log_every: int = arg(10, "Write a metrics row every N steps.")
+    lr: float = arg(1e-3, "Peak learning rate (AdamW).", min=0, min_exclusive=True)
+    warmup_steps: int = arg(20, "Linear warmup steps from 0 to --lr.", min=0)
+    min_lr_ratio: float = arg(0.1, "Cosine decay ends at lr * min_lr_ratio at --max-steps.", min=0, max=1)
+    batch_size: int = arg(16, "Sequences (rows) per micro-batch per process.", min=1)
+    grad_accum: int = arg(1, "Micro-batches accumulated per optimizer step.", min=1)
+    max_len: int = arg(256, "Maximum sequence length in tokens.", min=1)
+    weight_decay: float = arg(0.1, "AdamW weight decay (not applied to norms, biases, embeddings).", min=0)
+    grad_clip: float = arg(1.0, "Clip the global gradient norm to this value (0 = off).", min=0)
+    eval_every: int = arg(0, "Evaluate every N steps (0 = only at the end).", min=0)
+    save_every: int = arg(100, "Write OUT/checkpoint every N steps (0 = only at the end).", min=0)
+    log_every: int = arg(10, "Write a metrics row every N steps.", min=1)
     report_to: str = arg("none", "Also write the metrics as TensorBoard event files in OUT/tensorboard "
                          "(`tensorboard --logdir OUT/tensorboard`; needs `pip install tensorboard`).",
                          choices=list(REPORT_TO))
@@ -69,7 +70,9 @@ class TrainConfig:
 
 
 def check_train_config(cfg: TrainConfig) -> None:
-    """Refuse settings no run can use, naming the flag."""
+    """Refuse settings no run can use, naming the flag: every field's bounds (`validate_config`), then what
+    must hold once a stage has resolved ``--epochs`` into ``max_steps``."""
+    validate_config(cfg)
     checks = [
         (cfg.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.max_steps}"),
         (cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}"),
@@ -80,6 +83,19 @@ def check_train_config(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ChatsmithError(message)
+
+
+def check_epochs_or_steps(cfg: TrainConfig) -> None:
+    """For stages where ``--epochs`` > 0 stands for ``--max-steps``: one of them must ask for some training."""
+    if cfg.max_steps < 1 and not cfg.epochs > 0:
+        raise ChatsmithError(f"--max-steps: expected an integer >= 1 when --epochs is 0, got {cfg.max_steps}")
+
+
+def check_room_for_prompt(cfg: Any) -> None:
+    """For sampling stages: a response of ``--max-new-tokens`` must leave room for a prompt in ``--max-len``."""
+    if cfg.max_new_tokens >= cfg.max_len:
+        raise ChatsmithError(f"--max-new-tokens: expected an integer < --max-len ({cfg.max_len}) so that a prompt "
+                             f"fits, got {cfg.max_new_tokens}")
 
 
 def steps_for_epochs(n_examples: int, cfg: TrainConfig, epochs: float) -> int:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from chatsmith.config import arg
+from chatsmith.config import arg, validate_config
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.reward_model import backbone_hidden
@@ -49,9 +49,11 @@ __all__ = ["DPOConfig", "dpo", "DPOBatch", "DPOCollate", "packed_logprobs", "ref
 class DPOConfig(PreferenceConfig):
     model: str = arg("runs/sft", "SFT model directory: the starting policy and the frozen reference.")
     out: str = arg("runs/dpo", "Output directory (HF chat model dir + metrics).")
-    beta: float = arg(0.1, "DPO beta: strength of the implicit KL to the reference (Rafailov et al. 2023).")
+    beta: float = arg(0.1, "DPO beta: strength of the implicit KL to the reference (Rafailov et al. 2023).",
+                      min=0, min_exclusive=True)
     loss_type: str = arg("sigmoid", "sigmoid (DPO) or ipo (Azar et al. 2023).", choices=["sigmoid", "ipo"])
-    label_smoothing: float = arg(0.0, "Conservative DPO: probability that a preference label is flipped.")
+    label_smoothing: float = arg(0.0, "Conservative DPO: probability that a preference label is flipped.",
+                                 min=0, max=0.5, max_exclusive=True)
     lr: float = arg(5e-5, "Peak learning rate (AdamW).")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     train_embeddings: str = arg("seen", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
@@ -182,6 +184,7 @@ def evaluate_dpo(model: nn.Module, batches: Sequence[DPOBatch], cfg: DPOConfig) 
 
 def dpo(cfg: DPOConfig) -> dict[str, Any]:
     """`chatsmith dpo`: train the policy with DPO against its own starting weights; returns final metrics."""
+    validate_config(cfg)              # every setting, before any work (Python callers too)
     from chatsmith.model import load_model
     from chatsmith.train.batching import ShardedBatchSource
     from chatsmith.train.devices import resolve_dtype

@@ -40,18 +40,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from chatsmith.config import arg
+from chatsmith.config import arg, validate_config
+from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, restrict_embedding_training
 from chatsmith.train import rl_functional as F
 from chatsmith.train.batching import ShardedBatchSource
-from chatsmith.train.config import TrainConfig
+from chatsmith.train.config import TrainConfig, check_room_for_prompt
 from chatsmith.train.devices import autocast_context
 from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradients
 from chatsmith.train.parallel import all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing
-from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout,
-                                     freeze, load_policy, load_prompts, make_scorer, micro_batch_tensors,
-                                     response_forward, rollout_micro_batches, sample_row)
+from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, check_reward_spec,
+                                     collect_rollout, dropped_prompts_line, freeze, load_policy, load_prompts,
+                                     make_scorer, micro_batch_tensors, note_context_limit, response_forward,
+                                     rollout_micro_batches, sample_row)
 from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
 from chatsmith.utils import note, rank, set_seed, step_seed, world_size
 
@@ -70,32 +72,37 @@ class GRPOConfig(TrainConfig):
     parallel: str = arg("ddp", "Under torchrun every rank holds the whole policy (and reference); FSDP is for "
                         "the supervised stages.", choices=["ddp"])
     max_steps: int = arg(50, "GRPO steps (each = one batch of groups + --num-iterations updates).")
-    prompts_per_step: int = arg(4, "Prompts (groups) per step, per process under torchrun.")
-    num_generations: int = arg(4, "G: responses sampled per prompt (the group).")
-    num_iterations: int = arg(1, "Updates per batch (mu in Shao et al.); > 1 reuses the samples off-policy.")
+    prompts_per_step: int = arg(4, "Prompts (groups) per step, per process under torchrun.", min=1)
+    num_generations: int = arg(4, "G: responses sampled per prompt (the group).", min=2)
+    num_iterations: int = arg(1, "Updates per batch (mu in Shao et al.); > 1 reuses the samples off-policy.", min=1)
     batch_size: int = arg(16, "Most episodes per forward/backward micro-batch in the update (episodes of similar "
                                   "length are grouped, so a micro-batch may hold fewer).")
     lr: float = arg(1e-5, "Peak learning rate (AdamW).")
     warmup_steps: int = arg(0, "Linear warmup steps.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     train_embeddings: str = arg("special", TRAIN_EMBEDDINGS_HELP, choices=list(RL_EMBEDDING_MODES))
-    max_new_tokens: int = arg(32, "Longest response sampled.")
-    temperature: float = arg(1.0, "Sampling temperature (log-probs use logits / temperature).")
+    max_new_tokens: int = arg(32, "Longest response sampled.", min=1)
+    temperature: float = arg(1.0, "Sampling temperature (log-probs use logits / temperature).",
+                             min=0, min_exclusive=True)
     max_len: int = arg(256, "Longest prompt + response (longer prompts are skipped).")
-    beta: float = arg(0.04, "Weight of the k3 KL to the reference in the loss (0 = no reference model).")
-    clip_range: float = arg(0.2, "Ratio clip epsilon.")
+    beta: float = arg(0.04, "Weight of the k3 KL to the reference in the loss (0 = no reference model).", min=0)
+    clip_range: float = arg(0.2, "Ratio clip epsilon.", min=0, min_exclusive=True)
     scale_rewards: bool = arg(True, "Divide group-centred rewards by the group std (off = Dr. GRPO).")
     loss_type: str = arg("grpo", "Token aggregation: 'grpo' (mean per response, then over responses) or "
                          "'token' (mean over all tokens).", choices=["grpo", "token"])
     no_eos_penalty: float | None = arg(None, "Reward given to responses that never end their turn (None = keep).")
-    forward_batch_size: int = arg(32, "Rows per no-grad forward pass.")
+    forward_batch_size: int = arg(32, "Rows per no-grad forward pass.", min=1)
     share_prompt: bool = arg(True, "Compute each group's prompt once in the forward and backward passes (its KV "
                              "cache is copied to the G responses); the same log-probs and gradients, less work.")
-    sample_every: int = arg(10, "Print and save a table of sample responses every N steps (0 = off).")
-    num_samples: int = arg(4, "Rows in that table.")
+    sample_every: int = arg(10, "Print and save a table of sample responses every N steps (0 = off).", min=0)
+    num_samples: int = arg(4, "Rows in that table.", min=0)
     save_every: int = arg(25, "Write OUT/checkpoint every N steps (0 = only at the end).")
     log_every: int = arg(1, "Write a metrics row every N steps.")
     entropy: bool = arg(True, "Log the policy's entropy (computed from the update's logits).")
+
+    def check_settings(self) -> None:
+        """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
+        check_room_for_prompt(self)
 
 
 class GRPOTrainer(Stage):
@@ -110,18 +117,9 @@ class GRPOTrainer(Stage):
     def __init__(self, cfg: GRPOConfig, policy: nn.Module | None = None, tokenizer: Any = None, fmt: Any = None,
                  reference: nn.Module | None = None, scorer: Any = None, prompts: list[PromptItem] | None = None,
                  generate_fn: Any = None):
-        for ok, message in [
-            (cfg.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.max_steps}"),
-            (cfg.num_generations >= 2, f"--num-generations must be >= 2 (a group needs a baseline), "
-                                       f"got {cfg.num_generations}"),
-            (cfg.prompts_per_step >= 1 and cfg.batch_size >= 1, "--prompts-per-step and --batch-size must be >= 1"),
-            (cfg.num_iterations >= 1, f"--num-iterations must be >= 1, got {cfg.num_iterations}"),
-            (cfg.temperature > 0, f"--temperature must be > 0 for RL sampling, got {cfg.temperature}"),
-            (cfg.max_len > cfg.max_new_tokens, "--max-len must exceed --max-new-tokens"),
-            (cfg.parallel == "ddp", f"--parallel {cfg.parallel}: grpo replicates the policy on every rank (ddp only)"),
-        ]:
-            if not ok:
-                raise ChatsmithError(message)
+        validate_config(cfg)              # every setting, before any model is loaded
+        if scorer is None:
+            check_reward_spec(cfg.reward, "--reward")
         self.runner = Run(cfg, "grpo")
         self.cfg = cfg
         self.sample_every, self.num_samples = cfg.sample_every, cfg.num_samples
@@ -141,6 +139,7 @@ class GRPOTrainer(Stage):
             enable_activation_checkpointing(self.policy)
         self.reference = freeze(disable_dropout(reference.to(self.device))) if reference is not None else None
         self.tokenizer, self.fmt = tokenizer, fmt
+        note_context_limit("grpo", cfg.max_len, self.policy, tokenizer)
         self.stop_token_ids = list(fmt.stop_token_ids(tokenizer)) if fmt is not None else []
         if not self.stop_token_ids and tokenizer.eos_token_id is not None:
             self.stop_token_ids = [int(tokenizer.eos_token_id)]
@@ -151,9 +150,10 @@ class GRPOTrainer(Stage):
         if hasattr(self.scorer, "skip_unfinished"):
             self.scorer.skip_unfinished = cfg.no_eos_penalty is not None
         if prompts is None:
-            prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
+            budget = prompt_budget(cfg.max_len, cfg.max_new_tokens)
+            prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, budget)
             if dropped:
-                note(f"grpo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
+                note(dropped_prompts_line("grpo", dropped, budget))
         self.prompts = prompts
         # One global batch of prompts per step, the same order on every rank; rank r takes the r-th slice.
         # Every step is a whole batch (an epoch's remainder is dropped): a short one would leave ranks empty.

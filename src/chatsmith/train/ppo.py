@@ -59,20 +59,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from chatsmith.config import arg
+from chatsmith.config import arg, validate_config
+from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, quiet_transformers,
                              restrict_embedding_training)
 from chatsmith.train import rl_functional as F
 from chatsmith.train.batching import ShardedBatchSource
-from chatsmith.train.config import TrainConfig
+from chatsmith.train.config import TrainConfig, check_room_for_prompt
 from chatsmith.train.devices import autocast_context
 from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradients
 from chatsmith.train.parallel import (all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing,
                                       sum_over_ranks)
-from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, collect_rollout,
-                                     freeze, load_policy, load_prompts, make_scorer, micro_batch_tensors,
-                                     response_forward, rollout_micro_batches, sample_row, value_forward)
+from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, check_reward_spec,
+                                     collect_rollout, dropped_prompts_line, freeze, load_policy, load_prompts,
+                                     make_scorer, micro_batch_tensors, note_context_limit, response_forward,
+                                     rollout_micro_batches, sample_row, value_forward)
 from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
 from chatsmith.utils import atomic_directory, note, rank, set_seed, step_seed, world_size
 
@@ -91,37 +93,45 @@ class PPOConfig(TrainConfig):
     parallel: str = arg("ddp", "Under torchrun every rank holds the whole policy (and reference); FSDP is for "
                         "the supervised stages.", choices=["ddp"])
     max_steps: int = arg(50, "PPO steps (each = one rollout batch + --ppo-epochs of updates).")
-    rollout_batch_size: int = arg(32, "Episodes (prompt + sampled response) per PPO step, per process under torchrun.")
+    rollout_batch_size: int = arg(32, "Episodes (prompt + sampled response) per PPO step, per process under torchrun.",
+                                  min=1)
     batch_size: int = arg(16, "Most episodes per forward/backward micro-batch in the update (episodes of similar "
                                   "length are grouped, so a micro-batch may hold fewer).")
     grad_accum: int = arg(1, "Micro-batches per optimizer step: a minibatch is batch_size * grad_accum episodes.")
-    ppo_epochs: int = arg(4, "Passes over each rollout batch (shuffled minibatches each time).")
+    ppo_epochs: int = arg(4, "Passes over each rollout batch (shuffled minibatches each time).", min=1)
     lr: float = arg(1e-5, "Policy learning rate (AdamW).")
-    value_lr: float | None = arg(None, "Value-model learning rate (default: --lr).")
+    value_lr: float | None = arg(None, "Value-model learning rate (default: --lr).", min=0, min_exclusive=True)
     warmup_steps: int = arg(0, "Linear warmup, in optimizer steps.")
     min_lr_ratio: float = arg(0.1, "Cosine decay ends at lr * min_lr_ratio at the last optimizer step.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     train_embeddings: str = arg("special", TRAIN_EMBEDDINGS_HELP, choices=list(RL_EMBEDDING_MODES))
-    max_new_tokens: int = arg(48, "Longest response sampled.")
-    temperature: float = arg(0.7, "Sampling temperature; log-probs are computed from logits / temperature.")
+    max_new_tokens: int = arg(48, "Longest response sampled.", min=1)
+    temperature: float = arg(0.7, "Sampling temperature; log-probs are computed from logits / temperature.",
+                             min=0, min_exclusive=True)
     max_len: int = arg(256, "Longest prompt + response in tokens (prompts longer than max_len - max_new_tokens are skipped).")
-    kl_coef: float = arg(0.05, "beta: weight of the per-token KL penalty (initial value when adaptive).")
+    kl_coef: float = arg(0.05, "beta: weight of the per-token KL penalty (initial value when adaptive).", min=0)
     kl_estimator: str = arg("k1", "Per-token KL estimate in the reward (Schulman 2020).", choices=["k1", "k2", "k3"])
-    kl_target: float | None = arg(None, "Adaptive beta: target KL per episode in nats (None = fixed beta).")
-    kl_horizon: int = arg(10000, "Adaptive beta: horizon in episodes (Ziegler et al. 2019).")
-    gamma: float = arg(1.0, "GAE discount.")
-    lam: float = arg(0.95, "GAE lambda.")
-    clip_range: float = arg(0.2, "PPO ratio clip epsilon.")
-    clip_range_value: float = arg(0.2, "Value clip: new values stay within this of the rollout-time values.")
-    vf_coef: float = arg(0.1, "Weight of the value loss.")
+    kl_target: float | None = arg(None, "Adaptive beta: target KL per episode in nats (None = fixed beta).",
+                                  min=0, min_exclusive=True)
+    kl_horizon: int = arg(10000, "Adaptive beta: horizon in episodes (Ziegler et al. 2019).", min=1)
+    gamma: float = arg(1.0, "GAE discount.", min=0, max=1)
+    lam: float = arg(0.95, "GAE lambda.", min=0, max=1)
+    clip_range: float = arg(0.2, "PPO ratio clip epsilon.", min=0, min_exclusive=True)
+    clip_range_value: float = arg(0.2, "Value clip: new values stay within this of the rollout-time values.",
+                                  min=0, min_exclusive=True)
+    vf_coef: float = arg(0.1, "Weight of the value loss.", min=0)
     whiten_rewards: bool = arg(False, "Whiten per-token rewards over the batch (mean kept) before GAE.")
     no_eos_penalty: float | None = arg(-1.0, "Score given to responses that never end their turn (None = keep RM score).")
-    forward_batch_size: int = arg(32, "Rows per no-grad forward pass (log-probs, values, scores).")
-    sample_every: int = arg(10, "Print and save a table of sample responses every N steps (0 = off).")
-    num_samples: int = arg(4, "Rows in that table.")
+    forward_batch_size: int = arg(32, "Rows per no-grad forward pass (log-probs, values, scores).", min=1)
+    sample_every: int = arg(10, "Print and save a table of sample responses every N steps (0 = off).", min=0)
+    num_samples: int = arg(4, "Rows in that table.", min=0)
     save_every: int = arg(25, "Write OUT/checkpoint every N PPO steps (0 = only at the end).")
     log_every: int = arg(1, "Write a metrics row every N PPO steps.")
     save_value: bool = arg(True, "Also save the trained value model in OUT/value.")
+
+    def check_settings(self) -> None:
+        """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
+        check_room_for_prompt(self)
 
 
 class _Pair:
@@ -139,26 +149,12 @@ class _Pair:
 
 
 def _check_config(cfg: PPOConfig) -> None:
+    """Every setting's bounds (`validate_config`), then how the rollout splits into minibatches."""
+    validate_config(cfg)
     minibatch = cfg.batch_size * cfg.grad_accum
-    checks = [
-        (cfg.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.max_steps}"),
-        (cfg.rollout_batch_size >= 1, f"--rollout-batch-size must be >= 1, got {cfg.rollout_batch_size}"),
-        (cfg.batch_size >= 1 and cfg.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
-        (cfg.rollout_batch_size % minibatch == 0,
-         f"--rollout-batch-size {cfg.rollout_batch_size} must be a multiple of the minibatch "
-         f"--batch-size * --grad-accum = {minibatch}"),
-        (cfg.ppo_epochs >= 1, f"--ppo-epochs must be >= 1, got {cfg.ppo_epochs}"),
-        (cfg.temperature > 0, f"--temperature must be > 0 for RL sampling, got {cfg.temperature}"),
-        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}"),
-        (cfg.max_len > cfg.max_new_tokens, f"--max-len {cfg.max_len} leaves no room for a prompt next to "
-                                           f"--max-new-tokens {cfg.max_new_tokens}"),
-        (0 <= cfg.lam <= 1 and 0 <= cfg.gamma <= 1, "--gamma and --lam must lie in [0, 1]"),
-        (cfg.kl_target is None or cfg.kl_target > 0, "--kl-target must be > 0"),
-        (cfg.parallel == "ddp", f"--parallel {cfg.parallel}: ppo replicates its models on every rank (ddp only)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ChatsmithError(message)
+    if cfg.rollout_batch_size % minibatch:
+        raise ChatsmithError(f"--rollout-batch-size {cfg.rollout_batch_size} must be a multiple of the minibatch "
+                             f"--batch-size * --grad-accum = {minibatch}")
 
 
 class PPOTrainer(Stage):
@@ -177,6 +173,8 @@ class PPOTrainer(Stage):
                  reference: nn.Module | None = None, value_model: nn.Module | None = None, scorer: Any = None,
                  prompts: list[PromptItem] | None = None, generate_fn: Any = None):
         _check_config(cfg)
+        if scorer is None:
+            check_reward_spec(cfg.reward_model, "--reward-model")
         self.runner = Run(cfg, "ppo")
         self.cfg = cfg
         self.sample_every, self.num_samples = cfg.sample_every, cfg.num_samples
@@ -197,6 +195,7 @@ class PPOTrainer(Stage):
         restrict_embedding_training(self.policy, tokenizer, fmt, cfg.train_embeddings)
         self.reference = freeze(disable_dropout(reference.to(self.device)))
         self.tokenizer, self.fmt = tokenizer, fmt
+        note_context_limit("ppo", cfg.max_len, self.policy, tokenizer)
         self.stop_token_ids = list(fmt.stop_token_ids(tokenizer)) if fmt is not None else []
         if not self.stop_token_ids and tokenizer.eos_token_id is not None:
             self.stop_token_ids = [int(tokenizer.eos_token_id)]
@@ -217,9 +216,10 @@ class PPOTrainer(Stage):
         for p in self.value_model.parameters():
             p.requires_grad_(True)
         if prompts is None:
-            prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
+            budget = prompt_budget(cfg.max_len, cfg.max_new_tokens)
+            prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, budget)
             if dropped:
-                note(f"ppo: skipped {dropped} prompt(s) longer than {cfg.max_len - cfg.max_new_tokens} tokens")
+                note(dropped_prompts_line("ppo", dropped, budget))
         self.prompts = prompts
         # One global batch of prompts per step, the same order on every rank; rank r takes the r-th slice.
         # Every step is a whole batch (an epoch's remainder is dropped): a short one would leave ranks empty.

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chatsmith.config import arg
+from chatsmith.config import arg, validate_config
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.model import INITS
 from chatsmith.train.batching import ShardedBatchSource
@@ -49,15 +49,15 @@ class PretrainConfig(TrainConfig):
     preset: str = arg("tiny", "Model size preset (chatsmith.model.PRESETS): tiny or small.")
     template: str = arg("chatml", "Chat format whose special tokens the tokenizer reserves and whose "
                                   "chat_template the saved tokenizer carries.")
-    vocab_size: int = arg(0, "Tokenizer vocabulary size (0 = the preset's, else 4096).")
+    vocab_size: int = arg(0, "Tokenizer vocabulary size (0 = the preset's, else 4096).", min=0)
     init: str = arg("standard", "Weight initialisation: standard (transformers' own), prev-token (then head 0 of "
                                 "layer 0 set to attend to the previous token: chatsmith.planted."
                                 "plant_previous_token_head) or induction (prev-token, plus three induction heads in "
                                 "layer 1 that copy the token after an earlier occurrence of the current one: "
                                 "chatsmith.planted.plant_induction_head; add --freeze-planted to keep their "
                                 "wiring fixed).", choices=INITS)
-    eval_fraction: float = arg(0.02, "Share of documents held out for the eval loss.")
-    eval_batches: int = arg(8, "Batches of held-out rows scored at each evaluation.")
+    eval_fraction: float = arg(0.02, "Share of documents held out for the eval loss.", min=0, max=1, max_exclusive=True)
+    eval_batches: int = arg(8, "Batches of held-out rows scored at each evaluation.", min=1)
     out: str = arg("runs/base", "Output directory (HF model dir + metrics.jsonl + checkpoint/).")
     max_steps: int = arg(160, "Optimizer steps (batch_size x max_len tokens each; 160 = ~1.7 epochs of the world).")
     lr: float = arg(2e-3, "Peak learning rate (AdamW); a 3-5 M model tolerates 1e-3 to 3e-3.")
@@ -127,6 +127,7 @@ def next_token_loss(model, batch):
 
 
 def pretrain(cfg: PretrainConfig) -> TrainResult:
+    validate_config(cfg)              # every setting, before any work (Python callers too)
     from chatsmith.model import PRESETS, build_tokenizer, create_model
 
     if cfg.preset not in PRESETS:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from chatsmith.config import arg
+from chatsmith.config import arg, validate_config
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.model import disable_dropout
 from chatsmith.reward_model import (FORMAT_KEY, NORM_FILE, NORM_MEAN_KEY, NORM_STD_KEY, RewardModel, backbone,
@@ -90,12 +90,12 @@ class RewardConfig(PreferenceConfig):
     model: str = arg("runs/sft", "SFT model directory to initialise the reward model from.")
     out: str = arg("runs/rm", "Output directory (HF AutoModelForSequenceClassification dir + metrics).")
     lr: float = arg(1e-4, "Peak learning rate (AdamW).")
-    margin: float = arg(0.0, "Margin m in -logsigmoid(r_chosen - r_rejected - m) (Llama 2).")
+    margin: float = arg(0.0, "Margin m in -logsigmoid(r_chosen - r_rejected - m) (Llama 2).", min=0)
     norm_source: str = arg("samples", "Normalise rewards on responses sampled from the SFT model ('samples') "
                            "or on the preference responses ('preferences').", choices=["samples", "preferences"])
-    norm_samples: int = arg(64, "How many responses to normalise on.")
-    norm_max_new_tokens: int = arg(64, "Length limit of the SFT samples used for normalisation.")
-    norm_temperature: float = arg(1.0, "Sampling temperature of those samples.")
+    norm_samples: int = arg(64, "How many responses to normalise on.", min=0)
+    norm_max_new_tokens: int = arg(64, "Length limit of the SFT samples used for normalisation.", min=1)
+    norm_temperature: float = arg(1.0, "Sampling temperature of those samples.", min=0, min_exclusive=True)
 
 
 @torch.no_grad()
@@ -197,6 +197,7 @@ def _sample_sft_responses(causal_lm: nn.Module, tokenizer: Any, fmt: Any, prompt
 
 def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     """`chatsmith reward`: train, evaluate, normalise and save a reward model. Returns the final metrics."""
+    validate_config(cfg)              # every setting, before any work (Python callers too)
     from chatsmith.model import load_model
     from chatsmith.train.batching import ShardedBatchSource
     from chatsmith.train.checkpoint import save_final_model
@@ -257,12 +258,12 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     setattr(model.config, NORM_STD_KEY, std)
     model.config.pad_token_id = pad_id
     final = {f"eval_{k}" if not k.startswith("eval") else k: v for k, v in (result.eval or {}).items()}
-    by_group = accuracy_by_group(model, eval_tok.trees, [getattr(ex, "meta", {}) or {} for ex in eval_examples],
-                                 pad_id, cfg.batch_size)
+    metas = [getattr(eval_examples[i], "meta", {}) or {} for i in eval_tok.kept]   # the examples not dropped
+    by_group = accuracy_by_group(model, eval_tok.trees, metas, pad_id, cfg.batch_size)
     final.update({"reward_mean": mean, "reward_std": std, "reward_norm_source": norm_source,
                   "reward_norm_count": int(raw.numel()), "train_examples": len(train_tok.trees),
                   "train_pairs": train_tok.n_pairs, "eval_examples": len(eval_tok.trees),
-                  "eval_pairs": eval_tok.n_pairs, "truncated": train_tok.n_truncated + eval_tok.n_truncated})
+                  "eval_pairs": eval_tok.n_pairs, "dropped_long": train_tok.n_dropped + eval_tok.n_dropped})
     summary = dict(final, eval_accuracy_by_group=by_group)
     norm_json = json.dumps({"mean": mean, "std": std, "source": norm_source, "count": int(raw.numel())}, indent=1)
     from chatsmith.utils import barrier, is_main_process
@@ -287,7 +288,7 @@ class ScoreConfig:
     reward_model: str = arg("runs/rm", "Reward-model directory (from `chatsmith reward`).")
     data: str = arg("responses.jsonl", "Conversations to score (messages format), each ending with the reply.")
     out: str | None = arg(None, "Write one JSON line per conversation (origin, score, raw_score) here.")
-    batch_size: int = arg(16, "Conversations per forward pass.")
+    batch_size: int = arg(16, "Conversations per forward pass.", min=1)
     normalize: bool = arg(True, "Apply the saved normalisation (mean 0 / std 1 on SFT samples).")
     template: str | None = arg(None, "Override the reward model's chat format.")
     on_bad_row: str = arg("error", "What to do with a malformed row: error (name it and stop) or skip.",
@@ -297,6 +298,7 @@ class ScoreConfig:
 
 def score(cfg: ScoreConfig) -> dict[str, Any]:
     """`chatsmith score RM --data FILE`: print (and optionally write) a reward per conversation."""
+    validate_config(cfg)
     from chatsmith.data.formats import load_examples
     from chatsmith.utils import write_jsonl
 

@@ -49,8 +49,11 @@ from typing import Any
 
 import torch
 
-from chatsmith.config import arg, canonical_settings, config_from_dict, load_yaml_config, save_config
+from chatsmith.config import (SEED_MAX, arg, canonical_settings, config_from_dict, load_yaml_config, save_config,
+                              validate_config)
+from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError, DataError
+from chatsmith.train.config import check_room_for_prompt
 from chatsmith.train.ppo import PPOConfig, PPOTrainer
 from chatsmith.eval.judges import resolve_reward
 from chatsmith.train.rollout import FunctionScorer, PromptItem, collect_rollout, load_policy, load_prompts
@@ -70,31 +73,35 @@ class RLHFConfig:
                                              "expected).")
     preferences: str | None = arg(None, "Initial preference data (the comparisons collected so far).")
     out: str = arg("runs/rlhf", "Output directory: round_k/ subfolders, metrics.jsonl, final policy.")
-    rounds: int = arg(2, "Number of sample -> label -> reward model -> PPO rounds.")
+    rounds: int = arg(2, "Number of sample -> label -> reward model -> PPO rounds.", min=1)
     labeler: str = arg("judge", "Who ranks the samples: --judge (a scoring function; 'world' is an older name "
                                 "for it) or a label file.", choices=["judge", "world", "file"])
     judge: str = arg("world", "The labeler's scoring function: 'world' (the built-in world's judge, a simulated "
                               "human) or py:MODULE:FUNCTION, (messages, response, row) -> float.")
     labels: str | None = arg(None, "JSONL of human comparisons for --labeler file (a `round` field selects the round).")
-    samples_per_prompt: int = arg(4, "K: responses sampled per prompt for labelling.")
-    prompts_per_round: int = arg(64, "Prompts sampled (and labelled) per round.")
-    temperature: float = arg(1.0, "Sampling temperature for the labelling samples.")
-    max_new_tokens: int = arg(48, "Longest sampled response.")
-    max_len: int = arg(256, "Longest prompt + response in tokens.")
+    samples_per_prompt: int = arg(4, "K: responses sampled per prompt for labelling.", min=2)
+    prompts_per_round: int = arg(64, "Prompts sampled (and labelled) per round.", min=1)
+    temperature: float = arg(1.0, "Sampling temperature for the labelling samples.", min=0, min_exclusive=True)
+    max_new_tokens: int = arg(48, "Longest sampled response.", min=1)
+    max_len: int = arg(256, "Longest prompt + response in tokens.", min=2)
     kl_anchor: str = arg("sft", "PPO's reference: the SFT model (sft) or the round's starting policy (current).",
                          choices=["sft", "current"])
-    rm_steps: int = arg(0, "Reward-model optimizer steps per round (0 = --rm-epochs over the data).")
-    rm_epochs: float = arg(1.0, "Reward-model passes over the preference data per round.")
-    rm_lr: float = arg(1e-4, "Reward-model learning rate.")
-    rm_batch_size: int = arg(16, "Reward-model batch size.")
+    rm_steps: int = arg(0, "Reward-model optimizer steps per round (0 = --rm-epochs over the data).", min=0)
+    rm_epochs: float = arg(1.0, "Reward-model passes over the preference data per round.", min=0, min_exclusive=True)
+    rm_lr: float = arg(1e-4, "Reward-model learning rate.", min=0, min_exclusive=True)
+    rm_batch_size: int = arg(16, "Reward-model batch size.", min=1)
     rm_config: str | None = arg(None, "YAML of further `chatsmith reward` settings for every round.")
-    ppo_steps: int = arg(20, "PPO steps per round.")
-    ppo_lr: float = arg(1e-5, "PPO policy learning rate.")
+    ppo_steps: int = arg(20, "PPO steps per round.", min=1)
+    ppo_lr: float = arg(1e-5, "PPO policy learning rate.", min=0, min_exclusive=True)
     ppo_config: str | None = arg(None, "YAML of further `chatsmith ppo` settings for every round.")
-    seed: int = arg(0, "Random seed.")
+    seed: int = arg(0, "Random seed.", min=0, max=SEED_MAX)
     resume: bool = arg(False, "Skip finished rounds and resume an interrupted one.")
     device: str = arg("auto", "cpu, cuda, mps or auto.")
     progress: bool = arg(True, "Progress output.")
+
+    def check_settings(self) -> None:
+        """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
+        check_room_for_prompt(self)
 
 
 @dataclass
@@ -230,7 +237,7 @@ class _RLHF:
         cfg = self.cfg
         set_seed(cfg.seed + k)
         policy, tokenizer, fmt = load_policy(policy_dir, self.device)
-        prompts, _ = load_prompts(cfg.prompts, tokenizer, fmt, cfg.max_len - cfg.max_new_tokens)
+        prompts, _ = load_prompts(cfg.prompts, tokenizer, fmt, prompt_budget(cfg.max_len, cfg.max_new_tokens))
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, k, salt=2))
         chosen = torch.randperm(len(prompts), generator=gen)[:cfg.prompts_per_round].tolist()
         if len(chosen) < self.world:
@@ -334,6 +341,7 @@ class _RLHF:
 
 def rlhf(cfg: RLHFConfig) -> list[RoundResult]:
     """`chatsmith rlhf`: see the module docstring."""
+    validate_config(cfg)              # every setting, before any work (Python callers too)
     results = _RLHF(cfg).run()
     for r in results if is_main_process() else ():
         shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.metrics.items())

@@ -26,6 +26,7 @@ for responses without EOS), so the policy cannot farm the reward model with endl
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -37,12 +38,14 @@ from chatsmith.eval.judges import BUILTIN_REWARDS, call_reward, resolve_reward
 from chatsmith.generate import SamplingConfig, distinct_rows, generate
 from chatsmith.model import cache_keyword, disable_dropout, returned_cache
 from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_logits
+from chatsmith.utils import note
 
 __all__ = [
     "Rollout", "PromptItem", "load_policy", "load_prompts", "make_scorer", "freeze", "truncate_at_stop", "pad_rollout", "response_forward", "policy_logprobs",
     "sample", "collect_rollout", "apply_no_eos_penalty", "sample_row", "RewardModelScorer", "FunctionScorer",
     "position_ids_from_mask", "value_forward", "plan_micro_batches", "rollout_micro_batches",
-    "micro_batch_tensors",
+    "micro_batch_tensors", "select_prompts", "dropped_prompts_line", "note_context_limit", "check_reward_spec",
+    "reward_model_path",
 ]
 
 
@@ -501,37 +504,76 @@ def load_policy(path: str, device: str, template: str | None = None) -> tuple[nn
 
 
 def load_prompts(path: str, tokenizer: Any, fmt: Any, max_prompt_len: int) -> tuple[list[PromptItem], int]:
-    """RL prompts from any conversation file `load_examples` reads (messages up to the last user turn).
-
-    Each prompt is rendered once with the generation prompt appended. Prompts longer than
-    `max_prompt_len` tokens are dropped (returned count) rather than cut, since a cut prompt is a
-    different question. Every other field of a row (`id`, `category`, `expected`, ...) is kept in
-    `PromptItem.meta` for programmatic judges.
-    """
-    from pathlib import Path
-
-    from chatsmith.chat.render import render_prompt
+    """RL prompts from any conversation file `load_examples` reads (messages up to the last user turn),
+    through `select_prompts`: returns the kept prompts and how many were dropped as too long."""
     from chatsmith.data.formats import load_examples
 
     if not Path(path).exists():
         raise ChatsmithError(f"--prompts {path}: file not found (export the world's prompts with "
                              f"`chatsmith world export DIR`, or give a JSONL of {{\"messages\": [...]}} rows)")
     result = load_examples(path, kind="prompt")
+    return select_prompts(result.examples, tokenizer, fmt, max_prompt_len, path)
+
+
+def note_context_limit(stage: str, max_len: int, policy: nn.Module, tokenizer: Any) -> None:
+    """Say when --max-len exceeds the policy's context: sampling caps prompt + response to the context."""
+    from chatsmith.model import max_context_length
+
+    context = max_context_length(policy, tokenizer)
+    if max_len > context:
+        note(f"{stage}: --max-len {max_len} is more than the policy's context of {context} tokens; prompt + "
+             f"response are capped to {context}")
+
+
+def dropped_prompts_line(stage: str, dropped: int, budget: int) -> str:
+    """What a sampling stage tells the user about the prompts `select_prompts` dropped."""
+    return (f"{stage}: skipped {dropped} prompt(s) longer than {budget} tokens (--max-len minus --max-new-tokens; "
+            "prompts are dropped whole, never cut)")
+
+
+def select_prompts(examples: Sequence[Any], tokenizer: Any, fmt: Any, max_prompt_len: int,
+                   source: str) -> tuple[list[PromptItem], int]:
+    """Render each prompt once with the generation prompt appended; keep those of at most `max_prompt_len`
+    tokens (`chatsmith.data.rules.prompt_budget`), dropping the rest whole, since a cut prompt is a
+    different question. Every other field of a row (`id`, `category`, `expected`, ...) is kept in
+    `PromptItem.meta` for programmatic judges. No prompt left is an error naming `source`."""
+    from chatsmith.chat.render import render_prompt
+    from chatsmith.data.rules import require_rows
+
     items, dropped = [], 0
-    for ex in result.examples:
+    for ex in examples:
         ids = render_prompt(ex.messages, tokenizer, fmt)
         if len(ids) > max_prompt_len:
             dropped += 1
             continue
         items.append(PromptItem(ex.messages, ex.origin, dict(ex.meta), ids))
-    if not items:
-        raise ChatsmithError(f"{path}: none of the {len(result.examples)} prompts fits in {max_prompt_len} tokens "
-                             f"(raise --max-len or lower --max-new-tokens)")
+    require_rows(items, source, f"none of the {len(examples)} prompts fits in {max_prompt_len} tokens",
+                 "raise --max-len or lower --max-new-tokens")
     return items, dropped
 
 
 def _same_vocabulary(a: Any, b: Any) -> bool:
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def reward_model_path(spec: str) -> str | None:
+    """The directory a reward spec names (`rm:PATH` or a bare `PATH`); None for `world` and `py:` specs."""
+    if spec in BUILTIN_REWARDS or spec.startswith("py:"):
+        return None
+    return spec[3:] if spec.startswith("rm:") else spec
+
+
+def check_reward_spec(spec: str, flag: str) -> None:
+    """Refuse, before any model is loaded, a reward spec naming a directory that is not a trained reward model."""
+    from chatsmith.reward_model import check_reward_model_dir
+
+    path = reward_model_path(spec)
+    if path is None:
+        return
+    if not (Path(path) / "config.json").is_file():
+        raise ChatsmithError(f"{flag} {spec}: not a model directory (no config.json); train a reward model with "
+                             "`chatsmith reward`")
+    check_reward_model_dir(path)
 
 
 def make_scorer(spec: str, policy_tokenizer: Any, device: str, forward_batch_size: int = 16):

@@ -31,12 +31,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from chatsmith.config import arg
+from chatsmith.config import arg, validate_config
 from chatsmith.data.packing import pack_sequences
-from chatsmith.errors import ChatsmithError, DataError, TemplateError
+from chatsmith.data.rules import require_rows
+from chatsmith.errors import ChatsmithError, TemplateError
 from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.train.batching import ShardedBatchSource
-from chatsmith.train.config import TrainConfig
+from chatsmith.train.config import TrainConfig, check_epochs_or_steps
 from chatsmith.train.run import TrainResult
 from chatsmith.train.supervised import Trainer, evaluate_loss, lm_loss_on_targets
 from chatsmith.utils import is_main_process, set_seed
@@ -53,16 +54,21 @@ class SFTConfig(TrainConfig):
     overlength: str = arg("truncate", "Conversations longer than --max-len: truncate at a turn boundary "
                                       "or drop.", choices=["truncate", "drop"])
     packing: bool = arg(True, "Pack the conversations of a micro-batch into rows (no padding compute).")
-    epochs: float = arg(0.0, "If > 0, train this many epochs (overrides --max-steps).")
-    eval_fraction: float = arg(0.05, "Share of conversations held out for the eval loss (at most 256).")
+    epochs: float = arg(0.0, "If > 0, train this many epochs (overrides --max-steps).", min=0)
+    eval_fraction: float = arg(0.05, "Share of conversations held out for the eval loss (at most 256).",
+                               min=0, max=1, max_exclusive=True)
     out: str = arg("runs/sft", "Output directory (HF model dir + metrics.jsonl + checkpoint/).")
-    max_steps: int = arg(300, "Optimizer steps.")
+    max_steps: int = arg(300, "Optimizer steps.", min=0)
     lr: float = arg(1e-3, "Peak learning rate (AdamW).")
     warmup_steps: int = arg(20, "Linear warmup steps.")
     batch_size: int = arg(16, "Conversations per micro-batch.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     save_every: int = arg(100, "Checkpoint every N steps.")
     train_embeddings: str = arg("seen", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
+
+    def check_settings(self) -> None:
+        """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
+        check_epochs_or_steps(self)
 
 
 @dataclass
@@ -190,6 +196,7 @@ def load_conversations(cfg: SFTConfig) -> list[tuple[list[dict], str]]:
 
 
 def sft(cfg: SFTConfig) -> TrainResult:
+    validate_config(cfg)              # every setting, before any work (Python callers too)
     from chatsmith.chat.templates import get_format
     from chatsmith.model import load_model
 
@@ -211,8 +218,7 @@ def sft(cfg: SFTConfig) -> TrainResult:
     evals, _ = prepare_examples(eval_convs, tokenizer, fmt, cfg.max_len, cfg.overlength)
     if is_main_process():
         print(f"sft: train: {stats.line()}; eval: {len(evals)} conversations", file=sys.stderr)
-    if not train:
-        raise DataError(f"{cfg.data}: no conversation left to train on ({stats.line()})")
+    require_rows(train, cfg.data, "no conversation left to train on", stats.line())
     restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings,
                                 seen_ids=torch.unique(torch.cat([ex.input_ids for ex in train])).tolist())
 

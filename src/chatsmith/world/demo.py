@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chatsmith.config import arg, coerce_value
+from chatsmith.config import SEED_MAX, arg, coerce_value
 from chatsmith.errors import ChatsmithError
 from chatsmith.utils import atomic_directory, atomic_write_text
 from chatsmith.world.progress import PipelineProgress
@@ -139,7 +139,7 @@ class DemoConfig:
     out: str = arg("runs/demo", "Directory for every stage's output (data/, base/, sft/, rm/, ppo/, dpo/, report/).")
     profile: str = arg("quick", "quick (7 to 11 min on 2 CPU cores), full (25 to 36 min), or toy (CI, seconds).",
                        choices=list(PROFILES))
-    seed: int = arg(0, "Seed of every training stage (the world's seed is set per profile).")
+    seed: int = arg(0, "Seed of every training stage (the world's seed is set per profile).", min=0, max=SEED_MAX)
     override: list[str] = arg([], "Stage settings on top of the profile, as STAGE.FIELD=VALUE "
                                   "(e.g. ppo.kl_coef=0.1 sft.max_steps=400).")
     until: str = arg("eval", "Stop after this stage.", choices=list(STAGES))

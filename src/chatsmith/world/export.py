@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chatsmith.config import arg
+from chatsmith.config import SEED_MAX, arg
 from chatsmith.errors import ChatsmithError
 
 from chatsmith.world.generator import World
@@ -21,14 +21,15 @@ from chatsmith.world.generator import World
 @dataclass
 class WorldExportConfig:
     out: str = arg("data/world", "Directory to write (replaced atomically; must be empty or an earlier export).")
-    seed: int = arg(0, "Random seed: the same seed gives byte-identical files.")
-    scale: float = arg(1.0, "Size multiplier for the corpus, SFT, preference and prompt counts (1.0 = ~2 MB corpus).")
+    seed: int = arg(0, "Random seed: the same seed gives byte-identical files.", min=0, max=SEED_MAX)
+    scale: float = arg(1.0, "Size multiplier for the corpus, SFT, preference and prompt counts (1.0 = ~2 MB corpus).",
+                       min=0, min_exclusive=True)
     low_quality_share: float = arg(0.15, "Share of SFT demonstrations that are rude/lazy or comply with "
-                                         "(placeholder-only) harmful requests.")
-    eval_size: int = arg(50, "Items per held-out eval category.")
-    n_countries: int = arg(0, "Use only this many countries (0 = all 163); France is always included.")
+                                         "(placeholder-only) harmful requests.", min=0, max=0.9)
+    eval_size: int = arg(50, "Items per held-out eval category.", min=0)
+    n_countries: int = arg(0, "Use only this many countries (0 = all 163); France is always included.", min=0)
     fact_check_pairs: int = arg(0, "Extra preference pairs of a right against a wrong fact (times --scale), for "
-                                   "a reward model that checks facts (the `full` demo profile adds 4000).")
+                                   "a reward model that checks facts (the `full` demo profile adds 4000).", min=0)
 
 
 _README = """# The chatsmith built-in world (seed {seed}, scale {scale})
