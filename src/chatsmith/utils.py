@@ -107,16 +107,41 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' picks cuda (the local rank's GPU under torchrun), then mps, then cpu."""
+    """'auto' picks cuda (the local rank's GPU under torchrun), then mps, then cpu. A named device that this
+    machine does not have is a `ChatsmithError` naming --device."""
     import torch
 
     if device != "auto":
+        check_device(device)
         return device
     if torch.cuda.is_available():
         return f"cuda:{local_rank()}" if world_size() > 1 else "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device that does not exist here (no CUDA, a GPU index past the last one, no MPS)."""
+    import torch
+
+    from chatsmith.errors import ChatsmithError
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ChatsmithError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, mps or auto)") from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ChatsmithError(f"--device {device}: CUDA is not available on this machine (no GPU, or a torch "
+                                 f"built without CUDA); use --device cpu or auto")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ChatsmithError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                 f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ChatsmithError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
 
 
 # ----------------------------------------------------------------------------- atomic files

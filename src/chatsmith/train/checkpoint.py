@@ -13,6 +13,7 @@ Tests: `python -m pytest tests/test_train_loop.py -q`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -31,7 +32,19 @@ from chatsmith.train.parallel import (full_optimizer_state, full_state_dict, loa
                                       load_optimizer_state, save_weights)
 from chatsmith.utils import atomic_directory, atomic_write_text, is_main_process, recover_directory
 
-__all__ = ["Checkpointer", "rng_state", "set_rng_state", "save_final_model"]
+__all__ = ["Checkpointer", "rng_state", "set_rng_state", "save_final_model", "is_disk_full"]
+
+FINAL_STAGING = ".final-tmp"     # inside OUT: a run never writes outside its --out
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Did a write fail because the disk (or the quota) is full? torch.save and safetensors wrap the OSError
+    in their own exceptions, so their messages are read too."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded",
+                                   "os error 28", "code: 28"))
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,13 +119,23 @@ class Checkpointer:
             "data": data_state,
             "extra": extra or {},
         }
-        with atomic_directory(self.path) as tmp:
-            save_weights(weights, str(tmp / "model.safetensors"))
-            torch.save(state, tmp / "state.pt")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            atomic_write_text(tmp / "trainer_state.json",
-                              json.dumps({"step": int(step), **(info or {})}, indent=1) + "\n")
+        try:
+            with atomic_directory(self.path) as tmp:
+                save_weights(weights, str(tmp / "model.safetensors"))
+                torch.save(state, tmp / "state.pt")
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+                atomic_write_text(tmp / "trainer_state.json",
+                                  json.dumps({"step": int(step), **(info or {})}, indent=1) + "\n")
+        except (OSError, RuntimeError) as exc:
+            if not is_disk_full(exc):
+                raise
+            previous = self.step()
+            kept = (f"the previous checkpoint (step {previous}) in {self.path} is intact: free some space and run "
+                    f"the same command with --resume" if previous is not None else
+                    "no earlier checkpoint exists: free some space and run the command again")
+            raise ChatsmithError(f"disk full while writing the checkpoint of step {step} in {self.out}; "
+                                 f"{kept}") from exc
         return self.path
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
@@ -122,9 +145,14 @@ class Checkpointer:
             raise ChatsmithError(f"no checkpoint in {self.path}")
         from safetensors.torch import load_file
 
-        weights_file = self.path / "model.safetensors"
-        load_full_state_dict(unwrap_model(model), load_file(str(weights_file)), source=str(weights_file))
-        state = torch.load(self.path / "state.pt", map_location="cpu", weights_only=True)
+        weights_file, state_file = self.path / "model.safetensors", self.path / "state.pt"
+        with self.readable(weights_file):
+            weights = load_file(str(weights_file))
+        load_full_state_dict(unwrap_model(model), weights, source=str(weights_file))
+        with self.readable(state_file):
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "step" not in state or "rng" not in state:
+                raise ValueError("not a chatsmith training state")
         if optimizer is not None and state.get("optimizer") is not None:
             load_optimizer_state(optimizer, state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -134,6 +162,18 @@ class Checkpointer:
         if restore_rng:
             set_rng_state(state["rng"])
         return state
+
+    @contextlib.contextmanager
+    def readable(self, path: Path):
+        """Turn a failure to read a checkpoint file (truncated, corrupt) into one clear message."""
+        try:
+            yield
+        except Exception as exc:  # torch.load and safetensors raise many types for a damaged file
+            if isinstance(exc, ChatsmithError):
+                raise
+            raise ChatsmithError(f"--resume: {path} is damaged or truncated ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); to start over, run the "
+                                 f"same command with --overwrite instead of --resume") from exc
 
     def save_best(self, model: nn.Module, step: int, metric: str, value: float) -> Path | None:
         weights = full_state_dict(unwrap_model(model))   # collective under FSDP
@@ -150,13 +190,14 @@ def save_final_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: d
                      state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save as a standard HF directory in ``out``, keeping what else lives there (metrics.jsonl, checkpoint/).
 
-    ``chatsmith.model.save_model`` replaces its target directory as a whole, so it writes a sibling
-    directory first and the files are then moved into ``out`` one by one (each move is an atomic rename on
-    the same filesystem; an interrupted move leaves the resumable checkpoint untouched).
+    ``chatsmith.model.save_model`` replaces its target directory as a whole, so it writes ``OUT/.final-tmp``
+    first and the files are then moved into ``out`` one by one (each move is an atomic rename on the same
+    filesystem; an interrupted move leaves the resumable checkpoint untouched). Nothing outside ``out`` is
+    touched; a staging directory left by a killed run is removed by the next run's claim on ``out``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.final")
+    staging = out / FINAL_STAGING
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_model(unwrap_model(model), tokenizer, staging, extra_files=extra_files, state_dict=state_dict)
