@@ -277,8 +277,8 @@ def test_interrupt_before_any_checkpoint_says_so(files, tmp_path, capsys, monkey
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resume_continues(files, tmp_path, signum):
-    out, steps = tmp_path / "run", 300
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out, steps = tmp_path / "run", 60
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "chatsmith", *sft_args(files, out, "--save-every", "0", steps=steps)]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
