@@ -134,7 +134,7 @@ def _check_out_early(cmd: Command, cfg: Any) -> None:
     """A training command's --out is checked again before loading models and data (the run's own claim on
     it comes later, in `chatsmith.train.run.Run`), so a wrong --out fails at once. Its stage name is the
     command's name."""
-    if cmd.name in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo"):
+    if cmd.name in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "rlhf"):
         from chatsmith.train.outdir import check_out_dir
 
         check_out_dir(cfg, cmd.name)

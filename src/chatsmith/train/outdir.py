@@ -72,6 +72,8 @@ def run_stage_of(out: Path) -> str | None:
     marker = _read_json(out / MARKER)
     if marker and isinstance(marker.get("stage"), str):
         return marker["stage"]
+    if (out / "rlhf_config.yaml").is_file():
+        return "rlhf"
     if not (out / "train_config.yaml").is_file():
         return None
     state = _read_json(out / "checkpoint" / "trainer_state.json")
