@@ -181,6 +181,25 @@ def test_out_that_is_a_file_or_unwritable(files, tmp_path, capsys, monkeypatch):
     assert list(locked.iterdir()) == []
 
 
+def test_every_input_model_flag_is_guarded_and_rlhf_claims_its_out_too(files, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from chatsmith.train.outdir import check_out_dir
+
+    model = str(files / "model")
+    for flag, cfg in (("--policy", SimpleNamespace(out=model, policy=model)),
+                      ("--reward-model", SimpleNamespace(out=f"{model}/ppo", policy="x", reward_model=model)),
+                      ("--reward", SimpleNamespace(out=f"{model}/grpo", model="x", reward=f"rm:{model}"))):
+        with pytest.raises(Exception, match=f"the input model {flag} "):
+            check_out_dir(cfg, "ppo")
+    out = user_dir(tmp_path / "out")
+    before = snapshot(out)
+    rc, err = run_cli(["rlhf", "--policy", model, "--prompts", str(files / "sft.jsonl"), "--out", str(out),
+                       "--device", "cpu"], capsys)
+    assert_clean_failure(rc, err, "not a chatsmith rlhf run")
+    assert snapshot(out) == before
+
+
 # ----------------------------------------------------------------------------- one run at a time
 
 def test_a_second_run_is_refused_with_the_first_ones_pid_and_a_stale_lock_is_taken_over(files, tmp_path, capsys):
@@ -292,6 +311,8 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resume_continues(fil
     stopped = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
     assert 1 <= stopped < steps and f"stopped after step {stopped} of {steps}" in err
     assert not (out / ".lock").exists()                                   # released at exit
+    if signum == signal.SIGINT:
+        return                                                            # resuming is the same after either
 
     resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
