@@ -72,6 +72,10 @@ COMMANDS: list[Command] = [
 ]
 
 
+# Commands whose --out is one run's directory (chatsmith.train.outdir); each one's stage name is its name.
+TRAINING_COMMANDS = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "rlhf")
+
+
 def _find(argv: list[str]) -> tuple[Command | None, list[str]]:
     for n_words in (2, 1):
         name = " ".join(argv[:n_words])
@@ -111,30 +115,24 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
-def _interrupt_message(exc: KeyboardInterrupt, cfg: Any) -> str:
+def _interrupt_message(exc: KeyboardInterrupt, cmd: Command, cfg: Any) -> str:
     """What an interruption kept: the training loop's own message, else what OUT/checkpoint holds."""
     if getattr(exc, "message", None):
         return exc.message
-    out = getattr(cfg, "out", None)
-    if out is None or not hasattr(cfg, "resume"):
+    if cmd.name not in TRAINING_COMMANDS or cfg is None:
         return "interrupted"
+    out = cfg.out
     checkpoint = Path(out) / "checkpoint"
     if (checkpoint / "state.pt").is_file():
         return f"interrupted; {checkpoint} is intact (run the same command with --resume to continue)"
     return "interrupted before any checkpoint was written; run the command again to start over"
 
 
-def _disk_full(exc: OSError) -> bool:
-    import errno
-
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
 def _check_out_early(cmd: Command, cfg: Any) -> None:
     """A training command's --out is checked again before loading models and data (the run's own claim on
     it comes later, in `chatsmith.train.run.Run`), so a wrong --out fails at once. Its stage name is the
     command's name."""
-    if cmd.name in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "rlhf"):
+    if cmd.name in TRAINING_COMMANDS:
         from chatsmith.train.outdir import check_out_dir
 
         check_out_dir(cfg, cmd.name)
@@ -188,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `chatsmith ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as exc:
-        if debug or not _disk_full(exc):
+    except Exception as exc:  # a full disk is no bug: one line (torch and safetensors wrap the OSError)
+        from chatsmith.utils import is_disk_full
+
+        if debug or not is_disk_full(exc):
             raise
         print(f"chatsmith {cmd.name}: error: disk full ({exc}); free some space and run the same command "
               f"again (with --resume to continue from the last checkpoint)", file=sys.stderr)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if debug:
             traceback.print_exc()
-        print(f"\nchatsmith {cmd.name}: {_interrupt_message(exc, cfg)}", file=sys.stderr)
+        print(f"\nchatsmith {cmd.name}: {_interrupt_message(exc, cmd, cfg)}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
     finally:
         from chatsmith.utils import shutdown_distributed

@@ -6,6 +6,7 @@ Tests: every test file uses them; `python -m pytest tests/test_train_loop.py -q`
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -148,6 +149,17 @@ def check_device(device: str) -> None:
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Did a write fail because the disk (or the quota) is full? torch.save and safetensors wrap the OSError
+    in their own exceptions, so their messages are read too."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded",
+                                   "os error 28", "code: 28"))
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -30,21 +30,11 @@ from chatsmith.model import save_model
 from chatsmith.train.devices import unwrap_model
 from chatsmith.train.parallel import (full_optimizer_state, full_state_dict, load_full_state_dict,
                                       load_optimizer_state, save_weights)
-from chatsmith.utils import atomic_directory, atomic_write_text, is_main_process, recover_directory
+from chatsmith.utils import atomic_directory, atomic_write_text, is_disk_full, is_main_process, recover_directory
 
-__all__ = ["Checkpointer", "rng_state", "set_rng_state", "save_final_model", "is_disk_full"]
+__all__ = ["Checkpointer", "rng_state", "set_rng_state", "save_final_model"]
 
 FINAL_STAGING = ".final-tmp"     # inside OUT: a run never writes outside its --out
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Did a write fail because the disk (or the quota) is full? torch.save and safetensors wrap the OSError
-    in their own exceptions, so their messages are read too."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc)
-    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded",
-                                   "os error 28", "code: 28"))
 
 
 def rng_state() -> dict[str, Any]:
@@ -73,6 +63,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         with contextlib.suppress(Exception):  # a different GPU count: keep the fresh CUDA seeds
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def torch_save_or_enospc(obj: Any, path: Path) -> None:
+    """``torch.save``; on a full disk its writer says only "unexpected pos N vs M", so a failure with (almost)
+    no space left is reported as the OSError it is."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if shutil.disk_usage(path.parent).free < (16 << 20):
+            raise OSError(errno.ENOSPC, f"No space left on device ({exc})") from exc
+        raise
 
 
 class Checkpointer:
@@ -122,12 +123,12 @@ class Checkpointer:
         try:
             with atomic_directory(self.path) as tmp:
                 save_weights(weights, str(tmp / "model.safetensors"))
-                torch.save(state, tmp / "state.pt")
+                torch_save_or_enospc(state, tmp / "state.pt")
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(tmp / "tokenizer"))
                 atomic_write_text(tmp / "trainer_state.json",
                                   json.dumps({"step": int(step), **(info or {})}, indent=1) + "\n")
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:  # safetensors raises its own SafetensorError for a full disk
             if not is_disk_full(exc):
                 raise
             previous = self.step()

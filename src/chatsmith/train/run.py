@@ -170,7 +170,7 @@ class Run:
                 self.board.close()
         return TrainResult(self.out, stage.step, self.last.get("loss"), self.last_eval, resumed_from, self.last)
 
-    def loop(self, stage: Stage, progress: Progress, resumed_from: int | None, signals: "StopSignals") -> None:
+    def loop(self, stage: Stage, progress: Progress, resumed_from: int | None, signals: StopSignals) -> None:
         """The steps, then the final evaluation, checkpoint and save; stops early (raising `Interrupted`
         after a checkpoint) when a signal asked it to."""
         cfg = self.cfg
@@ -286,7 +286,7 @@ class Run:
         barrier()   # the other ranks wait while rank 0 writes
 
     # -- stopping on a signal ------------------------------------------------------------------------
-    def stop_requested(self, signals: "StopSignals") -> bool:
+    def stop_requested(self, signals: StopSignals) -> bool:
         """Did any rank receive SIGINT/SIGTERM? (Every rank must stop after the same step to checkpoint.)"""
         flag = 1.0 if signals.signum is not None else 0.0
         return (all_reduce_sum([flag], self.device)[0] if self.distributed else flag) > 0
@@ -326,7 +326,7 @@ class StopSignals:
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():   # handlers only work there
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous[signum] = signal.signal(signum, self.handle)
