@@ -122,7 +122,8 @@ def _foreign_entries(out: Path, resume: bool) -> list[Path]:
 
 
 def check_out_dir(cfg: Any, stage: str) -> None:
-    """Refuse an --out this run may not use (read-only: every rank calls it). See the module docstring."""
+    """Refuse an --out this run may not use (read-only; every rank checks the flags, the main process what
+    OUT holds). See the module docstring."""
     out = Path(cfg.out)
     overwrite = bool(getattr(cfg, "overwrite", False))
     if overwrite and getattr(cfg, "resume", False):
@@ -137,6 +138,8 @@ def check_out_dir(cfg: Any, stage: str) -> None:
             where = "is" if target == source else "is inside"
             raise ChatsmithError(f"--out {out} {where} the input model {flag} {model_dir}: training would "
                                  f"overwrite it; choose another --out")
+    if not is_main_process():
+        return      # what is in OUT is the main process's to judge: it may be writing there already
     entries = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     if entries and not overwrite:
         owner = run_stage_of(out)
