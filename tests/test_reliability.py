@@ -113,7 +113,7 @@ def test_overwrite_keeps_the_users_files_and_refuses_to_replace_a_dir_holding_on
     assert (out / "notes.txt").read_text() == "my notes\n"                # the user's other file
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"   # chatsmith's model file
     assert (tmp_path / ".out.final" / "keep.txt").read_text() == "keep\n"  # nothing outside --out touched
-    assert not (out / ".final-tmp").exists()
+    assert not (out / ".final-tmp").exists() and not (out / ".lock").exists()   # the lock ends with the run
     assert json.loads((out / ".chatsmith-run.json").read_text())["stage"] == "sft"
 
     rc, err = run_cli(sft_args(files, out, "--overwrite", "--resume"), capsys)
@@ -193,6 +193,11 @@ def test_every_input_model_flag_is_guarded_and_rlhf_claims_its_out_too(files, tm
         with pytest.raises(Exception, match=f"the input model {flag} "):
             check_out_dir(cfg, "ppo")
     out = user_dir(tmp_path / "out")
+    (out / "checkpoint" / "mine.txt").unlink()
+    (out / "value").mkdir()
+    (out / "value" / "config.json").write_text("{}\n")                  # ppo would replace OUT/value
+    with pytest.raises(Exception, match="ppo writes its value model there"):
+        check_out_dir(SimpleNamespace(out=str(out), policy="x", overwrite=True), "ppo")
     before = snapshot(out)
     rc, err = run_cli(["rlhf", "--policy", model, "--prompts", str(files / "sft.jsonl"), "--out", str(out),
                        "--device", "cpu"], capsys)

@@ -1,7 +1,8 @@
 """An output directory belongs to one run: who may train into `--out`, its lock, and the leftovers of a dead run.
 
     claim = claim_out_dir(cfg, "sft")      # checks, then OUT/.lock and OUT/.chatsmith-run.json; before any write
-    ...                                    # the lock is released when the process exits (or claim.release())
+    ...
+    claim.release()                        # at the end of the run; at the latest when the process exits
 
 The rules, checked before chatsmith writes anything:
 - `--out` is a directory (or does not exist yet) and is not, nor is inside, an input model of the command
@@ -152,6 +153,9 @@ def check_out_dir(cfg: Any, stage: str) -> None:
             raise ChatsmithError(f"--out {out} holds a chatsmith {owner} run, not {stage}; choose another --out, "
                                  f"or pass --overwrite to replace it")
     foreign = _foreign_entries(out, resume=bool(getattr(cfg, "resume", False)))
+    if stage == "ppo" and (out / "value").exists() and run_stage_of(out) != "ppo":
+        raise ChatsmithError(f"{out / 'value'}: ppo writes its value model there, replacing the directory as a "
+                             f"whole; move it elsewhere first")
     if foreign:
         raise ChatsmithError(f"{foreign[0]}: not a file chatsmith wrote, in a directory a run replaces as a whole; "
                              f"move it out of {foreign[0].parent} first")

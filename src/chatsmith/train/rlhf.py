@@ -175,6 +175,12 @@ class _RLHF:
         return self.out / f"round_{k}"
 
     def run(self) -> list[RoundResult]:
+        try:
+            return self.run_rounds()
+        finally:
+            self.claim.release()
+
+    def run_rounds(self) -> list[RoundResult]:
         cfg = self.cfg
         if is_main_process():
             if not cfg.resume:

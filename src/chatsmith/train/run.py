@@ -168,6 +168,7 @@ class Run:
             progress.close()
             if self.board is not None:
                 self.board.close()
+            self.claim.release()        # OUT is free for the next run (in this process or another)
         return TrainResult(self.out, stage.step, self.last.get("loss"), self.last_eval, resumed_from, self.last)
 
     def loop(self, stage: Stage, progress: Progress, resumed_from: int | None, signals: StopSignals) -> None:
