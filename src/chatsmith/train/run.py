@@ -149,6 +149,13 @@ class Run:
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self, stage: Stage) -> TrainResult:
+        try:
+            return self.run_stage(stage)
+        finally:
+            self.claim.release()        # OUT is free for the next run (in this process or another)
+
+    def run_stage(self, stage: Stage) -> TrainResult:
+        """Resume or start afresh, the loop, the final save; see the module docstring."""
         cfg = self.cfg
         resumed_from = self.start(stage)
         if is_main_process():
@@ -168,7 +175,6 @@ class Run:
             progress.close()
             if self.board is not None:
                 self.board.close()
-            self.claim.release()        # OUT is free for the next run (in this process or another)
         return TrainResult(self.out, stage.step, self.last.get("loss"), self.last_eval, resumed_from, self.last)
 
     def loop(self, stage: Stage, progress: Progress, resumed_from: int | None, signals: StopSignals) -> None:
