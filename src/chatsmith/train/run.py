@@ -313,7 +313,7 @@ class Run:
         if isinstance(exc, Interrupted) and exc.message:
             return exc
         signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
-        where = f"interrupted during step {stage.step + 1}"
+        where = f"interrupted after {stage.step} completed steps"
         if self.saved_step is not None:
             kept = (f"the checkpoint of step {self.saved_step} in {self.checkpointer.path} is intact; run the "
                     f"same command with --resume to continue from it")
