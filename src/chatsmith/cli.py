@@ -8,6 +8,10 @@ function that takes it. Modules are imported only when their command runs, so `-
     chatsmith pretrain --data data/corpus.jsonl --preset tiny --out runs/base
     chatsmith sft --model runs/base --data data/sft.jsonl --template chatml --out runs/sft
     chatsmith chat runs/sft
+
+Known failures (bad input or settings, an --out in use, a damaged checkpoint, a full disk, no CUDA) print one
+line and exit with status 2; `chatsmith --debug COMMAND ...` shows the traceback too. Ctrl-C or SIGTERM stops
+a training command after its current step with a checkpoint (exit status 130 or 143).
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from chatsmith.errors import ChatsmithError
+from chatsmith.errors import ChatsmithError, Interrupted
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,10 @@ COMMANDS: list[Command] = [
 ]
 
 
+# Commands whose --out is one run's directory (chatsmith.train.outdir); each one's stage name is its name.
+TRAINING_COMMANDS = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "rlhf")
+
+
 def _find(argv: list[str]) -> tuple[Command | None, list[str]]:
     for n_words in (2, 1):
         name = " ".join(argv[:n_words])
@@ -80,6 +93,7 @@ def _top_help() -> str:
              "commands:"]
     lines += [f"  {c.name.ljust(width)}  {c.summary}" for c in COMMANDS]
     lines += ["", "\n".join(__doc__.strip().splitlines()[4:])]
+    lines += ["", "global option: --debug   show the traceback of every error (also CHATSMITH_DEBUG=1)"]
     return "\n".join(lines)
 
 
@@ -99,8 +113,37 @@ def build_parser(cmd: Command):
     return parser, module, cls
 
 
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def _interrupt_message(exc: KeyboardInterrupt, cmd: Command, cfg: Any) -> str:
+    """What an interruption kept: the training loop's own message, else what OUT/checkpoint holds."""
+    if getattr(exc, "message", None):
+        return exc.message
+    if cmd.name not in TRAINING_COMMANDS or cfg is None:
+        return "interrupted"
+    out = cfg.out
+    checkpoint = Path(out) / "checkpoint"
+    if (checkpoint / "state.pt").is_file():
+        return f"interrupted; {checkpoint} is intact (run the same command with --resume to continue)"
+    return "interrupted before any checkpoint was written; run the command again to start over"
+
+
+def _check_out_early(cmd: Command, cfg: Any) -> None:
+    """A training command's --out is checked again before loading models and data (the run's own claim on
+    it comes later, in `chatsmith.train.run.Run`), so a wrong --out fails at once. Its stage name is the
+    command's name."""
+    if cmd.name in TRAINING_COMMANDS:
+        from chatsmith.train.outdir import check_out_dir
+
+        check_out_dir(cfg, cmd.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CHATSMITH_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
         return 0
@@ -114,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatsmith: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
         print(_top_help(), file=sys.stderr)
         return 2
+    main_thread = threading.current_thread() is threading.main_thread()   # signal handlers work only there
+    cfg, sigterm = None, signal.getsignal(signal.SIGTERM)
     try:
         from chatsmith.config import config_from_namespace
 
@@ -128,21 +173,39 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(ns, pos, value)
         cfg = config_from_namespace(cls, ns)
         func = getattr(module, cmd.target.split(":")[2])
+        _check_out_early(cmd, cfg)
+        if hasattr(cfg, "resume") and main_thread and sigterm == signal.SIG_DFL:
+            # Training commands: SIGTERM (schedulers, `docker stop`) is Ctrl-C; the training loop itself
+            # finishes the step and checkpoints (chatsmith.train.run.StopSignals).
+            signal.signal(signal.SIGTERM, _raise_interrupted)
         result = func(cfg)
         return result if isinstance(result, int) else 0
     except ChatsmithError as exc:
+        if debug:
+            traceback.print_exc()
         print(f"chatsmith {cmd.name}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nchatsmith {cmd.name}: interrupted; the last checkpoint is intact "
-              "(run the same command with --resume to continue).", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # e.g. `chatsmith ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:  # a full disk is no bug: one line (torch and safetensors wrap the OSError)
+        from chatsmith.utils import is_disk_full
+
+        if debug or not is_disk_full(exc):
+            raise
+        print(f"chatsmith {cmd.name}: error: disk full ({exc}); free some space and run the same command "
+              f"again (with --resume to continue from the last checkpoint)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"\nchatsmith {cmd.name}: {_interrupt_message(exc, cmd, cfg)}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     finally:
         from chatsmith.utils import shutdown_distributed
 
+        if main_thread and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         shutdown_distributed()
 
 

@@ -6,6 +6,7 @@ Tests: every test file uses them; `python -m pytest tests/test_train_loop.py -q`
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -107,10 +108,12 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' picks cuda (the local rank's GPU under torchrun), then mps, then cpu."""
+    """'auto' picks cuda (the local rank's GPU under torchrun), then mps, then cpu. A named device that this
+    machine does not have is a `ChatsmithError` naming --device."""
     import torch
 
     if device != "auto":
+        check_device(device)
         return device
     if torch.cuda.is_available():
         return f"cuda:{local_rank()}" if world_size() > 1 else "cuda"
@@ -119,10 +122,44 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
+def check_device(device: str) -> None:
+    """Refuse a --device that does not exist here (no CUDA, a GPU index past the last one, no MPS)."""
+    import torch
+
+    from chatsmith.errors import ChatsmithError
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ChatsmithError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, mps or auto)") from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ChatsmithError(f"--device {device}: CUDA is not available on this machine (no GPU, or a torch "
+                                 f"built without CUDA); use --device cpu or auto")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ChatsmithError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                 f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ChatsmithError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+
+
 # ----------------------------------------------------------------------------- atomic files
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Did a write fail because the disk (or the quota) is full? torch.save and safetensors wrap the OSError
+    in their own exceptions, so their messages are read too."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded",
+                                   "os error 28", "code: 28"))
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))

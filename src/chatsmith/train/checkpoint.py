@@ -13,6 +13,7 @@ Tests: `python -m pytest tests/test_train_loop.py -q`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -29,9 +30,11 @@ from chatsmith.model import save_model
 from chatsmith.train.devices import unwrap_model
 from chatsmith.train.parallel import (full_optimizer_state, full_state_dict, load_full_state_dict,
                                       load_optimizer_state, save_weights)
-from chatsmith.utils import atomic_directory, atomic_write_text, is_main_process, recover_directory
+from chatsmith.utils import atomic_directory, atomic_write_text, is_disk_full, is_main_process, recover_directory
 
 __all__ = ["Checkpointer", "rng_state", "set_rng_state", "save_final_model"]
+
+FINAL_STAGING = ".final-tmp"     # inside OUT: a run never writes outside its --out
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,6 +63,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         with contextlib.suppress(Exception):  # a different GPU count: keep the fresh CUDA seeds
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def torch_save_or_enospc(obj: Any, path: Path) -> None:
+    """``torch.save``; on a full disk its writer says only "unexpected pos N vs M", so a failure with (almost)
+    no space left is reported as the OSError it is."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if shutil.disk_usage(path.parent).free < (16 << 20):
+            raise OSError(errno.ENOSPC, f"No space left on device ({exc})") from exc
+        raise
 
 
 class Checkpointer:
@@ -106,13 +120,23 @@ class Checkpointer:
             "data": data_state,
             "extra": extra or {},
         }
-        with atomic_directory(self.path) as tmp:
-            save_weights(weights, str(tmp / "model.safetensors"))
-            torch.save(state, tmp / "state.pt")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            atomic_write_text(tmp / "trainer_state.json",
-                              json.dumps({"step": int(step), **(info or {})}, indent=1) + "\n")
+        try:
+            with atomic_directory(self.path) as tmp:
+                save_weights(weights, str(tmp / "model.safetensors"))
+                torch_save_or_enospc(state, tmp / "state.pt")
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+                atomic_write_text(tmp / "trainer_state.json",
+                                  json.dumps({"step": int(step), **(info or {})}, indent=1) + "\n")
+        except Exception as exc:  # safetensors raises its own SafetensorError for a full disk
+            if not is_disk_full(exc):
+                raise
+            previous = self.step()
+            kept = (f"the previous checkpoint (step {previous}) in {self.path} is intact: free some space and run "
+                    f"the same command with --resume" if previous is not None else
+                    "no earlier checkpoint exists: free some space and run the command again")
+            raise ChatsmithError(f"disk full while writing the checkpoint of step {step} in {self.out}; "
+                                 f"{kept}") from exc
         return self.path
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
@@ -122,9 +146,14 @@ class Checkpointer:
             raise ChatsmithError(f"no checkpoint in {self.path}")
         from safetensors.torch import load_file
 
-        weights_file = self.path / "model.safetensors"
-        load_full_state_dict(unwrap_model(model), load_file(str(weights_file)), source=str(weights_file))
-        state = torch.load(self.path / "state.pt", map_location="cpu", weights_only=True)
+        weights_file, state_file = self.path / "model.safetensors", self.path / "state.pt"
+        with self.readable(weights_file):
+            weights = load_file(str(weights_file))
+        load_full_state_dict(unwrap_model(model), weights, source=str(weights_file))
+        with self.readable(state_file):
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "step" not in state or "rng" not in state:
+                raise ValueError("not a chatsmith training state")
         if optimizer is not None and state.get("optimizer") is not None:
             load_optimizer_state(optimizer, state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -134,6 +163,18 @@ class Checkpointer:
         if restore_rng:
             set_rng_state(state["rng"])
         return state
+
+    @contextlib.contextmanager
+    def readable(self, path: Path):
+        """Turn a failure to read a checkpoint file (truncated, corrupt) into one clear message."""
+        try:
+            yield
+        except Exception as exc:  # torch.load and safetensors raise many types for a damaged file
+            if isinstance(exc, ChatsmithError):
+                raise
+            raise ChatsmithError(f"--resume: {path} is damaged or truncated ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); to start over, run the "
+                                 f"same command with --overwrite instead of --resume") from exc
 
     def save_best(self, model: nn.Module, step: int, metric: str, value: float) -> Path | None:
         weights = full_state_dict(unwrap_model(model))   # collective under FSDP
@@ -150,13 +191,14 @@ def save_final_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: d
                      state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save as a standard HF directory in ``out``, keeping what else lives there (metrics.jsonl, checkpoint/).
 
-    ``chatsmith.model.save_model`` replaces its target directory as a whole, so it writes a sibling
-    directory first and the files are then moved into ``out`` one by one (each move is an atomic rename on
-    the same filesystem; an interrupted move leaves the resumable checkpoint untouched).
+    ``chatsmith.model.save_model`` replaces its target directory as a whole, so it writes ``OUT/.final-tmp``
+    first and the files are then moved into ``out`` one by one (each move is an atomic rename on the same
+    filesystem; an interrupted move leaves the resumable checkpoint untouched). Nothing outside ``out`` is
+    touched; a staging directory left by a killed run is removed by the next run's claim on ``out``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.final")
+    staging = out / FINAL_STAGING
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_model(unwrap_model(model), tokenizer, staging, extra_files=extra_files, state_dict=state_dict)

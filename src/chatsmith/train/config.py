@@ -42,6 +42,9 @@ class TrainConfig:
     max_steps: int = arg(200, "Number of optimizer steps.", min=1)
     seed: int = arg(0, "Random seed (model init, data order, dropout).", min=0, max=SEED_MAX)
     resume: bool = arg(False, "Continue from OUT/checkpoint if present (same data order, optimizer, RNG).")
+    overwrite: bool = arg(False, "Train into a non-empty --out that is not a run of this command: chatsmith "
+                          "deletes its own run files there (checkpoint/, metrics.jsonl, ...) and replaces its model "
+                          "files; other files are left alone.")
     lr: float = arg(1e-3, "Peak learning rate (AdamW).", min=0, min_exclusive=True)
     warmup_steps: int = arg(20, "Linear warmup steps from 0 to --lr.", min=0)
     min_lr_ratio: float = arg(0.1, "Cosine decay ends at lr * min_lr_ratio at --max-steps.", min=0, max=1)

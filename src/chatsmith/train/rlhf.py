@@ -54,6 +54,7 @@ from chatsmith.config import (SEED_MAX, arg, canonical_settings, config_from_dic
 from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.train.config import check_room_for_prompt
+from chatsmith.train.outdir import claim_out_dir
 from chatsmith.train.ppo import PPOConfig, PPOTrainer
 from chatsmith.eval.judges import resolve_reward
 from chatsmith.train.rollout import FunctionScorer, PromptItem, collect_rollout, load_policy, load_prompts
@@ -96,6 +97,8 @@ class RLHFConfig:
     ppo_config: str | None = arg(None, "YAML of further `chatsmith ppo` settings for every round.")
     seed: int = arg(0, "Random seed.", min=0, max=SEED_MAX)
     resume: bool = arg(False, "Skip finished rounds and resume an interrupted one.")
+    overwrite: bool = arg(False, "Run in a non-empty --out that is not an rlhf run (chatsmith replaces its own "
+                          "files there; other files are left alone).")
     device: str = arg("auto", "cpu, cuda, mps or auto.")
     progress: bool = arg(True, "Progress output.")
 
@@ -166,6 +169,7 @@ class _RLHF:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
+        self.claim = claim_out_dir(cfg, "rlhf")      # not an input model, an rlhf run or --overwrite, locked
         self.distributed = init_distributed(cfg.device)
         self.rank, self.world = (rank(), world_size()) if self.distributed else (0, 1)
         self.logger = MetricsLogger(self.out, stage="rlhf")
@@ -178,6 +182,12 @@ class _RLHF:
         return self.out / f"round_{k}"
 
     def run(self) -> list[RoundResult]:
+        try:
+            return self.run_rounds()
+        finally:
+            self.claim.release()
+
+    def run_rounds(self) -> list[RoundResult]:
         cfg = self.cfg
         if is_main_process():
             if not cfg.resume:
@@ -332,7 +342,9 @@ class _RLHF:
         """Copy the last policy's model files into OUT (a standard HF chat model directory)."""
         if is_main_process() and policy_dir.resolve() != self.out.resolve():
             for path in policy_dir.iterdir():
-                if path.is_file() and path.name not in ("metrics.jsonl", "samples.jsonl", "train_config.yaml"):
+                # Model files only: not the PPO run's own files (its metrics, marker and lock).
+                if (path.is_file() and not path.name.startswith(".")
+                        and path.name not in ("metrics.jsonl", "samples.jsonl", "train_config.yaml")):
                     tmp = self.out / f".{path.name}.tmp"
                     shutil.copyfile(path, tmp)
                     tmp.replace(self.out / path.name)
