@@ -71,6 +71,8 @@ COMMANDS: list[Command] = [
             positional=("models",)),
     Command("serve", "chatsmith.serve.cli:ServeConfig:serve",
             "OpenAI-compatible HTTP server with continuous batching, metrics and a web chat.", positional=("models",)),
+    Command("feedback export", "chatsmith.serve.export:FeedbackExportConfig:export_feedback",
+            "Human judgments from `serve --feedback DB` as a preference JSONL (for reward / dpo)."),
 ]
 
 

@@ -37,7 +37,7 @@ from chatsmith.serve.scheduler import Event, Job, QueueFull, Scheduler
 
 __all__ = ["ServedModel", "create_app"]
 
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/feedback")
 
 
 @dataclass
@@ -109,8 +109,10 @@ class Gate:
 
 
 def create_app(models: list[ServedModel], api_key: str | None = None, max_body_bytes: int = 1_000_000,
-               max_new_tokens: int = 512, metrics: ServeMetrics | None = None) -> Any:
-    """The ASGI app serving ``models`` (their schedulers start with the app and stop with it)."""
+               max_new_tokens: int = 512, metrics: ServeMetrics | None = None, feedback: Any = None) -> Any:
+    """The ASGI app serving ``models`` (their schedulers start with the app and stop with it).
+
+    ``feedback``: a `chatsmith.serve.feedback.FeedbackStore` that `POST /v1/feedback` writes to (None: off)."""
     from contextlib import asynccontextmanager
 
     metrics = metrics or ServeMetrics()
@@ -189,6 +191,22 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_body_b
         except ChatsmithError as exc:
             raise APIError(400, f"messages: {exc}", param="messages", code="invalid_value") from None
         return await respond(request, served, [prompt], params, chat=True)
+
+    @app.post("/v1/feedback")
+    async def post_feedback(request: Request) -> dict:
+        from chatsmith.serve.feedback import FeedbackError, parse_judgment
+
+        if feedback is None:
+            raise APIError(404, "feedback is off on this server (start it with chatsmith serve --feedback DB)",
+                           "not_found_error", code="feedback_off")
+        data = await read_json_body(request, max_body_bytes)
+        try:
+            judgment = parse_judgment(data)
+        except FeedbackError as exc:
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        # the insert fsyncs: run it off the event loop so streaming requests keep flowing meanwhile
+        judgment_id = await asyncio.to_thread(feedback.add, judgment)
+        return {"id": judgment_id, "object": "feedback"}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -8,7 +8,9 @@
     client.chat.completions.create(model="runs/sft", messages=[{"role": "user", "content": "Hi"}])
 
 Each model directory is served under its path as given (the `model` field of a request). Routes:
-`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), `/`.
+`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), `/`, and
+with `--feedback DB` `POST /v1/feedback` (a judgment of two responses, stored in SQLite; see
+`chatsmith.serve.feedback`, exported as preferences by `chatsmith feedback export`).
 
 Tests: `python -m pytest tests/test_serve.py -q`.
 """
@@ -41,6 +43,8 @@ class ServeConfig:
     device: str = arg("auto", "cpu, cuda, mps or auto.")
     threads: int = arg(0, "Torch CPU threads for generation (0 = all cores but one, which is left to the HTTP "
                           "event loop: OpenMP threads spinning on every core starve it and slow streaming).")
+    feedback: str | None = arg(None, "SQLite file for human judgments posted to /v1/feedback "
+                                      "(created if missing; default: feedback off).")
     log_level: str = arg("info", "uvicorn's log level.", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -65,8 +69,13 @@ def build_app(cfg: ServeConfig):
                                max_queue=cfg.max_queue, metrics=metrics, model_id=mid)
               for path, mid in zip(cfg.models, ids)]
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    store = None
+    if cfg.feedback is not None:
+        from chatsmith.serve.feedback import FeedbackStore
+
+        store = FeedbackStore(cfg.feedback)
     return create_app(served, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
-                      max_new_tokens=cfg.max_new_tokens, metrics=metrics)
+                      max_new_tokens=cfg.max_new_tokens, metrics=metrics, feedback=store)
 
 
 def serve(cfg: ServeConfig) -> int:

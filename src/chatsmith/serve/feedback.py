@@ -1,0 +1,181 @@
+"""Human judgments of two responses, kept in SQLite: what `chatsmith serve --feedback DB` records.
+
+    store = FeedbackStore("runs/feedback.db")
+    jid = store.add(parse_judgment({"prompt": [{"role": "user", "content": "Hi"}],
+                                    "response_a": "Hello!", "response_b": "what",
+                                    "model_a": "runs/sft", "model_b": "runs/ppo", "choice": "a"}))
+    for j in store.judgments(): ...
+
+A judgment: the prompt conversation (messages), responses A and B, the model of each, the choice
+("a", "b", "tie" or "both_bad"), an optional edited better reply and optional metadata (any JSON object).
+The database runs in WAL mode with ``synchronous=FULL``: `add` returns only after the row is committed
+and synced, so a judgment acknowledged to a client survives the server being killed.
+`chatsmith feedback export` (`chatsmith.serve.export`) turns the judgments into preference rows.
+
+Tests: `python -m pytest tests/test_feedback.py -q`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chatsmith.errors import ChatsmithError
+
+__all__ = ["CHOICES", "ROLES", "Judgment", "FeedbackError", "parse_judgment", "FeedbackStore", "open_existing"]
+
+CHOICES = ("a", "b", "tie", "both_bad")
+ROLES = ("system", "user", "assistant")
+MAX_TEXT = 200_000        # characters in one response or message; a judgment is a human's reading, not a dump
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS judgments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    prompt TEXT NOT NULL,
+    response_a TEXT NOT NULL,
+    response_b TEXT NOT NULL,
+    model_a TEXT NOT NULL,
+    model_b TEXT NOT NULL,
+    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
+    edited TEXT,
+    metadata TEXT
+)
+"""
+
+
+class FeedbackError(ChatsmithError):
+    """A judgment that cannot be stored; ``param`` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Judgment:
+    """One human comparison of two responses to the same prompt."""
+
+    prompt: list[dict[str, str]]
+    response_a: str
+    response_b: str
+    model_a: str
+    model_b: str
+    choice: str
+    edited: str | None = None
+    metadata: dict[str, Any] | None = None
+    id: int | None = None          # set once stored
+    created: float | None = None   # Unix time, set once stored
+
+
+def _text(data: dict, name: str, required: bool = True) -> str | None:
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        what = "missing" if value is None else f"a {type(value).__name__}"
+        raise FeedbackError(f"field {name!r} must be a string, got {what}", name)
+    if required and not value.strip():
+        raise FeedbackError(f"field {name!r} is empty", name)
+    if len(value) > MAX_TEXT:
+        raise FeedbackError(f"field {name!r} is {len(value)} characters; the limit is {MAX_TEXT}", name)
+    return value
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise FeedbackError("field 'prompt' must be a non-empty list of {\"role\", \"content\"} messages", "prompt")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise FeedbackError(f"prompt[{i}] must be {{\"role\": one of {', '.join(ROLES)}, \"content\": string}}",
+                                "prompt")
+        if len(m["content"]) > MAX_TEXT:
+            raise FeedbackError(f"prompt[{i}] is over {MAX_TEXT} characters", "prompt")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise FeedbackError("the prompt's last message must be the user's (the responses answer it)", "prompt")
+    return out
+
+
+def parse_judgment(data: Any) -> Judgment:
+    """A checked `Judgment` from a JSON object; raises `FeedbackError` naming the bad field."""
+    if not isinstance(data, dict):
+        raise FeedbackError(f"a judgment must be a JSON object, got {type(data).__name__}")
+    allowed = {"prompt", "response_a", "response_b", "model_a", "model_b", "choice", "edited", "metadata"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise FeedbackError(f"unknown field {unknown[0]!r}; expected {', '.join(sorted(allowed))}", unknown[0])
+    choice = data.get("choice")
+    if choice not in CHOICES:
+        raise FeedbackError(f"field 'choice' must be one of {', '.join(CHOICES)}, got {json.dumps(choice)[:40]}",
+                            "choice")
+    metadata = data.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise FeedbackError(f"field 'metadata' must be a JSON object, got {type(metadata).__name__}", "metadata")
+    return Judgment(prompt=_messages(data.get("prompt")), response_a=_text(data, "response_a"),
+                    response_b=_text(data, "response_b"), model_a=_text(data, "model_a"),
+                    model_b=_text(data, "model_b"), choice=choice, edited=_text(data, "edited", required=False),
+                    metadata=metadata)
+
+
+class FeedbackStore:
+    """The judgments database (created if missing). Safe to share between threads: one connection, a lock."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise ChatsmithError(f"--feedback {self.path}: is a directory; give a database file path")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            # WAL: readers (export) never block the server; FULL: the WAL is fsynced at every commit, so a
+            # committed judgment survives a kill or a power cut, not only a process crash.
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ChatsmithError(f"--feedback {self.path}: not a usable SQLite database ({exc})") from None
+        self.lock = threading.Lock()
+
+    def add(self, judgment: Judgment) -> int:
+        """Insert and commit ``judgment``; returns its id once it is durable."""
+        created = time.time()
+        row = (created, json.dumps(judgment.prompt, ensure_ascii=False), judgment.response_a, judgment.response_b,
+               judgment.model_a, judgment.model_b, judgment.choice, judgment.edited,
+               None if judgment.metadata is None else json.dumps(judgment.metadata, ensure_ascii=False))
+        with self.lock:
+            cur = self.conn.execute(
+                "INSERT INTO judgments (created, prompt, response_a, response_b, model_a, model_b, choice, edited, "
+                "metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)   # autocommit: committed on return
+            judgment.id, judgment.created = int(cur.lastrowid), created
+        return judgment.id
+
+    def judgments(self) -> list[Judgment]:
+        """Every stored judgment, oldest first."""
+        with self.lock:
+            rows = self.conn.execute("SELECT id, created, prompt, response_a, response_b, model_a, model_b, choice, "
+                                     "edited, metadata FROM judgments ORDER BY id").fetchall()
+        return [Judgment(prompt=json.loads(r[2]), response_a=r[3], response_b=r[4], model_a=r[5], model_b=r[6],
+                         choice=r[7], edited=r[8], metadata=None if r[9] is None else json.loads(r[9]),
+                         id=r[0], created=r[1]) for r in rows]
+
+    def __len__(self) -> int:
+        with self.lock:
+            return int(self.conn.execute("SELECT COUNT(*) FROM judgments").fetchone()[0])
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+def open_existing(path: str | Path) -> FeedbackStore:
+    """The store at ``path``, which must exist (for export: a typo must not create an empty database)."""
+    if not Path(path).is_file():
+        raise ChatsmithError(f"--db {path}: no such file (the database `chatsmith serve --feedback` writes)")
+    return FeedbackStore(path)
