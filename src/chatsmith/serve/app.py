@@ -5,7 +5,8 @@
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions` (messages rendered with the model's own chat
 template), `POST /v1/completions` (raw text), `GET /health`, `GET /metrics` (Prometheus), `GET /` (the
-web chat page). With an API key every `/v1` route needs `Authorization: Bearer KEY` (401 otherwise,
+web chat page), and `POST /v1/feedback` when a feedback store is given (a human judgment of two
+responses; 404 when off). With an API key every `/v1` route needs `Authorization: Bearer KEY` (401 otherwise,
 compared in constant time). Streaming answers are server-sent events ending with `data: [DONE]`.
 
 Tests: `python -m pytest tests/test_serve.py -q`.

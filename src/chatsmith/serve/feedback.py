@@ -131,16 +131,16 @@ class FeedbackStore:
         self.path = Path(path)
         if self.path.is_dir():
             raise ChatsmithError(f"--feedback {self.path}: is a directory; give a database file path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             # WAL: readers (export) never block the server; FULL: the WAL is fsynced at every commit, so a
             # committed judgment survives a kill or a power cut, not only a process crash.
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute(SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise ChatsmithError(f"--feedback {self.path}: not a usable SQLite database ({exc})") from None
+        except (OSError, sqlite3.DatabaseError) as exc:
+            raise ChatsmithError(f"--feedback {self.path}: cannot open it as a SQLite database ({exc})") from None
         self.lock = threading.Lock()
 
     def add(self, judgment: Judgment) -> int:
