@@ -248,27 +248,9 @@ def check_number(name: str, value: Any, meta: dict[str, Any]) -> None:
 
 def check_device(name: str, device: str) -> None:
     """Refuse a device this machine does not have (``--device cuda`` without CUDA), naming the flag."""
-    if device in ("auto", "cpu"):
-        return
-    import torch
+    from chatsmith.utils import check_device as check
 
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ChatsmithError(f"{flag_name(name)}: expected cpu, cuda, cuda:N, mps or auto, got {device!r}") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ChatsmithError(f"{flag_name(name)} {device}: CUDA is not available ({why}); use --device cpu "
-                                 "or auto")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ChatsmithError(f"{flag_name(name)} {device}: there is no GPU {parsed.index} "
-                                 f"({torch.cuda.device_count()} visible)")
-    elif parsed.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ChatsmithError(f"{flag_name(name)} {device}: MPS (Apple GPU) is not available; use --device cpu "
-                                 "or auto")
+    check(device, flag_name(name))
 
 
 def validate_config(cfg: Any) -> None:

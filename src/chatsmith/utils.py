@@ -122,27 +122,30 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
-def check_device(device: str) -> None:
-    """Refuse a --device that does not exist here (no CUDA, a GPU index past the last one, no MPS)."""
+def check_device(device: str, flag: str = "--device") -> None:
+    """Refuse a device this machine does not have (no CUDA, a GPU index past the last one, no MPS), naming
+    the flag that asked for it."""
+    if device in ("auto", "cpu"):
+        return
     import torch
 
     from chatsmith.errors import ChatsmithError
 
     try:
         parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ChatsmithError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, mps or auto)") from exc
+    except (RuntimeError, TypeError, ValueError):
+        raise ChatsmithError(f"{flag}: expected cpu, cuda, cuda:N, mps or auto, got {device!r}") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ChatsmithError(f"--device {device}: CUDA is not available on this machine (no GPU, or a torch "
-                                 f"built without CUDA); use --device cpu or auto")
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ChatsmithError(f"{flag} {device}: CUDA is not available ({why}); use --device cpu or auto")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ChatsmithError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                                 f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+            raise ChatsmithError(f"{flag} {device}: there is no GPU {parsed.index} "
+                                 f"({torch.cuda.device_count()} visible)")
     elif parsed.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ChatsmithError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+            raise ChatsmithError(f"{flag} {device}: MPS (Apple GPU) is not available; use --device cpu or auto")
 
 
 # ----------------------------------------------------------------------------- atomic files
