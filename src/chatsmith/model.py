@@ -222,6 +222,26 @@ def model_source(path: str | Path) -> tuple[str, bool]:
     return text, True
 
 
+def hub_where(source: str) -> str:
+    """How an error names a Hub id, so the user sees it was not taken for a local directory."""
+    return f"{source}: not a local directory; as a Hugging Face Hub id"
+
+
+def checked_model_source(path: str | Path, hint: str = "") -> tuple[str, bool]:
+    """`model_source`, refusing a local path that is not a model directory: the one check every model
+    argument (``--model``, ``--policy``, ``--reward-model``, ``--value-model``, eval's models, ...) goes
+    through before transformers loads it. A Hub id passes unchecked (transformers reports what it cannot
+    load). ``hint``: appended to the error, e.g. how to make such a directory."""
+    source, hub = model_source(path)
+    if not hub:
+        local = Path(source)
+        if not local.is_dir():
+            raise ChatsmithError(f"{local}: model directory not found{hint}")
+        if not (local / "config.json").is_file():
+            raise ChatsmithError(f"{local}: not a model directory (no config.json){hint}")
+    return source, hub
+
+
 def load_model(path: str | Path, device: str = "auto", dtype: Any = None, template: str | None = None,
                require_template: bool = True) -> Loaded:
     """Load a HF causal LM: a local directory or a Hub id. Returns ``Loaded(model, tokenizer, fmt)`` (model
@@ -241,14 +261,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
 
     from chatsmith.utils import resolve_device
 
-    source, hub = model_source(path)
-    where = f"{source}: not a local directory; as a Hugging Face Hub id" if hub else source
-    if not hub:
-        path = Path(source)
-        if not path.is_dir():
-            raise ChatsmithError(f"{path}: model directory not found")
-        if not (path / "config.json").is_file():
-            raise ChatsmithError(f"{path}: not a Hugging Face model directory (no config.json)")
+    source, hub = checked_model_source(path)
+    where = hub_where(source) if hub else source
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line

@@ -179,6 +179,7 @@ class PPOTrainer(Stage):
         self.cfg = cfg
         self.sample_every, self.num_samples = cfg.sample_every, cfg.num_samples
         self.device, self.amp_dtype = self.runner.device, self.runner.amp_dtype
+        self.precision = self.runner.precision
         # Under torchrun each rank collects --rollout-batch-size episodes of one global batch; whitening,
         # the KL controller and the token-weighted losses use the whole batch's statistics, and the
         # gradients are summed over ranks (see _update), so W processes train what one process with W times
@@ -378,7 +379,7 @@ class PPOTrainer(Stage):
                     vf_loss, vf_stats = F.value_loss(vpred, old_values[rows, :r], returns[rows, :r], m,
                                                      cfg.clip_range_value)
                     loss = pg_loss + cfg.vf_coef * vf_loss
-                    (loss * weight).backward()
+                    self.precision.backward(loss * weight)
                     micro = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "loss": loss.detach(),
                              "entropy": F.masked_mean(entropy.detach(), m), **pg_stats, **vf_stats}
                     for k, v in micro.items():
@@ -389,15 +390,18 @@ class PPOTrainer(Stage):
                 # Each rank's loss carries its share of the global minibatch's tokens: the sum over ranks
                 # is the gradient of the whole minibatch.
                 all_reduce_gradients([*self.policy.parameters(), *self.value_model.parameters()], average=False)
+                for opt in (self.optimizer.policy, self.optimizer.value):
+                    self.precision.unscale(opt)
                 norms["grad_norm"] = norms.get("grad_norm", 0.0) + clip_gradients(self.policy.parameters(),
                                                                                    cfg.grad_clip)
                 norms["value_grad_norm"] = norms.get("value_grad_norm", 0.0) + clip_gradients(
                     self.value_model.parameters(), cfg.grad_clip)
                 for opt, sched in ((self.optimizer.policy, self.scheduler.policy),
                                    (self.optimizer.value, self.scheduler.value)):
-                    opt.step()
+                    self.precision.step(opt)   # fp16: skipped when the scaled gradients overflowed
                     opt.zero_grad(set_to_none=True)
                     sched.step()
+                self.precision.update()
                 for k, v in stats_mb.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
