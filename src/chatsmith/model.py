@@ -19,6 +19,7 @@ Tests: `python -m pytest tests/test_model.py -q`.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
@@ -240,6 +241,42 @@ def checked_model_source(path: str | Path, hint: str = "") -> tuple[str, bool]:
         if not (local / "config.json").is_file():
             raise ChatsmithError(f"{local}: not a model directory (no config.json){hint}")
     return source, hub
+
+
+def model_config_dict(path: str | Path, hint: str = "") -> tuple[dict[str, Any], str, bool]:
+    """``(config.json as a dict, source, is_hub)`` of a model argument, read without loading weights: from the
+    local directory, or through transformers for a Hub id (its cache; its own error when offline)."""
+    from transformers import PretrainedConfig
+
+    source, hub = checked_model_source(path, hint)
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source)
+    except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
+        where = hub_where(source) if hub else source
+        raise ChatsmithError(f"{where}: cannot read config.json: {exc}{hint}") from None
+    return config, source, hub
+
+
+def has_chat_template(source: str, hub: bool) -> bool:
+    """Whether the tokenizer of a model argument (see `checked_model_source`) carries a chat template, read
+    without loading the model. For a Hub id that cannot be read: False (`load_model` reports the error)."""
+    if hub:
+        from transformers import AutoTokenizer
+
+        try:
+            return bool(getattr(AutoTokenizer.from_pretrained(source), "chat_template", None))
+        except Exception:  # noqa: BLE001 - load_model reports it, naming the Hub id
+            return False
+    path = Path(source)
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+        except json.JSONDecodeError:
+            return False
+    return False
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: Any = None, template: str | None = None,

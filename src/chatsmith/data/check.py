@@ -67,14 +67,21 @@ def length_line(lengths: Sequence[int]) -> str:
 
 
 def _load_tokenizer(path: str) -> Any:
-    if not Path(path).is_dir():
-        raise ChatsmithError(f"--tokenizer {path}: not a directory (give a model or tokenizer directory)")
+    """A model or tokenizer directory, or a Hub id (`chatsmith.model.model_source`; a tokenizer-only directory
+    has no config.json, so this is not `checked_model_source`)."""
+    from chatsmith.model import hub_where, model_source
+
+    source, hub = model_source(path)
+    if not hub and not Path(source).is_dir():
+        raise ChatsmithError(f"--tokenizer {path}: not a directory (give a model or tokenizer directory, or a "
+                             f"Hugging Face Hub id)")
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(source, local_files_only=not hub)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ChatsmithError(f"--tokenizer {path}: cannot load a tokenizer: {exc}") from None
+        raise ChatsmithError(f"--tokenizer {hub_where(source) if hub else path}: cannot load a tokenizer: "
+                             f"{exc}") from None
 
 
 def _token_report(cfg: DataCheckConfig, result: LoadResult, tokenizer: Any) -> bool:

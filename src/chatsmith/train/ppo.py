@@ -62,8 +62,8 @@ from torch import nn
 from chatsmith.config import arg, validate_config
 from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, quiet_transformers,
-                             restrict_embedding_training)
+from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, checked_model_source, disable_dropout,
+                             hub_where, quiet_transformers, restrict_embedding_training)
 from chatsmith.train import rl_functional as F
 from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_room_for_prompt
@@ -246,10 +246,16 @@ class PPOTrainer(Stage):
                                         else self.cfg.reward_model)
         from transformers import AutoModelForSequenceClassification
 
-        if not (Path(path) / "config.json").is_file():
-            raise ChatsmithError(f"--value-model {path}: not a model directory (no config.json)")
-        with quiet_transformers():
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        flag = "--value-model" if self.cfg.value_model else "--reward-model"
+        try:
+            source, hub = checked_model_source(path)      # a local directory or a Hub id
+            with quiet_transformers():
+                return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+        except ChatsmithError as exc:
+            raise ChatsmithError(f"{flag} {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
+            where = hub_where(source) if hub else source
+            raise ChatsmithError(f"{flag} {where}: cannot load it as a value model: {exc}") from None
 
     # ------------------------------------------------------------------------- one PPO step
     def rollout(self) -> tuple[Rollout, list[int]]:
