@@ -119,11 +119,11 @@ def _token_report(cfg: DataCheckConfig, result: LoadResult, tokenizer: Any) -> b
                              for r in ex.responses]
                 rendered = [(s.input_ids, s.assistant_mask) for s in sequences]
             elif result.kind == "prompt":
-                ids = render_prompt(ex.messages, tokenizer, fmt)
+                ids = render_prompt(ex.messages, tokenizer, fmt, tools=ex.tools)
                 rendered = [(ids, [0] * len(ids))]
             else:
                 assert isinstance(ex, ChatExample)
-                chat = render_chat(ex.messages, tokenizer, fmt)
+                chat = render_chat(ex.messages, tokenizer, fmt, tools=ex.tools)
                 rendered = [(chat.input_ids, chat.assistant_mask)]
         except ChatsmithError as exc:
             failures.append(f"{ex.origin}: cannot render with template {fmt.name}: {exc}")
@@ -179,8 +179,8 @@ def stage_rules(cfg: DataCheckConfig, result: LoadResult, stage: str, tokenizer:
             from chatsmith.train.sft import prepare_examples
 
             overlength = cfg.overlength or defaults.overlength
-            kept, stats = prepare_examples([(ex.messages, ex.origin) for ex in result.examples], tokenizer, fmt,
-                                           max_len, overlength)
+            rows = [(ex.messages, ex.origin, ex.tools) for ex in result.examples]
+            kept, stats = prepare_examples(rows, tokenizer, fmt, max_len, overlength)
             print(f"sft rules (--max-len {max_len}, --overlength {overlength}): {stats.line()}")
             require_rows(kept, cfg.path, "no conversation left to train on", stats.line())
         elif stage in ("reward", "dpo"):

@@ -542,7 +542,7 @@ def select_prompts(examples: Sequence[Any], tokenizer: Any, fmt: Any, max_prompt
 
     items, dropped = [], 0
     for ex in examples:
-        ids = render_prompt(ex.messages, tokenizer, fmt)
+        ids = render_prompt(ex.messages, tokenizer, fmt, tools=getattr(ex, "tools", None))
         if len(ids) > max_prompt_len:
             dropped += 1
             continue
