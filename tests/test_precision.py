@@ -55,6 +55,32 @@ def test_dtype_flags_resolve_and_fp16_is_refused_off_cuda():
     assert plain.scaler is None and not plain.tolerates_overflow() and plain.state_dict() == {}
 
 
+def test_fp16_loss_scaling_skips_an_overflowing_step_and_unscales_the_others():
+    """The scaler logic `--dtype fp16` uses on CUDA, run with PyTorch's CPU GradScaler (no GPU here)."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    precision = Precision(torch.float16, "cpu")
+    assert precision.tolerates_overflow() and precision.scaler.get_scale() == 65536.0
+
+    def step(loss):
+        precision.backward(loss)
+        precision.unscale(optimizer)
+        grad = weight.grad.clone()
+        precision.step(optimizer)
+        precision.update()
+        optimizer.zero_grad(set_to_none=True)
+        return grad
+
+    assert torch.equal(step((weight * 2).sum()), torch.full((3,), 2.0))    # unscaled before clipping reads it
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.8))
+    grad = step((weight * float("inf")).sum())                              # overflow: skipped, scale halves
+    assert not torch.isfinite(grad).all() and torch.allclose(weight.detach(), torch.full((3,), 0.8))
+    assert precision.scaler.get_scale() == 32768.0
+    restored = Precision(torch.float16, "cpu")
+    restored.load_state_dict(precision.state_dict())
+    assert restored.scaler.get_scale() == 32768.0                           # resumes with the same scale
+
+
 def test_logprobs_and_lm_loss_are_fp32_given_bf16_logits():
     from chatsmith.train.preference_functional import token_logprobs
     from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_logits

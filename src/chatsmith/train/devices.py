@@ -73,7 +73,8 @@ class Precision:
 
     def __init__(self, dtype: torch.dtype | None, device: str):
         self.dtype, self.device = dtype, str(device)
-        self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        kind = self.device.split(":")[0]
+        self.scaler = torch.amp.GradScaler(kind) if dtype == torch.float16 else None
 
     def autocast(self):
         return autocast_context(self.device, self.dtype)
