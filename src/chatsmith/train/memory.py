@@ -139,14 +139,14 @@ def model_shape(role: str, source: Any, trainable: bool, *, classifier: bool = F
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from chatsmith.model import checked_model_source
+    from chatsmith.model import checked_model_source, hub_where
 
     if isinstance(source, str):
-        name, _ = checked_model_source(source)
+        name, hub = checked_model_source(source)
         try:
             config = AutoConfig.from_pretrained(name)
         except Exception as exc:  # noqa: BLE001 - many library error types; one clear line
-            raise ChatsmithError(f"{name}: cannot read the model's config: {exc}") from None
+            raise ChatsmithError(f"{hub_where(name) if hub else name}: cannot read the model's config: {exc}") from None
         label = name
     else:
         config, label = source, f"{getattr(source, 'model_type', 'model')} config"
