@@ -293,6 +293,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
     - The format's special tokens (e.g. ``<|im_start|>``) are added to the vocabulary if missing, and a
       ``<|pad|>`` pad token if the tokenizer has none or its pad token is an end-of-turn token;
       embeddings are resized to match.
+    - Attention runs through PyTorch SDPA wherever the architecture supports it: transformers picks
+      ``attn_implementation="sdpa"`` by default then (tests/test_precision.py checks it).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
