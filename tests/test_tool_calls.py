@@ -151,6 +151,15 @@ def test_shipped_tool_templates_render_as_transformers_and_mask_calls_not_result
     assert rendered.input_ids[:len(after_result)] == after_result
 
 
+def test_a_json_tool_result_is_escaped_as_llama_31_writes_it():
+    tokenizer = tokenizer_with("llama", LLAMA31_TOOLS)
+    chat = [*CHAT[:2], dict(CHAT[2], content='{"temp": 18,\n "sky": "sunny"}'), CHAT[3]]
+    rendered = render_chat(chat, tokenizer, get_format(None, tokenizer), tools=TOOLS)
+    assert rendered.text == tokenizer.apply_chat_template(chat, tools=TOOLS, tokenize=False)
+    assert '"{\\"temp\\": 18,\\n' in rendered.text
+    assert masked_texts(tokenizer, rendered)[-1] == CHAT[3]["content"] + "<|eot_id|>"
+
+
 def test_assistant_text_before_a_call_is_trained_on_too():
     tokenizer = tokenizer_with("qwen2", QWEN25_TOOLS)
     chat = [CHAT[0], dict(CHAT[1], content="Let me check."), *CHAT[2:]]

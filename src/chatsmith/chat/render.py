@@ -51,6 +51,7 @@ Run the tests: `python -m pytest tests/test_chat_templates.py -q`.
 
 from __future__ import annotations
 
+import json
 import re
 import weakref
 from collections import Counter
@@ -430,8 +431,9 @@ def _get_plan(fmt: ChatFormat, tokenizer, codec: _Codec, messages, slots, key, b
 
 def _variants(content: str) -> list[str]:
     out = [content]
+    # the last: as `tojson` writes a string between its quotes (Llama 3.1's tool results)
     for v in (content.strip(), content.lstrip(), content.rstrip(), content.strip("\n"), content.lstrip("\n"),
-              content.rstrip("\n")):
+              content.rstrip("\n"), json.dumps(content, ensure_ascii=False)[1:-1]):
         if v not in out:
             out.append(v)
     return out
