@@ -142,6 +142,16 @@ def _check_out_early(cmd: Command, cfg: Any) -> None:
         check_out_dir(cfg, cmd.name)
 
 
+def _dry_run(cmd: Command, cfg: Any) -> int:
+    """`--dry-run`: check the settings, print the memory estimate (`chatsmith.train.memory`), train nothing
+    and leave --out alone."""
+    from chatsmith.config import validate_config
+    from chatsmith.train.memory import dry_run
+
+    validate_config(cfg)
+    return dry_run(cmd.name, cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CHATSMITH_DEBUG", "") not in ("", "0")
@@ -175,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(ns, pos, value)
         cfg = config_from_namespace(cls, ns)
         func = getattr(module, cmd.target.split(":")[2])
+        if cmd.name in TRAINING_COMMANDS and getattr(cfg, "dry_run", False):
+            return _dry_run(cmd, cfg)
         _check_out_early(cmd, cfg)
         if hasattr(cfg, "resume") and main_thread and sigterm == signal.SIG_DFL:
             # Training commands: SIGTERM (schedulers, `docker stop`) is Ctrl-C; the training loop itself

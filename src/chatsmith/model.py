@@ -19,6 +19,7 @@ Tests: `python -m pytest tests/test_model.py -q`.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
@@ -222,6 +223,62 @@ def model_source(path: str | Path) -> tuple[str, bool]:
     return text, True
 
 
+def hub_where(source: str) -> str:
+    """How an error names a Hub id, so the user sees it was not taken for a local directory."""
+    return f"{source}: not a local directory; as a Hugging Face Hub id"
+
+
+def checked_model_source(path: str | Path, hint: str = "") -> tuple[str, bool]:
+    """`model_source`, refusing a local path that is not a model directory: the one check every model
+    argument (``--model``, ``--policy``, ``--reward-model``, ``--value-model``, eval's models, ...) goes
+    through before transformers loads it. A Hub id passes unchecked (transformers reports what it cannot
+    load). ``hint``: appended to the error, e.g. how to make such a directory."""
+    source, hub = model_source(path)
+    if not hub:
+        local = Path(source)
+        if not local.is_dir():
+            raise ChatsmithError(f"{local}: model directory not found{hint}")
+        if not (local / "config.json").is_file():
+            raise ChatsmithError(f"{local}: not a model directory (no config.json){hint}")
+    return source, hub
+
+
+def model_config_dict(path: str | Path, hint: str = "") -> tuple[dict[str, Any], str, bool]:
+    """``(config.json as a dict, source, is_hub)`` of a model argument, read without loading weights: from the
+    local directory, or through transformers for a Hub id (its cache; its own error when offline)."""
+    from transformers import PretrainedConfig
+
+    source, hub = checked_model_source(path, hint)
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source)
+    except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
+        where = hub_where(source) if hub else source
+        raise ChatsmithError(f"{where}: cannot read config.json: {exc}{hint}") from None
+    return config, source, hub
+
+
+def has_chat_template(source: str, hub: bool) -> bool:
+    """Whether the tokenizer of a model argument (see `checked_model_source`) carries a chat template, read
+    without loading the model. For a Hub id that cannot be read: False (`load_model` reports the error)."""
+    if hub:
+        from transformers import AutoTokenizer
+
+        try:
+            return bool(getattr(AutoTokenizer.from_pretrained(source), "chat_template", None))
+        except Exception:  # noqa: BLE001 - load_model reports it, naming the Hub id
+            return False
+    path = Path(source)
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+        except json.JSONDecodeError:
+            return False
+    return False
+
+
 def load_model(path: str | Path, device: str = "auto", dtype: Any = None, template: str | None = None,
                require_template: bool = True) -> Loaded:
     """Load a HF causal LM: a local directory or a Hub id. Returns ``Loaded(model, tokenizer, fmt)`` (model
@@ -236,19 +293,15 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
     - The format's special tokens (e.g. ``<|im_start|>``) are added to the vocabulary if missing, and a
       ``<|pad|>`` pad token if the tokenizer has none or its pad token is an end-of-turn token;
       embeddings are resized to match.
+    - Attention runs through PyTorch SDPA wherever the architecture supports it: transformers picks
+      ``attn_implementation="sdpa"`` by default then (tests/test_precision.py checks it).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chatsmith.utils import resolve_device
 
-    source, hub = model_source(path)
-    where = f"{source}: not a local directory; as a Hugging Face Hub id" if hub else source
-    if not hub:
-        path = Path(source)
-        if not path.is_dir():
-            raise ChatsmithError(f"{path}: model directory not found")
-        if not (path / "config.json").is_file():
-            raise ChatsmithError(f"{path}: not a Hugging Face model directory (no config.json)")
+    source, hub = checked_model_source(path)
+    where = hub_where(source) if hub else source
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line

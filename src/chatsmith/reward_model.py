@@ -227,6 +227,9 @@ def score_head_in_weights(path: Path) -> bool | None:
     return any(n == "score.weight" or n.endswith(".score.weight") for n in names)
 
 
+TRAIN_ONE = "; train a reward model with `chatsmith reward`"
+
+
 def check_reward_model_dir(path: str | Path) -> None:
     """Refuse a directory that is not a trained reward model, before loading it.
 
@@ -235,13 +238,12 @@ def check_reward_model_dir(path: str | Path) -> None:
     ``num_labels == 1`` and the head's weights in its safetensors. A causal LM (an SFT or base model) would
     otherwise be scored with a freshly, randomly initialised head.
     """
-    path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ChatsmithError(f"{path}: cannot read config.json ({exc}); train a reward model with "
-                             "`chatsmith reward`") from None
-    if (NORM_MEAN_KEY in config and NORM_STD_KEY in config) or (path / NORM_FILE).is_file():
+    from chatsmith.model import model_config_dict
+
+    config, source, hub = model_config_dict(path, TRAIN_ONE)
+    local = None if hub else Path(source)       # a Hub id: its config is all that is read before loading
+    path = local or source
+    if (NORM_MEAN_KEY in config and NORM_STD_KEY in config) or (local is not None and (local / NORM_FILE).is_file()):
         return
     archs = [str(a) for a in config.get("architectures") or []]
     if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
@@ -252,7 +254,7 @@ def check_reward_model_dir(path: str | Path) -> None:
     if labels != 1:
         raise ChatsmithError(f"{path}: a reward model has one output (num_labels=1), this one has {labels}; "
                              "train one with `chatsmith reward`")
-    if score_head_in_weights(path) is False:
+    if local is not None and score_head_in_weights(local) is False:
         raise ChatsmithError(f"{path}: the weights hold no trained score head (score.weight), so its scores "
                              "would be random; train a reward model with `chatsmith reward`")
 
@@ -270,19 +272,23 @@ def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype
     from chatsmith.chat.templates import get_format
     from chatsmith.utils import resolve_device
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ChatsmithError(f"{path}: not a model directory (no config.json); train one with `chatsmith reward`")
-    check_reward_model_dir(path)
+    from chatsmith.model import checked_model_source, hub_where
+
+    source, hub = checked_model_source(path, TRAIN_ONE)
+    check_reward_model_dir(source)
+    path = Path(source)
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "auto": None}[dtype]
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
     kwargs = {"dtype": dtype} if dtype is not None else {}
     from chatsmith.model import quiet_transformers
 
-    with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
+        raise ChatsmithError(f"{hub_where(source) if hub else source}: cannot load the reward model: {exc}") from None
     if getattr(model.config, "num_labels", 1) != 1:
         raise ChatsmithError(f"{path}: a reward model has one output (num_labels=1), this one has "
                              f"{model.config.num_labels}")
@@ -295,7 +301,7 @@ def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype
         fmt = get_format(None, tokenizer)
     mean = getattr(model.config, NORM_MEAN_KEY, None)
     std = getattr(model.config, NORM_STD_KEY, None)
-    if (mean is None or std is None) and (path / NORM_FILE).is_file():
+    if (mean is None or std is None) and not hub and (path / NORM_FILE).is_file():
         saved = json.loads((path / NORM_FILE).read_text())
         mean, std = saved.get("mean"), saved.get("std")
     model.to(resolve_device(device)).eval()

@@ -51,6 +51,7 @@ Run the tests: `python -m pytest tests/test_chat_templates.py -q`.
 
 from __future__ import annotations
 
+import json
 import re
 import weakref
 from collections import Counter
@@ -58,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatsmith.chat.templates import ChatFormat, get_format, turn_closings
+from chatsmith.chat.tool_calls import tool_call_spans, tool_format, uses_tools
 from chatsmith.errors import DataError, TemplateError
 
 CONTENT_FIELDS = ("content", "input")  # message fields holding free text ("input": Alpaca context)
@@ -178,7 +180,8 @@ def _slots_and_key(messages: list[dict]) -> tuple[list[tuple[int, str, str, bool
             flags.append(0 if value is None else (2 if value else 1))
             if value is None:
                 continue
-            is_reply = role == "assistant" and field == "content"
+            # An assistant content is a reply slot, unless the turn only calls a tool (chat/tool_calls.py).
+            is_reply = role == "assistant" and field == "content" and bool(value or not message.get("tool_calls"))
             if value or is_reply:
                 slots.append((i, field, value, is_reply))
         if len(message) > 2:
@@ -219,8 +222,9 @@ class _Literal:
     text: str
     ids: list[int]
     mask: list[int]
-    masked_prefix: int  # how many leading characters of `text` are end-of-turn text (mask 1)
-    masked_suffix: int = 0  # how many trailing characters the model generates before the next reply (mask 1)
+    # (start, end) character ranges of `text` the model generates (mask 1): end-of-turn text at its start,
+    # text generated before the next reply at its end, a tool call anywhere
+    spans: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -260,7 +264,7 @@ def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, bas
     masked = frozenset(j for j, slot in enumerate(slots) if slot[3])
     for j in sorted(masked):
         i = slots[j][0]
-        if counts[j] == 0:
+        if counts[j] == 0 and not messages[i].get("tool_calls"):   # Llama 3.1 writes only the call
             raise TemplateError(f"chat template {fmt.name!r} drops assistant message {i} (it does not appear in the "
                                 "rendered text), so the assistant mask cannot be made exact")
         if counts[j] > 1:
@@ -269,10 +273,10 @@ def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, bas
 
     markers = f"[{chr(base)}-{chr(base + n_markers - 1)}]"
     user_marker = chr(base + n_markers)  # one code point past every content marker
-    closing: dict[int, int] = {}  # piece index of the literal after a reply -> length of its masked prefix
-    opening: dict[int, int] = {}  # piece index of the literal before a reply -> length of its masked suffix
+    # literal piece index -> its masked character ranges; first the tool calls' (chat/tool_calls.py)
+    spans = tool_call_spans(fmt, skeleton_messages, skeleton, raw_pieces, offsets)
     for position, piece in enumerate(raw_pieces):
-        if not (isinstance(piece, int) and piece in masked):
+        if not (isinstance(piece, int) and piece in masked) or messages[slots[piece][0]].get("tool_calls"):
             continue
         index = slots[piece][0]
         # Text the model generates between the generation prompt and the reply (module docstring, step 3).
@@ -280,15 +284,16 @@ def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, bas
             generated = _generated_before_reply(fmt, skeleton_messages, index, skeleton[:offsets[position]],
                                                 markers)
             if generated and raw_pieces[position - 1].endswith(generated):
-                opening[position - 1] = len(generated)
+                text = raw_pieces[position - 1]
+                spans.setdefault(position - 1, []).append((len(text) - len(generated), len(text)))
         # End-of-turn text after the reply (module docstring, step 4).
         follower = raw_pieces[position + 1] if position + 1 < len(raw_pieces) else None
         after = follower if isinstance(follower, str) else ""
         mid, final = turn_closings(fmt, skeleton_messages, index, sentinels[piece], user_marker)
         if index == len(messages) - 1 and final and after.startswith(final):
-            closing[position + 1] = len(final)
+            spans.setdefault(position + 1, []).append((0, len(final)))
         elif mid and after.startswith(mid):
-            closing[position + 1] = len(mid)
+            spans.setdefault(position + 1, []).append((0, len(mid)))
         elif after.rstrip():
             # Closed by the next header: up to the next message's text. Empty contents have no slot in the
             # skeleton, so find that boundary in a rendering where every text field is marked.
@@ -297,37 +302,43 @@ def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, bas
                 later_text = any(isinstance(p, int) for p in raw_pieces[position + 1:])
                 header = after.rstrip() if later_text else ""  # never the generation prompt
             if header:
-                closing[position + 1] = len(header)
-    return _Plan(_tokenize_literals(codec, raw_pieces, closing, opening), masked)
+                spans.setdefault(position + 1, []).append((0, len(header)))
+    return _Plan(_tokenize_literals(codec, raw_pieces, spans), masked)
 
 
-def _tokenize_literals(codec: _Codec, raw_pieces: list, closing: dict[int, int], opening: dict[int, int]) -> list:
-    """Pieces with every literal tokenized (once per structure) as up to three segments: its masked
-    end-of-turn prefix (`closing`), the rest, and its masked suffix generated before a reply (`opening`)."""
-    cuts: list[tuple[int, int]] = []
-    segment_texts: list[str] = []
-    for position, piece in enumerate(raw_pieces):
-        if isinstance(piece, str):
-            head = closing.get(position, 0)
-            tail = min(opening.get(position, 0), len(piece) - head)
-            cuts.append((head, tail))
-            segment_texts += [piece[:head], piece[head:len(piece) - tail], piece[len(piece) - tail:]]
-    segment_ids = iter(codec.encode_template([t for t in segment_texts if t]))
-    cuts_iter = iter(cuts)
+def _segments(length: int, spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """``(start, end, bit)``: ``[0, length)`` cut at the edges of the (merged) masked ``spans``."""
+    out: list[tuple[int, int, int]] = []
+    at = 0
+    for start, end in sorted(spans):
+        start = max(start, at)
+        if start > at:
+            out.append((at, start, 0))
+        if end > start:
+            out.append((start, end, 1))
+        at = max(at, end)
+    if at < length:
+        out.append((at, length, 0))
+    return out
+
+
+def _tokenize_literals(codec: _Codec, raw_pieces: list, spans: dict[int, list[tuple[int, int]]]) -> list:
+    """Pieces with every literal tokenized (once per structure) segment by segment: its masked character
+    ranges (`spans`: end of turn, text generated before a reply, a tool call) apart from the rest."""
+    cuts = {p: _segments(len(piece), spans.get(p, [])) for p, piece in enumerate(raw_pieces) if isinstance(piece, str)}
+    segment_ids = iter(codec.encode_template([raw_pieces[p][a:b] for p, segs in cuts.items() for a, b, _ in segs]))
     pieces: list = []
-    for piece in raw_pieces:
+    for position, piece in enumerate(raw_pieces):
         if isinstance(piece, int):
             pieces.append(piece)
             continue
-        head, tail = next(cuts_iter)
         ids: list[int] = []
         mask: list[int] = []
-        for length, bit in ((head, 1), (len(piece) - head - tail, 0), (tail, 1)):
-            if length:
-                segment = list(next(segment_ids))
-                ids += segment
-                mask += [bit] * len(segment)
-        pieces.append(_Literal(piece, ids, mask, head, tail))
+        for _, _, bit in cuts[position]:
+            segment = list(next(segment_ids))
+            ids += segment
+            mask += [bit] * len(segment)
+        pieces.append(_Literal(piece, ids, mask, tuple((a, b) for a, b, bit in cuts[position] if bit)))
     return pieces
 
 
@@ -420,8 +431,9 @@ def _get_plan(fmt: ChatFormat, tokenizer, codec: _Codec, messages, slots, key, b
 
 def _variants(content: str) -> list[str]:
     out = [content]
+    # the last: as `tojson` writes a string between its quotes (Llama 3.1's tool results)
     for v in (content.strip(), content.lstrip(), content.rstrip(), content.strip("\n"), content.lstrip("\n"),
-              content.rstrip("\n")):
+              content.rstrip("\n"), json.dumps(content, ensure_ascii=False)[1:-1]):
         if v not in out:
             out.append(v)
     return out
@@ -496,16 +508,21 @@ def _raise_misaligned(fmt, plan, messages, slots, furthest: int):
 # ----------------------------------------------------------------------------- public API
 
 def render_chat(messages: list[dict], tokenizer, fmt: ChatFormat | str | None,
-                add_generation_prompt: bool = False, *, verify: bool = True) -> RenderedChat:
+                add_generation_prompt: bool = False, *, verify: bool = True,
+                tools: list[dict] | None = None) -> RenderedChat:
     """Render `messages` to `RenderedChat(input_ids (t,), assistant_mask (t,), text)`.
 
     Mask = 1 exactly on assistant reply tokens and the end-of-turn text closing each reply; 0 on
     system/user text, headers and the generation prompt. `verify` checks `decode(input_ids) == text`
-    (and falls back to whole-text tokenization with offsets if segments do not round-trip).
+    (and falls back to whole-text tokenization with offsets if segments do not round-trip). `tools`: the
+    conversation's function schemas, passed to the template as `apply_chat_template(tools=...)` does; an
+    assistant turn with `tool_calls` is trained on, call included, `tool` results are not (chat/tool_calls.py).
     """
     if not isinstance(fmt, ChatFormat):
         fmt = get_format(fmt, tokenizer)
     messages = _check_messages(messages)
+    if uses_tools(messages, tools):
+        fmt = tool_format(fmt, tools, messages)
     slots, key = _slots_and_key(messages)
     n_fields = sum(1 for m in messages for field in CONTENT_FIELDS if field in m)
     base = _sentinel_base([s[2] for s in slots], n_fields + 1)  # + 1: a user message's marker (turn_closings)
@@ -543,13 +560,14 @@ def render_chat(messages: list[dict], tokenizer, fmt: ChatFormat | str | None,
     return RenderedChat(ids, mask, text)
 
 
-def render_prompt(messages: list[dict], tokenizer, fmt: ChatFormat | str | None) -> list[int]:
+def render_prompt(messages: list[dict], tokenizer, fmt: ChatFormat | str | None,
+                  tools: list[dict] | None = None) -> list[int]:
     """Token ids for generation: the conversation rendered with the generation prompt appended.
 
     Tokenized exactly like `render_chat`, so a prompt's ids are a prefix of the training ids of the same
     conversation continued by a reply.
     """
-    return render_chat(messages, tokenizer, fmt, add_generation_prompt=True).input_ids
+    return render_chat(messages, tokenizer, fmt, add_generation_prompt=True, tools=tools).input_ids
 
 
 def _whole_text_tokens(codec: _Codec, plan: _Plan, parts: list[str], text: str) -> tuple[list[int], list[int]]:
@@ -559,9 +577,8 @@ def _whole_text_tokens(codec: _Codec, plan: _Plan, parts: list[str], text: str) 
     pos = 0
     for piece, part in zip(plan.pieces, parts):
         if isinstance(piece, _Literal):
-            masked_chars[pos:pos + piece.masked_prefix] = b"\x01" * piece.masked_prefix
-            stop = pos + len(part)
-            masked_chars[stop - piece.masked_suffix:stop] = b"\x01" * piece.masked_suffix
+            for start, end in piece.spans:
+                masked_chars[pos + start:pos + end] = b"\x01" * (end - start)
         else:
             content_spans.append((pos, pos + len(part)))
             if piece in plan.masked_slots:

@@ -166,6 +166,7 @@ class ChatFormat:
         self.verbatim_contents = builtin is not None
         self._compiled = compile_template(template, name)
         self._plans: Any = None  # per-tokenizer caches owned by chat/render.py
+        self.tool_variants: dict[str, ChatFormat] = {}  # this format with a `tools` list, see chat/tool_calls.py
 
     def __repr__(self) -> str:
         return f"ChatFormat(name={self.name!r})"

@@ -67,14 +67,21 @@ def length_line(lengths: Sequence[int]) -> str:
 
 
 def _load_tokenizer(path: str) -> Any:
-    if not Path(path).is_dir():
-        raise ChatsmithError(f"--tokenizer {path}: not a directory (give a model or tokenizer directory)")
+    """A model or tokenizer directory, or a Hub id (`chatsmith.model.model_source`; a tokenizer-only directory
+    has no config.json, so this is not `checked_model_source`)."""
+    from chatsmith.model import hub_where, model_source
+
+    source, hub = model_source(path)
+    if not hub and not Path(source).is_dir():
+        raise ChatsmithError(f"--tokenizer {path}: not a directory (give a model or tokenizer directory, or a "
+                             f"Hugging Face Hub id)")
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(source, local_files_only=not hub)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ChatsmithError(f"--tokenizer {path}: cannot load a tokenizer: {exc}") from None
+        raise ChatsmithError(f"--tokenizer {hub_where(source) if hub else path}: cannot load a tokenizer: "
+                             f"{exc}") from None
 
 
 def _token_report(cfg: DataCheckConfig, result: LoadResult, tokenizer: Any) -> bool:
@@ -112,11 +119,11 @@ def _token_report(cfg: DataCheckConfig, result: LoadResult, tokenizer: Any) -> b
                              for r in ex.responses]
                 rendered = [(s.input_ids, s.assistant_mask) for s in sequences]
             elif result.kind == "prompt":
-                ids = render_prompt(ex.messages, tokenizer, fmt)
+                ids = render_prompt(ex.messages, tokenizer, fmt, tools=ex.tools)
                 rendered = [(ids, [0] * len(ids))]
             else:
                 assert isinstance(ex, ChatExample)
-                chat = render_chat(ex.messages, tokenizer, fmt)
+                chat = render_chat(ex.messages, tokenizer, fmt, tools=ex.tools)
                 rendered = [(chat.input_ids, chat.assistant_mask)]
         except ChatsmithError as exc:
             failures.append(f"{ex.origin}: cannot render with template {fmt.name}: {exc}")
@@ -172,8 +179,8 @@ def stage_rules(cfg: DataCheckConfig, result: LoadResult, stage: str, tokenizer:
             from chatsmith.train.sft import prepare_examples
 
             overlength = cfg.overlength or defaults.overlength
-            kept, stats = prepare_examples([(ex.messages, ex.origin) for ex in result.examples], tokenizer, fmt,
-                                           max_len, overlength)
+            rows = [(ex.messages, ex.origin, ex.tools) for ex in result.examples]
+            kept, stats = prepare_examples(rows, tokenizer, fmt, max_len, overlength)
             print(f"sft rules (--max-len {max_len}, --overlength {overlength}): {stats.line()}")
             require_rows(kept, cfg.path, "no conversation left to train on", stats.line())
         elif stage in ("reward", "dpo"):

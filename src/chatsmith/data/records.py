@@ -8,7 +8,8 @@
 
 Row formats (auto-detected from the first 50 rows of a file, majority vote; force with `format=`):
 - `messages`   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  (OpenAI style;
-               content may also be a list of {"type": "text", "text": ...} parts)
+               content may also be a list of {"type": "text", "text": ...} parts; tool calls, `tool`
+               messages and a row-level `tools` list as in `chatsmith.data.tools`)
 - `sharegpt`   {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}  (also accepts
                from = user/assistant/chatgpt/model; an optional top-level "system" string)
 - `alpaca`     {"instruction": "...", "input": "..." (optional), "output": "...", "system": "..." (optional)}
@@ -70,7 +71,7 @@ ALLOWED_FORMATS = {
 FORMAT_ALIASES = {"openai": "messages", "chat": "messages", "prompt-completion": "prompt_completion",
                   "completion": "prompt_completion", "pretraining": "text", "pairwise": "preference",
                   "dpo": "preference", "ranking": "ranked"}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")   # tool: a function's result (`chatsmith.data.tools`)
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
                   "system": "system"}
@@ -113,10 +114,11 @@ class TextExample:
 
 @dataclass
 class ChatExample:
-    """A conversation: `messages` = [{"role", "content"}, ...]."""
+    """A conversation: `messages` = [{"role", "content"}, ...]; `tools`: the row's function schemas, if any."""
     messages: list[dict]
     origin: str = ""
     meta: dict = field(default_factory=dict)
+    tools: list[dict] | None = None
 
 
 @dataclass
@@ -284,6 +286,8 @@ def _messages(value: Any, where: str, *, role_key: str = "role", content_key: st
         raise RowError(WRONG_TYPE, f"field {where!r} should be a list of messages, got {type_name(value)}")
     if not value:
         raise RowError(EMPTY, f"field {where!r} is an empty list")
+    from chatsmith.data import tools    # here: tools.py imports this module
+
     out = []
     for i, msg in enumerate(value):
         at = f"{where}[{i}]"
@@ -305,14 +309,17 @@ def _messages(value: Any, where: str, *, role_key: str = "role", content_key: st
                                 f"{', '.join(sorted(role_map))}")
         else:
             if role not in ROLES:
-                raise RowError(UNKNOWN_ROLE, f"{at}: unknown role {role!r}; expected system, user or assistant")
+                raise RowError(UNKNOWN_ROLE, f"{at}: unknown role {role!r}; expected system, user, assistant or tool")
             mapped = role
+        calls = msg.get("tool_calls") if role_map is None and mapped == "assistant" else None
+        if calls is not None and msg.get(keys_content) is None:
+            msg = {**msg, keys_content: ""}               # a turn that only calls a tool has no text
         if keys_content not in msg or msg[keys_content] is None:
             raise RowError(EMPTY if mapped == "assistant" else MISSING, f"{at} ({mapped}) has no {keys_content!r}")
         content = _text(msg[keys_content], f"{at}.{keys_content}")
-        if mapped == "assistant" and not content.strip():
+        if mapped == "assistant" and not content.strip() and calls is None:
             raise RowError(EMPTY, f"{at}: empty assistant reply")
-        out.append({"role": mapped, "content": content})
+        out.append({"role": mapped, "content": content, **tools.message_tool_fields(msg, mapped, calls, at)})
     return out
 
 
@@ -483,9 +490,9 @@ def _parse_chat(record: dict, fmt: str, need_reply: bool) -> list[dict]:
     raise AssertionError(fmt)
 
 
-_USED_KEYS = {"messages": {"messages"}, "sharegpt": {"conversations", "system"},
+_USED_KEYS = {"messages": {"messages", "tools"}, "sharegpt": {"conversations", "system"},
               "alpaca": {"instruction", "input", "output", "system"},
-              "prompt_completion": {"prompt", "completion", "system"}, "text": {"text"},
+              "prompt_completion": {"prompt", "completion", "system", "tools"}, "text": {"text"},
               "preference": {"prompt", "chosen", "rejected", "system"},
               "ranked": {"prompt", "ranked", "responses", "ranking", "scores", "system"}}
 
@@ -508,15 +515,18 @@ def convert_record(record: Any, fmt: str, kind: str, origin: str) -> Example:
             return ChatExample(prompt + [{"role": "assistant", "content": responses[0]}], origin, meta)
         return ChatExample(prompt, origin, meta)   # kind == "prompt"
     messages = _parse_chat(record, fmt, need_reply=(kind == "chat"))
+    from chatsmith.data.tools import row_tools    # here: tools.py imports this module
+
+    tools = row_tools(record, fmt, messages)
     if kind == "chat":
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError(NO_ASSISTANT, "conversation has no assistant turn (nothing to learn from)")
-        return ChatExample(messages, origin, meta)
+        return ChatExample(messages, origin, meta, tools)
     # kind == "prompt": everything up to and including the last user message
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     if last_user < 0:
         raise RowError(NO_USER, "conversation has no user message to use as a prompt")
-    return ChatExample(messages[:last_user + 1], origin, meta)
+    return ChatExample(messages[:last_user + 1], origin, meta, tools)
 
 
 def _ends_with_prompt(record: Any, fmt: str) -> bool:
@@ -563,5 +573,3 @@ def format_bad_rows(bad_rows: Sequence[BadRow], limit: int = LIST_BAD_ROWS) -> s
     if len(bad_rows) > limit:
         lines.append(f"  ... and {len(bad_rows) - limit} more")
     return "\n".join(lines)
-
-

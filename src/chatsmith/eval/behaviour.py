@@ -114,32 +114,19 @@ class ModelUnderTest:
 def load_model_under_test(path: str | Path, name: str, *, base_names: Sequence[str] = ("base",),
                           template: str = "", device: str = "auto") -> ModelUnderTest:
     """Load a model directory and decide base vs chat mode (rules in the module docstring)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ChatsmithError(f"{path}: not a model directory (no config.json); expected the output "
-                             f"directory of a chatsmith stage or any Hugging Face causal LM directory")
-    from chatsmith.model import load_model
+    from chatsmith.model import checked_model_source, has_chat_template, load_model
 
-    tokenizer_has_template = _tokenizer_has_template(path)
+    source, hub = checked_model_source(path, "; expected the output directory of a chatsmith stage, any Hugging "
+                                             "Face causal LM directory or a Hub id")
+    tokenizer_has_template = has_chat_template(source, hub)
     is_base = name in set(base_names) or (not tokenizer_has_template and not template)
     # A base model needs no template; a chat model whose tokenizer has none gets --template.
-    loaded = load_model(str(path), device=device, template=None if tokenizer_has_template else (template or None),
+    loaded = load_model(source, device=device, template=None if tokenizer_has_template else (template or None),
                         require_template=not is_base)
     loaded.model.eval()
-    return ModelUnderTest(name=name, path=str(path), model=loaded.model, tokenizer=loaded.tokenizer,
+    return ModelUnderTest(name=name, path=source if hub else str(Path(source)), model=loaded.model,
+                          tokenizer=loaded.tokenizer,
                           fmt=None if is_base else loaded.fmt, is_base=is_base)
-
-
-def _tokenizer_has_template(path: Path) -> bool:
-    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
-        return True
-    config = path / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
-        except json.JSONDecodeError:
-            return False
-    return False
 
 
 def raw_text(messages: list[dict]) -> str:

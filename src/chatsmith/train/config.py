@@ -20,6 +20,7 @@ from typing import Any
 
 from chatsmith.config import SEED_MAX, arg, validate_config
 from chatsmith.errors import ChatsmithError
+from chatsmith.train.devices import DTYPES
 from chatsmith.train.parallel import PARALLEL_MODES
 from chatsmith.utils import world_size
 
@@ -61,8 +62,11 @@ class TrainConfig:
                          choices=list(REPORT_TO))
     freeze_planted: bool = arg(False, FREEZE_PLANTED_HELP)
     device: str = arg("auto", "cpu, cuda, cuda:1, mps or auto.")
-    dtype: str = arg("auto", "Compute dtype: auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.",
-                     choices=["auto", "fp32", "bf16"])
+    dtype: str = arg("auto", "Compute dtype (autocast; weights, optimizer state and losses stay fp32): auto "
+                     "(bf16 on a GPU that supports it, fp32 on CPU), bf16, fp16 (CUDA only, with loss scaling) "
+                     "or fp32.", choices=list(DTYPES))
+    dry_run: bool = arg(False, "Print the parameter count, trainable parameters and the estimated peak memory "
+                        "per device for these settings, then exit without training or writing --out.")
     progress: bool = arg(True, "Show a progress bar (main process, interactive).")
     activation_checkpointing: bool = arg(False, "Recompute each decoder layer's activations in the backward pass "
                                          "instead of storing them: about a third more compute for a fraction "

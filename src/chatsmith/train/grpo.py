@@ -124,6 +124,7 @@ class GRPOTrainer(Stage):
         self.cfg = cfg
         self.sample_every, self.num_samples = cfg.sample_every, cfg.num_samples
         self.device, self.amp_dtype = self.runner.device, self.runner.amp_dtype
+        self.precision = self.runner.precision
         # Under torchrun each rank samples --prompts-per-step prompts of one global batch and the gradients
         # are averaged over ranks before every optimizer step (parallel.all_reduce_gradients).
         self.distributed = self.runner.distributed
@@ -235,7 +236,7 @@ class GRPOTrainer(Stage):
                 ref = rollout.ref_logprobs[rows, :r] if rollout.ref_logprobs is not None else None
                 loss, stats = F.grpo_loss(logprobs, old, ref, advantages[rows], m, cfg.clip_range, cfg.beta,
                                           cfg.loss_type)
-                (loss * weight).backward()
+                self.precision.backward(loss * weight)
                 stats = {"loss": loss.detach(), **stats}
                 if entropy is not None:
                     stats["entropy"] = F.masked_mean(entropy.detach(), m)
@@ -247,9 +248,11 @@ class GRPOTrainer(Stage):
             # Every rank holds the same number of responses, so the mean over ranks of their per-response
             # mean gradients is the gradient of the global batch.
             all_reduce_gradients(self.policy.parameters(), average=True)
+            self.precision.unscale(self.optimizer)
             step_stats["grad_norm"] = clip_gradients(self.policy.parameters(), cfg.grad_clip)
             step_stats["lr"] = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
+            self.precision.step(self.optimizer)   # fp16: skipped when the scaled gradients overflowed
+            self.precision.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             for k, v in step_stats.items():

@@ -62,8 +62,8 @@ from torch import nn
 from chatsmith.config import arg, validate_config
 from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, quiet_transformers,
-                             restrict_embedding_training)
+from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, checked_model_source, disable_dropout,
+                             hub_where, quiet_transformers, restrict_embedding_training)
 from chatsmith.train import rl_functional as F
 from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_room_for_prompt
@@ -179,6 +179,7 @@ class PPOTrainer(Stage):
         self.cfg = cfg
         self.sample_every, self.num_samples = cfg.sample_every, cfg.num_samples
         self.device, self.amp_dtype = self.runner.device, self.runner.amp_dtype
+        self.precision = self.runner.precision
         # Under torchrun each rank collects --rollout-batch-size episodes of one global batch; whitening,
         # the KL controller and the token-weighted losses use the whole batch's statistics, and the
         # gradients are summed over ranks (see _update), so W processes train what one process with W times
@@ -245,10 +246,16 @@ class PPOTrainer(Stage):
                                         else self.cfg.reward_model)
         from transformers import AutoModelForSequenceClassification
 
-        if not (Path(path) / "config.json").is_file():
-            raise ChatsmithError(f"--value-model {path}: not a model directory (no config.json)")
-        with quiet_transformers():
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        flag = "--value-model" if self.cfg.value_model else "--reward-model"
+        try:
+            source, hub = checked_model_source(path)      # a local directory or a Hub id
+            with quiet_transformers():
+                return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+        except ChatsmithError as exc:
+            raise ChatsmithError(f"{flag} {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
+            where = hub_where(source) if hub else source
+            raise ChatsmithError(f"{flag} {where}: cannot load it as a value model: {exc}") from None
 
     # ------------------------------------------------------------------------- one PPO step
     def rollout(self) -> tuple[Rollout, list[int]]:
@@ -378,7 +385,7 @@ class PPOTrainer(Stage):
                     vf_loss, vf_stats = F.value_loss(vpred, old_values[rows, :r], returns[rows, :r], m,
                                                      cfg.clip_range_value)
                     loss = pg_loss + cfg.vf_coef * vf_loss
-                    (loss * weight).backward()
+                    self.precision.backward(loss * weight)
                     micro = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "loss": loss.detach(),
                              "entropy": F.masked_mean(entropy.detach(), m), **pg_stats, **vf_stats}
                     for k, v in micro.items():
@@ -389,15 +396,18 @@ class PPOTrainer(Stage):
                 # Each rank's loss carries its share of the global minibatch's tokens: the sum over ranks
                 # is the gradient of the whole minibatch.
                 all_reduce_gradients([*self.policy.parameters(), *self.value_model.parameters()], average=False)
+                for opt in (self.optimizer.policy, self.optimizer.value):
+                    self.precision.unscale(opt)
                 norms["grad_norm"] = norms.get("grad_norm", 0.0) + clip_gradients(self.policy.parameters(),
                                                                                    cfg.grad_clip)
                 norms["value_grad_norm"] = norms.get("value_grad_norm", 0.0) + clip_gradients(
                     self.value_model.parameters(), cfg.grad_clip)
                 for opt, sched in ((self.optimizer.policy, self.scheduler.policy),
                                    (self.optimizer.value, self.scheduler.value)):
-                    opt.step()
+                    self.precision.step(opt)   # fp16: skipped when the scaled gradients overflowed
                     opt.zero_grad(set_to_none=True)
                     sched.step()
+                self.precision.update()
                 for k, v in stats_mb.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1

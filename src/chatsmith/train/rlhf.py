@@ -54,6 +54,7 @@ from chatsmith.config import (SEED_MAX, arg, canonical_settings, config_from_dic
 from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.train.config import check_room_for_prompt
+from chatsmith.train.devices import DTYPES
 from chatsmith.train.outdir import claim_out_dir
 from chatsmith.train.ppo import PPOConfig, PPOTrainer
 from chatsmith.eval.judges import resolve_reward
@@ -100,6 +101,10 @@ class RLHFConfig:
     overwrite: bool = arg(False, "Run in a non-empty --out that is not an rlhf run (chatsmith replaces its own "
                           "files there; other files are left alone).")
     device: str = arg("auto", "cpu, cuda, mps or auto.")
+    dtype: str = arg("auto", "Compute dtype of the reward-model and PPO training (see `chatsmith sft --help`): "
+                     "auto, bf16, fp16 (CUDA only) or fp32.", choices=list(DTYPES))
+    dry_run: bool = arg(False, "Print the parameters and the estimated peak memory per device of a round's PPO "
+                        "(policy, value model, reference, reward model), then exit without writing --out.")
     progress: bool = arg(True, "Progress output.")
 
     def check_settings(self) -> None:
@@ -319,6 +324,7 @@ class _RLHF:
         settings.setdefault("epochs", cfg.rm_epochs)
         settings.setdefault("lr", cfg.rm_lr)
         settings.setdefault("batch_size", cfg.rm_batch_size)
+        settings.setdefault("dtype", cfg.dtype)
         rm_cfg = config_from_dict(RewardConfig, settings, source=cfg.rm_config or "rlhf")
         note(f"rlhf: round {k}: training the reward model on {rdir / 'preferences.jsonl'}")
         return train_reward_model(rm_cfg) or {}
@@ -334,6 +340,7 @@ class _RLHF:
         settings.setdefault("lr", cfg.ppo_lr)
         settings.setdefault("max_new_tokens", cfg.max_new_tokens)
         settings.setdefault("max_len", cfg.max_len)
+        settings.setdefault("dtype", cfg.dtype)
         ppo_cfg = config_from_dict(PPOConfig, settings, source=cfg.ppo_config or "rlhf")
         note(f"rlhf: round {k}: PPO from {policy_dir} against {rdir / 'rm'}")
         return PPOTrainer(ppo_cfg).run()

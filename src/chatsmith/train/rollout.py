@@ -542,7 +542,7 @@ def select_prompts(examples: Sequence[Any], tokenizer: Any, fmt: Any, max_prompt
 
     items, dropped = [], 0
     for ex in examples:
-        ids = render_prompt(ex.messages, tokenizer, fmt)
+        ids = render_prompt(ex.messages, tokenizer, fmt, tools=getattr(ex, "tools", None))
         if len(ids) > max_prompt_len:
             dropped += 1
             continue
@@ -570,10 +570,10 @@ def check_reward_spec(spec: str, flag: str) -> None:
     path = reward_model_path(spec)
     if path is None:
         return
-    if not (Path(path) / "config.json").is_file():
-        raise ChatsmithError(f"{flag} {spec}: not a model directory (no config.json); train a reward model with "
-                             "`chatsmith reward`")
-    check_reward_model_dir(path)
+    try:
+        check_reward_model_dir(path)      # a local directory or a Hub id (`chatsmith.model.checked_model_source`)
+    except ChatsmithError as exc:
+        raise ChatsmithError(f"{flag} {exc}") from None
 
 
 def make_scorer(spec: str, policy_tokenizer: Any, device: str, forward_batch_size: int = 16):

@@ -46,7 +46,7 @@ from chatsmith.config import save_config
 from chatsmith.errors import ChatsmithError, Interrupted
 from chatsmith.train.checkpoint import Checkpointer, save_final_model
 from chatsmith.train.config import TrainConfig, check_train_config
-from chatsmith.train.devices import resolve_dtype
+from chatsmith.train.devices import Precision, resolve_dtype
 from chatsmith.train.outdir import claim_out_dir
 from chatsmith.train.parallel import all_reduce_sum
 from chatsmith.train.progress import (Progress, TensorBoardWriter, append_samples, format_samples_table,
@@ -127,16 +127,20 @@ class Stage:
 class Run:
     """Config, resume, RNG, distributed setup, progress, logging, evaluation, samples, checkpoints and the
     final save around a stage's steps; see the module docstring. Build it first: stages take ``device``,
-    ``amp_dtype`` and ``distributed`` from it."""
+    ``amp_dtype``, ``precision`` (autocast and fp16 loss scaling) and ``distributed`` from it."""
 
     def __init__(self, cfg: TrainConfig, stage: str, best_metric: str | None = None):
         check_train_config(cfg)
+        if getattr(cfg, "dry_run", False):
+            raise ChatsmithError("--dry-run: the `chatsmith` command prints the estimate and exits; from Python "
+                                 "call chatsmith.train.memory.dry_run(command, cfg) instead of training")
         self.cfg, self.stage_name, self.best_metric = cfg, stage, best_metric
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_dtype(cfg.dtype, self.device)   # refuses fp16 off CUDA before OUT is touched
+        self.precision = Precision(self.amp_dtype, self.device)  # autocast, and loss scaling for fp16
         self.claim = claim_out_dir(cfg, stage)             # before any write into OUT
         self.distributed = init_distributed(self.device)   # under torchrun: join before any wrapping
-        self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.report_to == "tensorboard":
             require_tensorboard()          # fail before training, not at the first metrics row
         self.checkpointer = Checkpointer(self.out)
@@ -233,6 +237,7 @@ class Run:
             extra = state.get("extra") or {}
             self.best_value = extra.get("best_value")
             stage.load_extra_state(extra)
+            self.precision.load_state_dict(extra.get("grad_scaler") or {})
             self.logger.truncate_after(stage.step)
             truncate_samples(self.out / "samples.jsonl", stage.step)
             if stage.step >= cfg.max_steps:
@@ -278,7 +283,8 @@ class Run:
         parts = stage.checkpoint_parts()
         self.checkpointer.save(stage.step, parts.model, parts.optimizer, parts.scheduler,
                                parts.data.state_dict() if parts.data is not None else None,
-                               tokenizer=parts.tokenizer, extra={**stage.extra_state(), "best_value": self.best_value},
+                               tokenizer=parts.tokenizer, extra={**stage.extra_state(), "best_value": self.best_value,
+                                                      "grad_scaler": self.precision.state_dict()},
                                info={"stage": self.stage_name, "loss": last.get("loss"),
                                      "max_steps": self.cfg.max_steps})
         self.saved_step = stage.step

@@ -100,17 +100,18 @@ class PrepareStats:
                 f"{self.tokens:,} tokens, {self.targets:,} assistant (loss) tokens")
 
 
-def prepare_examples(conversations: Sequence[tuple[list[dict], str]], tokenizer, fmt, max_len: int,
+def prepare_examples(conversations: Sequence[tuple], tokenizer, fmt, max_len: int,
                      overlength: str = "truncate") -> tuple[list[SFTExample], PrepareStats]:
-    """Render ``(messages, origin)`` pairs to :class:`SFTExample` and apply the length policy."""
+    """Render ``(messages, origin)`` or ``(messages, origin, tools)`` tuples to :class:`SFTExample` and apply
+    the length policy (``tools``: the row's function schemas, `chatsmith.data.tools`)."""
     from chatsmith.chat.render import render_chat
     from chatsmith.data.formats import fit_to_length
 
     stats = PrepareStats()
     out: list[SFTExample] = []
-    for messages, origin in conversations:
+    for messages, origin, *tools in conversations:
         try:
-            rendered = render_chat(messages, tokenizer, fmt)
+            rendered = render_chat(messages, tokenizer, fmt, tools=tools[0] if tools else None)
         except TemplateError as exc:
             raise TemplateError(f"{origin}: {exc}") from None
         fit = fit_to_length(rendered.input_ids, rendered.assistant_mask, None, max_len, overlength)
@@ -186,13 +187,14 @@ def split_conversations(items: list, eval_fraction: float, seed: int, cap: int =
     return ([x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen])
 
 
-def load_conversations(cfg: SFTConfig) -> list[tuple[list[dict], str]]:
+def load_conversations(cfg: SFTConfig) -> list[tuple[list[dict], str, list[dict] | None]]:
+    """``(messages, origin, tools)`` of every conversation in ``--data``."""
     from chatsmith.data.formats import load_examples
 
     result = load_examples(cfg.data, format=cfg.format, on_bad_row=cfg.on_bad_row, kind="chat")
     if is_main_process():
         print(result.summary(), file=sys.stderr)
-    return [(ex.messages, ex.origin) for ex in result.examples]
+    return [(ex.messages, ex.origin, ex.tools) for ex in result.examples]
 
 
 def sft(cfg: SFTConfig) -> TrainResult:

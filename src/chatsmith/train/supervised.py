@@ -174,6 +174,7 @@ class Trainer(Stage):
         self.token_count_fn = token_count_fn or default_token_count
         self.extra_files, self.save_final = extra_files, save_final
         self.device, self.amp_dtype = self.runner.device, self.runner.amp_dtype
+        self.precision = self.runner.precision
         self.fsdp = cfg.parallel == "fsdp" and self.runner.distributed and torch.distributed.get_world_size() > 1
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
@@ -259,7 +260,7 @@ class Trainer(Stage):
                 if int(n) != counts[i]:
                     raise ChatsmithError(f"{self.name}: loss_fn counted {int(n)} targets but count_fn said "
                                          f"{counts[i]} (they must agree for the loss normalisation)")
-                (loss_sum.float() * scale).backward()
+                self.precision.backward(loss_sum.float() * scale)
             loss_total += float(loss_sum.detach())
             for k, v in (metrics or {}).items():
                 total, weight = (float(v[0]), float(v[1])) if isinstance(v, tuple) else (float(v) * counts[i],
@@ -275,12 +276,14 @@ class Trainer(Stage):
         loss = loss_total / max(1, n_total)
         if not math.isfinite(loss):
             raise TrainingDiverged(self.diverged_message("loss", loss))
+        self.precision.unscale(self.optimizer)
         grad_norm = clip_gradients(self.model.parameters(), cfg.grad_clip)
-        if not math.isfinite(grad_norm):
+        if not math.isfinite(grad_norm) and not self.precision.tolerates_overflow():
             raise TrainingDiverged(self.diverged_message("gradient norm", grad_norm))
         lr = self.optimizer.param_groups[0]["lr"]
         if n_total > 0:
-            self.optimizer.step()
+            self.precision.step(self.optimizer)   # fp16: skipped when the scaled gradients overflowed
+        self.precision.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
