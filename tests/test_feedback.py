@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,15 +26,17 @@ from chatsmith.data.formats import load_examples
 from chatsmith.serve.app import create_app
 from chatsmith.serve.export import ExportSummary, FeedbackExportConfig, export_feedback, judgment_rows
 from chatsmith.serve.feedback import FeedbackError, FeedbackStore, parse_judgment
-from test_serve import model_dir, running  # noqa: F401  (model_dir is a fixture)
+from servers import free_port, running, tiny_chat_model, wait_for_health
 
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_chat_model(tmp_path_factory.mktemp("feedback") / "chat")
 
 
 def body(**changes):
@@ -92,7 +93,7 @@ def test_bad_judgments_are_refused(changes, param, words):
 # ----------------------------------------------------------------------------- the route
 
 @pytest.fixture(scope="module")
-def served(model_dir):  # noqa: F811
+def served(model_dir):
     from chatsmith.serve.app import ServedModel
 
     return ServedModel.load(str(model_dir), device="cpu", max_batch=2, max_queue=4, model_id="tiny")
@@ -199,7 +200,7 @@ def test_export_command_line(tmp_path):
 
 # ----------------------------------------------------------------------------- durability
 
-def test_kill_9_keeps_every_acknowledged_judgment(model_dir, tmp_path):  # noqa: F811
+def test_kill_9_keeps_every_acknowledged_judgment(model_dir, tmp_path):
     db = tmp_path / "feedback.db"
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -208,15 +209,8 @@ def test_kill_9_keeps_every_acknowledged_judgment(model_dir, tmp_path):  # noqa:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
+        wait_for_health(proc, url)
         deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "server did not start"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
 
         acknowledged: list[int] = []
 
