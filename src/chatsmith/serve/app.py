@@ -5,8 +5,8 @@
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions` (messages rendered with the model's own chat
 template), `POST /v1/completions` (raw text), `GET /health`, `GET /metrics` (Prometheus), `GET /` (the
-web chat page), and `POST /v1/feedback` when a feedback store is given (a human judgment of two
-responses; 404 when off). With an API key every `/v1` route needs `Authorization: Bearer KEY` (401 otherwise,
+web chat page), and with a feedback store `POST /v1/feedback` (a human judgment of two responses) and
+`GET /v1/feedback/pairs` (the pairs queued for judging that wait for one; both 404 when off). With an API key every `/v1` route needs `Authorization: Bearer KEY` (401 otherwise,
 compared in constant time). Streaming answers are server-sent events ending with `data: [DONE]`.
 
 Tests: `python -m pytest tests/test_serve.py -q`.
@@ -38,7 +38,8 @@ from chatsmith.serve.scheduler import Event, Job, QueueFull, Scheduler
 
 __all__ = ["ServedModel", "create_app"]
 
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/feedback")
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/feedback",
+          "/v1/feedback/pairs")
 
 
 @dataclass
@@ -193,21 +194,35 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_body_b
             raise APIError(400, f"messages: {exc}", param="messages", code="invalid_value") from None
         return await respond(request, served, [prompt], params, chat=True)
 
+    def feedback_store() -> Any:
+        if feedback is None:
+            raise APIError(404, "feedback is off on this server (start it with chatsmith serve --feedback DB)",
+                           "not_found_error", code="feedback_off")
+        return feedback
+
     @app.post("/v1/feedback")
     async def post_feedback(request: Request) -> dict:
         from chatsmith.serve.feedback import FeedbackError, parse_judgment
 
-        if feedback is None:
-            raise APIError(404, "feedback is off on this server (start it with chatsmith serve --feedback DB)",
-                           "not_found_error", code="feedback_off")
+        store = feedback_store()
         data = await read_json_body(request, max_body_bytes)
         try:
             judgment = parse_judgment(data)
+            # the insert fsyncs: run it off the event loop so streaming requests keep flowing meanwhile
+            judgment_id = await asyncio.to_thread(store.add, judgment)
         except FeedbackError as exc:
-            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
-        # the insert fsyncs: run it off the event loop so streaming requests keep flowing meanwhile
-        judgment_id = await asyncio.to_thread(feedback.add, judgment)
+            raise APIError(exc.status, str(exc), param=exc.param,
+                           code="already_judged" if exc.status == 409 else "invalid_value") from None
         return {"id": judgment_id, "object": "feedback"}
+
+    @app.get("/v1/feedback/pairs")
+    async def pending_pairs(limit: int = 50) -> dict:
+        """Pairs queued for judging (label mode) that nobody judged yet, oldest first."""
+        store = feedback_store()
+        limit = max(1, min(int(limit), 500))
+        pairs = await asyncio.to_thread(store.pairs, None, True, limit)
+        pending = await asyncio.to_thread(store.pending_count)
+        return {"object": "list", "data": [p.public() for p in pairs], "pending": pending}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
