@@ -28,12 +28,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_chat_model(folder, context: int = CONTEXT):
+def tiny_chat_model(folder, context: int = CONTEXT, seed: int = 0):
     """A hidden-64 chatml Llama saved in ``folder``. The induction init copies earlier context, so greedy
     replies differ by prompt and some end with <|im_end|> (a plain random model repeats one token whatever
-    it is asked)."""
+    it is asked). Another ``seed`` gives another model with the same tokenizer."""
     tok = build_tokenizer(SAMPLE_TEXTS, 400, "chatml")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = create_model(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               intermediate_size=128, max_position_embeddings=context), tok, init="induction")
     return save_model(model, tok, folder)

@@ -176,9 +176,9 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_body_b
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        from chatsmith.serve.page import PAGE_HTML
+        from chatsmith.serve.page import page_html
 
-        return HTMLResponse(PAGE_HTML)
+        return HTMLResponse(page_html())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
