@@ -80,7 +80,8 @@ def test_models_health_and_page(server, client):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "http://" not in page.text and "https://" not in page.text      # nothing fetched from elsewhere
     for part in ('id="system"', 'id="temperature"', 'id="model"', 'id="new"', "/v1/chat/completions",
-                 "stream: true", "localStorage"):
+                 "stream: true", "localStorage", 'id="view-compare"', 'id="view-label"', "/v1/feedback/pairs",
+                 'data-choice="both_bad"'):
         assert part in page.text
 
 

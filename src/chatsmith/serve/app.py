@@ -221,10 +221,14 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_body_b
         return {"id": judgment_id, "object": "feedback"}
 
     @app.get("/v1/feedback/pairs")
-    async def pending_pairs(limit: int = 50) -> dict:
-        """Pairs queued for judging (label mode) that nobody judged yet, oldest first."""
+    async def pending_pairs(request: Request) -> dict:
+        """Pairs queued for judging (label mode) that nobody judged yet, oldest first (`?limit=`, 1-500)."""
         store = feedback_store()
-        limit = max(1, min(int(limit), 500))
+        raw = request.query_params.get("limit", "50")
+        if not raw.isdigit() or not 1 <= int(raw) <= 500:
+            raise APIError(400, f"limit must be a whole number from 1 to 500, got {raw[:20]!r}", param="limit",
+                           code="invalid_value")
+        limit = int(raw)
         pairs = await asyncio.to_thread(store.pairs, None, True, limit)
         pending = await asyncio.to_thread(store.pending_count)
         return {"object": "list", "data": [p.public() for p in pairs], "pending": pending}
