@@ -39,3 +39,16 @@ def make_tokenizer(vocab_size: int = 400, special_tokens=None):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`), as
+    `chatsmith serve` uses on 2 cores: OpenMP threads spinning on a busy machine made the serving tests 10x
+    slower. The previous count is restored for the modules after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

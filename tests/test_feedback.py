@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,16 +25,18 @@ import pytest
 from chatsmith.data.formats import load_examples
 from chatsmith.serve.app import create_app
 from chatsmith.serve.export import ExportSummary, FeedbackExportConfig, export_feedback, judgment_rows
-from chatsmith.serve.feedback import FeedbackError, FeedbackStore, parse_judgment
-from test_serve import model_dir, running  # noqa: F401  (model_dir is a fixture)
+from chatsmith.serve.feedback import FeedbackError, FeedbackStore, Pair, parse_judgment
+from servers import free_port, running, tiny_chat_model, wait_for_health
 
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_chat_model(tmp_path_factory.mktemp("feedback") / "chat")
 
 
 def body(**changes):
@@ -82,6 +83,9 @@ def test_store_round_trip(tmp_path):
     (dict(edited=["x"]), "edited", "string"),
     (dict(metadata=[1]), "metadata", "JSON object"),
     (dict(colour="red"), "colour", "unknown field"),
+    (dict(pair="3"), "pair", "positive integer"),
+    (dict(pair=0), "pair", "positive integer"),
+    (dict(pair=True), "pair", "positive integer"),
 ])
 def test_bad_judgments_are_refused(changes, param, words):
     with pytest.raises(FeedbackError) as info:
@@ -89,10 +93,32 @@ def test_bad_judgments_are_refused(changes, param, words):
     assert info.value.param == param and words in str(info.value)
 
 
+def test_queued_pairs_and_the_judgments_that_answer_them(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.db")
+    pairs = [Pair(batch=batch, prompt=PROMPT, response_a="4", response_b=b, model_a="m", model_b="m",
+                  metadata={"n": i}) for i, (batch, b) in enumerate([("r1", "five"), ("r1", "3"), ("r2", "22")])]
+    assert store.queue_pairs(pairs) == [1, 2, 3]
+    assert store.pending_count() == 3 and store.pending_count("r1") == 2
+    assert [(p.id, p.response_b, p.metadata) for p in store.pairs("r1")] == [(1, "five", {"n": 0}), (2, "3", {"n": 1})]
+    jid = store.add(parse_judgment(body(pair=2, response_b="3", choice="b")))
+    assert store.pairs("r1")[1].judgment == jid and store.pending_count("r1") == 1
+    assert [p.id for p in store.pairs(pending_only=True)] == [1, 3]
+    assert [p.id for p in store.pairs(pending_only=True, limit=1)] == [1]
+    assert store.judgments()[0].pair == 2
+    for changes, words, status in ((dict(pair=2, response_b="3"), "judged already", 409),
+                                   (dict(pair=9), "no such queued pair", 400),
+                                   (dict(pair=1, response_b="six"), "not the pair's", 400)):
+        with pytest.raises(FeedbackError, match=words) as info:
+            store.add(parse_judgment(body(**changes)))
+        assert info.value.status == status and info.value.param == "pair"
+    assert len(store) == 1 and store.pending_count() == 2          # refused judgments left nothing behind
+    store.close()
+
+
 # ----------------------------------------------------------------------------- the route
 
 @pytest.fixture(scope="module")
-def served(model_dir):  # noqa: F811
+def served(model_dir):
     from chatsmith.serve.app import ServedModel
 
     return ServedModel.load(str(model_dir), device="cpu", max_batch=2, max_queue=4, model_id="tiny")
@@ -131,10 +157,23 @@ def test_route_stores_judgments_with_auth(served, tmp_path):
 
 def test_route_when_feedback_is_off(served):
     with running(create_app([served])) as url:
-        r = httpx.post(url + "/v1/feedback", json=body())
-        assert r.status_code == 404
-        err = r.json()["error"]
-        assert err["code"] == "feedback_off" and "--feedback" in err["message"]
+        for r in (httpx.post(url + "/v1/feedback", json=body()), httpx.get(url + "/v1/feedback/pairs")):
+            assert r.status_code == 404
+            err = r.json()["error"]
+            assert err["code"] == "feedback_off" and "--feedback" in err["message"]
+
+
+def test_pairs_route_limit(served, tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.db")
+    store.queue_pairs([Pair(batch="b", prompt=PROMPT, response_a="4", response_b=str(i), model_a="m", model_b="m")
+                       for i in range(3)])
+    with running(create_app([served], feedback=store)) as url:
+        got = httpx.get(url + "/v1/feedback/pairs", params={"limit": 2}).json()
+        assert [p["response_b"] for p in got["data"]] == ["0", "1"] and got["pending"] == 3
+        for bad in ("0", "x", "501"):
+            r = httpx.get(url + "/v1/feedback/pairs", params={"limit": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+    store.close()
 
 
 # ----------------------------------------------------------------------------- export
@@ -199,7 +238,7 @@ def test_export_command_line(tmp_path):
 
 # ----------------------------------------------------------------------------- durability
 
-def test_kill_9_keeps_every_acknowledged_judgment(model_dir, tmp_path):  # noqa: F811
+def test_kill_9_keeps_every_acknowledged_judgment(model_dir, tmp_path):
     db = tmp_path / "feedback.db"
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -208,15 +247,8 @@ def test_kill_9_keeps_every_acknowledged_judgment(model_dir, tmp_path):  # noqa:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
+        wait_for_health(proc, url)
         deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "server did not start"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
 
         acknowledged: list[int] = []
 

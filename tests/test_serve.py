@@ -11,10 +11,8 @@ queue (503 + Retry-After), a client that disconnects, API-key auth, /metrics, th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -31,61 +29,18 @@ import openai  # noqa: E402
 from chatsmith.chat.render import render_prompt  # noqa: E402
 from chatsmith.generate import generate  # noqa: E402
 from chatsmith.generate.engine import chat_sampling_config  # noqa: E402
-from chatsmith.model import build_tokenizer, create_model, save_model  # noqa: E402
 from chatsmith.serve.app import ServedModel, create_app  # noqa: E402
 from chatsmith.serve.cli import ServeConfig, build_app  # noqa: E402
 from conftest import SAMPLE_TEXTS  # noqa: E402
+from servers import CONTEXT, running, tiny_chat_model  # noqa: E402
 
-CONTEXT = 256
 BODY_LIMIT = 20_000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread here, as `chatsmith serve` uses on 2 cores (OpenMP threads spinning on a busy
-    machine made these tests 10x slower); the previous count is restored for the tests after these."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tok = build_tokenizer(SAMPLE_TEXTS, 400, "chatml")
-    torch.manual_seed(0)
-    # the induction init copies earlier context, so greedy replies differ by prompt and some end with
-    # <|im_end|> (a plain random model repeats one token whatever it is asked)
-    model = create_model(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=128, max_position_embeddings=CONTEXT), tok, init="induction")
-    return save_model(model, tok, tmp_path_factory.mktemp("serve") / "chat")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(app):
-    """Run ``app`` with uvicorn in a thread on a free port; yields the base URL."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    return tiny_chat_model(tmp_path_factory.mktemp("serve") / "chat")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +80,8 @@ def test_models_health_and_page(server, client):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "http://" not in page.text and "https://" not in page.text      # nothing fetched from elsewhere
     for part in ('id="system"', 'id="temperature"', 'id="model"', 'id="new"', "/v1/chat/completions",
-                 "stream: true", "localStorage"):
+                 "stream: true", "localStorage", 'id="view-compare"', 'id="view-label"', "/v1/feedback/pairs",
+                 'data-choice="both_bad"'):
         assert part in page.text
 
 
@@ -198,32 +154,29 @@ def test_reply_is_cut_at_the_context(server, client):
 
 
 def test_concurrent_requests_equal_sequential(server, client):
-    """24 requests of mixed prompt lengths, max_tokens, greedy or seeded sampling, streaming or not,
-    sent at once: each answer equals the same request sent alone."""
+    """64 streaming requests of mixed prompt lengths and max_tokens, greedy or seeded sampling, sent at once:
+    all complete, and each answer equals the same request sent alone."""
     url, _ = server
     rng = random.Random(1)
     requests = []
-    for i in range(24):
+    for i in range(64):
         words = " ".join(rng.choice(SAMPLE_TEXTS).split()[: rng.randint(1, 40)])
-        sampled = i % 3 == 0
+        sampled = i % 4 == 0
         requests.append(dict(model="tiny", messages=[{"role": "user", "content": words}],
-                             max_tokens=rng.randint(1, 60), temperature=0.8 if sampled else 0.0,
-                             seed=i if sampled else None, stream=i % 2 == 0))
+                             max_tokens=rng.randint(1, 32), temperature=0.8 if sampled else 0.0,
+                             seed=i if sampled else None, stream=True))
 
     def ask(req):
-        if req["stream"]:
-            chunks = list(client.chat.completions.create(**req))
-            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), \
-                [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-        out = client.chat.completions.create(**req)
-        return out.choices[0].message.content, out.choices[0].finish_reason
+        chunks = list(client.chat.completions.create(**req))
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), \
+            [c.choices[0].finish_reason for c in chunks if c.choices][-1]
 
     alone = [ask(r) for r in requests]
     before = httpx.get(url + "/metrics").text
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(ask, requests))
     after = httpx.get(url + "/metrics").text
-    assert together == alone
+    assert len(together) == 64 and together == alone
     assert {reason for _, reason in alone} == {"stop", "length"}       # some replies ended on <|im_end|>
     steps = _metric(after, "chatsmith_decode_steps_total") - _metric(before, "chatsmith_decode_steps_total")
     rows = _metric(after, "chatsmith_decode_rows_total") - _metric(before, "chatsmith_decode_rows_total")

@@ -22,14 +22,7 @@ from chatsmith.serve.scheduler import Job, QueueFull, Scheduler, length_groups
 from conftest import SAMPLE_TEXTS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread here, as `chatsmith serve` uses on 2 cores (OpenMP threads spinning on a busy
-    machine made these tests 10x slower); the previous count is restored for the tests after these."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

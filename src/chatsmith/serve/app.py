@@ -5,9 +5,10 @@
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions` (messages rendered with the model's own chat
 template), `POST /v1/completions` (raw text), `GET /health`, `GET /metrics` (Prometheus), `GET /` (the
-web chat page), and `POST /v1/feedback` when a feedback store is given (a human judgment of two
-responses; 404 when off). With an API key every `/v1` route needs `Authorization: Bearer KEY` (401 otherwise,
-compared in constant time). Streaming answers are server-sent events ending with `data: [DONE]`.
+web chat page), and with a feedback store `POST /v1/feedback` (a human judgment of two responses) and
+`GET /v1/feedback/pairs` (the pairs queued for judging that wait for one; both 404 when off). With an API key every `/v1` route needs `Authorization: Bearer KEY` (401 otherwise,
+compared in constant time). Streaming answers are server-sent events ending with `data: [DONE]`. With a
+guard (`chatsmith.serve.guard`) every chat reply is judged by a reward model once complete.
 
 Tests: `python -m pytest tests/test_serve.py -q`.
 """
@@ -38,7 +39,8 @@ from chatsmith.serve.scheduler import Event, Job, QueueFull, Scheduler
 
 __all__ = ["ServedModel", "create_app"]
 
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/feedback")
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/feedback",
+          "/v1/feedback/pairs")
 
 
 @dataclass
@@ -110,10 +112,12 @@ class Gate:
 
 
 def create_app(models: list[ServedModel], api_key: str | None = None, max_body_bytes: int = 1_000_000,
-               max_new_tokens: int = 512, metrics: ServeMetrics | None = None, feedback: Any = None) -> Any:
+               max_new_tokens: int = 512, metrics: ServeMetrics | None = None, feedback: Any = None,
+               guard: Any = None) -> Any:
     """The ASGI app serving ``models`` (their schedulers start with the app and stop with it).
 
-    ``feedback``: a `chatsmith.serve.feedback.FeedbackStore` that `POST /v1/feedback` writes to (None: off)."""
+    ``feedback``: a `chatsmith.serve.feedback.FeedbackStore` that `POST /v1/feedback` writes to (None: off).
+    ``guard``: a `chatsmith.serve.guard.Guard` that judges every chat reply (None: off)."""
     from contextlib import asynccontextmanager
 
     metrics = metrics or ServeMetrics()
@@ -172,9 +176,9 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_body_b
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        from chatsmith.serve.page import PAGE_HTML
+        from chatsmith.serve.page import page_html
 
-        return HTMLResponse(PAGE_HTML)
+        return HTMLResponse(page_html())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -191,26 +195,49 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_body_b
             prompt = render_prompt(messages, served.tokenizer, served.fmt)
         except ChatsmithError as exc:
             raise APIError(400, f"messages: {exc}", param="messages", code="invalid_value") from None
+        if guard is not None:
+            return await respond_guarded(request, served, prompt, params, messages)
         return await respond(request, served, [prompt], params, chat=True)
+
+    def feedback_store() -> Any:
+        if feedback is None:
+            raise APIError(404, "feedback is off on this server (start it with chatsmith serve --feedback DB)",
+                           "not_found_error", code="feedback_off")
+        return feedback
 
     @app.post("/v1/feedback")
     async def post_feedback(request: Request) -> dict:
         from chatsmith.serve.feedback import FeedbackError, parse_judgment
 
-        if feedback is None:
-            raise APIError(404, "feedback is off on this server (start it with chatsmith serve --feedback DB)",
-                           "not_found_error", code="feedback_off")
+        store = feedback_store()
         data = await read_json_body(request, max_body_bytes)
         try:
             judgment = parse_judgment(data)
+            # the insert fsyncs: run it off the event loop so streaming requests keep flowing meanwhile
+            judgment_id = await asyncio.to_thread(store.add, judgment)
         except FeedbackError as exc:
-            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
-        # the insert fsyncs: run it off the event loop so streaming requests keep flowing meanwhile
-        judgment_id = await asyncio.to_thread(feedback.add, judgment)
+            raise APIError(exc.status, str(exc), param=exc.param,
+                           code="already_judged" if exc.status == 409 else "invalid_value") from None
         return {"id": judgment_id, "object": "feedback"}
+
+    @app.get("/v1/feedback/pairs")
+    async def pending_pairs(request: Request) -> dict:
+        """Pairs queued for judging (label mode) that nobody judged yet, oldest first (`?limit=`, 1-500)."""
+        store = feedback_store()
+        raw = request.query_params.get("limit", "50")
+        if not raw.isdigit() or not 1 <= int(raw) <= 500:
+            raise APIError(400, f"limit must be a whole number from 1 to 500, got {raw[:20]!r}", param="limit",
+                           code="invalid_value")
+        limit = int(raw)
+        pairs = await asyncio.to_thread(store.pairs, None, True, limit)
+        pending = await asyncio.to_thread(store.pending_count)
+        return {"object": "list", "data": [p.public() for p in pairs], "pending": pending}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        if guard is not None:
+            raise APIError(403, "this server guards its replies with a reward model, which judges chat replies "
+                           "only: use /v1/chat/completions", "permission_error", code="guarded")
         data = await read_json_body(request, max_body_bytes)
         served = pick_model(data)
         params = parse_sampling(data, served.context, max_new_tokens)
@@ -219,8 +246,35 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_body_b
             raise APIError(400, "'prompt' encodes to no tokens", param="prompt", code="invalid_value")
         return await respond(request, served, prompts, params, chat=False)
 
+    async def respond_guarded(request: Request, served: ServedModel, prompt: list[int], params: SamplingParams,
+                              messages: list[dict]) -> Response:
+        """A chat answer judged by the guard once complete (streaming: sent when complete, see serve.guard)."""
+        run = start_run(served, [prompt], params, chat=True)
+
+        async def judged() -> dict:
+            result = await collect(request, run, chat=True)
+            choices = result["choices"]
+            verdicts = await asyncio.to_thread(guard.check, messages, [c["message"]["content"] for c in choices])
+            for choice, verdict in zip(choices, verdicts):
+                metrics.guard.labels(served.id, "refused" if verdict.refused else "passed").inc()
+                if verdict.refused:
+                    choice["message"]["content"], choice["finish_reason"] = verdict.text, "content_filter"
+            return result
+
+        if params.stream:
+            return StreamingResponse(guarded_events(run, params, judged), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await judged())
+
     async def respond(request: Request, served: ServedModel, prompts: list[list[int]], params: SamplingParams,
                       chat: bool) -> Response:
+        run = start_run(served, prompts, params, chat)
+        if params.stream:
+            return StreamingResponse(stream_events(run, params, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await collect(request, run, chat))
+
+    def start_run(served: ServedModel, prompts: list[list[int]], params: SamplingParams, chat: bool) -> "Run":
         longest = max(len(p) for p in prompts)
         if longest >= served.context:
             raise APIError(400, f"the prompt is {longest} tokens but the model's context is {served.context} "
@@ -233,10 +287,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, max_body_b
                            code="invalid_value")
         run = Run(served, prompts, params, chat, max_new_tokens)
         run.submit()
-        if params.stream:
-            return StreamingResponse(stream_events(run, params, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await collect(request, run, chat))
+        return run
 
     return Gate(app, api_key, metrics)
 
@@ -377,21 +428,52 @@ async def _watch_disconnect(request: Request, run: Run) -> None:
             return
 
 
+def chunk_event(run: Run, chat: bool, index: int, text: str | None, finish: str | None, role: bool = False) -> str:
+    """One server-sent event of a streamed answer: a text piece, or a choice's finish, or (chat) its role."""
+    if chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+    else:
+        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+    body = {"id": run.id, "object": "chat.completion.chunk" if chat else "text_completion", "created": run.created,
+            "model": run.served.id, "choices": [choice]}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def usage_event(run: Run, chat: bool, completion: int) -> str:
+    usage = {"prompt_tokens": run.prompt_tokens, "completion_tokens": completion,
+             "total_tokens": run.prompt_tokens + completion}
+    body = {"id": run.id, "object": "chat.completion.chunk" if chat else "text_completion", "created": run.created,
+            "model": run.served.id, "choices": [], "usage": usage}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def guarded_events(run: Run, params: SamplingParams, judged: Callable) -> AsyncIterator[str]:
+    """A guarded chat stream: the role chunks at once, then (once ``judged()`` has the whole answer, checked
+    by the guard) each choice's text in one chunk, its finish, usage if asked, [DONE]."""
+    for i in range(len(run.jobs)):
+        yield chunk_event(run, True, i, None, None, role=True)
+    try:
+        result = await judged()
+    except APIError as exc:
+        yield f"data: {json.dumps(exc.body())}\n\n"
+    else:
+        for choice in result["choices"]:
+            yield (chunk_event(run, True, choice["index"], choice["message"]["content"], None)
+                   + chunk_event(run, True, choice["index"], None, choice["finish_reason"]))
+        if params.include_usage:
+            yield usage_event(run, True, result["usage"]["completion_tokens"])
+    yield "data: [DONE]\n\n"
+
+
 async def stream_events(run: Run, params: SamplingParams, chat: bool) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text piece, a last chunk per choice, usage if asked, [DONE]."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
     completion = 0
 
     def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
-        if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
-        body = {"id": run.id, "object": kind, "created": run.created, "model": run.served.id, "choices": [choice]}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return chunk_event(run, chat, index, text, finish, role)
 
     if chat:
         for i in range(len(run.jobs)):
@@ -408,9 +490,5 @@ async def stream_events(run: Run, params: SamplingParams, chat: bool) -> AsyncIt
                 parts.append(f"data: {json.dumps(error_body(event.text, 'server_error'))}\n\n")
         yield "".join(parts)
     if params.include_usage:
-        usage = {"prompt_tokens": run.prompt_tokens, "completion_tokens": completion,
-                 "total_tokens": run.prompt_tokens + completion}
-        body = {"id": run.id, "object": kind, "created": run.created, "model": run.served.id, "choices": [],
-                "usage": usage}
-        yield f"data: {json.dumps(body)}\n\n"
+        yield usage_event(run, chat, completion)
     yield "data: [DONE]\n\n"

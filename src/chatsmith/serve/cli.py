@@ -2,6 +2,7 @@
 
     chatsmith serve runs/demo/ppo                          # http://127.0.0.1:8000 (web chat at /)
     chatsmith serve runs/sft runs/demo/ppo --port 9000 --max-batch 32 --api-key secret
+    chatsmith serve runs/demo/ppo --feedback runs/feedback.db --guard runs/demo/rm --guard-threshold -1
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
@@ -10,7 +11,10 @@
 Each model directory is served under its path as given (the `model` field of a request). Routes:
 `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`, `/metrics` (Prometheus), `/`, and
 with `--feedback DB` `POST /v1/feedback` (a judgment of two responses, stored in SQLite; see
-`chatsmith.serve.feedback`, exported as preferences by `chatsmith feedback export`).
+`chatsmith.serve.feedback`, exported as preferences by `chatsmith feedback export`) and
+`GET /v1/feedback/pairs` (pairs `chatsmith rlhf --labeler human` queued for people to judge).
+`--guard RM_DIR --guard-threshold T`: chat replies a reward model scores below T become a refusal
+(`chatsmith.serve.guard`; guarded streams are sent once the reply is complete).
 
 Tests: `python -m pytest tests/test_serve.py -q`.
 """
@@ -45,6 +49,12 @@ class ServeConfig:
                           "event loop: OpenMP threads spinning on every core starve it and slow streaming).")
     feedback: str | None = arg(None, "SQLite file for human judgments posted to /v1/feedback "
                                       "(created if missing; default: feedback off).")
+    guard: str | None = arg(None, "Reward-model directory: a chat reply it scores below --guard-threshold is "
+                                  "replaced by a refusal (guarded streams are sent once the reply is complete).")
+    guard_threshold: float = arg(0.0, "With --guard: the lowest normalised reward-model score a reply may have "
+                                      "(in standard deviations of the RM's scores of SFT samples).")
+    guard_refusal: str = arg("I'm sorry, but I can't help with that.", "With --guard: the reply a refused one "
+                                                                        "is replaced by.")
     log_level: str = arg("info", "uvicorn's log level.", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -64,6 +74,11 @@ def build_app(cfg: ServeConfig):
     ids = [str(m).rstrip("/") for m in cfg.models]
     if len(set(ids)) != len(ids):
         raise ChatsmithError("serve: the same model directory is given twice")
+    guard = None          # loaded first: a wrong --guard fails before the models load
+    if cfg.guard is not None:
+        from chatsmith.serve.guard import Guard
+
+        guard = Guard(cfg.guard, cfg.guard_threshold, cfg.guard_refusal, device=cfg.device)
     metrics = ServeMetrics()
     served = [ServedModel.load(path, device=cfg.device, template=cfg.template, max_batch=cfg.max_batch,
                                max_queue=cfg.max_queue, metrics=metrics, model_id=mid)
@@ -75,7 +90,7 @@ def build_app(cfg: ServeConfig):
 
         store = FeedbackStore(cfg.feedback)
     return create_app(served, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
-                      max_new_tokens=cfg.max_new_tokens, metrics=metrics, feedback=store)
+                      max_new_tokens=cfg.max_new_tokens, metrics=metrics, feedback=store, guard=guard)
 
 
 def serve(cfg: ServeConfig) -> int:

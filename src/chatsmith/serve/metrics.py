@@ -8,6 +8,7 @@
     chatsmith_generated_tokens_total{model}               tokens sampled
     chatsmith_decode_steps_total{model}                   decode steps; rows_total / steps_total = mean batch
     chatsmith_decode_rows_total{model}
+    chatsmith_guard_replies_total{model, outcome}         with --guard: chat replies judged, passed or refused
 
 Each app has its own registry, so several servers in one process (tests) do not share counts.
 
@@ -58,6 +59,8 @@ class ServeMetrics:
         self.tokens = Counter("chatsmith_generated_tokens", "Tokens sampled.", ["model"], registry=r)
         self.steps = Counter("chatsmith_decode_steps", "Decode steps run.", ["model"], registry=r)
         self.rows = Counter("chatsmith_decode_rows", "Rows fed over all decode steps.", ["model"], registry=r)
+        self.guard = Counter("chatsmith_guard_replies", "Chat replies the guard judged, by outcome (passed, refused).",
+                             ["model", "outcome"], registry=r)
 
     def for_model(self, name: str) -> ModelMetrics:
         return ModelMetrics(*(metric.labels(name) for metric in (

@@ -4,6 +4,7 @@
                    --rounds 2 --out runs/rlhf
     chatsmith rlhf ... --judge py:my_rewards:score                  # your scoring function as the labeler
     chatsmith rlhf ... --labeler file --labels my_labels.jsonl     # human labels instead of the judge
+    chatsmith rlhf ... --labeler human --feedback runs/feedback.db # people judge pairs in the web page
 
 Round k (1-based), all of it under OUT/round_k/:
  1. Sample `--samples-per-prompt` (K) responses to each of `--prompts-per-round` prompts from the current
@@ -19,6 +20,10 @@ Round k (1-based), all of it under OUT/round_k/:
       `rejected`, or `ranked`, or `responses` + `ranking`); rows with a `round` field are used in that
       round only, rows without one in every round. Each round still writes `samples.jsonl` as
       `{"prompt", "responses", "ranking": []}` rows, ready for people to fill in and feed back.
+    - `human`: pairs of the samples are queued in the feedback database (`--feedback`), the command stops
+      with a message naming the page to judge them in (`chatsmith serve ... --feedback DB`, label mode)
+      and the count; the same command run again once they are judged continues the round
+      (`chatsmith.train.human_labels`).
  3. The comparisons are added to the preference data so far (`--preferences` plus all earlier rounds):
     `preferences.jsonl` (the reward model trains on all of it, InstructGPT-style K-way rankings).
  4. A reward model is retrained from the SFT model on that file (`chatsmith reward`) -> `rm/`.
@@ -55,6 +60,7 @@ from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.train.config import check_room_for_prompt
 from chatsmith.train.devices import DTYPES
+from chatsmith.train.human_labels import PENDING_FILE, LabelsPending, judged_comparisons, queue_round, waiting_rounds
 from chatsmith.train.outdir import claim_out_dir
 from chatsmith.train.ppo import PPOConfig, PPOTrainer
 from chatsmith.eval.judges import resolve_reward
@@ -77,10 +83,13 @@ class RLHFConfig:
     out: str = arg("runs/rlhf", "Output directory: round_k/ subfolders, metrics.jsonl, final policy.")
     rounds: int = arg(2, "Number of sample -> label -> reward model -> PPO rounds.", min=1)
     labeler: str = arg("judge", "Who ranks the samples: --judge (a scoring function; 'world' is an older name "
-                                "for it) or a label file.", choices=["judge", "world", "file"])
+                                "for it), a label file (--labels) or people in the web page (human, --feedback).",
+                       choices=["judge", "world", "file", "human"])
     judge: str = arg("world", "The labeler's scoring function: 'world' (the built-in world's judge, a simulated "
                               "human) or py:MODULE:FUNCTION, (messages, response, row) -> float.")
     labels: str | None = arg(None, "JSONL of human comparisons for --labeler file (a `round` field selects the round).")
+    feedback: str | None = arg(None, "For --labeler human: the SQLite database pairs are queued in and people's "
+                                     "judgments read from (what `chatsmith serve --feedback DB` writes).")
     samples_per_prompt: int = arg(4, "K: responses sampled per prompt for labelling.", min=2)
     prompts_per_round: int = arg(64, "Prompts sampled (and labelled) per round.", min=1)
     temperature: float = arg(1.0, "Sampling temperature for the labelling samples.", min=0, min_exclusive=True)
@@ -167,21 +176,31 @@ class _RLHF:
                                                 f"{cfg.samples_per_prompt}"),
                   (cfg.prompts_per_round >= 1, "--prompts-per-round must be >= 1"),
                   (cfg.labeler != "file" or cfg.labels, "--labeler file needs --labels FILE"),
+                  (cfg.labeler != "human" or cfg.feedback, "--labeler human needs --feedback DB (the database "
+                                                           "`chatsmith serve --feedback DB` writes judgments to)"),
                   (cfg.temperature > 0, "--temperature must be > 0")]
         for ok, message in checks:
             if not ok:
                 raise ChatsmithError(message)
+        waiting = waiting_rounds(cfg.out) if cfg.labeler == "human" and not cfg.overwrite else []
+        if waiting and not cfg.resume:
+            # the round stopped for people's judgments: this run is its continuation
+            note(f"rlhf: {waiting[0].name} was waiting for judgments in {cfg.feedback}; continuing the run in {cfg.out}")
+            cfg = dataclasses.replace(cfg, resume=True)
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
         self.claim = claim_out_dir(cfg, "rlhf")      # not an input model, an rlhf run or --overwrite, locked
         self.distributed = init_distributed(cfg.device)
         self.rank, self.world = (rank(), world_size()) if self.distributed else (0, 1)
+        if cfg.labeler == "human" and self.world > 1:
+            raise ChatsmithError("--labeler human runs in one process (people label the pairs, not ranks); "
+                                 "run it without torchrun")
         self.logger = MetricsLogger(self.out, stage="rlhf")
         self.rm_overrides = load_yaml_config(cfg.rm_config) if cfg.rm_config else {}
         self.ppo_overrides = load_yaml_config(cfg.ppo_config) if cfg.ppo_config else {}
-        self.judge = (FunctionScorer(resolve_reward(cfg.judge, "--judge"), cfg.judge) if cfg.labeler != "file"
-                      else None)
+        self.judge = (FunctionScorer(resolve_reward(cfg.judge, "--judge"), cfg.judge)
+                      if cfg.labeler not in ("file", "human") else None)
 
     def round_dir(self, k: int) -> Path:
         return self.out / f"round_{k}"
@@ -245,10 +264,12 @@ class _RLHF:
         result = RoundResult(k, str(rdir / "ppo"), str(rdir / "rm"), metrics)
         if is_main_process():
             atomic_write_text(rdir / "done.json", json.dumps(dataclasses.asdict(result), indent=1) + "\n")
+            (rdir / PENDING_FILE).unlink(missing_ok=True)
         return result
 
-    def sample_and_label(self, k: int, policy_dir: str) -> tuple[list[dict], list[dict], float | None]:
-        """K samples per prompt from the current policy; comparisons from the labeler."""
+    def sample(self, k: int, policy_dir: str) -> tuple[list[PromptItem], list[int], list[str], list[bool]]:
+        """K samples per chosen prompt from the current policy: (prompts, chosen indices, texts, finished),
+        the texts and finished flags K per chosen prompt in order (gathered from every rank)."""
         cfg = self.cfg
         set_seed(cfg.seed + k)
         policy, tokenizer, fmt = load_policy(policy_dir, self.device)
@@ -274,6 +295,15 @@ class _RLHF:
             torch.distributed.all_gather_object(parts, (texts_all, finished_all))
             texts_all = [t for part in parts for t in part[0]]
             finished_all = [f for part in parts for f in part[1]]
+        return prompts, chosen, texts_all, finished_all
+
+    def sample_and_label(self, k: int, policy_dir: str) -> tuple[list[dict], list[dict], float | None]:
+        """K samples per prompt from the current policy; comparisons from the labeler."""
+        cfg = self.cfg
+        if cfg.labeler == "human":
+            return self.human_labels(k, policy_dir)
+        K = cfg.samples_per_prompt
+        prompts, chosen, texts_all, finished_all = self.sample(k, policy_dir)
         sample_rows, comparisons, judged = [], [], []
         for g, prompt_idx in enumerate(chosen):
             prompt = prompts[prompt_idx]
@@ -295,6 +325,33 @@ class _RLHF:
                                      f"{self.round_dir(k) / 'samples.jsonl'} (fill 'ranking' with indices, best "
                                      f"first), add them to the file with \"round\": {k}, and rerun with --resume")
         return sample_rows, comparisons, (sum(judged) / len(judged) if judged else None)
+
+    def human_labels(self, k: int, policy_dir: str) -> tuple[list[dict], list[dict], None]:
+        """The round's samples and people's comparisons of them; raises `LabelsPending` (after queueing the
+        pairs, the first time) while any pair waits for a judgment."""
+        from chatsmith.serve.feedback import FeedbackStore
+
+        cfg, rdir = self.cfg, self.round_dir(k)
+        store = FeedbackStore(cfg.feedback)
+        try:
+            marker = rdir / PENDING_FILE
+            if marker.is_file():
+                batch = json.loads(marker.read_text())["batch"]
+                sample_rows = read_jsonl(rdir / "samples.jsonl")
+            else:
+                prompts, chosen, texts, finished = self.sample(k, policy_dir)
+                K = cfg.samples_per_prompt
+                sample_rows = [{"round": k, "prompt": prompts[i].messages, "responses": texts[g * K:(g + 1) * K],
+                                "finished": finished[g * K:(g + 1) * K], "ranking": []} for g, i in enumerate(chosen)]
+                atomic_write_text(rdir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                  for r in sample_rows))
+                batch = queue_round(store, rdir, sample_rows, policy_dir)
+            comparisons, pending, total = judged_comparisons(store, batch, k)
+        finally:
+            store.close()
+        if pending:
+            raise LabelsPending(k, pending, total, cfg.feedback, policy_dir)
+        return sample_rows, comparisons, None
 
     def _previous_preferences(self, k: int) -> list[dict]:
         rows: list[dict] = []
@@ -361,7 +418,11 @@ class _RLHF:
 def rlhf(cfg: RLHFConfig) -> list[RoundResult]:
     """`chatsmith rlhf`: see the module docstring."""
     validate_config(cfg)              # every setting, before any work (Python callers too)
-    results = _RLHF(cfg).run()
+    try:
+        results = _RLHF(cfg).run()
+    except LabelsPending as waiting:  # not a failure: the round goes on when the same command runs again
+        print(str(waiting), flush=True)
+        return []
     for r in results if is_main_process() else ():
         shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.metrics.items())
         print(f"rlhf round {r.round}: {shown}", file=sys.stderr)
