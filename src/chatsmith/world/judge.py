@@ -209,7 +209,10 @@ def continues_document(item: EvalItem, response: str) -> bool:
 
 
 def asks_clarification(item: EvalItem, response: str) -> bool:
-    return "?" in response and senses_mentioned(item, response) >= 2
+    """A question naming two or more senses of the item's own word (a question about another word does not
+    count: "Java?" answered "Do you mean Jam as in the fruit spread ..." is no clarification of Java)."""
+    word = item.expected.get("word")
+    return "?" in response and senses_mentioned(item, response) >= 2 and (not word or has_phrase(response, word))
 
 
 def is_rude(response: str) -> bool:
