@@ -208,11 +208,15 @@ def continues_document(item: EvalItem, response: str) -> bool:
     return False
 
 
+_AS_IN = re.compile(r"([A-Za-z]+) as in\b")
+
+
 def asks_clarification(item: EvalItem, response: str) -> bool:
     """A question naming two or more senses of the item's own word (a question about another word does not
     count: "Java?" answered "Do you mean Jam as in the fruit spread ..." is no clarification of Java)."""
-    word = item.expected.get("word")
-    return "?" in response and senses_mentioned(item, response) >= 2 and (not word or has_phrase(response, word))
+    word = str(item.expected.get("word", "")).lower()
+    other_word = word and any(w.lower() != word for w in _AS_IN.findall(response))
+    return "?" in response and senses_mentioned(item, response) >= 2 and not other_word
 
 
 def is_rude(response: str) -> bool:
