@@ -19,7 +19,7 @@ LONG_FINALS = ("recall_name", "recall_name", "recall_place", "fact", "harmful", 
                "arithmetic")
 HISTORY_KINDS = ("fact", "fact", "arithmetic", "arithmetic", "harmful", "benign", "ambiguous", "one_word")
 TRAIN_BUDGET = 220    # estimated tokens of a whole training chat (rows are cut at 256)
-PROMPT_BUDGET = 185   # estimated tokens of an eval prompt (its reply must fit beside it)
+PROMPT_BUDGET = 205   # estimated tokens of an eval prompt (its reply, up to 48 tokens, must fit beside it)
 MIN_EXCHANGE = 22     # estimated tokens of the shortest exchange (a sum and its answer)
 
 
