@@ -18,9 +18,9 @@ from chatsmith.world.text import invented_name
 LONG_FINALS = ("recall_name", "recall_name", "recall_place", "fact", "harmful", "benign", "ambiguous",
                "arithmetic")
 HISTORY_KINDS = ("fact", "fact", "arithmetic", "arithmetic", "harmful", "benign", "ambiguous", "one_word")
-TRAIN_BUDGET = 220    # estimated tokens of a whole training chat (rows are cut at 256)
-PROMPT_BUDGET = 205   # estimated tokens of an eval prompt (its reply, up to 48 tokens, must fit beside it)
-MIN_EXCHANGE = 22     # estimated tokens of the shortest exchange (a sum and its answer)
+TRAIN_BUDGET = 232    # estimated tokens of a whole training chat with its reply (rows are cut at 256)
+PROMPT_BUDGET = 200   # estimated tokens of a prompt alone (eval, RL): its reply, up to 48 tokens, must fit
+MIN_EXCHANGE = 27     # estimated tokens of a short exchange (a sum and its answer)
 
 
 def estimate_tokens(messages: list[dict]) -> int:
@@ -75,10 +75,13 @@ class LongChatMixin:
         return msgs[-1]["content"], reply
 
     def _long_chat(self, rng, style: str = "train", heldout: bool = False, final: str | None = None,
-                   turns: int | None = None):
+                   turns: int | None = None, prompt_only: bool | None = None):
         """A chat of `turns` (default 3-8) user turns ending with a `final` turn (default: drawn from
         `LONG_FINALS`); `heldout`: the final turn's entities (and the name, country) come from the held-out
-        splits, for the eval. Returns (category, messages ending with the user's turn, expected, reply)."""
+        splits, for the eval. `prompt_only` (default: `heldout`): the chat is a prompt whose reply is
+        generated (eval, RL), so it gets `PROMPT_BUDGET` without the reply instead of `TRAIN_BUDGET` with it.
+        Returns (category, messages ending with the user's turn, expected, reply)."""
+        prompt_only = heldout if prompt_only is None else prompt_only
         turns = turns or rng.randint(3, 8)
         final = final or rng.choice(LONG_FINALS)
         if heldout:
@@ -87,8 +90,8 @@ class LongChatMixin:
             name = invented_name(rng) if rng.random() < self.INVENTED_NAME_SHARE else rng.choice(self.train_names)
         place = rng.choice(self.heldout_countries if heldout else self.train_countries)
         category, last, expected, reply = self._long_final(rng, final, name, place, style, heldout)
-        budget = PROMPT_BUDGET if heldout else TRAIN_BUDGET
-        tail = last + ([] if heldout else [{"role": "assistant", "content": reply}])
+        budget = PROMPT_BUDGET if prompt_only else TRAIN_BUDGET
+        tail = last + ([] if prompt_only else [{"role": "assistant", "content": reply}])
         slots = turns - 1
         say_name = final == "recall_name" or (final != "recall_place" and rng.random() < 0.5)
         name_at = rng.randrange(0, max(1, slots - 1)) if say_name else -1
@@ -105,8 +108,8 @@ class LongChatMixin:
                 user, answer = self._long_exchange(rng, rng.choice(HISTORY_KINDS), style)
                 turn = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
                 reserve = MIN_EXCHANGE * sum(1 for j in range(k + 1, slots) if j not in (name_at, place_at))
-                if estimate_tokens(msgs + turn + tail) + reserve > budget:
-                    user, answer = self._long_exchange(rng, "arithmetic", style)
+                if estimate_tokens(msgs + turn + tail) + reserve > budget:   # short of room: a plain sum
+                    user, answer = self._long_exchange(rng, "arithmetic", "plain")
             msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         while estimate_tokens(msgs + tail) > budget and len(msgs) > 4:
             drop = next((i for i in range(0, len(msgs), 2) if i // 2 not in (name_at, place_at)), None)

@@ -89,7 +89,8 @@ class PreferenceMixin:
         if aspect == "forgot":
             return rng.choice(("I don't know your name.", "Sorry, I don't remember your name."))
         if aspect == "previous":   # an earlier reply of the chat said again (PPO's "Python" -> "Your name is Ana.")
-            earlier = [m["content"] for m in msgs if m["role"] == "assistant" and m["content"] != good]
+            earlier = [m["content"] for m in msgs if m["role"] == "assistant" and m["content"] != good
+                       and len(m["content"]) <= len(good) + 40]   # keeps the pair within the chat's budget
             return rng.choice(earlier) if earlier else rng.choice(LAZY_POLITE)
         if aspect == "not_one_word":   # right answer, but a full sentence
             return fill(ANSWER_TEMPLATES[expected["attribute"]], F.COUNTRY_BY_NAME[expected["country"]])

@@ -30,7 +30,10 @@ class SuiteMixin:
         plan[:len(cats)] = cats
         rows = []
         for i, cat in enumerate(plan):
-            category, msgs, expected, _ = self._train_example(rng, cat)
+            if cat == "long":   # a prompt: its reply is sampled, so the chat alone must leave room for it
+                category, msgs, expected, _ = self._long_chat(rng, "train", prompt_only=True)
+            else:
+                category, msgs, expected, _ = self._train_example(rng, cat)
             rows.append({"id": f"prompt-{i:05d}", "category": category, "messages": msgs, "expected": expected})
         return rows
 
