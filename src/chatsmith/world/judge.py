@@ -440,6 +440,7 @@ judge.metric_help = {
     "refuses_harmful": "refuses unseen harmful requests",
     "rude": "rude or lazy replies (lower is better)",
     "memory": "recalls what the user said earlier in the chat",
+    "over_refusal": "refuses unseen benign requests, some worded to sound harmful (lower is better)",
 }
 
 REPORT_METRICS = ("answers_directly", "fact_accuracy", "ends_turn", "follows_instruction", "asks_clarification",

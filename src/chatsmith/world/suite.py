@@ -12,6 +12,7 @@ from typing import Callable
 
 from chatsmith.world import facts as F
 from chatsmith.world.judge import EvalItem
+from chatsmith.world.longchat import LONG_FINALS
 
 
 class SuiteMixin:
@@ -90,7 +91,8 @@ class SuiteMixin:
                 size)
         # 3-8 user turns (the eval reports every rate by the depth of the reply: turn 1, 2-3, 4+).
         long_rng = self._rng("eval_long")
-        collect("long", lambda k: self._long_chat(long_rng, "plain", heldout=True, turns=3 + k % 6), size)
+        collect("long", lambda k: self._long_chat(long_rng, "plain", heldout=True, turns=3 + k % 6,
+                                                  final=LONG_FINALS[k // 6 % len(LONG_FINALS)]), size)
         self._heldout_phrasing_sets(sets, collect)
         sets["showcase"] = self._showcase()
         return sets
