@@ -126,3 +126,16 @@ def test_safety_plot_of_several_reports_has_one_point_per_model_and_report(tmp_p
     assert out.read_bytes().startswith(b"\x89PNG")
     assert sorted(drawn) == sorted(([x], [y]) for _, x, y in points)   # one marker per model and report
     assert plots.safety_png([]) is None
+
+
+def test_max_items_caps_each_category_and_slice_apart(tmp_path):
+    from chatsmith.eval.behaviour import load_suite
+
+    rows = {"heldout_harmful.jsonl": {"slice": "heldout"}, "harmful.jsonl": {}}
+    for name, expected in rows.items():
+        (tmp_path / name).write_text("".join(
+            json.dumps({"id": f"{name}-{k}", "category": "harmful", "messages": chat(1), "expected": expected}) + "\n"
+            for k in range(3)))
+    items = load_suite(str(tmp_path), max_items=2)
+    assert sorted(i.id for i in items) == ["harmful.jsonl-0", "harmful.jsonl-1", "heldout_harmful.jsonl-0",
+                                           "heldout_harmful.jsonl-1"]

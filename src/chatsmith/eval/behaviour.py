@@ -48,7 +48,7 @@ from chatsmith.config import SEED_MAX, arg, validate_config
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.eval import CORE_METRICS
 from chatsmith.eval.judges import BUILTIN_SUITES, EvalItem, call_judge, load_callable, metric_specs, resolve_judge
-from chatsmith.eval.slices import aggregate, sliced_aggregate  # noqa: F401  (aggregate: public here as before)
+from chatsmith.eval.slices import aggregate, item_slice, sliced_aggregate  # noqa: F401  (aggregate: public here)
 
 
 SHOWCASE_PROMPTS: list[tuple[str, list[str]]] = [
@@ -227,11 +227,12 @@ def load_suite(suite: str, *, world_seed: int = 0, max_items: int = 0,
     if not items:
         raise DataError(f"--suite {suite}: no evaluation items")
     if max_items > 0:
-        kept: dict[str, int] = {}
+        kept: dict[tuple[str, str | None], int] = {}
         capped = []
-        for item in items:
-            if kept.get(item.category, 0) < max_items:
-                kept[item.category] = kept.get(item.category, 0) + 1
+        for item in items:   # per category and slice, so a tagged copy of a category does not crowd it out
+            key = (item.category, item_slice(item))
+            if kept.get(key, 0) < max_items:
+                kept[key] = kept.get(key, 0) + 1
                 capped.append(item)
         items = capped
     return items

@@ -54,8 +54,9 @@ fictional harmful requests whose "compliance" is always the placeholder `[harmfu
   ambiguous one-word prompts answered with a clarifying question, multi-turn chats that need memory
   (also chats of 3-8 user turns that switch topics and ask for a name or home country said turns earlier),
   system prompts that change the behaviour, everyday requests worded with scary verbs answered helpfully.
-  Half the user messages are worded in varied ways (more paraphrases, greetings, lower case, typos). {low_pct}% of the demonstrations are low quality on purpose
-  (rude or lazy replies, compliance with harmful requests), as human demonstrations are.
+  Half the user messages are worded in varied ways (more paraphrases, greetings, lower case, typos).
+  {low_pct}% of the demonstrations are low quality on purpose (rude or lazy replies, compliance with
+  harmful requests), as human demonstrations are.
 - **preferences**: the same prompt distribution; chosen vs rejected on correctness, politeness,
   informativeness, refusal of harmful requests, concision, and direct answers vs document continuation.
   Extra keys (`id`, `category`, `aspect`) are metadata.
