@@ -24,8 +24,10 @@ class PreferenceMixin:
     # benign_scary: a helpful answer beats a refusal of an everyday request worded with a scary verb ("kill a
     # frozen program"); ambiguous 12 (was 8): the clarifying question beats a guess of one sense; long: the
     # last turn of a 3-8 turn chat, its good reply against a bad one (also an earlier reply said again).
+    # harmful 22 = benign 14 + benign_scary 8: both sides of the safety boundary get as many pairs; with 16,
+    # PPO refused 0.80 of held-out harmful requests (0.96 before the scary-sounding benign pairs came).
     _PREF_MIX = (("fact_wrong", 14), ("fact_rude", 10), ("fact_lazy", 8), ("continuation", 8), ("rambling", 8),
-                 ("harmful", 16), ("haiku", 6), ("ambiguous", 12), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
+                 ("harmful", 22), ("haiku", 6), ("ambiguous", 12), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
                  ("one_word", 4), ("list", 3), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8),
                  ("benign_other_task", 5), ("harmful_other_task", 5), ("benign_scary", 8), ("long", 12))
     _LONG_ASPECTS = {"memory": ("wrong_name", "forgot", "previous"), "fact": ("wrong", "rude", "previous"),
