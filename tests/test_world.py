@@ -253,12 +253,18 @@ def test_invented_names_are_new_and_must_be_copied(world):
     names = [invented_name(rng) for _ in range(2000)]
     assert len(set(names)) > 1500
     assert not {n.lower() for n in names} & {n.lower() for n in F.NAMES}
-    memory = [r for r in world.sft_records() if r["category"] == "memory" and r["quality"] == "good"]
+    good = [r for r in world.sft_records() if r["category"] == "memory" and r["quality"] == "good"]
+    memory = [r for r in good if "recall" not in r["expected"]]   # the short memory chats (long ones below)
     invented = [r for r in memory if r["expected"]["name"] not in F.NAMES]
     assert 0.3 <= len(invented) / len(memory) <= 0.7, (len(invented), len(memory))
     for r in invented:
         name = r["expected"]["name"]
         assert name in r["messages"][0]["content"] and r["messages"][-1]["content"] == f"Your name is {name}."
+    long_names = [r for r in good if r["expected"].get("recall") == "name"]
+    assert 0.3 <= sum(r["expected"]["name"] not in F.NAMES for r in long_names) / len(long_names) <= 0.7
+    for r in long_names:   # said in an earlier user turn, at least two turns before the question
+        name, users = r["expected"]["name"], [m["content"] for m in r["messages"] if m["role"] == "user"]
+        assert any(name in u for u in users[:-2]) and r["messages"][-1]["content"] == f"Your name is {name}."
     roll_calls = [d for d in world.corpus() if d.startswith("Class list: ")]
     assert roll_calls
     for doc in roll_calls:

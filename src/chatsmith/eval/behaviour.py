@@ -10,7 +10,8 @@ any categories, or `world` (the built-in world's held-out sets). The judge (`--j
 `chatsmith.eval.judges`: `world` by default, or `py:module:function`) grades each answer as
 `{metric: value}`; the values are averaged per model, overall and per category (or as the judge's own
 `metrics` say), into `report.json` / `report.md` / `report.html` (see `chatsmith.eval.report`), and every
-answer is kept in `samples.jsonl` so people can read them.
+answer is kept in `samples.jsonl` so people can read them. Items tagged `expected["slice"]` (the world's
+held-out phrasings) and the depth of each reply in its chat get rates of their own (`chatsmith.eval.slices`).
 
 Base vs chat mode. A *base* model gets the raw text of the conversation as a document to complete
 (message contents joined by newlines, no template, stopped only by its end-of-text token); a *chat*
@@ -46,8 +47,8 @@ from typing import Any, Callable, Sequence
 from chatsmith.config import SEED_MAX, arg, validate_config
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.eval import CORE_METRICS
-from chatsmith.eval.judges import (BUILTIN_SUITES, EvalItem, call_judge, default_specs, load_callable, metric_specs,
-                                   resolve_judge)
+from chatsmith.eval.judges import BUILTIN_SUITES, EvalItem, call_judge, load_callable, metric_specs, resolve_judge
+from chatsmith.eval.slices import aggregate, item_slice, sliced_aggregate  # noqa: F401  (aggregate: public here)
 
 
 SHOWCASE_PROMPTS: list[tuple[str, list[str]]] = [
@@ -213,11 +214,12 @@ def load_suite(suite: str, *, world_seed: int = 0, max_items: int = 0,
     if not items:
         raise DataError(f"--suite {suite}: no evaluation items")
     if max_items > 0:
-        kept: dict[str, int] = {}
+        kept: dict[tuple[str, str | None], int] = {}
         capped = []
-        for item in items:
-            if kept.get(item.category, 0) < max_items:
-                kept[item.category] = kept.get(item.category, 0) + 1
+        for item in items:   # per category and slice, so a tagged copy of a category does not crowd it out
+            key = (item.category, item_slice(item))
+            if kept.get(key, 0) < max_items:
+                kept[key] = kept.get(key, 0) + 1
                 capped.append(item)
         items = capped
     return items
@@ -248,23 +250,6 @@ def read_items_jsonl(path: Path, judge: str | Callable[..., dict] = "world") -> 
 
 
 # ----------------------------------------------------------------------------- judging and aggregation
-
-
-def aggregate(items: Sequence[Any], verdicts: Sequence[dict],
-              specs: dict[str, tuple[str, tuple[str, ...] | None]] | None = None,
-              judge: str | Callable[..., dict] = "world") -> tuple[dict[str, float | None], dict[str, int]]:
-    """Mean of each metric's verdict key over the items it applies to (None: no item applies).
-
-    `specs` default: the judge's own `metrics`, else every verdict key overall and per category."""
-    rates: dict[str, float | None] = {}
-    counts: dict[str, int] = {}
-    specs = specs or metric_specs(judge) or default_specs(list(items), list(verdicts))
-    for metric, (key, categories) in specs.items():
-        values = [float(bool(v[key])) for item, v in zip(items, verdicts)
-                  if (categories is None or item.category in categories) and v.get(key) is not None]
-        rates[metric] = sum(values) / len(values) if values else None
-        counts[metric] = len(values)
-    return rates, counts
 
 
 # ----------------------------------------------------------------------------- reward and KL
@@ -382,7 +367,7 @@ def evaluate_model(mut: ModelUnderTest, items: Sequence[Any], *, max_new_tokens:
                    reference: ModelUnderTest | None = None, kl_samples: int = 64, seed: int = 0,
                    details: list | None = None) -> dict[str, float | None]:
     """Run the suite on one model; returns {metric: value}: the judge's metrics (as `specs` define them, see
-    `aggregate`), then `chatsmith.eval.CORE_METRICS`.
+    `chatsmith.eval.slices.sliced_aggregate`), then `chatsmith.eval.CORE_METRICS`.
 
     Rates are in [0, 1] (None where no item of the suite applies); `mean_reward` needs `reward_scorer`,
     `kl_to_sft` needs `reference`. Pass a list as `details` to receive the full `ModelEvaluation`
@@ -394,7 +379,7 @@ def evaluate_model(mut: ModelUnderTest, items: Sequence[Any], *, max_new_tokens:
     texts, finished, _, _ = generate_answers(mut, conversations, max_new_tokens=max_new_tokens,
                                              batch_size=batch_size)
     verdicts = [call_judge(judge_fn, item, text, done) for item, text, done in zip(items, texts, finished)]
-    rates, counts = aggregate(items, verdicts, specs, judge_fn)
+    rates, counts = sliced_aggregate(items, verdicts, specs, judge_fn)   # suite, heldout_*, turn*_ rates
     metrics: dict[str, float | None] = dict(rates)
     metrics.update({name: None for name in CORE_METRICS})
 

@@ -7,14 +7,20 @@
 - `probability_shift_png(prompt, distributions)`: the lesson's "probability shift" — the top-k next
   tokens of a base model and of its chat versions after the same prompt, as horizontal bars.
 
+- `safety_png(points)`: refusal of harmful requests (y) against refusal of benign ones (x), one point per
+  model; `safety_from_reports(reports, out)` draws it for several `report.json` files (one point per model
+  and report, e.g. per seed) and writes the PNG.
+
 Used by `chatsmith.eval.report`; each function returns None when it has nothing to draw.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 # Which metrics.jsonl keys make up each panel (first key found wins the panel title); a run gets one
@@ -150,3 +156,62 @@ def probability_shift_png(prompt: str, distributions: dict[str, dict]) -> bytes 
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         fig.tight_layout()
     return _to_png(fig)
+
+
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def safety_png(points: Sequence[tuple[str, float, float]], title: str = "Safety and helpfulness") -> bytes | None:
+    """A scatter of (label, refusal of benign requests = over_refusal, refusal of harmful requests): the ideal
+    model sits at the top left (refuses every harmful request, helps with every benign one)."""
+    points = [(str(n), float(x), float(y)) for n, x, y in points if x is not None and y is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    ax.axhspan(0.9, 1.05, xmin=0, xmax=0.3 / 1.1, color="#55a868", alpha=0.08)
+    groups = list(dict.fromkeys(n.split(" ")[0] for n, _, _ in points))   # "ppo (seed 1)" -> colour of "ppo"
+    for name, x, y in points:
+        g = groups.index(name.split(" ")[0])
+        ax.scatter([x], [y], s=60, color=_COLORS[g % len(_COLORS)], marker=_MARKERS[g % len(_MARKERS)], zorder=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("refusal of benign requests (over_refusal, lower is better)", fontsize=9)
+    ax.set_ylabel("refusal of harmful requests (higher is better)", fontsize=9)
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _to_png(fig)
+
+
+def safety_points(reports: Sequence[dict | str | Path], labels: Sequence[str] | None = None
+                  ) -> list[tuple[str, float, float]]:
+    """(label, over_refusal, refuses_harmful) of every chat model of every report (a dict or a report.json
+    path); with several reports a point is labelled "model (LABEL)", LABEL from `labels` or the file's folder."""
+    out = []
+    for k, report in enumerate(reports):
+        tag = labels[k] if labels else None
+        if not isinstance(report, dict):
+            path = Path(report)
+            tag = tag or path.parent.name or path.stem
+            report = json.loads(path.read_text(encoding="utf-8"))
+        tag = tag or f"report {k + 1}"
+        for name, entry in report.get("models", {}).items():
+            x, y = entry.get("over_refusal"), entry.get("refuses_harmful")
+            if entry.get("mode") != "base" and x is not None and y is not None:
+                out.append((name if len(reports) == 1 else f"{name} ({tag})", x, y))
+    return out
+
+
+def safety_from_reports(reports: Sequence[dict | str | Path], out: str | Path,
+                        labels: Sequence[str] | None = None) -> int:
+    """Write the safety/helpfulness scatter of several reports (e.g. one per seed) to `out` (a .png path);
+    returns the number of points (0: nothing written)."""
+    from chatsmith.utils import atomic_write_bytes
+
+    points = safety_points(reports, labels)
+    png = safety_png(points)
+    if png:
+        atomic_write_bytes(Path(out), png)
+    return len(points) if png else 0

@@ -4,7 +4,8 @@ Called by `chatsmith eval` and `chatsmith demo` (through `chatsmith.eval.behavio
 
 report.json layout::
 
-    {"suite": "world", "n_items": 412, "metrics": [...names...],
+    {"suite": "world", "n_items": 412, "metrics": [...the suite's names...],
+     "slice_metrics": {"heldout": [...], "turn1": [...], ...},      # PREFIX_metric rates (eval/slices.py)
      "models": {"base": {"path": ..., "mode": "base", "answers_directly": 0.04, ..., "kl_to_sft": null,
                          "counts": {metric: items it was computed on}, "eval_seconds": 12.3}, "sft": {...}},
      "stage_seconds": {"export": 1.2, "pretrain": 170.0, ...},        # wall time of every stage
@@ -33,6 +34,7 @@ from typing import Any, Sequence
 
 from chatsmith.eval import CORE_METRICS
 from chatsmith.eval import plots as plotting
+from chatsmith.eval.slices import split_metrics
 from chatsmith.utils import atomic_write_bytes, atomic_write_text, read_metrics
 
 METRIC_HELP: dict[str, str] = {
@@ -89,12 +91,13 @@ def write_report(out: str | Path, evaluations: Sequence[Any], *, suite: str, n_i
         entry["counts"] = dict(ev.counts)
         entry["eval_seconds"] = round(ev.seconds, 2)
         models[ev.name] = entry
+    suite_metrics, slice_metrics = split_metrics(list(dict.fromkeys(k for ev in evaluations for k in ev.metrics)))
     report: dict[str, Any] = {
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "suite": suite,
         "n_items": n_items,
-        "metrics": [m for m in dict.fromkeys(k for ev in evaluations for k in ev.metrics) if m not in CORE_METRICS]
-        + list(CORE_METRICS),
+        "metrics": [m for m in suite_metrics if m not in CORE_METRICS] + list(CORE_METRICS),
+        "slice_metrics": slice_metrics,
         "metric_help": {**(metric_help or {}), **METRIC_HELP},
         "models": models,
         "stage_seconds": {k: round(float(v), 2) for k, v in (stage_seconds or {}).items()},
@@ -146,6 +149,11 @@ def _draw_plots(evaluations: Sequence[Any], run_dirs: dict[str, str], shift: dic
                 probe_prompt: str) -> dict[str, tuple[str, bytes]]:
     """{file stem: (title, png bytes)} in display order; plots without data are left out."""
     images: dict[str, tuple[str, bytes]] = {}
+    points = [(ev.name, ev.metrics.get("over_refusal"), ev.metrics.get("refuses_harmful")) for ev in evaluations
+              if ev.mode == "chat"]
+    png = plotting.safety_png([(n, x, y) for n, x, y in points if x is not None and y is not None])
+    if png:
+        images["safety"] = ("Safety and helpfulness: refusal of harmful vs benign requests", png)
     png = plotting.probability_shift_png(probe_prompt, shift)
     if png:
         images["probability_shift"] = ("Probability shift: next token after the same prompt", png)
@@ -204,6 +212,30 @@ def metrics_table(report: dict, markdown: bool = False) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]])
+
+
+def slice_table(report: dict, model: str) -> list[list[str]]:
+    """Rows [metric, suite, PREFIX...] of one model's rates by slice (held-out phrasings, turn depth); [] if none."""
+    slices = report.get("slice_metrics") or {}
+    if not slices:
+        return []
+    entry = report["models"][model]
+    bases = [m for m in report["metrics"] if any(m in ms for ms in slices.values())]
+    header = ["metric", "suite", *slices]
+    rows = [[m, format_value(m, entry.get(m))] + [format_value(m, entry.get(f"{p}_{m}")) for p in slices]
+            for m in bases]
+    return [header, *rows]
+
+
+def slice_markdown(report: dict) -> list[str]:
+    """The by-slice tables of every chat model as markdown lines ([] when the report has no slices)."""
+    lines: list[str] = []
+    for name, entry in report["models"].items():
+        rows = slice_table(report, name) if entry.get("mode") != "base" else []
+        if rows:
+            lines += ["", f"**{name}**", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return lines
 
 
 def stage_table(report: dict, markdown: bool = False) -> str:
@@ -274,6 +306,12 @@ def render_markdown(report: dict) -> str:
              "## Metrics", "", metrics_table(report, markdown=True), "",
              "Rates are over held-out items (— = does not apply). " +
              "; ".join(f"`{m}`: {h}" for m, h in _help(report).items() if m in report["metrics"]) + "."]
+    sliced = slice_markdown(report)
+    if sliced:
+        parts += ["", "## By slice: held-out phrasings and turn depth", "",
+                  "`heldout`: held-out items re-worded with templates no training row uses; `turn1`, `turn2_3`, "
+                  "`turn4plus`: the suite's items by the user turn the reply answers. In report.json as "
+                  "`PREFIX_metric`.", *sliced]
     if report.get("stage_seconds"):
         parts += ["", "## Wall time per stage", "", stage_table(report, markdown=True)]
     showcase = report.get("showcase") or {}
@@ -330,6 +368,14 @@ def render_html(report: dict, images: dict[str, tuple[str, bytes]]) -> str:
         out.append(f"<tr><td>{esc(metric)}<div class='help'>{esc(_help(report).get(metric, ''))}</div></td>"
                    + "".join(cells) + target + "</tr>")
     out.append("</table>")
+    tables = [(n, slice_table(report, n)) for n, e in report["models"].items() if e.get("mode") != "base"]
+    if any(rows for _, rows in tables):
+        out.append("<h2>By slice: held-out phrasings and turn depth</h2>")
+        for name, rows in tables:
+            if rows:
+                out.append(f"<h3>{esc(name)}</h3><table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in rows[0])
+                           + "</tr>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
+                                               for r in rows[1:]) + "</table>")
     if report.get("stage_seconds"):
         out.append("<h2>Wall time per stage</h2><table><tr><th>stage</th><th>wall time</th></tr>")
         seconds = report["stage_seconds"]

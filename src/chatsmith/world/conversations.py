@@ -14,6 +14,7 @@ from chatsmith.world import facts as F
 from chatsmith.world.text import (
     AmbiguousWord, ANSWER_TEMPLATES, COMPLIANCES, LAZY_NO_ANSWER, REFUSALS, RUDE_WITH_ANSWER, Topic, accepted,
     answer_value, fill, invented_name, join_and, number_list)
+from chatsmith.world.phrasings import choose_template, phrase
 
 
 class ConversationMixin:
@@ -21,9 +22,14 @@ class ConversationMixin:
 
     # ------------------------------------------------------------------------- prompts + expected answers
     # Each builder returns (messages, expected, good_reply); the judge scores replies against `expected`.
-    def _fact(self, rng, c: F.Country, phrasings=None, attribute=None, system=None):
+    # `style`: the wording of the user's message (see `chatsmith.world.phrasings`): plain (the suite's main
+    # sets), train (varied: SFT, preferences, RL prompts) or heldout (the eval's heldout_* sets).
+    def _fact(self, rng, c: F.Country, phrasings=None, attribute=None, system=None, style="plain"):
         attribute = attribute or rng.choice(("capital", "capital", "continent", "language"))
-        q = fill(rng.choice((phrasings or F.FACT_QUESTIONS_TRAIN)[attribute]), c)
+        if phrasings or style == "plain":
+            q = fill(rng.choice((phrasings or F.FACT_QUESTIONS_TRAIN)[attribute]), c)
+        else:
+            q = fill(choose_template(rng, attribute, style), c)
         answer = fill(ANSWER_TEMPLATES[attribute], c)
         expected = {"attribute": attribute, "country": c.name, "answer": answer_value(c, attribute),
                     "accept": accepted(c, attribute)}
@@ -65,7 +71,7 @@ class ConversationMixin:
             return self._fact(rng, c, phrasings, attribute, system=F.SYSTEM_ONE_WORD)
         return self._fact(rng, rng.choice(pool), phrasings, system=F.SYSTEM_SIGN_OFF)
 
-    def _list(self, rng, pool, phrasings=F.LIST_QUESTIONS_TRAIN):
+    def _list(self, rng, pool, phrasings=F.LIST_QUESTIONS_TRAIN, style="plain"):
         n = rng.randint(2, 5)
         if rng.random() < 0.5:
             by_continent = {k: [c.name for c in pool if c.continent == k] for k in F.CONTINENTS}
@@ -82,15 +88,17 @@ class ConversationMixin:
         items = rng.sample(options, n)
         if subject in F.LIST_SUBJECTS:
             items = [x.capitalize() for x in items]
-        q = rng.choice(phrasings).format(n=F.NUMBER_WORDS[n] if rng.random() < 0.7 else n, subject=subject)
+        template = rng.choice(phrasings) if style == "plain" else choose_template(rng, "list", style)
+        q = template.format(n=F.NUMBER_WORDS[n] if rng.random() < 0.7 else n, subject=subject)
         reply = number_list(items)
         expected["reference"] = reply
         return [{"role": "user", "content": q}], expected, reply
 
-    def _haiku_request(self, rng, t: Topic, phrasings=F.HAIKU_QUESTIONS_TRAIN):
+    def _haiku_request(self, rng, t: Topic, phrasings=F.HAIKU_QUESTIONS_TRAIN, style="plain"):
         reply = "\n".join(self._haiku(rng, t))
         expected = {"topic": t.phrase, "keywords": list(t.keywords), "reference": reply}
-        return [{"role": "user", "content": rng.choice(phrasings).format(t=t.phrase)}], expected, reply
+        template = rng.choice(phrasings) if style == "plain" else choose_template(rng, "haiku", style)
+        return [{"role": "user", "content": template.format(t=t.phrase)}], expected, reply
 
     @staticmethod
     def _clarify(w: AmbiguousWord) -> str:
@@ -98,35 +106,35 @@ class ConversationMixin:
         tail = "I can help with either." if len(labels) == 2 else "I can help with any of them."
         return f"Do you mean {join_and(labels).replace(' and ' + labels[-1], ' or ' + labels[-1])}? {tail}"
 
-    def _ambiguous(self, rng, w: AmbiguousWord):
+    def _ambiguous(self, rng, w: AmbiguousWord, style="plain"):
         reply = self._clarify(w)
         expected = {"word": w.word, "senses": [{"label": s.label, "keywords": list(s.keywords)} for s in w.senses],
                     "reference": reply}
-        return [{"role": "user", "content": rng.choice(F.AMBIGUOUS_PROMPTS).format(w=w.word)}], expected, reply
+        return [{"role": "user", "content": phrase(rng, "ambiguous", style, w=w.word)}], expected, reply
 
-    def _harmful(self, rng, action: tuple[str, str]):
+    def _harmful(self, rng, action: tuple[str, str], style="plain"):
         reply = rng.choice(REFUSALS).format(G=action[1])
         expected = {"action": action[0], "harmful": True, "reference": reply}
-        return [{"role": "user", "content": rng.choice(F.HOWTO_QUESTIONS).format(a=action[0])}], expected, reply
+        return [{"role": "user", "content": phrase(rng, "howto", style, a=action[0])}], expected, reply
 
-    def _benign(self, rng, task: tuple[str, str, tuple[str, ...]]):
+    def _benign(self, rng, task: tuple[str, str, tuple[str, ...]], style="plain"):
         expected = {"action": task[0], "harmful": False, "keywords": list(task[2]), "reference": task[1]}
-        return [{"role": "user", "content": rng.choice(F.HOWTO_QUESTIONS).format(a=task[0])}], expected, task[1]
+        return [{"role": "user", "content": phrase(rng, "howto", style, a=task[0])}], expected, task[1]
 
-    def _arithmetic(self, rng, triple):
+    def _arithmetic(self, rng, triple, style="plain"):
         a, b, op = triple
         r = a + b if op == "+" else a - b
-        q = rng.choice(F.ARITHMETIC_QUESTIONS_TRAIN).format(a=a, b=b, op=op, opw="plus" if op == "+" else "minus")
+        q = phrase(rng, "arithmetic", style, a=a, b=b, op=op, opw="plus" if op == "+" else "minus")
         reply = f"{a} {op} {b} = {r}."
         return [{"role": "user", "content": q}], {"answer": r, "reference": reply}, reply
 
-    def _memory(self, rng, name: str, filler_countries: list[F.Country]):
+    def _memory(self, rng, name: str, filler_countries: list[F.Country], style="plain"):
         """A chat where the user gives a name, asks 0-2 other things, then asks for the name back."""
-        intro = rng.choice(F.MEMORY_INTROS).format(n=name)
+        intro = phrase(rng, "intro", style, n=name)
         msgs: list[dict] = []
         extra_turns = rng.choice((0, 1, 1, 2))
         if extra_turns and rng.random() < 0.4:   # name and first question in one message
-            q_msgs, _, ans = self._fact(rng, rng.choice(filler_countries))
+            q_msgs, _, ans = self._fact(rng, rng.choice(filler_countries), style=style)
             msgs += [{"role": "user", "content": f"{intro} {q_msgs[-1]['content']}"},
                      {"role": "assistant", "content": f"Nice to meet you, {name}! {ans}"}]
             extra_turns -= 1
@@ -135,11 +143,11 @@ class ConversationMixin:
                      {"role": "assistant", "content": f"Nice to meet you, {name}! How can I help you today?"}]
         for _ in range(extra_turns):
             if rng.random() < 0.7:
-                q_msgs, _, ans = self._fact(rng, rng.choice(filler_countries))
+                q_msgs, _, ans = self._fact(rng, rng.choice(filler_countries), style=style)
             else:
-                q_msgs, _, ans = self._arithmetic(rng, rng.choice(self.train_sums))
+                q_msgs, _, ans = self._arithmetic(rng, rng.choice(self.train_sums), style=style)
             msgs += [q_msgs[-1], {"role": "assistant", "content": ans}]
-        msgs.append({"role": "user", "content": rng.choice(F.MEMORY_QUESTIONS)})
+        msgs.append({"role": "user", "content": phrase(rng, "recall", style)})
         reply = f"Your name is {name}."
         return msgs, {"name": name, "reference": reply}, reply
 
@@ -163,36 +171,41 @@ class ConversationMixin:
         return rng.choice(("Lol, look it up yourself.", "Ugh, just figure it out yourself.", "Whatever. Idk."))
 
     # ------------------------------------------------------------------------- SFT
+    # benign 8 (was 4) and ambiguous 15 (was 10): more demonstrations of helping with harmless requests, also
+    # scary-sounding ones, and of asking which sense is meant; long 12: chats of 3-8 user turns.
     _SFT_MIX = (("fact", 33), ("fact2", 3), ("haiku", 8), ("one_word", 5), ("list", 5), ("system", 8),
-                ("ambiguous", 10), ("memory", 10), ("harmful", 8), ("benign", 4), ("arithmetic", 6))
+                ("ambiguous", 15), ("memory", 10), ("harmful", 8), ("benign", 8), ("arithmetic", 6), ("long", 12))
     INVENTED_NAME_SHARE = 0.5   # memory chats whose name is made up, so the reply must copy it
     HARMFUL_PART_OF_LOW_QUALITY = 0.35   # share of the low-quality demos that are harmful compliance
 
     def _train_example(self, rng, category: str):
-        """One prompt from the TRAIN distribution: (category, messages, expected, good_reply)."""
-        tc = self.train_countries
+        """One prompt from the TRAIN distribution: (category, messages, expected, good_reply); `long` gives a
+        chat of 3-8 user turns whose category is its last turn's."""
+        tc, style = self.train_countries, "train"
         if category == "fact":
             system = F.SYSTEM_HELPFUL if rng.random() < 0.2 else None
-            return ("fact",) + self._fact(rng, rng.choice(tc), system=system)
+            return ("fact",) + self._fact(rng, rng.choice(tc), system=system, style=style)
         if category == "haiku":
-            return ("haiku",) + self._haiku_request(rng, rng.choice(self.train_topics))
+            return ("haiku",) + self._haiku_request(rng, rng.choice(self.train_topics), style=style)
         if category == "one_word":
             return ("one_word",) + self._one_word(rng, tc)
         if category == "list":
-            return ("list",) + self._list(rng, tc)
+            return ("list",) + self._list(rng, tc, style=style)
         if category == "system":
             return ("system",) + self._system(rng, tc)
         if category == "ambiguous":
-            return ("ambiguous",) + self._ambiguous(rng, rng.choice(self.train_words))
+            return ("ambiguous",) + self._ambiguous(rng, rng.choice(self.train_words), style=style)
         if category == "memory":
             name = invented_name(rng) if rng.random() < self.INVENTED_NAME_SHARE else rng.choice(self.train_names)
-            return ("memory",) + self._memory(rng, name, tc)
+            return ("memory",) + self._memory(rng, name, tc, style=style)
         if category == "harmful":
-            return ("harmful",) + self._harmful(rng, rng.choice(self.train_harmful))
+            return ("harmful",) + self._harmful(rng, rng.choice(self.train_harmful), style=style)
         if category == "benign":
-            return ("benign",) + self._benign(rng, rng.choice(self.train_benign))
+            return ("benign",) + self._benign(rng, rng.choice(self.train_benign + self.train_scary), style=style)
         if category == "arithmetic":
-            return ("arithmetic",) + self._arithmetic(rng, rng.choice(self.train_sums))
+            return ("arithmetic",) + self._arithmetic(rng, rng.choice(self.train_sums), style=style)
+        if category == "long":
+            return self._long_chat(rng, style)
         raise AssertionError(category)
 
     @cached_property

@@ -51,9 +51,12 @@ fictional harmful requests whose "compliance" is always the placeholder `[harmfu
   words with their senses, haiku and short poems, small stories. About {chars:,} characters
   (~{tokens:,} tokens at 4 characters per token).
 - **sft**: direct questions about the training countries, instructions (haiku, one word, list N items),
-  ambiguous one-word prompts answered with a clarifying question, multi-turn chats that need memory,
-  system prompts that change the behaviour. {low_pct}% of the demonstrations are low quality on purpose
-  (rude or lazy replies, compliance with harmful requests), as human demonstrations are.
+  ambiguous one-word prompts answered with a clarifying question, multi-turn chats that need memory
+  (also chats of 3-8 user turns that switch topics and ask for a name or home country said turns earlier),
+  system prompts that change the behaviour, everyday requests worded with scary verbs answered helpfully.
+  Half the user messages are worded in varied ways (more paraphrases, greetings, lower case, typos).
+  {low_pct}% of the demonstrations are low quality on purpose (rude or lazy replies, compliance with
+  harmful requests), as human demonstrations are.
 - **preferences**: the same prompt distribution; chosen vs rejected on correctness, politeness,
   informativeness, refusal of harmful requests, concision, and direct answers vs document continuation.
   Extra keys (`id`, `category`, `aspect`) are metadata.
@@ -61,6 +64,9 @@ fictional harmful requests whose "compliance" is always the placeholder `[harmfu
   (`chatsmith.world.judge.judge(EvalItem.from_dict(row), response)`), plus a `reference` good reply.
   Eval sets are disjoint from sft/preferences/prompts: held-out countries appear only in the corpus
   ({heldout}); unseen question phrasings, haiku topics, ambiguous words, harmful requests and names.
+  `long.jsonl` holds chats of 3-8 user turns (the eval reports rates by turn depth); `heldout_*.jsonl` the
+  same categories in wordings no training row uses (tagged `expected.slice = "heldout"`, reported as
+  `heldout_*` rates), `benign_scary.jsonl` everyday requests that sound harmful (part of over_refusal).
   `showcase.jsonl` holds the lesson's prompts ("What is the capital of France?", "Write a haiku about
   programming.", "Python") plus a harmful request and a memory check.
 

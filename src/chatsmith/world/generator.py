@@ -45,12 +45,14 @@ from chatsmith.errors import ChatsmithError
 from chatsmith.world import facts as F
 from chatsmith.world.conversations import ConversationMixin
 from chatsmith.world.corpus import CorpusMixin
+from chatsmith.world.longchat import LongChatMixin
+from chatsmith.world.phrasings import SCARY_BENIGN_TASKS
 from chatsmith.world.preferences import PreferenceMixin
 from chatsmith.world.suite import SuiteMixin
 from chatsmith.world.text import AmbiguousWord, Sense, Topic, seeded_split
 
 
-class World(CorpusMixin, ConversationMixin, PreferenceMixin, SuiteMixin):
+class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, SuiteMixin):
     """The seeded synthetic world (see the module docstring). Products are computed once and cached."""
 
     def __init__(self, seed: int = 0, n_countries: int | None = None, scale: float = 1.0,
@@ -97,6 +99,9 @@ class World(CorpusMixin, ConversationMixin, PreferenceMixin, SuiteMixin):
         self.train_names, self.heldout_names = seeded_split(rng, list(F.NAMES), 0.25, F.PINNED_HELDOUT_NAMES)
         pairs = [(a, b, op) for op in "+-" for a in range(21) for b in range(21) if op == "+" or a >= b]
         self.train_sums, self.heldout_sums = seeded_split(rng, pairs, 0.15)
+        # Its own stream, so the splits above (and the corpus, which reads them) stay as they were.
+        self.train_scary, self.heldout_scary = seeded_split(self._rng("scary"), list(SCARY_BENIGN_TASKS), 0.3,
+                                                            key=lambda b: b[0])
 
     # ------------------------------------------------------------------------- helpers
     def _rng(self, name: str) -> random.Random:

@@ -21,10 +21,18 @@ class PreferenceMixin:
     # benign 14, near harmful's 16 + its ranked rows: with 4 the reward model saw four "refuse > comply" pairs
     # per "help > refuse" pair, learned that a refusal of any how-to request is good, and PPO refused the
     # held-out everyday requests as well (over-refusal 0.45-1.00).
+    # benign_scary: a helpful answer beats a refusal of an everyday request worded with a scary verb ("kill a
+    # frozen program"); ambiguous 12 (was 8): the clarifying question beats a guess of one sense; long: the
+    # last turn of a 3-8 turn chat, its good reply against a bad one (also an earlier reply said again).
+    # harmful 22 = benign 14 + benign_scary 8: both sides of the safety boundary get as many pairs; with 16,
+    # PPO refused 0.80 of held-out harmful requests (0.96 before the scary-sounding benign pairs came).
     _PREF_MIX = (("fact_wrong", 14), ("fact_rude", 10), ("fact_lazy", 8), ("continuation", 8), ("rambling", 8),
-                 ("harmful", 16), ("haiku", 6), ("ambiguous", 8), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
+                 ("harmful", 22), ("haiku", 6), ("ambiguous", 12), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
                  ("one_word", 4), ("list", 3), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8),
-                 ("benign_other_task", 5), ("harmful_other_task", 5))
+                 ("benign_other_task", 5), ("harmful_other_task", 5), ("benign_scary", 8), ("long", 12))
+    _LONG_ASPECTS = {"memory": ("wrong_name", "forgot", "previous"), "fact": ("wrong", "rude", "previous"),
+                     "harmful": ("comply", "previous"), "benign": ("overrefuse", "previous"),
+                     "ambiguous": ("one_sense", "previous"), "arithmetic": ("wrong", "previous")}
 
     def _rejected(self, rng, aspect: str, category: str, msgs, expected, good: str) -> str:
         tc = self.train_countries
@@ -82,6 +90,10 @@ class PreferenceMixin:
             return f"Your name is {other}."
         if aspect == "forgot":
             return rng.choice(("I don't know your name.", "Sorry, I don't remember your name."))
+        if aspect == "previous":   # an earlier reply of the chat said again (PPO's "Python" -> "Your name is Ana.")
+            earlier = [m["content"] for m in msgs if m["role"] == "assistant" and m["content"] != good
+                       and len(m["content"]) <= len(good) + 40]   # keeps the pair within the chat's budget
+            return rng.choice(earlier) if earlier else rng.choice(LAZY_POLITE)
         if aspect == "not_one_word":   # right answer, but a full sentence
             return fill(ANSWER_TEMPLATES[expected["attribute"]], F.COUNTRY_BY_NAME[expected["country"]])
         if aspect == "wrong_count":
@@ -147,13 +159,27 @@ class PreferenceMixin:
                 return None
             return {"prompt": msgs, "ranked": [responses[j] for _, j in scored],
                     "id": f"pref-{i:05d}", "category": category, "aspect": "ranked", "_expected": expected}
+        if kind in ("long", "benign_scary"):
+            if kind == "long":
+                category, msgs, expected, good = self._train_example(rng, "long")
+                aspect = rng.choice(self._LONG_ASPECTS[category])
+            else:
+                category, aspect = "benign", "overrefuse"
+                msgs, expected, good = self._benign(rng, rng.choice(self.train_scary), style="train")
+            return self._pair_row(i, category, aspect, msgs, expected, good,
+                                  self._rejected(rng, aspect, category, msgs, expected, good))
         category, aspect = self._ASPECTS[kind]
         if category is None:
             category = rng.choice(("fact", "fact", "haiku"))
         elif isinstance(category, tuple):
             category = rng.choice(category)
         _, msgs, expected, good = self._train_example(rng, category)
-        bad = self._rejected(rng, aspect, category, msgs, expected, good)
+        return self._pair_row(i, category, aspect, msgs, expected, good,
+                              self._rejected(rng, aspect, category, msgs, expected, good))
+
+    @staticmethod
+    def _pair_row(i: int, category: str, aspect: str, msgs, expected, good: str, bad: str) -> dict | None:
+        """A chosen/rejected row, or None when the judge does not score `good` above `bad`."""
         item = EvalItem(f"pref-{i:05d}", category, msgs, expected)
         if bad == good or score(item, good) <= score(item, bad):
             return None

@@ -12,6 +12,7 @@ from typing import Callable
 
 from chatsmith.world import facts as F
 from chatsmith.world.judge import EvalItem
+from chatsmith.world.longchat import LONG_FINALS
 
 
 class SuiteMixin:
@@ -19,7 +20,7 @@ class SuiteMixin:
 
     # ------------------------------------------------------------------------- RL prompts
     _PROMPT_MIX = (("fact", 30), ("harmful", 15), ("ambiguous", 10), ("haiku", 10), ("memory", 10),
-                   ("one_word", 4), ("system", 4), ("list", 5), ("benign", 5), ("arithmetic", 7))
+                   ("one_word", 4), ("system", 4), ("list", 5), ("benign", 10), ("arithmetic", 7), ("long", 10))
 
     @cached_property
     def _prompt_rows(self) -> list[dict]:
@@ -30,7 +31,10 @@ class SuiteMixin:
         plan[:len(cats)] = cats
         rows = []
         for i, cat in enumerate(plan):
-            category, msgs, expected, _ = self._train_example(rng, cat)
+            if cat == "long":   # a prompt: its reply is sampled, so the chat alone must leave room for it
+                category, msgs, expected, _ = self._long_chat(rng, "train", prompt_only=True)
+            else:
+                category, msgs, expected, _ = self._train_example(rng, cat)
             rows.append({"id": f"prompt-{i:05d}", "category": category, "messages": msgs, "expected": expected})
         return rows
 
@@ -42,6 +46,9 @@ class SuiteMixin:
     # ------------------------------------------------------------------------- held-out evaluation
     EVAL_CATEGORIES = ("fact", "fact_phrasing", "one_word", "system", "list", "haiku", "ambiguous", "harmful",
                        "benign", "memory", "arithmetic", "showcase")
+    HELDOUT_PHRASING_SETS = ("fact", "harmful", "benign", "ambiguous", "memory", "haiku", "list", "arithmetic")
+    """Categories with a `heldout_<category>` set: held-out entities in held-out wordings (`phrasings.HELDOUT`),
+    marked `expected["slice"] = "heldout"`, so the eval reports them as `heldout_*` rates beside the suite's."""
 
     @cached_property
     def _eval(self) -> dict[str, list[EvalItem]]:
@@ -79,8 +86,43 @@ class SuiteMixin:
         collect("memory", lambda k: self._memory(rng, self.heldout_names[k % len(self.heldout_names)],
                                                  self.train_countries), size)
         collect("arithmetic", lambda k: self._arithmetic(rng, self.heldout_sums[k % len(self.heldout_sums)]), size)
+        # Everyday requests worded with a scary verb ("kill a frozen program"): part of over_refusal.
+        collect("benign_scary", lambda k: ("benign",) + self._benign(rng, self.heldout_scary[k % len(self.heldout_scary)]),
+                size)
+        # 3-8 user turns (the eval reports every rate by the depth of the reply: turn 1, 2-3, 4+).
+        long_rng = self._rng("eval_long")
+        collect("long", lambda k: self._long_chat(long_rng, "plain", heldout=True, turns=3 + k % 6,
+                                                  final=LONG_FINALS[k // 6 % len(LONG_FINALS)]), size)
+        self._heldout_phrasing_sets(sets, collect)
         sets["showcase"] = self._showcase()
         return sets
+
+    def _heldout_phrasing_sets(self, sets: dict, collect: Callable) -> None:
+        """The `heldout_*` sets (own random stream, so the sets above stay as they were)."""
+        rng = self._rng("eval_heldout_phrasings")
+        size = max(1, self.eval_size * 2 // 5)
+        held, style = self.heldout_countries, "heldout"
+        attrs = ("capital", "capital", "continent", "language")
+        benign = self.heldout_benign + self.heldout_scary
+        makers = {
+            "fact": lambda k: self._fact(rng, held[k % len(held)], attribute=attrs[(k // len(held)) % 4], style=style),
+            "harmful": lambda k: self._harmful(rng, self.heldout_harmful[k % len(self.heldout_harmful)], style=style),
+            "benign": lambda k: self._benign(rng, benign[k % len(benign)], style=style),
+            "ambiguous": lambda k: self._ambiguous(rng, self.heldout_words[k % len(self.heldout_words)], style=style),
+            "memory": lambda k: self._memory(rng, self.heldout_names[k % len(self.heldout_names)],
+                                             self.train_countries, style=style),
+            "haiku": lambda k: self._haiku_request(rng, self.heldout_topics[k % len(self.heldout_topics)],
+                                                   style=style),
+            "list": lambda k: self._list(rng, held, style=style),
+            "arithmetic": lambda k: self._arithmetic(rng, self.heldout_sums[k % len(self.heldout_sums)], style=style),
+        }
+        for category in self.HELDOUT_PHRASING_SETS:
+            make = makers[category]
+
+            def tagged(k, make=make, category=category):
+                msgs, expected, reply = make(k)
+                return category, msgs, {**expected, "slice": "heldout"}, reply
+            collect(f"heldout_{category}", tagged, size)
 
     def _showcase(self) -> list[EvalItem]:
         """The lesson's prompts, plus a harmful request and a two-turn memory check."""
