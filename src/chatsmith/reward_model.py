@@ -17,7 +17,8 @@ response. The index comes from the attention mask (correct under left or right p
 pad == eos; HF's own pooling looks for the last non-pad id instead). The (mean, std) normalisation
 saved by `chatsmith reward` is read from config.json (`chatsmith_reward_mean` / `chatsmith_reward_std`)
 or `reward_normalization.json`. Used by PPO/GRPO (rewards, value-model init), evaluation and
-`chatsmith score`; training lives in `chatsmith.train.reward`. This API is stable: extend it only with
+`chatsmith score`; training lives in `chatsmith.train.reward`. A LoRA reward adapter directory (`chatsmith reward
+--lora-r`) loads as its base with the adapter and score head merged (`load_reward_adapter`). This API is stable: extend it only with
 defaulted keyword arguments.
 
 Run the tests: `python -m pytest tests/test_reward.py -q`.
@@ -40,6 +41,7 @@ __all__ = [
     "RewardModel", "load_reward_model", "score_conversations", "token_scores", "sequence_rewards",
     "packed_rewards", "backbone_hidden", "backbone", "score_head", "mask_for_model", "render_for_scoring",
     "NORM_MEAN_KEY", "NORM_STD_KEY", "FORMAT_KEY", "NORM_FILE", "check_reward_model_dir", "score_head_in_weights",
+    "load_reward_adapter",
 ]
 
 NORM_MEAN_KEY = "chatsmith_reward_mean"
@@ -235,7 +237,15 @@ def check_reward_model_dir(path: str | Path) -> None:
     ``num_labels == 1`` and the head's weights in its safetensors. A causal LM (an SFT or base model) would
     otherwise be scored with a freshly, randomly initialised head.
     """
+    from chatsmith.model import is_adapter_dir, read_adapter_config
+
     path = Path(path)
+    if is_adapter_dir(path):
+        task = read_adapter_config(path).get("task_type")
+        if task != "SEQ_CLS":
+            raise ChatsmithError(f"{path}: a LoRA adapter of a chat model (task_type {task}), not a reward model; "
+                                 "train one with `chatsmith reward`")
+        return
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -270,8 +280,11 @@ def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype
     from chatsmith.chat.templates import get_format
     from chatsmith.utils import resolve_device
 
+    from chatsmith.model import is_adapter_dir, quiet_transformers
+
     path = Path(path)
-    if not (path / "config.json").is_file():
+    adapter = is_adapter_dir(path)
+    if not adapter and not (path / "config.json").is_file():
         raise ChatsmithError(f"{path}: not a model directory (no config.json); train one with `chatsmith reward`")
     check_reward_model_dir(path)
     if isinstance(dtype, str):
@@ -279,10 +292,11 @@ def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype
                  "bfloat16": torch.bfloat16, "auto": None}[dtype]
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    from chatsmith.model import quiet_transformers
-
-    with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **kwargs)
+    if adapter:
+        model = load_reward_adapter(path, tokenizer, dtype)
+    else:
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **kwargs)
     if getattr(model.config, "num_labels", 1) != 1:
         raise ChatsmithError(f"{path}: a reward model has one output (num_labels=1), this one has "
                              f"{model.config.num_labels}")
@@ -303,6 +317,31 @@ def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype
         p.requires_grad_(False)
     return RewardModel(model, tokenizer, fmt, float(mean if mean is not None else 0.0),
                        float(std if std else 1.0), str(path))
+
+
+def load_reward_adapter(path: Path, tokenizer: Any, dtype: Any = None) -> nn.Module:
+    """A reward-model LoRA adapter directory (task SEQ_CLS) as one plain sequence-classification model.
+
+    Its base (``base_model_name_or_path``) is either a causal LM (the SFT model `chatsmith reward --lora-r`
+    started from: the reward model is rebuilt from it as training built it) or a reward model (a PPO value
+    adapter: loaded by `load_reward_model`, so it may be an adapter too); the adapters and the saved score
+    head are then merged in."""
+    from chatsmith.model import (adapter_base, is_adapter_dir, load_model, merge_adapter, read_adapter_config,
+                                 resize_to_tokenizer)
+
+    base = adapter_base(path, read_adapter_config(path))
+    base_config = Path(base) / "config.json"
+    archs = (json.loads(base_config.read_text()).get("architectures") or []) if base_config.is_file() else []
+    if is_adapter_dir(base) or any(str(a).endswith("ForSequenceClassification") for a in archs):
+        model = load_reward_model(base, device="cpu", dtype=dtype).model
+    else:
+        from chatsmith.train.reward import reward_model_from_causal_lm   # the builder training used
+
+        causal = load_model(base, device="cpu", dtype=dtype, require_template=False).model
+        resize_to_tokenizer(causal, tokenizer)
+        model = reward_model_from_causal_lm(causal, tokenizer)
+    resize_to_tokenizer(model, tokenizer)
+    return merge_adapter(model, path)
 
 
 def score_conversations(rm: RewardModel, tokenizer: Any = None, fmt: Any = None,

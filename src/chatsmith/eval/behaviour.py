@@ -115,7 +115,7 @@ def load_model_under_test(path: str | Path, name: str, *, base_names: Sequence[s
                           template: str = "", device: str = "auto") -> ModelUnderTest:
     """Load a model directory and decide base vs chat mode (rules in the module docstring)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ChatsmithError(f"{path}: not a model directory (no config.json); expected the output "
                              f"directory of a chatsmith stage or any Hugging Face causal LM directory")
     from chatsmith.model import load_model

@@ -570,7 +570,7 @@ def check_reward_spec(spec: str, flag: str) -> None:
     path = reward_model_path(spec)
     if path is None:
         return
-    if not (Path(path) / "config.json").is_file():
+    if not (Path(path) / "config.json").is_file() and not (Path(path) / "adapter_config.json").is_file():
         raise ChatsmithError(f"{flag} {spec}: not a model directory (no config.json); train a reward model with "
                              "`chatsmith reward`")
     check_reward_model_dir(path)
