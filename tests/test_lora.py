@@ -17,6 +17,15 @@ from test_reward import tiny_config, toy_preferences, write_jsonl
 LORA = dict(lora_r=4, lora_alpha=8.0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_for_the_module():
+    """The module's runs (fixtures included) single-threaded, as test_ppo's: threads only contend here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def losses(out) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in line]
@@ -135,6 +144,45 @@ def test_merged_model_has_the_adapter_models_logits_and_generate_takes_an_adapte
                                     device="cpu"))
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].strip()
+    stop = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert plain.generation_config.eos_token_id == stop == loaded.model.generation_config.eos_token_id
+
+
+def test_adapter_base_paths_relative_to_the_adapter_and_a_missing_base(sft_run, files):
+    import shutil
+
+    from chatsmith.errors import ChatsmithError
+    from chatsmith.model import load_model
+
+    out, model = sft_run
+    copy = files["root"] / "moved" / "adapter"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoint", "*.jsonl"))
+    config = json.loads((copy / "adapter_config.json").read_text())
+    ids = torch.tensor([[5, 17, 42, 99]])
+    for base, ok in (("../../base", True), ("../../nowhere", False)):
+        (copy / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path=base)))
+        if ok:
+            with torch.no_grad():
+                torch.testing.assert_close(load_model(copy, device="cpu").model(ids).logits, model.eval()(ids).logits,
+                                           atol=1e-5, rtol=1e-5)
+        else:
+            with pytest.raises(ChatsmithError, match="base_model_name_or_path"):
+                load_model(copy, device="cpu")
+
+
+def test_a_final_save_removes_the_other_model_kind(tmp_path):
+    from chatsmith.train.checkpoint import save_final_model
+    from chatsmith.train.lora import apply_lora
+    from chatsmith.train.sft import SFTConfig
+
+    policy, _, _, tokenizer, _ = toy_models(0)
+    save_final_model(policy, tokenizer, tmp_path, None)
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    save_final_model(apply_lora(toy_models(0)[0], SFTConfig(lora_r=2)), tokenizer, tmp_path, None)
+    assert (tmp_path / "adapter_config.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    assert not (tmp_path / "config.json").exists() and (tmp_path / "tokenizer_config.json").is_file()
+    save_final_model(policy, tokenizer, tmp_path, None)
+    assert not (tmp_path / "adapter_config.json").exists() and (tmp_path / "model.safetensors").is_file()
 
 
 def plain_template(path) -> str:

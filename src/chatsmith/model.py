@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
@@ -58,6 +59,16 @@ def quiet_transformers():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Hide peft's warnings that say nothing to a chatsmith user: it reads transformers' deprecated
+    ``is_gradient_checkpointing``, and it cannot compare vocabularies with a base that is an adapter dir."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
+        yield
 
 
 class Loaded(NamedTuple):
@@ -364,7 +375,7 @@ def merge_adapter(model: Any, path: str | Path) -> Any:
     from peft import PeftModel
 
     try:
-        with quiet_transformers():
+        with quiet_transformers(), quiet_peft():
             wrapped = PeftModel.from_pretrained(model, str(path))
     except Exception as exc:  # noqa: BLE001 - peft raises many types for a mismatched adapter
         raise ChatsmithError(f"{path}: cannot load the adapter onto its base model "
@@ -392,6 +403,10 @@ def load_adapter_model(path: str | Path, device: str = "auto", dtype: Any = None
     model = base.model
     resize_to_tokenizer(model, tokenizer)
     model = merge_adapter(model, path)
+    if (path / "generation_config.json").is_file():   # the adapter's own (its stop tokens), over the base's
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
     return _finish_loading(model, tokenizer, str(path), device, template, require_template)
 
 
@@ -428,7 +443,10 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[st
     peft = peft_model_of(model)
     with atomic_directory(out) as tmp, quiet_transformers():
         if peft is not None:   # LoRA: a standard peft adapter directory (adapter_config.json + weights)
-            peft.save_pretrained(str(tmp))
+            with quiet_peft():
+                peft.save_pretrained(str(tmp))
+            if getattr(model, "generation_config", None) is not None:   # stop tokens set in training
+                model.generation_config.save_pretrained(str(tmp))
             (tmp / "README.md").unlink(missing_ok=True)   # peft's empty model card template
         else:
             model.save_pretrained(str(tmp), state_dict=state_dict)

@@ -205,7 +205,8 @@ def save_final_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: d
     """Save as a standard HF directory in ``out``, keeping what else lives there (metrics.jsonl, checkpoint/).
 
     ``chatsmith.model.save_model`` replaces its target directory as a whole, so it writes ``OUT/.final-tmp``
-    first and the files are then moved into ``out`` one by one (each move is an atomic rename on the same
+    first and the files are then moved into ``out`` one by one (then the other model kind's files that an
+    earlier run left are removed, `remove_other_model_kind`) (each move is an atomic rename on the same
     filesystem; an interrupted move leaves the resumable checkpoint untouched). Nothing outside ``out`` is
     touched; a staging directory left by a killed run is removed by the next run's claim on ``out``.
     """
@@ -215,10 +216,27 @@ def save_final_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: d
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_model(unwrap_model(model), tokenizer, staging, extra_files=extra_files, state_dict=state_dict)
+        adapter = (staging / "adapter_config.json").is_file()
         for item in sorted(staging.rglob("*")):
             if item.is_file():
                 target = out / item.relative_to(staging)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(item, target)
+        remove_other_model_kind(out, adapter)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+FULL_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
+                    "model-*-of-*.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def remove_other_model_kind(out: Path, adapter: bool) -> None:
+    """After a final save into ``out``: delete the model files of the other kind that an earlier run left there
+    (a full model's after a LoRA adapter was saved, an adapter's after a full model), so that ``out`` loads as
+    what was saved last, in chatsmith and in plain transformers / peft."""
+    for pattern in FULL_MODEL_FILES if adapter else ADAPTER_FILES:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()

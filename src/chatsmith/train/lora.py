@@ -35,7 +35,7 @@ from torch import nn
 
 from chatsmith.config import arg, validate_config
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import PEFT_ATTRIBUTE, model_source, peft_model_of
+from chatsmith.model import PEFT_ATTRIBUTE, model_source, peft_model_of, quiet_peft
 
 __all__ = ["LORA_TARGETS_HELP", "lora_enabled", "check_lora_settings", "apply_lora", "adapter_disabled",
            "DisabledAdapterView", "AdapterDisabledScorer", "parameter_counts", "has_lora", "trainable_state", "load_trainable_state",
@@ -105,7 +105,8 @@ def apply_lora(model: nn.Module, cfg: Any, base: str | None = None, task: str = 
                         modules_to_save=["score"] if task == "reward" else None)
     names = linear_names(model)
     try:
-        wrapped = get_peft_model(model, config)
+        with quiet_peft():
+            wrapped = get_peft_model(model, config)
     except ValueError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ChatsmithError(f"--lora-targets {cfg.lora_targets}: {first}; this model's linear layers are named "
@@ -147,6 +148,14 @@ class DisabledAdapterView:
 
     def get_base_model(self) -> nn.Module:
         return self.policy
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether the policy recomputes activations (then it returns no KV cache to share a prompt with)."""
+        policy = self.policy
+        name = ("is_activation_checkpointing" if hasattr(type(policy), "is_activation_checkpointing")
+                else "is_gradient_checkpointing")
+        return bool(getattr(policy, name, False))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["policy"], name)
