@@ -16,7 +16,9 @@ and IPO (`--loss-type ipo`, Azar et al. 2023).
 Reports per step and on a held-out split: implicit reward accuracy (share of pairs where
 beta * log(pi/ref) ranks the chosen response higher), mean implicit reward margin, chosen/rejected
 rewards and log-probs. Checkpoints and `--resume` go through the shared `train/supervised.py` Trainer; the
-result in `--out` is a standard HF chat model directory.
+result in `--out` is a standard HF chat model directory. With `--lora-r R` the policy trains LoRA adapters and
+the reference log-probs come from the same weights with the adapters disabled (no second copy); `--out` is
+then a peft adapter directory.
 
 Run the tests: `python -m pytest tests/test_dpo.py -q`.
 """

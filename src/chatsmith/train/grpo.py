@@ -22,7 +22,8 @@ saving grows with prompt length and G.
 
 Metrics per step: reward (mean, std, per-group std), kl, clip_fraction, entropy, response length, the
 time of rollout / scoring / update and episodes/s. Checkpoints and `--resume` as every stage; OUT is a
-standard HF chat model directory.
+standard HF chat model directory. With `--lora-r R` the policy trains LoRA adapters, the reference is the
+same weights with the adapters disabled (no second copy), and OUT is a peft adapter directory.
 
 Several processes: `torchrun --nproc-per-node N -m chatsmith grpo ... --prompts-per-step P` draws one
 global batch of N x P prompts per step; rank r samples the r-th slice with the random streams its rows

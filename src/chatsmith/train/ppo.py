@@ -14,6 +14,11 @@ Four roles
     reward     r       a frozen reward model (`chatsmith reward`), scores normalised (mean 0, std 1)
     value      V       a trainable copy of the reward model whose scalar head is read at every token
 Dropout is off in all four (Huang et al. 2024).
+With `--lora-r R` the policy trains LoRA adapters and the reference is the same weights with the adapters
+disabled (`train.lora.DisabledAdapterView`, unless --reference names another model). The value model is the
+reward model's own weights with adapters of its own and its own trainable copy of the score head (peft's
+modules_to_save); the reward is scored with those adapters off, so one copy of the reward model's weights
+serves both (with --value-model, or a `py:`/`world` reward, the value model is a separate copy with LoRA).
 
 One PPO step (`--max-steps` of them)
  1. Rollout: `--rollout-batch-size` prompts; one response each from the KV-cache engine at
@@ -43,7 +48,8 @@ minibatch per epoch, two processes train exactly what one process with 2 x B epi
 (tests/test_distributed.py).
 
 Output: OUT is a standard HF chat model directory (the final policy); OUT/value holds the value model (an
-HF sequence-classification directory, so `chatsmith rlhf` or a longer run can start from it);
+HF sequence-classification directory, so `chatsmith rlhf` or a longer run can start from it; with LoRA both
+are peft adapter directories);
 OUT/checkpoint holds policy + value + both optimizers and schedulers + beta + RNG + data position + step.
 """
 
