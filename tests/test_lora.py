@@ -45,11 +45,13 @@ def capture_trainer(monkeypatch, module) -> dict:
     return captured
 
 
-def assert_only_adapters_changed(model, base_dir, heads=()) -> None:
-    """Every base weight of ``model`` equals the base directory's; the adapters' B matrices moved off zero."""
+def assert_only_adapters_changed(model, base, heads=()) -> None:
+    """Every base weight of ``model`` equals the base's (a model directory or a state dict); the adapters'
+    B matrices moved off zero."""
     from safetensors.torch import load_file
 
-    base = load_file(str(base_dir / "model.safetensors"))
+    if not isinstance(base, dict):
+        base = load_file(str(base / "model.safetensors"))
     lora_b = 0
     for name, param in model.named_parameters():
         if ".lora_B." in name:
@@ -192,7 +194,8 @@ def plain_template(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def reward_run(files):
+def reward_run(files, sft_run):
+    """LoRA reward model on the LoRA SFT model (an adapter directory as --model)."""
     from chatsmith.train import reward as reward_module
     from chatsmith.train import supervised
 
@@ -201,7 +204,7 @@ def reward_run(files):
     out = files["root"] / "rm"
     try:
         reward_module.train_reward_model(reward_module.RewardConfig(
-            model=str(files["base"]), data=files["prefs"], out=str(out), max_steps=12, lr=1e-2, warmup_steps=0,
+            model=str(sft_run[0]), data=files["prefs"], out=str(out), max_steps=12, lr=1e-2, warmup_steps=0,
             batch_size=8, eval_fraction=0.0, norm_source="preferences", log_every=1, save_every=0, progress=False,
             device="cpu", **LORA))
     finally:
@@ -216,7 +219,10 @@ def test_lora_reward_model_trains_adapters_and_head_and_scores_like_its_merge(re
     out, model = reward_run
     curve = losses(out)
     assert curve[-1] < curve[0] - 0.05, curve
-    assert_only_adapters_changed(model, files["base"], heads=("score.",))
+    from chatsmith.model import load_model
+
+    sft = load_model(files["root"] / "sft", device="cpu").model.state_dict()   # the base: SFT merged
+    assert_only_adapters_changed(model, sft, heads=("score.",))
     head = model.score.modules_to_save["default"].weight
     assert not torch.equal(head, model.score.original_module.weight)   # the head trained
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
@@ -364,3 +370,21 @@ def test_lora_settings_are_checked(tmp_path, capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
     assert "--lora-targets" in capsys.readouterr().out
+
+
+def test_lora_rlhf_two_rounds_train_adapters_and_the_final_policy_loads(tmp_path):
+    from test_rlhf import rlhf_cfg
+
+    from chatsmith.model import load_model
+    from chatsmith.reward_model import load_reward_model
+    from chatsmith.train.rlhf import rlhf
+
+    results = rlhf(rlhf_cfg(tmp_path, lora_r=2))
+    assert [r.round for r in results] == [1, 2]
+    for r in results:
+        assert json.loads((tmp_path / "rlhf" / f"round_{r.round}" / "rm" / "adapter_config.json").read_text()
+                          )["task_type"] == "SEQ_CLS"
+        load_reward_model(r.reward_model, device="cpu")
+    out = tmp_path / "rlhf"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"].endswith("round_1/ppo")
+    assert load_model(out, device="cpu").fmt is not None

@@ -331,8 +331,12 @@ def load_reward_adapter(path: Path, tokenizer: Any, dtype: Any = None) -> nn.Mod
 
     base = adapter_base(path, read_adapter_config(path))
     base_config = Path(base) / "config.json"
-    archs = (json.loads(base_config.read_text()).get("architectures") or []) if base_config.is_file() else []
-    if is_adapter_dir(base) or any(str(a).endswith("ForSequenceClassification") for a in archs):
+    if is_adapter_dir(base):
+        reward_base = read_adapter_config(base).get("task_type") == "SEQ_CLS"
+    else:
+        archs = (json.loads(base_config.read_text()).get("architectures") or []) if base_config.is_file() else []
+        reward_base = any(str(a).endswith("ForSequenceClassification") for a in archs)
+    if reward_base:
         model = load_reward_model(base, device="cpu", dtype=dtype).model
     else:
         from chatsmith.train.reward import reward_model_from_causal_lm   # the builder training used
