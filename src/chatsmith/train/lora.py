@@ -108,7 +108,7 @@ def apply_lora(model: nn.Module, cfg: Any, base: str | None = None, task: str = 
         with quiet_peft():
             wrapped = get_peft_model(model, config)
     except ValueError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(". ")
         raise ChatsmithError(f"--lora-targets {cfg.lora_targets}: {first}; this model's linear layers are named "
                              f"{', '.join(names)}") from None
     if base is not None:
