@@ -7,7 +7,8 @@
     loaded = load_model("runs/base")                                        # Loaded(model, tokenizer, fmt)
 
 Any HF causal LM directory loads (`AutoModelForCausalLM` + `AutoTokenizer`), so does a peft LoRA adapter
-directory (`adapter_config.json`; its base model with the adapter merged) and a Hugging Face Hub id (`owner/name`, not a local directory: handed to transformers, which reads its cache or downloads).
+directory (`adapter_config.json`; its base model with the adapter merged) and a Hugging Face Hub id
+(`owner/name`, not a local directory: handed to transformers, which reads its cache or downloads).
 A model without a pad token gets `<|pad|>` added (embeddings resized); a tokenizer without a chat template needs
 `template=` (`chatml`, `llama2`, `alpaca` or a `.jinja` file), which is set on the tokenizer so the saved
 model carries it. Saved directories hold `config.json`, `model.safetensors` and tokenizer files with the

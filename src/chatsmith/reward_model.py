@@ -17,9 +17,9 @@ response. The index comes from the attention mask (correct under left or right p
 pad == eos; HF's own pooling looks for the last non-pad id instead). The (mean, std) normalisation
 saved by `chatsmith reward` is read from config.json (`chatsmith_reward_mean` / `chatsmith_reward_std`)
 or `reward_normalization.json`. Used by PPO/GRPO (rewards, value-model init), evaluation and
-`chatsmith score`; training lives in `chatsmith.train.reward`. A LoRA reward adapter directory (`chatsmith reward
---lora-r`) loads as its base with the adapter and score head merged (`load_reward_adapter`). This API is stable: extend it only with
-defaulted keyword arguments.
+`chatsmith score`; training lives in `chatsmith.train.reward`. A LoRA reward adapter directory
+(`chatsmith reward --lora-r`) loads as its base with the adapter and score head merged (`load_reward_adapter`).
+This API is stable: extend it only with defaulted keyword arguments.
 
 Run the tests: `python -m pytest tests/test_reward.py -q`.
 """

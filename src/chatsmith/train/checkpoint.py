@@ -88,8 +88,9 @@ def checkpoint_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 class Checkpointer:
     """Atomic save/load of everything needed to resume, in ``OUT/checkpoint/`` (only the latest is kept).
 
-    Layout: ``model.safetensors`` (weights; tied weights stored once; with LoRA the adapters and heads only), ``state.pt`` (optimizer, scheduler,
-    RNG states, data position, step, extra; readable with ``torch.load(weights_only=True)``),
+    Layout: ``model.safetensors`` (weights; tied weights stored once; with LoRA the adapters and heads only),
+    ``state.pt`` (optimizer, scheduler, RNG states, data position, step, extra; readable with
+    ``torch.load(weights_only=True)``),
     ``trainer_state.json`` (step and a few numbers for humans), optional ``tokenizer/``.
     ``save_best`` writes the weights alone to ``OUT/checkpoint-best/`` when a metric improves.
     """

@@ -38,8 +38,8 @@ from chatsmith.errors import ChatsmithError
 from chatsmith.model import PEFT_ATTRIBUTE, model_source, peft_model_of, quiet_peft
 
 __all__ = ["LORA_TARGETS_HELP", "lora_enabled", "check_lora_settings", "apply_lora", "adapter_disabled",
-           "DisabledAdapterView", "AdapterDisabledScorer", "parameter_counts", "has_lora", "trainable_state", "load_trainable_state",
-           "MergeConfig", "merge"]
+           "DisabledAdapterView", "AdapterDisabledScorer", "parameter_counts", "has_lora", "trainable_state",
+           "load_trainable_state", "MergeConfig", "merge"]
 
 LORA_R_HELP = ("LoRA rank r: train rank-r adapters on the --lora-targets layers (and a reward model's score head) "
                "with the base weights frozen; the output is a peft adapter directory. 0 = off (every weight trains).")

@@ -78,10 +78,10 @@ from chatsmith.train.lora import AdapterDisabledScorer, DisabledAdapterView, app
 from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradients
 from chatsmith.train.parallel import (all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing,
                                       sum_over_ranks)
-from chatsmith.train.rollout import (PromptItem, RewardModelScorer, Rollout, apply_no_eos_penalty, check_reward_spec,
-                                     collect_rollout, dropped_prompts_line, freeze, load_policy, load_prompts,
-                                     make_scorer, micro_batch_tensors, note_context_limit, response_forward,
-                                     rollout_micro_batches, sample_row, value_forward)
+from chatsmith.train.rollout import (PromptItem, RewardModelScorer, Rollout, apply_no_eos_penalty,
+                                     check_reward_spec, collect_rollout, dropped_prompts_line, freeze, load_policy,
+                                     load_prompts, make_scorer, micro_batch_tensors, note_context_limit,
+                                     response_forward, rollout_micro_batches, sample_row, value_forward)
 from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
 from chatsmith.utils import note, rank, set_seed, step_seed, world_size
 
