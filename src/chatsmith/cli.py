@@ -62,6 +62,8 @@ COMMANDS: list[Command] = [
             "GRPO with a reward model, your reward function or the world's judge."),
     Command("rlhf", "chatsmith.train.rlhf:RLHFConfig:rlhf",
             "Iterate: sample, rank (a judge or your labels), retrain the reward model, PPO again."),
+    Command("merge", "chatsmith.train.lora:MergeConfig:merge",
+            "Merge a LoRA adapter directory into its base: a plain model directory.", positional=("adapter",)),
     Command("generate", "chatsmith.generate.cli:GenerateConfig:generate_cli",
             "Raw completion of a prompt (what a base model does).", positional=("model",)),
     Command("chat", "chatsmith.generate.terminal:ChatConfig:chat_cli",

@@ -6,8 +6,9 @@
     save_model(model, tok, "runs/base")                                    # a standard HF directory
     loaded = load_model("runs/base")                                        # Loaded(model, tokenizer, fmt)
 
-Any HF causal LM directory loads (`AutoModelForCausalLM` + `AutoTokenizer`), and so does a Hugging Face
-Hub id (`owner/name`, not a local directory: handed to transformers, which reads its cache or downloads).
+Any HF causal LM directory loads (`AutoModelForCausalLM` + `AutoTokenizer`), so does a peft LoRA adapter
+directory (`adapter_config.json`; its base model with the adapter merged) and a Hugging Face Hub id
+(`owner/name`, not a local directory: handed to transformers, which reads its cache or downloads).
 A model without a pad token gets `<|pad|>` added (embeddings resized); a tokenizer without a chat template needs
 `template=` (`chatml`, `llama2`, `alpaca` or a `.jinja` file), which is set on the tokenizer so the saved
 model carries it. Saved directories hold `config.json`, `model.safetensors` and tokenizer files with the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
@@ -59,6 +61,16 @@ def quiet_transformers():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Hide peft's warnings that say nothing to a chatsmith user: it reads transformers' deprecated
+    ``is_gradient_checkpointing``, and it cannot compare vocabularies with a base that is an adapter dir."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
+        yield
 
 
 class Loaded(NamedTuple):
@@ -238,8 +250,8 @@ def checked_model_source(path: str | Path, hint: str = "") -> tuple[str, bool]:
         local = Path(source)
         if not local.is_dir():
             raise ChatsmithError(f"{local}: model directory not found{hint}")
-        if not (local / "config.json").is_file():
-            raise ChatsmithError(f"{local}: not a model directory (no config.json){hint}")
+        if not (local / "config.json").is_file() and not is_adapter_dir(local):
+            raise ChatsmithError(f"{local}: not a model directory (no config.json or adapter_config.json){hint}")
     return source, hub
 
 
@@ -249,6 +261,8 @@ def model_config_dict(path: str | Path, hint: str = "") -> tuple[dict[str, Any],
     from transformers import PretrainedConfig
 
     source, hub = checked_model_source(path, hint)
+    if not hub and is_adapter_dir(source):   # an adapter's shape is its base model's
+        return model_config_dict(adapter_base(source), hint)
     try:
         config, _ = PretrainedConfig.get_config_dict(source)
     except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
@@ -284,7 +298,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
     """Load a HF causal LM: a local directory or a Hub id. Returns ``Loaded(model, tokenizer, fmt)`` (model
     in eval mode).
 
-    - ``path``: a local model directory, or a Hugging Face Hub id (``owner/name``) that is not a local
+    - ``path``: a local model directory, a peft LoRA adapter directory (``adapter_config.json``: its base
+      with the adapter merged, `load_adapter_model`), or a Hugging Face Hub id (``owner/name``) that is not a local
       directory, handed to transformers as is (see `model_source`); transformers' own error (offline,
       unknown repository) is shown if it cannot load it.
     - ``template`` (a built-in name, ``jinja``, or a ``.jinja`` path) overrides/sets the chat template;
@@ -298,9 +313,10 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chatsmith.utils import resolve_device
-
     source, hub = checked_model_source(path)
+    if not hub and is_adapter_dir(source):
+        return load_adapter_model(source, device=device, dtype=dtype, template=template,
+                                  require_template=require_template)
     where = hub_where(source) if hub else source
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -311,6 +327,13 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
             model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(dtype))
     except Exception as exc:  # noqa: BLE001
         raise ChatsmithError(f"{where}: cannot load a causal language model: {exc}") from None
+    return _finish_loading(model, tokenizer, source, device, template, require_template)
+
+
+def _finish_loading(model: Any, tokenizer: Any, source: str, device: str, template: str | None,
+                    require_template: bool) -> Loaded:
+    """The chat format, its special tokens and a pad token (embeddings resized), then device and eval mode."""
+    from chatsmith.utils import resolve_device
 
     fmt = None
     if template:
@@ -323,7 +346,6 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
                              "chatml|llama2|alpaca|FILE.jinja to choose the chat format")
 
     added = False
-    old_rows = model.get_input_embeddings().weight.shape[0]
     if fmt is not None:
         vocab = tokenizer.get_vocab()
         missing = [t for t in _format_special_tokens(fmt) if t not in vocab]
@@ -339,16 +361,115 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
         # padding with the end-of-turn token would teach (or mask) the wrong thing: use a token of its own
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         added = True
-    if added or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        # new rows start at the mean of the old embeddings (Hewitt 2021), not at random
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        _init_new_rows_to_mean(model, old_rows)
+    resize_to_tokenizer(model, tokenizer, force=added)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(resolve_device(device))
     model.eval()
     return Loaded(model, tokenizer, fmt)
+
+
+def resize_to_tokenizer(model: Any, tokenizer: Any, force: bool = False) -> None:
+    """Grow the embeddings to ``len(tokenizer)`` rows (or re-fit them when ``force``); new rows start at the
+    mean of the old ones (`_init_new_rows_to_mean`)."""
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if force or old_rows < len(tokenizer):
+        # new rows start at the mean of the old embeddings (Hewitt 2021), not at random
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        _init_new_rows_to_mean(model, old_rows)
+
+
+# ----------------------------------------------------------------------------- LoRA adapter directories
+
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_ATTRIBUTE = "chatsmith_peft_model"   # where `chatsmith.train.lora.apply_lora` keeps the PeftModel
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a peft adapter directory (it holds ``adapter_config.json``)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """``adapter_config.json`` of an adapter directory as a dict (a clear error when unreadable)."""
+    import json
+
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ChatsmithError(f"{file}: cannot read the adapter config ({exc})") from None
+    if not isinstance(config, dict) or not config.get("base_model_name_or_path"):
+        raise ChatsmithError(f"{file}: no base_model_name_or_path: chatsmith cannot tell which model the "
+                             "adapter belongs to")
+    return config
+
+
+def adapter_base(path: str | Path, config: dict[str, Any] | None = None) -> str:
+    """The base model of an adapter directory, from ``base_model_name_or_path``: an absolute directory as
+    is; a relative one from the current directory, else from the adapter directory; otherwise a Hub id."""
+    config = config if config is not None else read_adapter_config(path)
+    base = str(config["base_model_name_or_path"])
+    if Path(base).is_absolute() or Path(base).is_dir():
+        if not Path(base).is_dir():
+            raise ChatsmithError(f"{path}: the adapter's base model {base} (base_model_name_or_path in "
+                                 f"{ADAPTER_CONFIG}) is not a directory; restore it or edit that field")
+        return base
+    beside = Path(path) / base
+    if beside.is_dir():
+        return str(beside)
+    if model_source(base)[1]:
+        return base
+    raise ChatsmithError(f"{path}: the adapter's base model {base!r} (base_model_name_or_path in {ADAPTER_CONFIG}) "
+                         f"is neither a directory here nor under {path}; restore it or edit that field")
+
+
+def merge_adapter(model: Any, path: str | Path) -> Any:
+    """``model`` (the base, embeddings already sized to the adapter's tokenizer) with the peft adapter in
+    ``path`` loaded and merged into its weights: a plain transformers model."""
+    from peft import PeftModel
+
+    try:
+        with quiet_transformers(), quiet_peft():
+            wrapped = PeftModel.from_pretrained(model, str(path))
+    except Exception as exc:  # noqa: BLE001 - peft raises many types for a mismatched adapter
+        raise ChatsmithError(f"{path}: cannot load the adapter onto its base model "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return wrapped.merge_and_unload()
+
+
+def load_adapter_model(path: str | Path, device: str = "auto", dtype: Any = None, template: str | None = None,
+                       require_template: bool = True) -> Loaded:
+    """A chat-model adapter directory (task CAUSAL_LM) as one plain model: its base (`adapter_base`, loaded by
+    `load_model`, so a base that is itself an adapter works too) with the adapter merged, and the adapter
+    directory's own tokenizer (it carries the chat template and any tokens added in training)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    config = read_adapter_config(path)
+    if str(config.get("task_type") or "CAUSAL_LM") != "CAUSAL_LM":
+        raise ChatsmithError(f"{path}: a reward-model adapter (task_type {config.get('task_type')}), not a chat "
+                             "model; give it where a reward model is expected (--reward-model, score)")
+    base = load_model(adapter_base(path, config), device="cpu", dtype=dtype, require_template=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ChatsmithError(f"{path}: cannot load the tokenizer: {exc}") from None
+    model = base.model
+    resize_to_tokenizer(model, tokenizer)
+    model = merge_adapter(model, path)
+    if (path / "generation_config.json").is_file():   # the adapter's own (its stop tokens), over the base's
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return _finish_loading(model, tokenizer, str(path), device, template, require_template)
+
+
+def peft_model_of(model: Any) -> Any:
+    """The PeftModel wrapping ``model`` if `chatsmith.train.lora.apply_lora` gave it LoRA layers, else None."""
+    model = getattr(model, "module", model)   # unwrap DistributedDataParallel
+    return getattr(model, "__dict__", {}).get(PEFT_ATTRIBUTE)
 
 
 def _init_new_rows_to_mean(model: Any, old_rows: int) -> None:
@@ -375,8 +496,16 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[st
 
     out = Path(out)
     model = getattr(model, "module", model)   # unwrap DistributedDataParallel
+    peft = peft_model_of(model)
     with atomic_directory(out) as tmp, quiet_transformers():
-        model.save_pretrained(str(tmp), state_dict=state_dict)
+        if peft is not None:   # LoRA: a standard peft adapter directory (adapter_config.json + weights)
+            with quiet_peft():
+                peft.save_pretrained(str(tmp))
+            if getattr(model, "generation_config", None) is not None:   # stop tokens set in training
+                model.generation_config.save_pretrained(str(tmp))
+            (tmp / "README.md").unlink(missing_ok=True)   # peft's empty model card template
+        else:
+            model.save_pretrained(str(tmp), state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
@@ -470,6 +599,8 @@ def restrict_embedding_training(model: nn.Module, tokenizer: Any, fmt: Any, mode
     keep = sorted(i for i in keep_ids if 0 <= i < rows)
     for layer in layers.values():
         weight = layer.weight
+        if not weight.requires_grad:     # frozen already (LoRA): nothing to restrict
+            continue
         mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
         mask[keep] = 1.0
         # Zero gradient rows never move under Adam: both moments stay 0, so the update is 0 / (0 + eps).

@@ -17,8 +17,9 @@ response. The index comes from the attention mask (correct under left or right p
 pad == eos; HF's own pooling looks for the last non-pad id instead). The (mean, std) normalisation
 saved by `chatsmith reward` is read from config.json (`chatsmith_reward_mean` / `chatsmith_reward_std`)
 or `reward_normalization.json`. Used by PPO/GRPO (rewards, value-model init), evaluation and
-`chatsmith score`; training lives in `chatsmith.train.reward`. This API is stable: extend it only with
-defaulted keyword arguments.
+`chatsmith score`; training lives in `chatsmith.train.reward`. A LoRA reward adapter directory
+(`chatsmith reward --lora-r`) loads as its base with the adapter and score head merged (`load_reward_adapter`).
+This API is stable: extend it only with defaulted keyword arguments.
 
 Run the tests: `python -m pytest tests/test_reward.py -q`.
 """
@@ -40,6 +41,7 @@ __all__ = [
     "RewardModel", "load_reward_model", "score_conversations", "token_scores", "sequence_rewards",
     "packed_rewards", "backbone_hidden", "backbone", "score_head", "mask_for_model", "render_for_scoring",
     "NORM_MEAN_KEY", "NORM_STD_KEY", "FORMAT_KEY", "NORM_FILE", "check_reward_model_dir", "score_head_in_weights",
+    "load_reward_adapter",
 ]
 
 NORM_MEAN_KEY = "chatsmith_reward_mean"
@@ -238,8 +240,15 @@ def check_reward_model_dir(path: str | Path) -> None:
     ``num_labels == 1`` and the head's weights in its safetensors. A causal LM (an SFT or base model) would
     otherwise be scored with a freshly, randomly initialised head.
     """
-    from chatsmith.model import model_config_dict
+    from chatsmith.model import checked_model_source, is_adapter_dir, model_config_dict, read_adapter_config
 
+    source, hub = checked_model_source(path, TRAIN_ONE)
+    if not hub and is_adapter_dir(source):
+        task = read_adapter_config(source).get("task_type")
+        if task != "SEQ_CLS":
+            raise ChatsmithError(f"{source}: a LoRA adapter of a chat model (task_type {task}), not a reward model; "
+                                 "train one with `chatsmith reward`")
+        return
     config, source, hub = model_config_dict(path, TRAIN_ONE)
     local = None if hub else Path(source)       # a Hub id: its config is all that is read before loading
     path = local or source
@@ -272,11 +281,12 @@ def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype
     from chatsmith.chat.templates import get_format
     from chatsmith.utils import resolve_device
 
-    from chatsmith.model import checked_model_source, hub_where
+    from chatsmith.model import checked_model_source, hub_where, is_adapter_dir
 
     source, hub = checked_model_source(path, TRAIN_ONE)
     check_reward_model_dir(source)
     path = Path(source)
+    adapter = not hub and is_adapter_dir(path)
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "auto": None}[dtype]
@@ -285,8 +295,13 @@ def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        with quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
+        if adapter:
+            model = load_reward_adapter(path, tokenizer, dtype)
+        else:
+            with quiet_transformers():
+                model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
+    except ChatsmithError:
+        raise
     except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
         raise ChatsmithError(f"{hub_where(source) if hub else source}: cannot load the reward model: {exc}") from None
     if getattr(model.config, "num_labels", 1) != 1:
@@ -309,6 +324,35 @@ def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype
         p.requires_grad_(False)
     return RewardModel(model, tokenizer, fmt, float(mean if mean is not None else 0.0),
                        float(std if std else 1.0), str(path))
+
+
+def load_reward_adapter(path: Path, tokenizer: Any, dtype: Any = None) -> nn.Module:
+    """A reward-model LoRA adapter directory (task SEQ_CLS) as one plain sequence-classification model.
+
+    Its base (``base_model_name_or_path``) is either a causal LM (the SFT model `chatsmith reward --lora-r`
+    started from: the reward model is rebuilt from it as training built it) or a reward model (a PPO value
+    adapter: loaded by `load_reward_model`, so it may be an adapter too); the adapters and the saved score
+    head are then merged in."""
+    from chatsmith.model import (adapter_base, is_adapter_dir, load_model, merge_adapter, read_adapter_config,
+                                 resize_to_tokenizer)
+
+    base = adapter_base(path, read_adapter_config(path))
+    base_config = Path(base) / "config.json"
+    if is_adapter_dir(base):
+        reward_base = read_adapter_config(base).get("task_type") == "SEQ_CLS"
+    else:
+        archs = (json.loads(base_config.read_text()).get("architectures") or []) if base_config.is_file() else []
+        reward_base = any(str(a).endswith("ForSequenceClassification") for a in archs)
+    if reward_base:
+        model = load_reward_model(base, device="cpu", dtype=dtype).model
+    else:
+        from chatsmith.train.reward import reward_model_from_causal_lm   # the builder training used
+
+        causal = load_model(base, device="cpu", dtype=dtype, require_template=False).model
+        resize_to_tokenizer(causal, tokenizer)
+        model = reward_model_from_causal_lm(causal, tokenizer)
+    resize_to_tokenizer(model, tokenizer)
+    return merge_adapter(model, path)
 
 
 def score_conversations(rm: RewardModel, tokenizer: Any = None, fmt: Any = None,

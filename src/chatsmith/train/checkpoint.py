@@ -28,6 +28,7 @@ from torch import nn
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import save_model
 from chatsmith.train.devices import unwrap_model
+from chatsmith.train.lora import has_lora, load_trainable_state, trainable_state
 from chatsmith.train.parallel import (full_optimizer_state, full_state_dict, load_full_state_dict,
                                       load_optimizer_state, save_weights)
 from chatsmith.utils import atomic_directory, atomic_write_text, is_disk_full, is_main_process, recover_directory
@@ -76,11 +77,20 @@ def torch_save_or_enospc(obj: Any, path: Path) -> None:
         raise
 
 
+def checkpoint_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds: the whole state (gathered under FSDP), or with LoRA only the trainable
+    adapters and heads (the frozen base is the model the run started from)."""
+    inner = unwrap_model(model)
+    weights = full_state_dict(inner)
+    return trainable_state(inner, weights) if has_lora(inner) else weights
+
+
 class Checkpointer:
     """Atomic save/load of everything needed to resume, in ``OUT/checkpoint/`` (only the latest is kept).
 
-    Layout: ``model.safetensors`` (weights; tied weights stored once), ``state.pt`` (optimizer, scheduler,
-    RNG states, data position, step, extra; readable with ``torch.load(weights_only=True)``),
+    Layout: ``model.safetensors`` (weights; tied weights stored once; with LoRA the adapters and heads only),
+    ``state.pt`` (optimizer, scheduler, RNG states, data position, step, extra; readable with
+    ``torch.load(weights_only=True)``),
     ``trainer_state.json`` (step and a few numbers for humans), optional ``tokenizer/``.
     ``save_best`` writes the weights alone to ``OUT/checkpoint-best/`` when a metric improves.
     """
@@ -108,7 +118,7 @@ class Checkpointer:
         """Write a complete checkpoint or nothing (rank 0 writes, other ranks return None). Every rank must
         call it: FSDP shards are gathered into whole tensors first, so the files are the same however the
         run was parallelised."""
-        weights = full_state_dict(unwrap_model(model))
+        weights = checkpoint_weights(model)
         optimizer_state = full_optimizer_state(optimizer) if optimizer is not None else None
         if not is_main_process():
             return None
@@ -149,7 +159,11 @@ class Checkpointer:
         weights_file, state_file = self.path / "model.safetensors", self.path / "state.pt"
         with self.readable(weights_file):
             weights = load_file(str(weights_file))
-        load_full_state_dict(unwrap_model(model), weights, source=str(weights_file))
+        inner = unwrap_model(model)
+        if has_lora(inner):
+            load_trainable_state(inner, weights, source=str(weights_file))
+        else:
+            load_full_state_dict(inner, weights, source=str(weights_file))
         with self.readable(state_file):
             state = torch.load(state_file, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or "step" not in state or "rng" not in state:
@@ -177,7 +191,7 @@ class Checkpointer:
                                  f"same command with --overwrite instead of --resume") from exc
 
     def save_best(self, model: nn.Module, step: int, metric: str, value: float) -> Path | None:
-        weights = full_state_dict(unwrap_model(model))   # collective under FSDP
+        weights = checkpoint_weights(model)   # collective under FSDP
         if not is_main_process():
             return None
         with atomic_directory(self.best_path) as tmp:
@@ -192,7 +206,8 @@ def save_final_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: d
     """Save as a standard HF directory in ``out``, keeping what else lives there (metrics.jsonl, checkpoint/).
 
     ``chatsmith.model.save_model`` replaces its target directory as a whole, so it writes ``OUT/.final-tmp``
-    first and the files are then moved into ``out`` one by one (each move is an atomic rename on the same
+    first and the files are then moved into ``out`` one by one (then the other model kind's files that an
+    earlier run left are removed, `remove_other_model_kind`) (each move is an atomic rename on the same
     filesystem; an interrupted move leaves the resumable checkpoint untouched). Nothing outside ``out`` is
     touched; a staging directory left by a killed run is removed by the next run's claim on ``out``.
     """
@@ -202,10 +217,27 @@ def save_final_model(model: nn.Module, tokenizer: Any, out: Path, extra_files: d
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_model(unwrap_model(model), tokenizer, staging, extra_files=extra_files, state_dict=state_dict)
+        adapter = (staging / "adapter_config.json").is_file()
         for item in sorted(staging.rglob("*")):
             if item.is_file():
                 target = out / item.relative_to(staging)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(item, target)
+        remove_other_model_kind(out, adapter)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+FULL_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
+                    "model-*-of-*.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def remove_other_model_kind(out: Path, adapter: bool) -> None:
+    """After a final save into ``out``: delete the model files of the other kind that an earlier run left there
+    (a full model's after a LoRA adapter was saved, an adapter's after a full model), so that ``out`` loads as
+    what was saved last, in chatsmith and in plain transformers / peft."""
+    for pattern in FULL_MODEL_FILES if adapter else ADAPTER_FILES:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()

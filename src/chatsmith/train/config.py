@@ -21,6 +21,8 @@ from typing import Any
 from chatsmith.config import SEED_MAX, arg, validate_config
 from chatsmith.errors import ChatsmithError
 from chatsmith.train.devices import DTYPES
+from chatsmith.train.lora import (LORA_ALPHA_HELP, LORA_DROPOUT_HELP, LORA_R_HELP, LORA_TARGETS_HELP,
+                                  check_lora_settings)
 from chatsmith.train.parallel import PARALLEL_MODES
 from chatsmith.utils import world_size
 
@@ -74,6 +76,14 @@ class TrainConfig:
     parallel: str = arg("ddp", "Under torchrun: ddp (every rank holds the whole model) or fsdp (weights, "
                         "gradients and optimizer state sharded over ranks, one unit per decoder layer: for "
                         "models too big for one device). Checkpoints are interchangeable.", choices=PARALLEL_MODES)
+    lora_r: int = arg(0, LORA_R_HELP, min=0)
+    lora_alpha: float | None = arg(None, LORA_ALPHA_HELP, min=0, min_exclusive=True)
+    lora_dropout: float = arg(0.0, LORA_DROPOUT_HELP, min=0, max=1, max_exclusive=True)
+    lora_targets: str = arg("all-linear", LORA_TARGETS_HELP)
+
+    def check_settings(self) -> None:
+        """Cross-setting rules (`chatsmith.config.validate_config` calls this); stages extend it."""
+        check_lora_settings(self)
 
 
 def check_train_config(cfg: TrainConfig) -> None:

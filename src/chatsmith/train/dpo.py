@@ -16,7 +16,9 @@ and IPO (`--loss-type ipo`, Azar et al. 2023).
 Reports per step and on a held-out split: implicit reward accuracy (share of pairs where
 beta * log(pi/ref) ranks the chosen response higher), mean implicit reward margin, chosen/rejected
 rewards and log-probs. Checkpoints and `--resume` go through the shared `train/supervised.py` Trainer; the
-result in `--out` is a standard HF chat model directory.
+result in `--out` is a standard HF chat model directory. With `--lora-r R` the policy trains LoRA adapters and
+the reference log-probs come from the same weights with the adapters disabled (no second copy); `--out` is
+then a peft adapter directory.
 
 Run the tests: `python -m pytest tests/test_dpo.py -q`.
 """
@@ -36,6 +38,7 @@ from chatsmith.config import arg, validate_config
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.reward_model import backbone_hidden
+from chatsmith.train.lora import adapter_disabled, apply_lora, lora_enabled
 from chatsmith.train.preference_data import PreferenceConfig, load_preference_split, tokenize_preference_split
 from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, dpo_loss, expand_rankings,
                                                    pack_trees, segment_mean, segment_sum, token_logprobs)
@@ -218,11 +221,17 @@ def dpo(cfg: DPOConfig) -> dict[str, Any]:
     # Reference log-probs, once, from the starting (SFT) weights; the reference is not kept afterwards.
     device = resolve_device(cfg.device)
     amp = resolve_dtype(cfg.dtype, device)
+    # With LoRA the reference is the same weights with the adapters disabled (no second copy).
+    lora = lora_enabled(cfg)
+    if lora:
+        model = apply_lora(model, cfg, base=cfg.model)
     model.to(device)
-    ref_train = reference_logprobs(model, train_trees, pad_id, cfg.batch_size, device, amp)
-    ref_eval = reference_logprobs(model, eval_tok.trees, pad_id, cfg.batch_size, device, amp)
-    restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings, seen_ids={
-        i for tree in train_trees for seq in (tree.prefix, *tree.suffixes) for i in seq})
+    with adapter_disabled(model):
+        ref_train = reference_logprobs(model, train_trees, pad_id, cfg.batch_size, device, amp)
+        ref_eval = reference_logprobs(model, eval_tok.trees, pad_id, cfg.batch_size, device, amp)
+    if not lora:
+        restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings, seen_ids={
+            i for tree in train_trees for seq in (tree.prefix, *tree.suffixes) for i in seq})
     note(f"dpo: reference log-probs computed for {sum(len(r) for r in ref_train + ref_eval)} responses")
 
     collate = DPOCollate(pad_id)

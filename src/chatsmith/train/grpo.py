@@ -22,7 +22,8 @@ saving grows with prompt length and G.
 
 Metrics per step: reward (mean, std, per-group std), kl, clip_fraction, entropy, response length, the
 time of rollout / scoring / update and episodes/s. Checkpoints and `--resume` as every stage; OUT is a
-standard HF chat model directory.
+standard HF chat model directory. With `--lora-r R` the policy trains LoRA adapters, the reference is the
+same weights with the adapters disabled (no second copy), and OUT is a peft adapter directory.
 
 Several processes: `torchrun --nproc-per-node N -m chatsmith grpo ... --prompts-per-step P` draws one
 global batch of N x P prompts per step; rank r samples the r-th slice with the random streams its rows
@@ -48,6 +49,7 @@ from chatsmith.train import rl_functional as F
 from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_room_for_prompt
 from chatsmith.train.devices import autocast_context
+from chatsmith.train.lora import DisabledAdapterView, apply_lora, lora_enabled
 from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradients
 from chatsmith.train.parallel import all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing
 from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, check_reward_spec,
@@ -102,6 +104,7 @@ class GRPOConfig(TrainConfig):
 
     def check_settings(self) -> None:
         """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
+        super().check_settings()
         check_room_for_prompt(self)
 
 
@@ -132,13 +135,21 @@ class GRPOTrainer(Stage):
         set_seed(cfg.seed)
         if policy is None:
             policy, tokenizer, fmt = load_policy(cfg.model, self.device, cfg.template)
+        lora = lora_enabled(cfg)
+        if lora:
+            policy = apply_lora(policy, cfg, base=cfg.model)
         if reference is None and cfg.beta != 0.0:
-            reference, _, _ = load_policy(cfg.model, self.device, cfg.template)
+            # With LoRA the reference is the policy's own weights with the adapters off: no second copy.
+            reference = (DisabledAdapterView(policy) if lora else
+                         load_policy(cfg.model, self.device, cfg.template)[0])
         self.policy = disable_dropout(policy.to(self.device))
-        restrict_embedding_training(self.policy, tokenizer, fmt, cfg.train_embeddings)
+        if not lora:
+            restrict_embedding_training(self.policy, tokenizer, fmt, cfg.train_embeddings)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(self.policy)
-        self.reference = freeze(disable_dropout(reference.to(self.device))) if reference is not None else None
+        if reference is not None and not isinstance(reference, DisabledAdapterView):
+            reference = freeze(disable_dropout(reference.to(self.device)))
+        self.reference = reference
         self.tokenizer, self.fmt = tokenizer, fmt
         note_context_limit("grpo", cfg.max_len, self.policy, tokenizer)
         self.stop_token_ids = list(fmt.stop_token_ids(tokenizer)) if fmt is not None else []

@@ -14,6 +14,11 @@ Four roles
     reward     r       a frozen reward model (`chatsmith reward`), scores normalised (mean 0, std 1)
     value      V       a trainable copy of the reward model whose scalar head is read at every token
 Dropout is off in all four (Huang et al. 2024).
+With `--lora-r R` the policy trains LoRA adapters and the reference is the same weights with the adapters
+disabled (`train.lora.DisabledAdapterView`, unless --reference names another model). The value model is the
+reward model's own weights with adapters of its own and its own trainable copy of the score head (peft's
+modules_to_save); the reward is scored with those adapters off, so one copy of the reward model's weights
+serves both (with --value-model, or a `py:`/`world` reward, the value model is a separate copy with LoRA).
 
 One PPO step (`--max-steps` of them)
  1. Rollout: `--rollout-batch-size` prompts; one response each from the KV-cache engine at
@@ -43,7 +48,8 @@ minibatch per epoch, two processes train exactly what one process with 2 x B epi
 (tests/test_distributed.py).
 
 Output: OUT is a standard HF chat model directory (the final policy); OUT/value holds the value model (an
-HF sequence-classification directory, so `chatsmith rlhf` or a longer run can start from it);
+HF sequence-classification directory, so `chatsmith rlhf` or a longer run can start from it; with LoRA both
+are peft adapter directories);
 OUT/checkpoint holds policy + value + both optimizers and schedulers + beta + RNG + data position + step.
 """
 
@@ -63,20 +69,21 @@ from chatsmith.config import arg, validate_config
 from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, checked_model_source, disable_dropout,
-                             hub_where, quiet_transformers, restrict_embedding_training)
+                             hub_where, is_adapter_dir, quiet_transformers, restrict_embedding_training, save_model)
 from chatsmith.train import rl_functional as F
 from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_room_for_prompt
 from chatsmith.train.devices import autocast_context
+from chatsmith.train.lora import AdapterDisabledScorer, DisabledAdapterView, apply_lora, lora_enabled
 from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradients
 from chatsmith.train.parallel import (all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing,
                                       sum_over_ranks)
-from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, check_reward_spec,
-                                     collect_rollout, dropped_prompts_line, freeze, load_policy, load_prompts,
-                                     make_scorer, micro_batch_tensors, note_context_limit, response_forward,
-                                     rollout_micro_batches, sample_row, value_forward)
+from chatsmith.train.rollout import (PromptItem, RewardModelScorer, Rollout, apply_no_eos_penalty,
+                                     check_reward_spec, collect_rollout, dropped_prompts_line, freeze, load_policy,
+                                     load_prompts, make_scorer, micro_batch_tensors, note_context_limit,
+                                     response_forward, rollout_micro_batches, sample_row, value_forward)
 from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
-from chatsmith.utils import atomic_directory, note, rank, set_seed, step_seed, world_size
+from chatsmith.utils import note, rank, set_seed, step_seed, world_size
 
 __all__ = ["PPOConfig", "ppo", "PPOTrainer"]
 
@@ -131,6 +138,7 @@ class PPOConfig(TrainConfig):
 
     def check_settings(self) -> None:
         """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
+        super().check_settings()
         check_room_for_prompt(self)
 
 
@@ -190,11 +198,19 @@ class PPOTrainer(Stage):
         set_seed(cfg.seed)
         if policy is None:
             policy, tokenizer, fmt = load_policy(cfg.policy, self.device, cfg.template)
+        self.lora = lora_enabled(cfg)
+        if self.lora:
+            policy = apply_lora(policy, cfg, base=cfg.policy)
         if reference is None:
-            reference, _, _ = load_policy(cfg.reference or cfg.policy, self.device, cfg.template)
+            if self.lora and (cfg.reference is None or Path(cfg.reference).resolve() == Path(cfg.policy).resolve()):
+                reference = DisabledAdapterView(policy)   # the same weights, adapters off: no second copy
+            else:
+                reference, _, _ = load_policy(cfg.reference or cfg.policy, self.device, cfg.template)
         self.policy = disable_dropout(policy.to(self.device))
-        restrict_embedding_training(self.policy, tokenizer, fmt, cfg.train_embeddings)
-        self.reference = freeze(disable_dropout(reference.to(self.device)))
+        if not self.lora:
+            restrict_embedding_training(self.policy, tokenizer, fmt, cfg.train_embeddings)
+        self.reference = (reference if isinstance(reference, DisabledAdapterView)
+                          else freeze(disable_dropout(reference.to(self.device))))
         self.tokenizer, self.fmt = tokenizer, fmt
         note_context_limit("ppo", cfg.max_len, self.policy, tokenizer)
         self.stop_token_ids = list(fmt.stop_token_ids(tokenizer)) if fmt is not None else []
@@ -208,14 +224,24 @@ class PPOTrainer(Stage):
         self.scorer = scorer
         if hasattr(scorer, "skip_unfinished"):
             scorer.skip_unfinished = cfg.no_eos_penalty is not None
-        if value_model is None:
+        if value_model is None and self.lora and cfg.value_model is None and isinstance(scorer, RewardModelScorer):
+            # The value model is the reward model's own weights with adapters of its own (and its own copy of
+            # the score head); the reward is scored with those adapters off: one copy serves both.
+            value_model = apply_lora(scorer.rm.model, cfg, base=scorer.rm.path, task="reward")
+            self.scorer = AdapterDisabledScorer(scorer, value_model)
+        elif value_model is None:
             value_model = self._load_value_model()
+            if self.lora:
+                value_model = apply_lora(value_model, cfg, base=self._value_source(), task="reward")
+        elif self.lora:
+            value_model = apply_lora(value_model, cfg, task="reward")
         self.value_model = disable_dropout(value_model.to(self.device))
         if cfg.activation_checkpointing:
             for model in (self.policy, self.value_model):
                 enable_activation_checkpointing(model)
-        for p in self.value_model.parameters():
-            p.requires_grad_(True)
+        if not self.lora:
+            for p in self.value_model.parameters():
+                p.requires_grad_(True)
         if prompts is None:
             budget = prompt_budget(cfg.max_len, cfg.max_new_tokens)
             prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, budget)
@@ -240,15 +266,22 @@ class PPOTrainer(Stage):
         self.last_samples: tuple | None = None
 
     # ------------------------------------------------------------------------- setup
+    def _value_source(self) -> str:
+        return self.cfg.value_model or (self.cfg.reward_model[3:] if self.cfg.reward_model.startswith("rm:")
+                                        else self.cfg.reward_model)
+
     def _load_value_model(self) -> nn.Module:
         """A trainable copy of the reward model (or of --value-model): same backbone, same scalar head."""
-        path = self.cfg.value_model or (self.cfg.reward_model[3:] if self.cfg.reward_model.startswith("rm:")
-                                        else self.cfg.reward_model)
+        path = self._value_source()
         from transformers import AutoModelForSequenceClassification
 
         flag = "--value-model" if self.cfg.value_model else "--reward-model"
         try:
             source, hub = checked_model_source(path)      # a local directory or a Hub id
+            if not hub and is_adapter_dir(source):   # a LoRA reward or value model: its base with the adapter merged
+                from chatsmith.reward_model import load_reward_model
+
+                return load_reward_model(source, device="cpu").model
             with quiet_transformers():
                 return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
         except ChatsmithError as exc:
@@ -440,10 +473,7 @@ class PPOTrainer(Stage):
         """OUT/value: the trained value model (an HF sequence-classification directory)."""
         if not self.cfg.save_value:
             return
-        with atomic_directory(out / "value") as tmp:
-            with quiet_transformers():
-                self.value_model.save_pretrained(str(tmp))
-            self.tokenizer.save_pretrained(str(tmp))
+        save_model(self.value_model, self.tokenizer, out / "value")   # with LoRA: the value adapter directory
 
 
 def ppo(cfg: PPOConfig) -> TrainResult:

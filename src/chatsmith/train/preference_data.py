@@ -55,6 +55,7 @@ class PreferenceConfig(TrainConfig):
 
     def check_settings(self) -> None:
         """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
+        super().check_settings()
         check_epochs_or_steps(self)
 
 

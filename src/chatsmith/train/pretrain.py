@@ -66,6 +66,13 @@ class PretrainConfig(TrainConfig):
     max_len: int = arg(256, "Tokens per training row.")
     save_every: int = arg(100, "Checkpoint every N steps.")
 
+    def check_settings(self) -> None:
+        """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
+        super().check_settings()
+        if self.lora_r:
+            raise ChatsmithError(f"--lora-r {self.lora_r}: pretraining trains every weight of a new model; LoRA "
+                                 "is for sft, reward, dpo, ppo, grpo and rlhf")
+
 
 def read_corpus(path: str) -> list[str]:
     """Documents of a text corpus via chatsmith.data.formats (bad rows are errors that name file:line)."""

@@ -15,7 +15,9 @@ pairwise accuracy and mean margin. Afterwards rewards are normalised to mean 0 /
 sampled from the SFT model (or on the preference responses with `--norm-source preferences`;
 `reward_norm_source` in metrics.jsonl says which), and the (mean, std) is stored in config.json as
 `chatsmith_reward_mean` / `chatsmith_reward_std` and in `reward_normalization.json`. The output is a
-standard HF directory that plain `transformers.AutoModelForSequenceClassification` loads.
+standard HF directory that plain `transformers.AutoModelForSequenceClassification` loads (with `--lora-r`: a
+peft adapter directory of task SEQ_CLS holding the adapters and the score head, plus reward_normalization.json;
+`chatsmith merge` turns it into a plain reward-model directory).
 
 Run the tests: `python -m pytest tests/test_reward.py -q`.
 """
@@ -38,6 +40,7 @@ from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.model import disable_dropout
 from chatsmith.reward_model import (FORMAT_KEY, NORM_FILE, NORM_MEAN_KEY, NORM_STD_KEY, RewardModel, backbone,
                                     load_reward_model, packed_rewards, score_conversations, score_head)
+from chatsmith.train.lora import apply_lora, lora_enabled
 from chatsmith.train.preference_data import PreferenceConfig, load_preference_split, tokenize_preference_split
 from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, expand_rankings, pack_trees,
                                                    pairwise_accuracy, ranking_loss)
@@ -225,6 +228,8 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     model = reward_model_from_causal_lm(causal_lm.cpu(), tokenizer, seed=cfg.seed)
     setattr(model.config, FORMAT_KEY, getattr(fmt, "name", None))
     del causal_lm, loaded
+    if lora_enabled(cfg):          # adapters plus the score head (peft's modules_to_save)
+        model = apply_lora(model, cfg, base=cfg.model, task="reward")
 
     pad_id = tokenizer.pad_token_id
     source = ShardedBatchSource(train_tok.trees, cfg.batch_size, collate=TreeCollate(pad_id), seed=cfg.seed)

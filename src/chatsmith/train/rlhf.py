@@ -62,6 +62,8 @@ from chatsmith.train.config import check_room_for_prompt
 from chatsmith.train.devices import DTYPES
 from chatsmith.train.human_labels import PENDING_FILE, LabelsPending, judged_comparisons, queue_round, waiting_rounds
 from chatsmith.train.outdir import claim_out_dir
+from chatsmith.train.lora import (LORA_ALPHA_HELP, LORA_DROPOUT_HELP, LORA_R_HELP, LORA_TARGETS_HELP,
+                                  check_lora_settings)
 from chatsmith.train.ppo import PPOConfig, PPOTrainer
 from chatsmith.eval.judges import resolve_reward
 from chatsmith.train.rollout import FunctionScorer, PromptItem, collect_rollout, load_policy, load_prompts
@@ -105,6 +107,10 @@ class RLHFConfig:
     ppo_steps: int = arg(20, "PPO steps per round.", min=1)
     ppo_lr: float = arg(1e-5, "PPO policy learning rate.", min=0, min_exclusive=True)
     ppo_config: str | None = arg(None, "YAML of further `chatsmith ppo` settings for every round.")
+    lora_r: int = arg(0, LORA_R_HELP + " Applies to every round's reward model and PPO.", min=0)
+    lora_alpha: float | None = arg(None, LORA_ALPHA_HELP, min=0, min_exclusive=True)
+    lora_dropout: float = arg(0.0, LORA_DROPOUT_HELP, min=0, max=1, max_exclusive=True)
+    lora_targets: str = arg("all-linear", LORA_TARGETS_HELP)
     seed: int = arg(0, "Random seed.", min=0, max=SEED_MAX)
     resume: bool = arg(False, "Skip finished rounds and resume an interrupted one.")
     overwrite: bool = arg(False, "Run in a non-empty --out that is not an rlhf run (chatsmith replaces its own "
@@ -119,6 +125,7 @@ class RLHFConfig:
     def check_settings(self) -> None:
         """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
         check_room_for_prompt(self)
+        check_lora_settings(self)
 
 
 @dataclass
@@ -368,6 +375,12 @@ class _RLHF:
                 rows.extend(read_jsonl(path))
         return rows
 
+    def lora_settings(self) -> dict[str, Any]:
+        """The --lora-* settings every round's reward model and PPO get (their YAML may override them)."""
+        cfg = self.cfg
+        return {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                "lora_targets": cfg.lora_targets}
+
     def train_reward_model(self, k: int, rdir: Path) -> dict[str, Any]:
         from chatsmith.train.reward import RewardConfig, train_reward_model
 
@@ -377,6 +390,7 @@ class _RLHF:
         settings = {**overrides, "model": cfg.policy, "data": str(rdir / "preferences.jsonl"),
                     "out": str(rdir / "rm"), "seed": cfg.seed + k, "device": cfg.device,
                     "resume": cfg.resume, "progress": cfg.progress}
+        settings.update({k: v for k, v in self.lora_settings().items() if k not in overrides})
         settings.setdefault("max_steps", cfg.rm_steps)
         settings.setdefault("epochs", cfg.rm_epochs)
         settings.setdefault("lr", cfg.rm_lr)
@@ -393,6 +407,7 @@ class _RLHF:
                     "reference": cfg.policy if cfg.kl_anchor == "sft" else policy_dir,
                     "prompts": cfg.prompts, "out": str(rdir / "ppo"), "seed": cfg.seed + k,
                     "device": cfg.device, "resume": cfg.resume, "progress": cfg.progress}
+        settings.update({k: v for k, v in self.lora_settings().items() if k not in overrides})
         settings.setdefault("max_steps", cfg.ppo_steps)
         settings.setdefault("lr", cfg.ppo_lr)
         settings.setdefault("max_new_tokens", cfg.max_new_tokens)

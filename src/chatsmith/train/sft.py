@@ -18,7 +18,8 @@ What happens:
    divided by their number (the Trainer's normalisation, `chatsmith.train.supervised`), and the LM head is applied
    only at positions whose next token is an assistant token (`lm_loss_on_targets`).
 
-The result in `OUT/` is a standard HF model directory whose tokenizer carries the chat template used here.
+The result in `OUT/` is a standard HF model directory whose tokenizer carries the chat template used here
+(with `--lora-r R`: a peft adapter directory, see `chatsmith.train.lora`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from chatsmith.errors import ChatsmithError, TemplateError
 from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_embedding_training
 from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_epochs_or_steps
+from chatsmith.train.lora import apply_lora, lora_enabled
 from chatsmith.train.run import TrainResult
 from chatsmith.train.supervised import Trainer, evaluate_loss, lm_loss_on_targets
 from chatsmith.utils import is_main_process, set_seed
@@ -68,6 +70,7 @@ class SFTConfig(TrainConfig):
 
     def check_settings(self) -> None:
         """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
+        super().check_settings()
         check_epochs_or_steps(self)
 
 
@@ -221,8 +224,11 @@ def sft(cfg: SFTConfig) -> TrainResult:
     if is_main_process():
         print(f"sft: train: {stats.line()}; eval: {len(evals)} conversations", file=sys.stderr)
     require_rows(train, cfg.data, "no conversation left to train on", stats.line())
-    restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings,
-                                seen_ids=torch.unique(torch.cat([ex.input_ids for ex in train])).tolist())
+    if lora_enabled(cfg):          # adapters only; the embeddings stay frozen
+        model = apply_lora(model, cfg, base=cfg.model)
+    else:
+        restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings,
+                                    seen_ids=torch.unique(torch.cat([ex.input_ids for ex in train])).tolist())
 
     collate = SFTCollator(tokenizer.pad_token_id, cfg.max_len, cfg.packing)
     source = ShardedBatchSource(train, cfg.batch_size, collate, seed=cfg.seed)
