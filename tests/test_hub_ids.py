@@ -77,7 +77,7 @@ def test_local_paths_are_still_checked_as_directories(tmp_path):
     from chatsmith.eval.behaviour import load_model_under_test
     from chatsmith.train.rollout import check_reward_spec
 
-    with pytest.raises(ChatsmithError, match=r"^--reward-model .*: not a model directory \(no config.json\); train"):
+    with pytest.raises(ChatsmithError, match=r"^--reward-model .*: not a model directory \(no config.json or adapter_config.json\); train"):
         check_reward_spec(str(tmp_path), "--reward-model")
     with pytest.raises(ChatsmithError, match=r"model directory not found"):
         check_reward_spec(str(tmp_path / "missing" / "rm" / "x"), "--reward-model")

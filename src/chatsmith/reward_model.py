@@ -240,7 +240,8 @@ def check_reward_model_dir(path: str | Path) -> None:
     ``num_labels == 1`` and the head's weights in its safetensors. A causal LM (an SFT or base model) would
     otherwise be scored with a freshly, randomly initialised head.
     """
-    from chatsmith.model import checked_model_source, is_adapter_dir, model_config_dict, read_adapter_config
+    from chatsmith.model import checked_model_source, model_config_dict
+    from chatsmith.adapters import is_adapter_dir, read_adapter_config
 
     source, hub = checked_model_source(path, TRAIN_ONE)
     if not hub and is_adapter_dir(source):
@@ -281,7 +282,8 @@ def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype
     from chatsmith.chat.templates import get_format
     from chatsmith.utils import resolve_device
 
-    from chatsmith.model import checked_model_source, hub_where, is_adapter_dir
+    from chatsmith.model import checked_model_source, hub_where
+    from chatsmith.adapters import is_adapter_dir
 
     source, hub = checked_model_source(path, TRAIN_ONE)
     check_reward_model_dir(source)
@@ -333,15 +335,14 @@ def load_reward_adapter(path: Path, tokenizer: Any, dtype: Any = None) -> nn.Mod
     started from: the reward model is rebuilt from it as training built it) or a reward model (a PPO value
     adapter: loaded by `load_reward_model`, so it may be an adapter too); the adapters and the saved score
     head are then merged in."""
-    from chatsmith.model import (adapter_base, is_adapter_dir, load_model, merge_adapter, read_adapter_config,
-                                 resize_to_tokenizer)
+    from chatsmith.model import load_model, model_config_dict, resize_to_tokenizer
+    from chatsmith.adapters import adapter_base, is_adapter_dir, merge_adapter, read_adapter_config
 
     base = adapter_base(path, read_adapter_config(path))
-    base_config = Path(base) / "config.json"
     if is_adapter_dir(base):
         reward_base = read_adapter_config(base).get("task_type") == "SEQ_CLS"
     else:
-        archs = (json.loads(base_config.read_text()).get("architectures") or []) if base_config.is_file() else []
+        archs = model_config_dict(base)[0].get("architectures") or []
         reward_base = any(str(a).endswith("ForSequenceClassification") for a in archs)
     if reward_base:
         model = load_reward_model(base, device="cpu", dtype=dtype).model

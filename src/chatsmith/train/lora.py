@@ -35,7 +35,8 @@ from torch import nn
 
 from chatsmith.config import arg, validate_config
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import PEFT_ATTRIBUTE, model_source, peft_model_of, quiet_peft
+from chatsmith.model import model_source, quiet_peft
+from chatsmith.adapters import PEFT_ATTRIBUTE, peft_model_of
 
 __all__ = ["LORA_TARGETS_HELP", "lora_enabled", "check_lora_settings", "apply_lora", "adapter_disabled",
            "DisabledAdapterView", "AdapterDisabledScorer", "parameter_counts", "has_lora", "trainable_state",
@@ -89,7 +90,7 @@ def apply_lora(model: nn.Module, cfg: Any, base: str | None = None, task: str = 
     ``task``: ``causal`` (a chat model) or ``reward`` (a sequence-classification model: its ``score`` head
     trains in full beside the adapters, peft's ``modules_to_save``). ``base``: the base model's directory or
     Hub id, written to ``adapter_config.json`` (local directories as absolute paths). Every base weight is
-    frozen; the PeftModel is kept on the model (`chatsmith.model.peft_model_of`).
+    frozen; the PeftModel is kept on the model (`chatsmith.adapters.peft_model_of`).
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -222,7 +223,8 @@ def merge(cfg: MergeConfig) -> Path:
     """`chatsmith merge`: the adapter's base with the adapter merged into its weights, saved as a plain model."""
     import json
 
-    from chatsmith.model import is_adapter_dir, load_model, read_adapter_config, save_model
+    from chatsmith.model import load_model, save_model
+    from chatsmith.adapters import is_adapter_dir, read_adapter_config
     from chatsmith.reward_model import FORMAT_KEY, NORM_FILE, NORM_MEAN_KEY, NORM_STD_KEY, load_reward_model
     from chatsmith.utils import note
 

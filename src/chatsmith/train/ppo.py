@@ -68,8 +68,8 @@ from torch import nn
 from chatsmith.config import arg, validate_config
 from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, checked_model_source, disable_dropout,
-                             hub_where, is_adapter_dir, quiet_transformers, restrict_embedding_training, save_model)
+from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, checked_model_source, disable_dropout, hub_where, quiet_transformers, restrict_embedding_training, save_model
+from chatsmith.adapters import is_adapter_dir
 from chatsmith.train import rl_functional as F
 from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_room_for_prompt
@@ -165,6 +165,11 @@ def _check_config(cfg: PPOConfig) -> None:
                              f"--batch-size * --grad-accum = {minibatch}")
 
 
+def value_source(cfg: "PPOConfig") -> str:
+    """Where the value model starts: --value-model, else the reward model's directory."""
+    return cfg.value_model or (cfg.reward_model[3:] if cfg.reward_model.startswith("rm:") else cfg.reward_model)
+
+
 class PPOTrainer(Stage):
     """Holds the four models and supplies PPO steps to a `chatsmith.train.run.Run` (which owns resume, logging,
     samples, checkpoints and the final save). `ppo(cfg)` is the command; tests and `rlhf` use this too.
@@ -232,7 +237,7 @@ class PPOTrainer(Stage):
         elif value_model is None:
             value_model = self._load_value_model()
             if self.lora:
-                value_model = apply_lora(value_model, cfg, base=self._value_source(), task="reward")
+                value_model = apply_lora(value_model, cfg, base=value_source(self.cfg), task="reward")
         elif self.lora:
             value_model = apply_lora(value_model, cfg, task="reward")
         self.value_model = disable_dropout(value_model.to(self.device))
@@ -266,13 +271,9 @@ class PPOTrainer(Stage):
         self.last_samples: tuple | None = None
 
     # ------------------------------------------------------------------------- setup
-    def _value_source(self) -> str:
-        return self.cfg.value_model or (self.cfg.reward_model[3:] if self.cfg.reward_model.startswith("rm:")
-                                        else self.cfg.reward_model)
-
     def _load_value_model(self) -> nn.Module:
         """A trainable copy of the reward model (or of --value-model): same backbone, same scalar head."""
-        path = self._value_source()
+        path = value_source(self.cfg)
         from transformers import AutoModelForSequenceClassification
 
         flag = "--value-model" if self.cfg.value_model else "--reward-model"
