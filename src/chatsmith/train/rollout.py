@@ -336,7 +336,8 @@ def value_forward(value_model: nn.Module, input_ids: torch.Tensor, attention_mas
 
 def sample(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
            temperature: float, stop_token_ids: Sequence[int], seed: int | None,
-           generate_fn: Callable | None = None, first_row: int = 0, max_batch: int = 0) -> tuple[list[list[int]], list[bool]]:
+           generate_fn: Callable | None = None, first_row: int = 0,
+           max_batch: int = 0) -> tuple[list[list[int]], list[bool]]:
     """Sample one response per prompt through continuous batching, at most `max_batch` rows at a time
     (0 = all); cut after end-of-turn.
 
