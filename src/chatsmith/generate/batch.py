@@ -78,8 +78,12 @@ class DecodeBatch:
 
     # ------------------------------------------------------------------ operations
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[Any, torch.Tensor]:
-        """Run a new group's prompts (left-padded together). Returns (group decoder, logits ``(n, vocab)``)."""
+    def prefill(self, prompts: Sequence[Sequence[int]], room: int = 0) -> tuple[Any, torch.Tensor]:
+        """Run a new group's prompts (left-padded together). Returns (group decoder, logits ``(n, vocab)``).
+
+        ``room``: free cache columns to allocate past the prompts (a group that starts an empty batch
+        then needs no copy to grow).
+        """
         device = next(self.model.parameters()).device
         longest = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
@@ -92,14 +96,14 @@ class DecodeBatch:
         first, inverse = distinct_rows(ids, mask) if len(prompts) > 1 else (None, None)
         if first is not None and len(first) < len(prompts):
             # each distinct prompt once, then its cache row copied to the rows that repeat it
-            logits = decoder.start(ids[first], mask[first], longest)
+            logits = decoder.start(ids[first], mask[first], longest + room)
             if decoder.can_drop_rows:
                 decoder.keep(inverse)
                 logits = logits[inverse]
             else:
-                logits = decoder.start(ids, mask, longest)
+                logits = decoder.start(ids, mask, longest + room)
         else:
-            logits = decoder.start(ids, mask, longest)
+            logits = decoder.start(ids, mask, longest + room)
         if self.fast is None and not _plain_cache(decoder.cache):
             self.can_merge = False
         return decoder, logits

@@ -57,7 +57,8 @@ class ContinuousBatch:
 
     def admit(self, rows: Sequence[Any], push: Push) -> None:
         """Prefill ``rows`` as one group, sample and push their first tokens; the unfinished ones join."""
-        group, logits = self.batch.prefill([row.prompt for row in rows])
+        room = max(row.max_new for row in rows) if self.batch.decoder is None else 0
+        group, logits = self.batch.prefill([row.prompt for row in rows], room)
         tokens = sample_rows(logits, [row.sampling for row in rows], [row.max_new for row in rows]).tolist()
         keep = [i for i, (row, token) in enumerate(zip(rows, tokens)) if not _push(row, token, push)]
         if not keep:

@@ -73,10 +73,9 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling],
     ``steps_left[i]``: how many more tokens row i may sample (bounds how much noise it draws ahead).
     """
     logits = logits.float()
-    tokens = logits.argmax(-1)
     hot = [i for i, r in enumerate(rows) if r.temperature > 0]
     if not hot:
-        return tokens
+        return logits.argmax(-1)
     device = logits.device
     index = torch.tensor(hot, dtype=torch.long, device=device) if len(hot) < len(rows) else None
     picked = logits if index is None else logits[index]
@@ -102,7 +101,8 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling],
     left = steps_left if steps_left is not None else [16] * len(rows)
     gumbel = torch.stack([rows[i].next_noise(vocab, device, left[i]) for i in hot])
     chosen = (scaled + gumbel).argmax(-1)
-    if index is None:
+    if index is None:      # every row samples (an RL rollout): no argmax of the greedy rows to compute
         return chosen
+    tokens = logits.argmax(-1)
     tokens[index] = chosen
     return tokens
