@@ -1,4 +1,5 @@
-"""Tests for continuous batching without HTTP (chatsmith.serve.batch / scheduler / sampling): jobs that join
+"""Tests for continuous batching without HTTP (chatsmith.generate.batch / row_sampling,
+chatsmith.serve.scheduler): jobs that join
 and leave a running batch sample exactly what they sample alone, on the fast Llama path and the generic
 transformers-cache path (a GPT-2); cancellation, stop tokens/strings, the bounded queue.
 
@@ -16,8 +17,8 @@ import torch
 
 from chatsmith.generate import SamplingConfig, generate
 from chatsmith.model import build_tokenizer, create_model
-from chatsmith.serve.batch import left_pad_cat
-from chatsmith.serve.sampling import RowSampling, choice_seed, sample_rows
+from chatsmith.generate.batch import left_pad_cat
+from chatsmith.generate.row_sampling import RowSampling, choice_seed, sample_rows
 from chatsmith.serve.scheduler import Job, QueueFull, Scheduler, length_groups
 from conftest import SAMPLE_TEXTS
 

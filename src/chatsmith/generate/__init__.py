@@ -9,7 +9,10 @@
     chatsmith chat runs/sft                                               # terminal chat (terminal.py)
 
 Modules: `engine` (SamplingConfig, Generator, generate, stream: the sampling loop), `decoders` (the
-next-token logits backends: a fast Llama-family step and the generic Hugging Face forward), `text`
+next-token logits backends: a fast Llama-family step and the generic Hugging Face forward), `continuous`
+(continuous batching, shared by `chatsmith serve` and the RL rollouts: `ContinuousBatch`,
+`generate_continuous`), `batch` (its KV-cache batch that rows join and leave), `row_sampling` (per-row
+temperature / top-p / top-k / seed), `text`
 (token bytes, stop strings, printable text), `cli` (`chatsmith generate`), `terminal` (`chatsmith chat`).
 """
 

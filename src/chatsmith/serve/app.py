@@ -34,7 +34,7 @@ from chatsmith.errors import ChatsmithError
 from chatsmith.serve.metrics import CONTENT_TYPE, ServeMetrics
 from chatsmith.serve.protocol import (APIError, SamplingParams, error_body, parse_messages, parse_prompts,
                                       parse_sampling, read_json_body)
-from chatsmith.serve.sampling import RowSampling, choice_seed
+from chatsmith.generate.row_sampling import RowSampling, choice_seed
 from chatsmith.serve.scheduler import Event, Job, QueueFull, Scheduler
 
 __all__ = ["ServedModel", "create_app"]

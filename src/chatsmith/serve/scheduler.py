@@ -1,4 +1,5 @@
-"""Continuous batching: one scheduler thread per served model drives a `DecodeBatch`.
+"""Continuous batching for serving: one scheduler thread per served model drives a
+`chatsmith.generate.continuous.ContinuousBatch` (the decode loop the RL rollouts share).
 
     scheduler = Scheduler(model, tokenizer, max_batch=16, max_queue=64)
     scheduler.start()
@@ -10,7 +11,7 @@
 
 Each loop iteration: (1) waiting jobs, up to the free batch slots, are prefilled (in groups of similar
 prompt lengths, so little padding is computed), sample their first token and join the running rows; (2) one decode step feeds every running row its last token and
-samples the next one with that row's own settings; rows that hit a stop token, a stop string, their
+samples the next one with that row's own settings (both in `ContinuousBatch`); rows that hit a stop token, a stop string, their
 token limit or were cancelled leave right away. So a new request joins at the next step and a short
 reply never waits for the batch's longest one.
 """
@@ -25,9 +26,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from chatsmith.generate.batch import DecodeBatch
+from chatsmith.generate.continuous import ContinuousBatch
+from chatsmith.generate.row_sampling import RowSampling
 from chatsmith.generate.text import RowText, byte_level_table
-from chatsmith.serve.batch import DecodeBatch
-from chatsmith.serve.sampling import RowSampling, sample_rows
 
 __all__ = ["Job", "Event", "Scheduler", "QueueFull", "length_groups"]
 
@@ -97,15 +99,12 @@ class Scheduler:
         if metrics is not None:
             self.attach_metrics(metrics)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self.batch = DecodeBatch(model, pad_id=pad)
+        self.core = ContinuousBatch(model, pad_id=pad)
         self.table = byte_level_table(tokenizer)
         self.waiting: deque[Job] = deque()
-        self.running: list[Job] = []
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
-        self.steps = 0              # decode steps run, and rows fed over all of them (mean batch size)
-        self.rows_stepped = 0
 
     # ------------------------------------------------------------------ control
 
@@ -139,6 +138,24 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return len(self.waiting)
+
+    @property
+    def running(self) -> list[Job]:
+        """The jobs in the running batch."""
+        return self.core.running
+
+    @property
+    def batch(self) -> DecodeBatch:
+        return self.core.batch
+
+    @property
+    def steps(self) -> int:
+        """Decode steps run (``rows_stepped / steps`` is the mean batch size)."""
+        return self.core.steps
+
+    @property
+    def rows_stepped(self) -> int:
+        return self.core.rows_stepped
 
     # ------------------------------------------------------------------ loop
 
@@ -190,43 +207,24 @@ class Scheduler:
 
     def _admit_group(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` as one group, sample their first tokens, merge the unfinished ones in."""
-        group, logits = self.batch.prefill([job.prompt for job in jobs])
-        tokens = sample_rows(logits, [job.sampling for job in jobs]).tolist()
-        now = time.monotonic()
-        keep = []
-        for i, (job, token) in enumerate(zip(jobs, tokens)):
-            job.first_token_at = now
-            if self.metrics is not None:
-                self.metrics.ttft.observe(now - job.submitted)
-                self.metrics.tokens.inc()
-            if not self._push(job, token):
-                keep.append(i)
-        if len(keep) < len(jobs):
-            if not keep:
-                return
-            group.keep(torch.tensor(keep, dtype=torch.long, device=group.positions.device))
-        joined = [jobs[i] for i in keep]
-        room = [job.max_new - len(job.tokens) for job in self.running + joined]
-        self.batch.merge(group, room)
-        self.running += joined
+        self.core.admit(jobs, self._push)
 
     def _step(self) -> None:
-        device = self.batch.decoder.positions.device
-        last = torch.tensor([job.tokens[-1] for job in self.running], dtype=torch.long, device=device)
-        logits = self.batch.step(last)
-        self.steps += 1
-        self.rows_stepped += len(self.running)
+        rows = len(self.running)
+        self.core.step(self._push)
         if self.metrics is not None:
             self.metrics.steps.inc()
-            self.metrics.rows.inc(len(self.running))
-            self.metrics.tokens.inc(len(self.running))
-        tokens = sample_rows(logits, [job.sampling for job in self.running]).tolist()
-        done = [i for i, (job, token) in enumerate(zip(self.running, tokens)) if self._push(job, token)]
-        self._drop(done, already_finished=True)
+            self.metrics.rows.inc(rows)
 
     def _push(self, job: Job, token: int) -> bool:
-        """Record one sampled token of ``job``, send its new text; True when the job is finished."""
-        job.tokens.append(token)
+        """Take one sampled token of ``job`` (already in ``job.tokens``), send its new text; True when
+        the job is finished."""
+        if self.metrics is not None:
+            self.metrics.tokens.inc()
+        if len(job.tokens) == 1:
+            job.first_token_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.ttft.observe(job.first_token_at - job.submitted)
         hit_string = job.text.push(token)
         stopped = token in job.stop_ids or hit_string
         done = stopped or len(job.tokens) >= job.max_new or job.cancelled
@@ -237,17 +235,12 @@ class Scheduler:
             self._finish(job, "stop" if stopped else "cancelled" if job.cancelled else "length")
         return done
 
-    def _drop(self, rows: Iterable[int], already_finished: bool = False) -> None:
-        """Remove running rows (cancelled ones are answered first) from the jobs and the batch."""
-        gone = set(rows)
-        if not gone:
-            return
-        if not already_finished:
-            for i in gone:
-                self._finish(self.running[i], "cancelled")
-        keep = [i for i in range(len(self.running)) if i not in gone]
-        self.batch.keep(keep)
-        self.running = [self.running[i] for i in keep]
+    def _drop(self, rows: Iterable[int]) -> None:
+        """Answer cancelled running rows and remove them from the batch."""
+        gone = sorted(set(rows))
+        for i in gone:
+            self._finish(self.running[i], "cancelled")
+        self.core.drop(gone)
 
     def _finish(self, job: Job, reason: str) -> None:
         if self.metrics is not None:
@@ -257,8 +250,7 @@ class Scheduler:
     def _fail(self, jobs: list[Job], message: str) -> None:
         for job in {id(job): job for job in jobs}.values():
             self._send(job, Event("error", text=message))
-        self.running = []
-        self.batch.decoder = None
+        self.core.clear()
         if self.stopping:
             self.waiting.clear()
 

@@ -94,6 +94,9 @@ class GRPOConfig(TrainConfig):
                          "'token' (mean over all tokens).", choices=["grpo", "token"])
     no_eos_penalty: float | None = arg(None, "Reward given to responses that never end their turn (None = keep).")
     forward_batch_size: int = arg(32, "Rows per no-grad forward pass.", min=1)
+    rollout_max_batch: int = arg(0, "Most responses sampled at once: finished ones leave and queued prompts "
+                                  "join at the next step (the samples are the same for any value); 0 = the "
+                                  "whole step's.", min=0)
     share_prompt: bool = arg(True, "Compute each group's prompt once in the forward and backward passes (its KV "
                              "cache is copied to the G responses); the same log-probs and gradients, less work.")
     sample_every: int = arg(10, "Print and save a table of sample responses every N steps (0 = off).", min=0)
@@ -191,7 +194,8 @@ class GRPOTrainer(Stage):
                                    stop_token_ids=self.stop_token_ids, seed=step_seed(cfg.seed, self.step),
                                    forward_batch_size=cfg.forward_batch_size,
                                    need_policy_logprobs=cfg.num_iterations > 1, generate_fn=self.generate_fn,
-                                   first_row=self.rank * len(index), share_prompt=cfg.share_prompt)
+                                   first_row=self.rank * len(index), share_prompt=cfg.share_prompt,
+                                   max_batch=cfg.rollout_max_batch)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg

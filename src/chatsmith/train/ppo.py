@@ -130,6 +130,9 @@ class PPOConfig(TrainConfig):
     whiten_rewards: bool = arg(False, "Whiten per-token rewards over the batch (mean kept) before GAE.")
     no_eos_penalty: float | None = arg(-1.0, "Score given to responses that never end their turn (None = keep RM score).")
     forward_batch_size: int = arg(32, "Rows per no-grad forward pass (log-probs, values, scores).", min=1)
+    rollout_max_batch: int = arg(0, "Most responses sampled at once: finished ones leave and queued prompts "
+                                  "join at the next step (the samples are the same for any value); 0 = the "
+                                  "whole step's.", min=0)
     sample_every: int = arg(10, "Print and save a table of sample responses every N steps (0 = off).", min=0)
     num_samples: int = arg(4, "Rows in that table.", min=0)
     save_every: int = arg(25, "Write OUT/checkpoint every N PPO steps (0 = only at the end).")
@@ -302,7 +305,7 @@ class PPOTrainer(Stage):
                                       stop_token_ids=self.stop_token_ids,
                                       seed=step_seed(self.cfg.seed, self.step),
                                       forward_batch_size=self.cfg.forward_batch_size, generate_fn=self.generate_fn,
-                                      first_row=self.rank * per_rank)
+                                      first_row=self.rank * per_rank, max_batch=self.cfg.rollout_max_batch)
         return rollout, indices
 
     @torch.no_grad()

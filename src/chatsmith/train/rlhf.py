@@ -96,6 +96,9 @@ class RLHFConfig:
     prompts_per_round: int = arg(64, "Prompts sampled (and labelled) per round.", min=1)
     temperature: float = arg(1.0, "Sampling temperature for the labelling samples.", min=0, min_exclusive=True)
     max_new_tokens: int = arg(48, "Longest sampled response.", min=1)
+    rollout_max_batch: int = arg(0, "Most responses sampled at once: finished ones leave and queued prompts "
+                                  "join at the next step (the samples are the same for any value); 0 = the "
+                                  "whole round's. Also the PPO rounds' setting.", min=0)
     max_len: int = arg(256, "Longest prompt + response in tokens.", min=2)
     kl_anchor: str = arg("sft", "PPO's reference: the SFT model (sft) or the round's starting policy (current).",
                          choices=["sft", "current"])
@@ -294,7 +297,7 @@ class _RLHF:
         rollout = collect_rollout(policy, None, tokenizer, [prompts[i].ids for i in index], index,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   stop_token_ids=stop, seed=step_seed(cfg.seed, k, salt=3),
-                                  need_policy_logprobs=False, first_row=lo * K)
+                                  need_policy_logprobs=False, first_row=lo * K, max_batch=cfg.rollout_max_batch)
         del policy
         texts_all, finished_all = rollout.texts, rollout.finished.tolist()
         if self.distributed:
@@ -413,6 +416,7 @@ class _RLHF:
         settings.setdefault("max_new_tokens", cfg.max_new_tokens)
         settings.setdefault("max_len", cfg.max_len)
         settings.setdefault("dtype", cfg.dtype)
+        settings.setdefault("rollout_max_batch", cfg.rollout_max_batch)
         ppo_cfg = config_from_dict(PPOConfig, settings, source=cfg.ppo_config or "rlhf")
         note(f"rlhf: round {k}: PPO from {policy_dir} against {rdir / 'rm'}")
         return PPOTrainer(ppo_cfg).run()

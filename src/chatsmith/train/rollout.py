@@ -1,6 +1,8 @@
 """Rollouts for RL fine-tuning, shared by PPO (`train/ppo.py`) and GRPO (`train/grpo.py`).
 
-One rollout = sample a response to each prompt with the KV-cache engine (`chatsmith.generate`), cut
+One rollout = sample a response to each prompt through continuous batching (`generate.continuous`, the
+decode loop `chatsmith serve` uses: at most `max_batch` rows at a time, finished rows leave and queued
+prompts join at the next step), cut
 each response after its end-of-turn token, and recompute, in one full forward pass, the log-probs of
 the sampled tokens under the policy and the frozen reference - from the logits divided by the
 sampling temperature, so they are the log-probs of the distribution the tokens were drawn from
@@ -35,7 +37,8 @@ from torch import nn
 
 from chatsmith.errors import ChatsmithError
 from chatsmith.eval.judges import BUILTIN_REWARDS, call_reward, resolve_reward
-from chatsmith.generate import SamplingConfig, distinct_rows, generate
+from chatsmith.generate import SamplingConfig, distinct_rows
+from chatsmith.generate.continuous import generate_continuous
 from chatsmith.model import cache_keyword, disable_dropout, returned_cache
 from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_logits
 from chatsmith.utils import note
@@ -333,13 +336,15 @@ def value_forward(value_model: nn.Module, input_ids: torch.Tensor, attention_mas
 
 def sample(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
            temperature: float, stop_token_ids: Sequence[int], seed: int | None,
-           generate_fn: Callable | None = None, first_row: int = 0) -> tuple[list[list[int]], list[bool]]:
-    """Sample one response per prompt with the KV-cache engine; cut after end-of-turn.
+           generate_fn: Callable | None = None, first_row: int = 0,
+           max_batch: int = 0) -> tuple[list[list[int]], list[bool]]:
+    """Sample one response per prompt through continuous batching, at most `max_batch` rows at a time
+    (0 = all); cut after end-of-turn.
 
     Sampling is plain ancestral sampling at `temperature` (no top-k / top-p / repetition penalty): any
     other filter would make the recomputed log-probs differ from the distribution the tokens came from.
-    `first_row`: the rows' index in a batch split over processes (the engine seeds row i from
-    `(seed, first_row + i)`). Returns `(responses, finished)`.
+    `first_row`: the rows' index in a batch split over processes (row i draws from `(seed, first_row + i)`,
+    so `max_batch` changes no sample). Returns `(responses, finished)`.
     """
     if temperature <= 0:
         raise ChatsmithError("RL sampling needs --temperature > 0 (the policy must explore, and log-probs "
@@ -348,7 +353,7 @@ def sample(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]]
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
                              repetition_penalty=1.0, seed=seed, stop_token_ids=tuple(stop_token_ids),
                              stop_strings=(), first_row=first_row, logprobs=False)   # recomputed in one pass
-        sequences = generate(model, tokenizer, [list(p) for p in prompt_ids], cfg).sequences
+        sequences = generate_continuous(model, tokenizer, prompt_ids, cfg, max_batch=max_batch).sequences
     else:
         sequences = generate_fn(model, tokenizer, prompt_ids, max_new_tokens, temperature, stop_token_ids, seed)
     responses, finished = [], []
@@ -363,7 +368,8 @@ def collect_rollout(policy: nn.Module, reference: nn.Module | None, tokenizer: A
                     prompt_ids: Sequence[Sequence[int]], prompt_index: Sequence[int], *, max_new_tokens: int,
                     temperature: float, stop_token_ids: Sequence[int], seed: int | None,
                     forward_batch_size: int = 0, need_policy_logprobs: bool = True,
-                    generate_fn: Callable | None = None, first_row: int = 0, share_prompt: bool = True) -> Rollout:
+                    generate_fn: Callable | None = None, first_row: int = 0, share_prompt: bool = True,
+                    max_batch: int = 0) -> Rollout:
     """Sample, pad, and compute rollout-time policy and reference log-probs (no grad).
 
     `need_policy_logprobs=False` skips the policy forward: with a single update per batch the "old"
@@ -376,7 +382,7 @@ def collect_rollout(policy: nn.Module, reference: nn.Module | None, tokenizer: A
     t0 = time.perf_counter()
     responses, finished = sample(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
                                  temperature=temperature, stop_token_ids=stop_token_ids, seed=seed,
-                                 generate_fn=generate_fn, first_row=first_row)
+                                 generate_fn=generate_fn, first_row=first_row, max_batch=max_batch)
     t1 = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids, attention_mask, p, response_ids, response_mask = pad_rollout(prompt_ids, responses, pad_id, device)

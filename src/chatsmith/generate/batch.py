@@ -7,16 +7,18 @@
     logits = batch.step(last_tokens)                      # (rows, vocab): one token for every row
     batch.keep(torch.tensor([...]))                       # finished rows leave at once
 
-It reuses the sampling engine's decoders (`chatsmith.generate.decoders`): the fast Llama-family step with
+`continuous.ContinuousBatch` drives it (sampling, stop checks) for both `chatsmith serve` and the RL
+rollouts. It reuses the sampling engine's decoders (`chatsmith.generate.decoders`): the fast Llama-family step with
 its static cache, or the model's own forward with a transformers ``DynamicCache`` for other models (and
 for sliding-window models, whose window the fast step does not apply).
 Rows are left-padded so every row's newest token sits in the same cache column; each row keeps its own
 position ids and a key mask, so its attention never sees another row's padding. Merging two groups
 left-pads the shorter one's cache to the longer one's length; when rows leave, cache columns that are
 padding for every remaining row are cut. A row therefore computes exactly what it would alone (up to
-float rounding of batched matmuls), which the tests check on greedy outputs.
+float rounding of batched matmuls), which the tests check on greedy outputs. A prompt repeated within
+a group (GRPO's G samples of one prompt, a request's n choices) is prefilled once and its cache row copied.
 
-Run its tests with `python -m pytest tests/test_serve_batch.py -q`.
+Run its tests with `python -m pytest tests/test_serve_batch.py tests/test_rollout_engine.py -q`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from chatsmith.generate.decoders import FastDecoder, HFDecoder, fast_path_layers
+from chatsmith.generate.engine import distinct_rows
 
 __all__ = ["DecodeBatch", "left_pad_cat", "sliding_window_layers"]
 
@@ -75,8 +78,12 @@ class DecodeBatch:
 
     # ------------------------------------------------------------------ operations
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[Any, torch.Tensor]:
-        """Run a new group's prompts (left-padded together). Returns (group decoder, logits ``(n, vocab)``)."""
+    def prefill(self, prompts: Sequence[Sequence[int]], room: int = 0) -> tuple[Any, torch.Tensor]:
+        """Run a new group's prompts (left-padded together). Returns (group decoder, logits ``(n, vocab)``).
+
+        ``room``: free cache columns to allocate past the prompts (a group that starts an empty batch
+        then needs no copy to grow).
+        """
         device = next(self.model.parameters()).device
         longest = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
@@ -84,8 +91,19 @@ class DecodeBatch:
         for i, p in enumerate(prompts):
             ids[i, longest - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[i, longest - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
         decoder = FastDecoder(self.model, *self.fast) if self.fast is not None else HFDecoder(self.model)
-        logits = decoder.start(ids.to(device), mask.to(device), longest)
+        first, inverse = distinct_rows(ids, mask) if len(prompts) > 1 else (None, None)
+        if first is not None and len(first) < len(prompts):
+            # each distinct prompt once, then its cache row copied to the rows that repeat it
+            logits = decoder.start(ids[first], mask[first], longest + room)
+            if decoder.can_drop_rows:
+                decoder.keep(inverse)
+                logits = logits[inverse]
+            else:
+                logits = decoder.start(ids, mask, longest + room)
+        else:
+            logits = decoder.start(ids, mask, longest + room)
         if self.fast is None and not _plain_cache(decoder.cache):
             self.can_merge = False
         return decoder, logits
