@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 from chatsmith.errors import ChatsmithError
 
