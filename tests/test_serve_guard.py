@@ -85,7 +85,7 @@ def test_guard_refuses_below_the_threshold_and_passes_above(tmp_path):
 
 def test_guard_flags(tmp_path):
     model = tiny_chat_model(tmp_path / "chat")
-    with pytest.raises(ChatsmithError, match="--guard .*no_such_rm: not a model directory"):
+    with pytest.raises(ChatsmithError, match="--guard .*no_such_rm: model directory not found"):
         build_app(ServeConfig(models=[str(model)], device="cpu", guard=str(tmp_path / "no_such_rm")))
     _, rm_dir, _ = write_toy_dirs(tmp_path)
     with pytest.raises(ChatsmithError, match="--guard-threshold"):
