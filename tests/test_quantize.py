@@ -27,14 +27,14 @@ PROMPTS = ["The capital of France", "Python is", "Hello, how can I help you toda
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, tiny_tokenizer):
-    """(fp32 dir, int8 dir): a tiny Llama (hidden 64, GQA, untied and tied variants share the code) saved
-    by chatsmith, then quantized with the CLI."""
+    """(fp32 dir, int8 dir): a tiny Llama (hidden 64, GQA, tied LM head) saved by chatsmith, then quantized
+    with the CLI."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-                      tie_word_embeddings=True, initializer_range=0.2,
+                      tie_word_embeddings=True, initializer_range=0.02,
                       pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
     root = tmp_path_factory.mktemp("int8")
     fp32, int8 = root / "fp32", root / "int8"
@@ -63,12 +63,13 @@ def test_reloads_with_int8_layers_and_close_logits(pair, tiny_tokenizer):
     ids = torch.tensor([tiny_tokenizer.encode(" ".join(PROMPTS))])
     with torch.no_grad():
         a, b = f.model(ids).logits, q.model(ids).logits
-    # Each int8 weight errs by up to half a step (max|row|/254: ~0.7% of a Gaussian row's RMS) and each bf16
-    # activation by 2^-9 relative; these random weights (std 0.2 on 64 dims) amplify them layer after layer:
-    # measured 3.7% relative RMS error of the logits (1.1% at std 0.02). 8% leaves room for other seeds,
-    # while a wrong scale, a transposed weight or a lost bias errs by 50-100%.
+    # Each int8 weight errs by up to half a step (max|row|/254: ~0.7% of a Gaussian row's RMS) and, on x86,
+    # each activation is rounded to 7 bits with one scale per call (~1% of its RMS); over 15 matrices that
+    # measured 2.7% relative RMS error of the logits here (1.1% with weight-only int8 and bf16 activations).
+    # 8% leaves room for other seeds and kernels, while a wrong scale, a transposed weight or a lost bias
+    # errs by 50-100%.
     assert (a - b).norm() <= 0.08 * a.norm()
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.85
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 
 def test_generate_on_int8_agrees_with_fp32_and_fast_path_equals_generic(pair, tiny_tokenizer):
