@@ -52,7 +52,7 @@ def build_pair(work: Path) -> tuple[Path, Path, int]:
     torch.manual_seed(0)
     tokenizer = build_tokenizer(CORPUS, 1000, "chatml")
     model = create_model(CONFIG, tokenizer)
-    model.resize_token_embeddings(VOCAB)                 # a real model's vocabulary size
+    model.resize_token_embeddings(VOCAB, mean_resizing=False)    # a real model's vocabulary size
     n_params = count_parameters(model)
     fp32, int8 = work / "fp32", work / "int8"
     save_model(model, tokenizer, fp32)
