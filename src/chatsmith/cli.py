@@ -73,7 +73,7 @@ COMMANDS: list[Command] = [
     Command("serve", "chatsmith.serve.cli:ServeConfig:serve",
             "OpenAI-compatible HTTP server with continuous batching, metrics and a web chat.", positional=("models",)),
     Command("quantize", "chatsmith.quantize:QuantizeConfig:quantize_cli",
-            "Int8 weight-only copy of a model (torchao) for faster CPU inference: generate, chat, eval, serve.",
+            "Int8 copy of a model (torchao int8 weights) for faster CPU inference: generate, chat, eval, serve load it.",
             positional=("model",)),
     Command("feedback export", "chatsmith.serve.export:FeedbackExportConfig:export_feedback",
             "Human judgments from `serve --feedback DB` as a preference JSONL (for reward / dpo)."),

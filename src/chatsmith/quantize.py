@@ -12,7 +12,7 @@ activations quantized on the fly, which is what makes decoding faster (benchmark
 devices dequantize and use a float matmul.
 
 On disk: ``config.json`` and the tokenizer files as usual, the weights in ``model-int8.safetensors`` (int8
-tensors plus ``<name>_scale``; a tied LM head is stored once, as the embedding) and the marker
+tensors plus their ``weight_scale`` rows; a tied LM head is stored once, as the embedding) and the marker
 ``chatsmith-int8.json`` (which modules are int8, the source, library versions). Plain transformers finds no
 weights it knows there and says so, instead of loading int8 values as floats. `chatsmith.model.load_model`
 recognises the marker (`is_int8_dir`) and calls `load_int8_model`; training commands refuse such a model
