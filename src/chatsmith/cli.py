@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -73,6 +74,9 @@ COMMANDS: list[Command] = [
             positional=("models",)),
     Command("serve", "chatsmith.serve.cli:ServeConfig:serve",
             "OpenAI-compatible HTTP server with continuous batching, metrics and a web chat.", positional=("models",)),
+    Command("quantize", "chatsmith.quantize:QuantizeConfig:quantize_cli",
+            "Int8 copy of a model (torchao int8 weights) for faster CPU inference: generate, chat, eval, serve load it.",
+            positional=("model",)),
     Command("feedback export", "chatsmith.serve.export:FeedbackExportConfig:export_feedback",
             "Human judgments from `serve --feedback DB` as a preference JSONL (for reward / dpo)."),
 ]
@@ -154,8 +158,34 @@ def _dry_run(cmd: Command, cfg: Any) -> int:
     return dry_run(cmd.name, cfg)
 
 
+# Log lines that libraries print on import and that say nothing about the user's command: torchao (which
+# transformers probes) cannot load its CUDA-only kernels on a CPU build, and torch deprecates the way torchao
+# registers its enums. Only these exact messages are dropped; every other warning and error still shows.
+IMPORT_NOISE = {"torchao": ("Failed to load ", "_C_"),
+                "torch.utils._pytree": ("is an Enum subclass and is now natively supported", "")}
+
+
+class _DropImportNoise(logging.Filter):
+    def __init__(self, needles: tuple[str, str]):
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not all(n in text for n in self.needles)
+
+
+def quiet_import_noise() -> None:
+    """Drop `IMPORT_NOISE` (installed once per process, before anything imports torchao)."""
+    for name, needles in IMPORT_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropImportNoise) for f in logger.filters):
+            logger.addFilter(_DropImportNoise(needles))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_import_noise()
     debug = "--debug" in argv or os.environ.get("CHATSMITH_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):

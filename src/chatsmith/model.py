@@ -7,7 +7,8 @@
     loaded = load_model("runs/base")                                        # Loaded(model, tokenizer, fmt)
 
 Any HF causal LM directory loads (`AutoModelForCausalLM` + `AutoTokenizer`), so does a peft LoRA adapter
-directory (`adapter_config.json`; its base model with the adapter merged) and a Hugging Face Hub id
+directory (`adapter_config.json`; its base model with the adapter merged), the int8 output of `chatsmith
+quantize` (`chatsmith.quantize.load_int8_model`, recognised by its marker), and a Hugging Face Hub id
 (`owner/name`, not a local directory: handed to transformers, which reads its cache or downloads).
 A model without a pad token gets `<|pad|>` added (embeddings resized); a tokenizer without a chat template needs
 `template=` (`chatml`, `llama2`, `alpaca` or a `.jinja` file), which is set on the tokenizer so the saved
@@ -328,16 +329,26 @@ def load_model(path: str | Path, device: str = "auto", dtype: Any = None, templa
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - many library error types; report them as one clear line
         raise ChatsmithError(f"{where}: cannot load the tokenizer: {exc}") from None
+    from chatsmith.quantize import is_int8_dir, load_int8_model
+
+    int8 = not hub and is_int8_dir(source)
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(dtype))
+            if int8:      # `chatsmith quantize --int8` output: int8 layers, norms in the source's dtype
+                model = load_int8_model(source)
+                if _resolve_dtype(dtype) not in (None, "auto"):
+                    model.to(_resolve_dtype(dtype))
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(dtype))
+    except ChatsmithError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise ChatsmithError(f"{where}: cannot load a causal language model: {exc}") from None
-    return finish_loading(model, tokenizer, source, device, template, require_template)
+    return finish_loading(model, tokenizer, source, device, template, require_template, int8=int8)
 
 
 def finish_loading(model: Any, tokenizer: Any, source: str, device: str, template: str | None,
-                    require_template: bool) -> Loaded:
+                   require_template: bool, int8: bool = False) -> Loaded:
     """The chat format, its special tokens and a pad token (embeddings resized), then device and eval mode."""
     from chatsmith.utils import resolve_device
 
@@ -367,6 +378,9 @@ def finish_loading(model: Any, tokenizer: Any, source: str, device: str, templat
         # padding with the end-of-turn token would teach (or mask) the wrong thing: use a token of its own
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         added = True
+    if int8 and (added or model.get_input_embeddings().weight.shape[0] < len(tokenizer)):
+        raise ChatsmithError(f"{source}: an int8 model's vocabulary cannot grow, and this template needs new "
+                             "tokens (its markers or a pad token); quantize the source model with --template")
     resize_to_tokenizer(model, tokenizer, force=added)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:

@@ -6,7 +6,8 @@
 
 The rules, checked before chatsmith writes anything:
 - `--out` is a directory (or does not exist yet) and is not, nor is inside, an input model of the command
-  (`--model`, `--policy`, `--reference`, `--reward-model`, `--value-model`, `--reward rm:DIR`);
+  (`--model`, `--policy`, `--reference`, `--reward-model`, `--value-model`, `--reward rm:DIR`), and no
+  input model is an int8 one (`chatsmith quantize`: inference only);
 - a non-empty `--out` must be a chatsmith run of the same command (OUT/.chatsmith-run.json names its
   stage; a run from before that marker is recognised by its checkpoint or metrics), unless `--overwrite`:
   then chatsmith deletes its own run files there (`RUN_FILES`) and replaces its model files at the end,
@@ -37,7 +38,7 @@ from chatsmith.train.checkpoint import FINAL_STAGING
 from chatsmith.utils import atomic_write_text, is_main_process, note
 
 __all__ = ["MARKER", "LOCK", "RUN_FILES", "FINAL_STAGING", "OutDirClaim", "claim_out_dir", "run_stage_of",
-           "input_model_dirs"]
+           "input_model_dirs", "refuse_int8_inputs"]
 
 MARKER = ".chatsmith-run.json"
 LOCK = ".lock"
@@ -122,6 +123,17 @@ def _foreign_entries(out: Path, resume: bool) -> list[Path]:
     return foreign
 
 
+def refuse_int8_inputs(cfg: Any, stage: str) -> None:
+    """Training needs float weights: an int8 model (`chatsmith quantize`) as any input model is refused."""
+    from chatsmith.quantize import int8_source, is_int8_dir
+
+    for flag, model_dir in input_model_dirs(cfg):
+        if is_int8_dir(model_dir):
+            raise ChatsmithError(f"{flag} {model_dir}: an int8 model (chatsmith quantize) is for inference only "
+                                 f"(generate, chat, eval, serve); {stage} needs the float model it was made from "
+                                 f"({int8_source(model_dir)}); quantize the result after training")
+
+
 def check_out_dir(cfg: Any, stage: str) -> None:
     """Refuse an --out this run may not use (read-only; every rank checks the flags, the main process what
     OUT holds). See the module docstring."""
@@ -133,6 +145,7 @@ def check_out_dir(cfg: Any, stage: str) -> None:
     if out.exists() and not out.is_dir():
         raise ChatsmithError(f"--out {out}: exists and is not a directory; give a directory for the run")
     target = out.resolve()
+    refuse_int8_inputs(cfg, stage)
     for flag, model_dir in input_model_dirs(cfg):
         source = model_dir.resolve()
         if target == source or source in target.parents:
