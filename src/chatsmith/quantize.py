@@ -268,7 +268,7 @@ def load_int8_model(path: str | Path) -> nn.Module:
         missing = [k for k in missing if not k.startswith(f"{marker['lm_head']}.weight")]
     if missing or unexpected:
         shown = ", ".join((missing + unexpected)[:4])
-        raise ChatsmithError(f"{weights}: does not match the model of {path / 'config.json'} ({shown}); "
+        raise ChatsmithError(f"{weights}: does not match the model of {path}/config.json ({shown}); "
                              "quantize the source model again")
     return model.eval()
 
