@@ -17,40 +17,12 @@ from chatsmith.errors import ChatsmithError
 from chatsmith.generate import SamplingConfig, generate
 from chatsmith.generate.batch import DecodeBatch
 from chatsmith.generate.continuous import ContinuousBatch, generate_continuous
-from chatsmith.model import build_tokenizer, create_model
 from chatsmith.train.rollout import collect_rollout
 from conftest import SAMPLE_TEXTS
+# The tiny Llama (induction heads, so greedy outputs differ by prompt) and GPT-2 of the batch engine's tests.
+from test_serve_batch import gpt2, llama, tok  # noqa: F401  (pytest fixtures)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer(SAMPLE_TEXTS, 400, "chatml")
-
-
-@pytest.fixture(scope="module")
-def llama(tok):
-    torch.manual_seed(0)
-    # induction heads copy earlier context, so greedy outputs differ by prompt and stop at varied steps
-    return create_model(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=128, max_position_embeddings=256), tok, init="induction").eval()
-
-
-@pytest.fixture(scope="module")
-def gpt2(tok):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _prompts(tok, distinct=5, repeats=3, seed=0):
