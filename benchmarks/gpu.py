@@ -29,11 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import have_trl, run_child
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -278,24 +279,6 @@ CHILDREN = {"chatsmith_sft": child_chatsmith_sft, "trl_sft": child_trl_sft,
             "chatsmith_grpo": child_chatsmith_grpo, "trl_grpo": child_trl_grpo}
 
 
-def run_child(name: str, work: Path, smoke: bool) -> dict | None:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--work", str(work)]
-    proc = subprocess.run(cmd + (["--smoke"] if smoke else []), capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"--- {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def have_trl() -> bool:
-    try:
-        import datasets  # noqa: F401
-        import trl  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # ----------------------------------------------------------------------------- parent
 
 def summarize(raw: dict | None, flops_per_token: float, peak: float, rl: bool) -> dict | None:
@@ -353,8 +336,8 @@ def main() -> None:
                 if side == "trl" and not trl:
                     results[f"{side}_{stage}"] = None
                     continue
-                results[f"{side}_{stage}"] = summarize(run_child(f"{side}_{stage}", work, args.smoke), per_token,
-                                                       peak, rl=stage == "grpo")
+                raw = run_child(__file__, f"{side}_{stage}", work, ["--smoke"] if args.smoke else [])
+                results[f"{side}_{stage}"] = summarize(raw, per_token, peak, rl=stage == "grpo")
     device = torch.cuda.get_device_name(0) if s["device"] == "cuda" else "cpu (smoke)"
     print(f"gpu: Qwen2-shaped {info['params_m']} M parameters, {s['dtype']}, {device}, "
           f"matmul peak {peak / 1e12:.1f} TFLOP/s, torch {torch.__version__}")

@@ -37,11 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import have_trl, run_child
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -183,24 +184,6 @@ CHILDREN = {"chatsmith_grpo": child_chatsmith_grpo, "trl_grpo": child_trl_grpo, 
             "chatsmith-unshared_grpo": lambda work, args: child_chatsmith_grpo(work, args, share_prompt=False)}
 
 
-def run_child(name: str, work: Path, argv: list[str]) -> dict | None:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--work", str(work), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"--- {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def have_trl() -> bool:
-    try:
-        import datasets  # noqa: F401
-        import trl  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def grpo_summary(raw: dict) -> dict:
     times, eps = raw["times"][1:], raw["episodes"][1:]     # first step = warm-up
     elapsed = max(1e-9, sum(times))
@@ -252,10 +235,10 @@ def main() -> None:
         for name in ("chatsmith_grpo", "trl_grpo", "chatsmith-unshared_grpo"):
             if name == "trl_grpo" and not trl_ok:
                 continue
-            raw = run_child(name, work, argv)
+            raw = run_child(__file__, name, work, argv)
             if raw is not None:
                 grpo[name.split("_")[0]] = grpo_summary(raw)
-        ppo_raw = run_child("chatsmith_ppo", work, argv)
+        ppo_raw = run_child(__file__, "chatsmith_ppo", work, argv)
 
     print(f"model: Llama {out['params_m']} M parameters, vocab {out['vocab']}; GRPO {out['completions_per_step']} "
           f"completions per step (G = {args.generations}), <= {args.new_tokens} new tokens, beta {args.beta}, "

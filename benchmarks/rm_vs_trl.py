@@ -36,11 +36,12 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import have_trl, run_child
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -225,24 +226,6 @@ def summarize(side: dict) -> dict:
             "peak_rss_mb": side["peak_rss_mb"]}
 
 
-def run_child(side: str, work: Path, argv: list[str]) -> dict | None:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--work", str(work), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"--- {side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def have_trl() -> bool:
-    try:
-        import datasets  # noqa: F401
-        import trl  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def run_rm_bench(steps: int = 30, batch_size: int = 16, max_len: int = 256, lr: float = 1e-4,
                  vocab_size: int = 4096, seed: int = 0, share_prompt: bool = True, only: str | None = None,
                  threads: int = 0, verbose: bool = True) -> dict:
@@ -299,7 +282,7 @@ def run_rm_bench(steps: int = 30, batch_size: int = 16, max_len: int = 256, lr: 
                 print("note: trl/datasets not installed (pip install -e '.[bench]'); running chatsmith alone",
                       file=sys.stderr)
                 continue
-            raw = run_child(side, work, argv)
+            raw = run_child(__file__, side, work, argv)
             if raw is not None:
                 sides[side] = (raw, summarize(raw))
 

@@ -28,11 +28,12 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from children import run_child
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -249,15 +250,6 @@ def summarize(side: dict, flops_per_token: float, peak: float) -> dict:
             "step_s": sum(times) / max(1, len(times))}
 
 
-def run_child(side: str, work: Path, argv: list[str]) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", side, "--work", str(work), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"--- {side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -321,7 +313,7 @@ def main() -> None:
                 print("note: trl/datasets not installed (pip install -e '.[bench]'); running chatsmith alone",
                       file=sys.stderr)
                 continue
-            raw = run_child(side, work, argv)
+            raw = run_child(__file__, side, work, argv)
             if raw is not None:
                 sides[side] = (raw, summarize(raw, flops_per_token, peak))
 
