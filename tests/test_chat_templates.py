@@ -20,6 +20,7 @@ from chatsmith.chat import (BUILTIN_SPECIAL_TOKENS, BUILTIN_TEMPLATES, ChatForma
                             render_chat, render_prompt)
 from chatsmith.errors import DataError, TemplateError
 from conftest import SPECIAL_TOKENS, make_tokenizer
+from test_template_masks import masked_runs
 
 EXTRA_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<start_of_turn>", "<end_of_turn>"]
@@ -153,18 +154,6 @@ def expected_runs(spec: Spec, messages) -> list[tuple[str, str]]:
     return runs
 
 
-def masked_runs(ids, mask):
-    """[(start, end)] of the maximal runs of mask == 1."""
-    runs, start = [], None
-    for t, m in enumerate(list(mask) + [0]):
-        if m and start is None:
-            start = t
-        elif not m and start is not None:
-            runs.append((start, t))
-            start = None
-    return runs
-
-
 def check_conversation(spec: Spec, tokenizer, messages, add_generation_prompt: bool):
     fmt = get_format(spec.template, tokenizer)
     r = render_chat(messages, tokenizer, fmt, add_generation_prompt=add_generation_prompt)
@@ -177,7 +166,7 @@ def check_conversation(spec: Spec, tokenizer, messages, add_generation_prompt: b
     assert tokenizer.decode(r.input_ids, skip_special_tokens=False) == r.text
     # The mask is exactly the replies plus their end-of-turn text, each right after its header.
     expected = expected_runs(spec, messages)
-    runs = masked_runs(r.input_ids, r.assistant_mask)
+    runs = masked_runs(r.assistant_mask)
     got = [tokenizer.decode(r.input_ids[a:b], skip_special_tokens=False) for a, b in runs]
     assert got == [masked for _, masked in expected]
     for (a, _), (header, _) in zip(runs, expected):
