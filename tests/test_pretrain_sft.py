@@ -161,3 +161,22 @@ def test_pretrain_then_sft_end_to_end(tmp_path, capsys):
     assert (tmp_path / "sft" / "checkpoint" / "state.pt").is_file()   # the final save keeps the run files
     rows = read_metrics(tmp_path / "sft")
     assert all(r["stage"] == "sft" for r in rows) and rows[-1]["n_targets"] > 0
+
+
+def test_neftune_noise_only_while_training_and_of_the_papers_size():
+    from chatsmith.train.neftune import add_neftune
+
+    model = tiny_llama(64)
+    ids = torch.randint(0, 64, (2, 10))
+    clean = model.get_input_embeddings()(ids).detach()
+    handle = add_neftune(model, alpha=5.0)
+    embed = model.get_input_embeddings()
+    noisy = embed.train()(ids).detach()
+    bound = 5.0 / (10 * 32) ** 0.5                  # alpha / sqrt(t * d): t = 10 tokens, d = hidden 32
+    delta = (noisy - clean).abs()
+    assert 0.5 * bound < delta.max() <= bound + 1e-6 and delta.mean() > 0.3 * bound
+    torch.testing.assert_close(embed.eval()(ids), clean)           # eval mode: untouched
+    handle.remove()
+    torch.testing.assert_close(embed.train()(ids), clean)          # removed: untouched
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        add_neftune(model, alpha=0.0)

@@ -40,6 +40,7 @@ from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_emb
 from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_epochs_or_steps
 from chatsmith.train.lora import apply_lora, lora_enabled
+from chatsmith.train.neftune import add_neftune
 from chatsmith.train.run import TrainResult
 from chatsmith.train.supervised import Trainer, evaluate_loss, lm_loss_on_targets
 from chatsmith.utils import is_main_process, set_seed
@@ -67,6 +68,8 @@ class SFTConfig(TrainConfig):
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     save_every: int = arg(100, "Checkpoint every N steps.")
     train_embeddings: str = arg("seen", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
+    neftune_noise_alpha: float = arg(0.0, "NEFTune: uniform noise of this size on the input embeddings while "
+                                          "training (Jain et al. 2023; the paper uses 5); 0 = off.", min=0)
 
     def check_settings(self) -> None:
         """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
@@ -229,6 +232,9 @@ def sft(cfg: SFTConfig) -> TrainResult:
     else:
         restrict_embedding_training(model, tokenizer, fmt, cfg.train_embeddings,
                                     seen_ids=torch.unique(torch.cat([ex.input_ids for ex in train])).tolist())
+
+    if cfg.neftune_noise_alpha > 0:
+        add_neftune(model, cfg.neftune_noise_alpha)
 
     collate = SFTCollator(tokenizer.pad_token_id, cfg.max_len, cfg.packing)
     source = ShardedBatchSource(train, cfg.batch_size, collate, seed=cfg.seed)

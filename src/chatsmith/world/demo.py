@@ -83,7 +83,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "save_every": 100, "freeze_planted": True},
         "reward": {"max_steps": 300, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 32,
                    "norm_max_new_tokens": 48, "save_every": 100, "freeze_planted": True},
-        # A larger KL penalty than full's: a weaker reward model is easier to exploit (docs/EXPERIMENTS.md).
+        # kl_coef 0.2 in both profiles: with 0.05 PPO exploited the reward model's taste for refusals
+        # (over-refusal 0.95 in quick, 0.50 in full; docs/EXPERIMENTS.md).
         "ppo": {"max_steps": 40, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
                 "kl_coef": 0.2, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 0, "save_every": 10,
                 "freeze_planted": True},
@@ -108,7 +109,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "reward": {"max_steps": 1500, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 64,
                    "norm_max_new_tokens": 48, "save_every": 50, "freeze_planted": True},
         "ppo": {"max_steps": 90, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,
-                "kl_coef": 0.05, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 10, "save_every": 10,
+                "kl_coef": 0.2, "max_new_tokens": 32, "temperature": 0.7, "sample_every": 10, "save_every": 10,
                 "freeze_planted": True},
         "dpo": {"max_steps": 150, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 50,
                 "freeze_planted": True},
