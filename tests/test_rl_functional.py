@@ -116,6 +116,14 @@ def test_logprobs_and_entropy_from_logits():
     assert F.entropy_from_logits(logits).item() == pytest.approx(float(-(probs * probs.log()).sum()))
     # Extreme logits do not produce NaN (no log of an underflowed probability).
     assert torch.isfinite(F.entropy_from_logits(torch.tensor([[1e4, -1e4, 0.0]]))).all()
+    # Both from one log-softmax: the same log-probs (with grad) and entropy (without), extreme logits too.
+    torch.manual_seed(0)
+    many = torch.cat([torch.randn(2, 3, 50) * 4, torch.tensor([1e4, -1e4] + [0.0] * 48).expand(2, 1, 50)], 1)
+    many.requires_grad_(True)
+    picks = torch.randint(0, 50, (2, 4))
+    lp, ent = F.logprobs_and_entropy(many, picks)
+    assert torch.equal(lp, F.logprobs_from_logits(many, picks)) and lp.requires_grad and not ent.requires_grad
+    torch.testing.assert_close(ent, F.entropy_from_logits(many.detach()))
 
 
 # ----------------------------------------------------------------------------- rewards

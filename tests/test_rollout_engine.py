@@ -97,9 +97,9 @@ def test_repeated_prompt_is_prefilled_once(tok, llama):
 
     original = decoders.FastDecoder.start
 
-    def spy(self, input_ids, attention_mask, max_len):
+    def spy(self, input_ids, attention_mask, max_len, *rest):
         calls.append(input_ids.shape[0])
-        return original(self, input_ids, attention_mask, max_len)
+        return original(self, input_ids, attention_mask, max_len, *rest)
 
     decoders.FastDecoder.start = spy
     try:

@@ -218,6 +218,34 @@ def test_left_pad_cat_and_row_sampling():
     assert choice_seed(5, 0) == choice_seed(5, 0) != choice_seed(5, 1)
 
 
+def test_rows_sharing_a_noise_block_sample_what_they_sample_alone():
+    """Rows that draw their noise together (one block) keep their own streams: rows leaving mid-block,
+    a row joining later and different step budgets change nothing."""
+    torch.manual_seed(1)
+    logits = torch.randn(40, 5, 300)                       # (steps, rows, vocab)
+    rows = lambda: [RowSampling(1.0, seed=choice_seed(3, i)) for i in range(5)]  # noqa: E731
+    budget = [40, 7, 40, 25, 40]
+    alone = []
+    for i, row in enumerate(rows()):
+        alone.append([int(sample_rows(logits[s, i:i + 1], [row], [budget[i] - s])) for s in range(budget[i])])
+    together, live, late = rows(), [0, 1, 2, 3], 4             # row 4 joins at step 10; rows 1 and 3 leave
+    got: dict[int, list[int]] = {i: [] for i in range(5)}
+    for s in range(40):
+        if s == 10:
+            live.append(late)
+        tokens = sample_rows(logits[s, live], [together[i] for i in live],
+                             [budget[i] - len(got[i]) for i in live]).tolist()
+        for i, t in zip(live, tokens):
+            got[i].append(t)
+        live = [i for i in live if len(got[i]) < budget[i]]
+    assert [got[i] for i in range(4)] == alone[:4]
+    # the late row read its logits from step 10 on: compare with it alone on those logits
+    row = rows()[4]
+    late_alone = [int(sample_rows(logits[s, 4:5], [row], [40 - (s - 10)])) for s in range(10, 40)]
+    assert got[4] == late_alone
+    assert len({tuple(g) for g in alone}) == 5                 # the streams differ
+
+
 def test_length_groups_bound_padding():
     lengths = [30, 5, 6, 29, 100, 5, 31, 7]
     groups = length_groups(lengths, waste=0.2)

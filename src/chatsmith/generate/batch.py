@@ -23,6 +23,7 @@ Run its tests with `python -m pytest tests/test_serve_batch.py tests/test_rollou
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -92,18 +93,26 @@ class DecodeBatch:
             ids[i, longest - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[i, longest - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        decoder = FastDecoder(self.model, *self.fast) if self.fast is not None else HFDecoder(self.model)
+        if self.fast is not None:
+            decoder = FastDecoder(self.model, *self.fast)
+            # the tables of the whole context serve the prompt too, unless the rope scaling depends on
+            # the length asked for (then the prompt's own, as the batch engine does)
+            tables = None if _length_dependent_rope(self.model.config) else self._rope_tables()
+            start = lambda i, m: decoder.start(i, m, longest + room, tables)  # noqa: E731
+        else:
+            decoder = HFDecoder(self.model)
+            start = lambda i, m: decoder.start(i, m, longest + room)  # noqa: E731
         first, inverse = distinct_rows(ids, mask) if len(prompts) > 1 else (None, None)
         if first is not None and len(first) < len(prompts):
             # each distinct prompt once, then its cache row copied to the rows that repeat it
-            logits = decoder.start(ids[first], mask[first], longest + room)
+            logits = start(ids[first], mask[first])
             if decoder.can_drop_rows:
                 decoder.keep(inverse)
                 logits = logits[inverse]
             else:
-                logits = decoder.start(ids, mask, longest + room)
+                logits = start(ids, mask)
         else:
-            logits = decoder.start(ids, mask, longest + room)
+            logits = start(ids, mask)
         if self.fast is None and not _plain_cache(decoder.cache):
             self.can_merge = False
         return decoder, logits
@@ -151,15 +160,19 @@ class DecodeBatch:
     # positions (b,), length = filled columns, padded = whether any filled column is padding.
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fast decoder's cos/sin tables for every position of the model's context."""
+        """The fast decoder's cos/sin tables for every position of the model's context, made once per
+        model (a rollout a step builds a new batch; the tables do not change when the weights do)."""
         if self._tables is None:
             from chatsmith.model import max_context_length
 
             probe = FastDecoder(self.model, *self.fast)
             device = probe.embed.device
-            one = torch.zeros((1, 1), dtype=torch.long, device=device)
-            probe.start(one, torch.ones_like(one), max_context_length(self.model) + 1)
-            self._tables = (probe.cos, probe.sin)
+            cached = _ROPE_TABLES.get(self.model)
+            if cached is not None and cached[0].device == device and cached[0].dtype == probe.dtype:
+                self._tables = cached
+            else:
+                self._tables = probe.rope_tables(max_context_length(self.model) + 1, device)
+                _ROPE_TABLES[self.model] = self._tables
         return self._tables
 
     def _merge_fast(self, group: FastDecoder, room: int) -> None:
@@ -253,6 +266,18 @@ def sliding_window_layers(config: Any) -> bool:
     if getattr(config, "use_sliding_window", None) is False:
         return False
     return bool(getattr(config, "sliding_window", None))
+
+
+# RoPE cos/sin tables per model (see DecodeBatch._rope_tables)
+_ROPE_TABLES: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _length_dependent_rope(config: Any) -> bool:
+    """Whether the model's RoPE tables depend on the sequence length they are made for (dynamic NTK,
+    LongRoPE pick their frequencies from it)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type")) if isinstance(params, dict) else None
+    return kind in ("dynamic", "longrope")
 
 
 def _plain_cache(cache: Any) -> bool:

@@ -189,8 +189,19 @@ class FastDecoder:
     def batch_size(self) -> int:
         return self.positions.shape[0]
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int) -> torch.Tensor:
-        """Prefill. input_ids/attention_mask ``(b, t)`` left-padded; returns logits ``(b, vocab)``."""
+    def rope_tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``(length, hd)`` for positions 0..length-1, from the model's own rotary module (so any
+        rope scaling of its config applies). rotate_half(x) = roll(x, hd/2) * [-1.., 1..], so the sign
+        goes into the sin table and RoPE costs a roll, a mul and an addcmul."""
+        probe = torch.zeros(1, 1, self.head_dim, device=device, dtype=self.dtype)
+        cos, sin = self.inner.rotary_emb(probe, torch.arange(length, device=device)[None])
+        half = self.head_dim // 2
+        return cos[0].to(self.dtype), torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(self.dtype)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int,
+              tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Prefill. input_ids/attention_mask ``(b, t)`` left-padded; returns logits ``(b, vocab)``.
+        ``tables``: `rope_tables` of at least ``max_len`` positions made earlier (else made here)."""
         b, t = input_ids.shape
         device, dtype = input_ids.device, self.dtype
         self.kv = [torch.empty(b, 2 * self.n_kv, max_len, self.head_dim, device=device, dtype=dtype)
@@ -198,14 +209,9 @@ class FastDecoder:
         self.key_ok = torch.ones(b, max_len, dtype=torch.bool, device=device)
         self.key_ok[:, :t] = attention_mask.bool()
         self.padded = not bool(attention_mask.all())
-        # cos/sin for every position this call can reach, from the model's own rotary module (so any
-        # rope scaling of its config applies): (max_len, hd). rotate_half(x) = roll(x, hd/2) * [-1.., 1..],
-        # so the sign goes into the sin table and RoPE costs a roll, a mul and an addcmul.
-        probe = torch.zeros(1, 1, self.head_dim, device=device, dtype=dtype)
-        cos, sin = self.inner.rotary_emb(probe, torch.arange(max_len, device=device)[None])
-        half = self.head_dim // 2
-        self.cos = cos[0].to(dtype)
-        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(dtype)
+        # cos/sin for every position this call can reach: (max_len, hd)
+        ok = tables is not None and tables[0].shape[0] >= max_len and tables[0].device == device
+        self.cos, self.sin = tables if ok else self.rope_tables(max_len, device)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)          # (b, t)
         self.positions = positions[:, -1] + 1
         if self.padded:

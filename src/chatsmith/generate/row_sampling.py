@@ -8,7 +8,9 @@ Greedy rows (temperature 0) take the argmax. Other rows: logits / temperature, t
 plus Gumbel noise is a sample of the softmax) with the row's own ``torch.Generator``. A row draws its
 uniforms for up to 16 steps in one call (the per-call cost dominates small models); on the CPU that is
 the same stream as one call per step, so a row seeded with ``choice_seed(seed, i)`` samples what row i
-of the batch engine (`engine.generate`, which seeds its rows the same way) samples.
+of the batch engine (`engine.generate`, which seeds its rows the same way) samples. Rows that run out of
+noise together (the rows admitted in one group) draw into one `NoiseBlock` and turn their uniforms into
+Gumbel noise in one call; each step reads a slice of it (a view while every row of the block runs).
 
 Used by `continuous.ContinuousBatch` (`chatsmith serve` and the RL rollouts).
 Tests: `python -m pytest tests/test_serve_batch.py tests/test_rollout_engine.py -q`.
@@ -22,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["RowSampling", "sample_rows", "choice_seed"]
+__all__ = ["RowSampling", "NoiseBlock", "NOISE_BUDGET", "sample_rows", "choice_seed"]
 
 
 def choice_seed(seed: int | None, index: int) -> int:
@@ -46,8 +48,9 @@ class RowSampling:
     top_k: int = 0
     seed: int = 0
     generator: torch.Generator | None = field(default=None, repr=False)
-    noise: torch.Tensor | None = field(default=None, repr=False)      # (k, vocab) Gumbel noise drawn ahead
-    noise_used: int = field(default=0, repr=False)
+    noise: "NoiseBlock | None" = field(default=None, repr=False)     # the block this row's noise is in
+    slot: int = field(default=0, repr=False)                          # its row in that block
+    noise_used: int = field(default=0, repr=False)                    # steps of it used
 
     def noise_generator(self, device: torch.device) -> torch.Generator:
         if self.generator is None:
@@ -55,22 +58,57 @@ class RowSampling:
             self.generator.manual_seed(self.seed)
         return self.generator
 
-    def next_noise(self, vocab: int, device: torch.device, steps_left: int = 16) -> torch.Tensor:
-        """Gumbel noise ``(vocab,)`` for this row's next token; draws ``min(16, steps_left)`` steps at once."""
-        if self.noise is None or self.noise_used == self.noise.shape[0]:
-            k = max(1, min(16, steps_left))
-            uniform = torch.rand((k, vocab), generator=self.noise_generator(device), device=device)
-            self.noise = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))
-            self.noise_used = 0
-        self.noise_used += 1
-        return self.noise[self.noise_used - 1]
+
+class NoiseBlock:
+    """Negated Gumbel noise ``log(-log u)`` of the rows that ran out of noise together (rows admitted in
+    one group): ``values`` ``(rows, k, vocab)``, row j from its own generator, so a row's noise is what it
+    would draw alone. Transforming the uniforms of every row in one call instead of one call per row is
+    what makes this cheaper; the Gumbel-max sample is ``argmax(logits - values[j, step])``."""
+
+    def __init__(self, rows: Sequence[RowSampling], steps_left: Sequence[int], vocab: int, device: torch.device):
+        k = max(1, min(16, max(steps_left), NOISE_BUDGET // max(1, len(rows) * vocab)))
+        values = torch.empty(len(rows), k, vocab, device=device)
+        for j, row in enumerate(rows):
+            torch.rand((k, vocab), generator=row.noise_generator(device), device=device, out=values[j])
+            row.noise, row.slot, row.noise_used = self, j, 0
+        # -log(-log u) negated: subtracting it gives exactly the sum with the Gumbel noise
+        self.values = values.clamp_(min=1e-20, max=1.0 - 1e-7).log_().neg_().log_()
+        self.rows, self.steps = len(rows), k
+
+
+# Floats of noise one block holds at most (16 MiB, as the batch engine): a large vocabulary draws fewer
+# steps ahead instead of more memory.
+NOISE_BUDGET = 1 << 22
+
+
+def _noise(rows: Sequence[RowSampling], steps_left: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """The negated Gumbel noise ``(len(rows), vocab)`` of each row's next token, one step of its stream."""
+    empty = [j for j, r in enumerate(rows) if r.noise is None or r.noise_used == r.noise.steps]
+    if empty:
+        NoiseBlock([rows[j] for j in empty], [steps_left[j] for j in empty], vocab, device)
+    parts, j = [], 0
+    while j < len(rows):          # consecutive rows of one block at one step: one slice (a view when whole)
+        block, used = rows[j].noise, rows[j].noise_used
+        end = j + 1
+        while end < len(rows) and rows[end].noise is block and rows[end].noise_used == used:
+            end += 1
+        slots = [r.slot for r in rows[j:end]]
+        if slots == list(range(block.rows)):
+            parts.append(block.values[:, used])
+        else:
+            parts.append(block.values[torch.tensor(slots, dtype=torch.long, device=device), used])
+        for r in rows[j:end]:
+            r.noise_used += 1
+        j = end
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling],
                 steps_left: Sequence[int] | None = None) -> torch.Tensor:
     """logits ``(b, vocab)`` -> token ids ``(b,)``, row i sampled with ``rows[i]``.
 
-    ``steps_left[i]``: how many more tokens row i may sample (bounds how much noise it draws ahead).
+    ``steps_left[i]``: how many more tokens row i may sample, this one included (bounds how much noise
+    it draws ahead).
     """
     logits = logits.float()
     hot = [i for i, r in enumerate(rows) if r.temperature > 0]
@@ -80,7 +118,10 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling],
     index = torch.tensor(hot, dtype=torch.long, device=device) if len(hot) < len(rows) else None
     picked = logits if index is None else logits[index]
     temps = {rows[i].temperature for i in hot}
-    if len(temps) == 1:     # one temperature (an RL rollout): a scalar divide, as the batch engine does
+    top_k = any(0 < rows[i].top_k < picked.shape[-1] for i in hot)
+    if temps == {1.0} and not top_k:     # x / 1 is x, and nothing below writes into it: no copy
+        scaled = picked
+    elif len(temps) == 1:     # one temperature (an RL rollout): a scalar divide, as the batch engine does
         scaled = picked / temps.pop()
     else:
         scaled = picked / torch.tensor([rows[i].temperature for i in hot], device=device)[:, None]   # (h, vocab)
@@ -97,10 +138,9 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling],
         drop_sorted = (probs.cumsum(-1) - probs) >= torch.tensor(top_p, device=device)[:, None]
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
-    vocab = scaled.shape[-1]
     left = steps_left if steps_left is not None else [16] * len(rows)
-    gumbel = torch.stack([rows[i].next_noise(vocab, device, left[i]) for i in hot])
-    chosen = (scaled + gumbel).argmax(-1)
+    noise = _noise([rows[i] for i in hot], [left[i] for i in hot], scaled.shape[-1], device)
+    chosen = (scaled - noise).argmax(-1)
     if index is None:      # every row samples (an RL rollout): no argmax of the greedy rows to compute
         return chosen
     tokens = logits.argmax(-1)

@@ -50,7 +50,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ChatsmithError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    # foreach: one call per step for all tensors (torch picks it only for CUDA); on the CPU the same
+    # arithmetic as the per-tensor loop, bit for bit, with less Python per step (small models notice).
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
     if cfg.freeze_planted and keep_frozen_weights(optimizer, model) == 0:
         note("--freeze-planted: the model's config lists no frozen weight slices; every weight trains")
     return optimizer

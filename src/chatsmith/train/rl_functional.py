@@ -43,7 +43,7 @@ import torch
 
 __all__ = [
     "masked_sum", "masked_mean", "masked_var", "masked_whiten", "logprobs_from_logits",
-    "entropy_from_logits", "kl_k1", "kl_k2", "kl_k3", "kl_estimate", "per_token_rewards", "gae",
+    "logprobs_and_entropy", "entropy_from_logits", "kl_k1", "kl_k2", "kl_k3", "kl_estimate", "per_token_rewards", "gae",
     "policy_loss", "value_loss", "explained_variance", "AdaptiveKLController", "FixedKLController",
     "group_advantages", "grpo_loss",
 ]
@@ -132,6 +132,18 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
         logits = logits / temperature
     # log_softmax then gather: the same value as -cross_entropy, without building a flat copy.
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_from_logits` (with grad) and, from the same log-softmax, the entropy `-sum_v p_v log p_v`
+    (no grad: it is only logged). logits `(b, r, v)` aligned with tokens `(b, r)`; returns two `(b, r)`
+    float32 tensors. One log-softmax serves both, instead of a softmax and a logsumexp more.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logprobs, entropy
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

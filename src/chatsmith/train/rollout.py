@@ -40,7 +40,7 @@ from chatsmith.eval.judges import BUILTIN_REWARDS, call_reward, resolve_reward
 from chatsmith.generate import SamplingConfig, distinct_rows
 from chatsmith.generate.continuous import generate_continuous
 from chatsmith.model import cache_keyword, disable_dropout, returned_cache
-from chatsmith.train.rl_functional import entropy_from_logits, logprobs_from_logits
+from chatsmith.train.rl_functional import logprobs_and_entropy, logprobs_from_logits
 from chatsmith.utils import note
 
 __all__ = [
@@ -284,8 +284,8 @@ def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     input_ids / attention_mask `(b, p + r)` laid out as `pad_rollout` makes them. Logits at position
     p - 1 + t score response token t; they are divided by `temperature` before the log-softmax, so
     these are the log-probs of the sampling distribution (Huang et al. 2024). Entropy is of the same
-    tempered distribution. Masked positions are not zeroed here (callers mask). `share_prompt`: rows with
-    the same prompt compute it once (`_shared_prompt_logits`).
+    tempered distribution, without grad (it is only logged). Masked positions are not zeroed here (callers
+    mask). `share_prompt`: rows with the same prompt compute it once (`_shared_prompt_logits`).
     """
     r = input_ids.shape[1] - prompt_len
     logits = _shared_prompt_logits(model, input_ids, attention_mask, prompt_len) if share_prompt else None
@@ -293,9 +293,9 @@ def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
         logits = _call_lm(model, input_ids, attention_mask, r + 1)[:, :-1]   # (b, r, v)
     if temperature != 1.0:
         logits = logits.float() / temperature
-    logprobs = logprobs_from_logits(logits, input_ids[:, prompt_len:])
-    entropy = entropy_from_logits(logits) if with_entropy else None
-    return logprobs, entropy
+    if with_entropy:
+        return logprobs_and_entropy(logits, input_ids[:, prompt_len:])
+    return logprobs_from_logits(logits, input_ids[:, prompt_len:]), None
 
 
 @torch.no_grad()
