@@ -332,3 +332,17 @@ def test_cli_help_and_missing_model(capsys):
     bad = subprocess.run([sys.executable, "-m", "chatsmith", "serve", "/no/such/model"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "model directory not found" in bad.stderr
+
+
+def test_text_chunks_are_the_generic_chunks():
+    """The per-token chunks built from a run's encoded head are byte for byte the generic ones."""
+    from types import SimpleNamespace
+
+    from chatsmith.serve.app import chunk_event, chunk_head, text_chunk
+
+    for chat in (True, False):
+        served = SimpleNamespace(id='runs/"odd" ü model')
+        run = SimpleNamespace(id="chatcmpl-abc", created=1700000000, served=served, chat=chat,
+                              chunk_head=chunk_head("chatcmpl-abc", chat, 1700000000, served.id))
+        for index, text in ((0, "hello"), (3, ' "quoted" \\ back\nnew line'), (12, "üñí ✓ \u2028"), (1, "")):
+            assert text_chunk(run, index, text) == chunk_event(run, chat, index, text, None)

@@ -203,6 +203,8 @@ def test_left_pad_cat_and_row_sampling():
     b = torch.arange(10, 15).view(1, 5)
     out = left_pad_cat(a, 3, b, 5, dim=1, capacity=7, fill=-1)
     assert out.tolist() == [[-1, -1, 0, 1, 2, -1, -1], [-1, -1, 3, 4, 5, -1, -1], [10, 11, 12, 13, 14, -1, -1]]
+    lazy = left_pad_cat(a, 3, b, 5, dim=1, capacity=7, fill=-1, fill_future=False)
+    assert lazy[:, :5].tolist() == [row[:5] for row in out.tolist()]     # only the future columns may differ
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
     rows = lambda: [RowSampling(0.0), RowSampling(1.0, seed=11), RowSampling(0.7, top_p=0.5, seed=12)]  # noqa: E731
@@ -254,3 +256,37 @@ def test_length_groups_bound_padding():
         padded = len(g) * max(lengths[i] for i in g)
         assert padded - sum(lengths[i] for i in g) <= 0.2 * padded
     assert [sorted(lengths[i] for i in g) for g in groups] == [[5, 5, 6, 7], [29, 30, 31], [100]]
+
+
+def test_fast_decoder_keep_moves_rows_in_place(llama, tok):
+    """Finished rows leaving (increasing indices) compact the cache in place; repeated rows (a prompt's
+    cache row copied) build a new one; both continue exactly like the rows decoded on their own."""
+    from chatsmith.generate.decoders import FastDecoder, fast_path_layers
+
+    prompts, _ = _prompts(tok, 5, seed=3)
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    parts = fast_path_layers(llama)
+
+    def logits_after(rows, steps=3):
+        dec = FastDecoder(llama, *parts)
+        with torch.inference_mode():
+            dec.start(ids, mask, longest + steps + 1)
+            storage = dec.kv[0].untyped_storage().data_ptr()
+            dec.keep(torch.tensor(rows))
+            in_place = dec.kv[0].untyped_storage().data_ptr() == storage
+            out = [dec.step(torch.full((len(rows),), 5 + s)) for s in range(steps)]
+        return torch.stack(out), in_place
+
+    def alone(row, steps=3):
+        dec = FastDecoder(llama, *parts)
+        with torch.inference_mode():
+            dec.start(ids[row:row + 1], mask[row:row + 1], longest + steps + 1)
+            return torch.stack([dec.step(torch.full((1,), 5 + s)) for s in range(steps)])[:, 0]
+
+    for rows, expect_in_place in (([0, 2, 3], True), ([1, 4], True), ([0, 1, 2], True), ([3, 3, 0], False)):
+        out, in_place = logits_after(rows)
+        assert in_place == expect_in_place, rows
+        for slot, row in enumerate(rows):
+            torch.testing.assert_close(out[:, slot], alone(row), rtol=1e-4, atol=1e-5)

@@ -36,20 +36,25 @@ __all__ = ["DecodeBatch", "left_pad_cat", "sliding_window_layers"]
 
 
 def left_pad_cat(a: torch.Tensor, len_a: int, b: torch.Tensor, len_b: int, dim: int, capacity: int,
-                 fill: Any = 0) -> torch.Tensor:
+                 fill: Any = 0, fill_future: bool = True) -> torch.Tensor:
     """Stack the rows of ``a`` and ``b`` (dim 0) with their first ``len_a`` / ``len_b`` columns (along
     ``dim``) right-aligned at column ``max(len_a, len_b)`` of a new tensor of ``capacity`` columns.
 
     a ``(na, ..., ca, ...)``, b ``(nb, ..., cb, ...)`` -> ``(na + nb, ..., capacity, ...)``; every column not
-    copied holds ``fill``.
+    copied holds ``fill``, except that with ``fill_future=False`` the columns from ``max(len_a, len_b)`` on
+    are left uninitialised (a KV cache writes them before it reads them).
     """
     end = max(len_a, len_b)
     shape = list(a.shape)
     shape[0], shape[dim] = a.shape[0] + b.shape[0], capacity
-    out = a.new_full(shape, fill)
+    out = a.new_empty(shape)       # each column written once: a cache is tens of MB, filling it first doubles the cost
     na = a.shape[0]
-    out.narrow(0, 0, na).narrow(dim, end - len_a, len_a).copy_(a.narrow(dim, 0, len_a))
-    out.narrow(0, na, b.shape[0]).narrow(dim, end - len_b, len_b).copy_(b.narrow(dim, 0, len_b))
+    for part, start, rows, length in ((a, 0, na, len_a), (b, na, b.shape[0], len_b)):
+        block = out.narrow(0, start, rows)
+        block.narrow(dim, 0, end - length).fill_(fill)
+        block.narrow(dim, end - length, length).copy_(part.narrow(dim, 0, length))
+    if fill_future:
+        out.narrow(dim, end, capacity - end).fill_(fill)
     return out
 
 
@@ -179,7 +184,7 @@ class DecodeBatch:
         run = self.decoder
         end = max(run.length, group.length)
         capacity = end + room
-        run.kv = [left_pad_cat(a, run.length, b, group.length, 2, capacity)
+        run.kv = [left_pad_cat(a, run.length, b, group.length, 2, capacity, fill_future=False)
                   for a, b in zip(run.kv, group.kv)]
         key_ok = left_pad_cat(run.key_ok, run.length, group.key_ok, group.length, 1, capacity, False)
         key_ok[:, end:] = True
@@ -222,7 +227,7 @@ class DecodeBatch:
             dec.cos, dec.sin = self._rope_tables()
             grown = []
             for buf in dec.kv:
-                new = buf.new_zeros(buf.shape[:2] + (need,) + buf.shape[3:])
+                new = buf.new_empty(buf.shape[:2] + (need,) + buf.shape[3:])   # columns past length: written before read
                 new[:, :, : dec.length] = buf[:, :, : dec.length]
                 grown.append(new)
             dec.kv = grown

@@ -233,11 +233,24 @@ class FastDecoder:
         return self._forward(tokens[:, None], positions, mask)
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Drop finished rows: keep only ``rows`` (1-D index tensor) of every per-row state."""
+        """Drop finished rows: keep only ``rows`` (1-D index tensor) of every per-row state.
+
+        Rows in increasing order (finished rows leaving) move down inside the cache they are in: only
+        the rows after the first gap are copied and no cache is allocated (a fresh one page-faults in
+        and costs more than the copy). Any other ``rows`` (repeats: a prompt's cache row copied to the
+        rows that share it) build a new cache.
+        """
         n = self.length
+        wanted = rows.tolist()
+        first = _first_moved(wanted, self.batch_size)
         for i, buf in enumerate(self.kv):
-            new = torch.empty((len(rows),) + tuple(buf.shape[1:]), device=buf.device, dtype=buf.dtype)
-            new[:, :, :n] = buf[rows, :, :n]
+            if first is None:
+                new = torch.empty((len(wanted),) + tuple(buf.shape[1:]), device=buf.device, dtype=buf.dtype)
+                new[:, :, :n] = buf[rows, :, :n]
+            else:
+                new = buf[: len(wanted)]
+                if first < len(wanted):
+                    new[first:, :, :n] = buf[rows[first:], :, :n]
             self.kv[i] = new
         self.key_ok = self.key_ok[rows]
         self.positions = self.positions[rows]
@@ -275,6 +288,20 @@ class FastDecoder:
         last = hidden.view(b, q, -1)[:, -1]                                         # (b, d)
         last = F.rms_norm(last, (last.shape[-1],), self.final_norm, self.final_eps)
         return _matmul(last, self.head_t)
+
+
+def _first_moved(rows: list[int], size: int) -> int | None:
+    """For ``rows`` strictly increasing within ``range(size)``: the first position whose row moves (row
+    ``rows[i]`` goes to slot i), ``len(rows)`` if none does; None for any other ``rows``."""
+    first = len(rows)
+    previous = -1
+    for i, row in enumerate(rows):
+        if row <= previous or row >= size:
+            return None
+        if row != i and first == len(rows):
+            first = i
+        previous = row
+    return first
 
 
 class HFDecoder:

@@ -136,7 +136,9 @@ class RowText:
         else:
             end = len(self.data)
         if not done:
-            end -= _held_back(bytes(self.data[:end]), self.stop_bytes)
+            if self.stop_bytes:    # only the last (longest stop - 1) bytes can start a stop string
+                tail = max(len(s) for s in self.stop_bytes) - 1
+                end -= _held_back(bytes(self.data[max(0, end - tail):end]), self.stop_bytes)
             end = _utf8_safe_end(self.data, end)
         if end <= self.emitted:
             return ""

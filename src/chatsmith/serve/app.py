@@ -23,7 +23,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -54,6 +54,7 @@ class ServedModel:
     context: int
     scheduler: Scheduler
     created: int
+    stops: dict = field(default_factory=dict, repr=False)   # chat? -> (stop ids, stop strings), built once
 
     @classmethod
     def load(cls, path: str, device: str = "auto", template: str | None = None, max_batch: int = 16,
@@ -68,10 +69,18 @@ class ServedModel:
                    max_context_length(loaded.model, loaded.tokenizer), scheduler, int(time.time()))
 
     def stop_ids(self, chat: bool) -> frozenset[int]:
-        ids = set(self.fmt.stop_token_ids(self.tokenizer)) if chat and self.fmt is not None else set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return frozenset(ids)
+        return self.stop_settings(chat)[0]
+
+    def stop_settings(self, chat: bool) -> tuple[frozenset[int], tuple[str, ...]]:
+        """(stop token ids, the template's stop strings) of a chat or raw request, worked out once (the
+        ids tokenize the stop strings: a visible share of a short request's handling)."""
+        if chat not in self.stops:
+            ids = set(self.fmt.stop_token_ids(self.tokenizer)) if chat and self.fmt is not None else set()
+            if self.tokenizer.eos_token_id is not None:
+                ids.add(int(self.tokenizer.eos_token_id))
+            strings = tuple(self.fmt.stop_strings) if chat and self.fmt is not None else ()
+            self.stops[chat] = (frozenset(ids), strings)
+        return self.stops[chat]
 
 
 class Gate:
@@ -342,8 +351,9 @@ class Run:
         self.created = int(time.time())
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        stop_ids = served.stop_ids(chat)
-        stops = list(params.stop) + (list(served.fmt.stop_strings) if chat and served.fmt is not None else [])
+        stop_ids, template_stops = served.stop_settings(chat)
+        stops = list(params.stop) + list(template_stops)
+        self.chunk_head = chunk_head(self.id, chat, self.created, served.id)
         self.prompt_tokens = sum(len(p) for p in prompts) * params.n
         self.jobs: list[Job] = []
         for p, prompt in enumerate(prompts):
@@ -351,7 +361,7 @@ class Run:
             for c in range(params.n):
                 index = p * params.n + c
                 sampling = RowSampling(params.temperature, params.top_p, params.top_k, choice_seed(params.seed, c))
-                self.jobs.append(Job(prompt, limit, sampling, self._emitter(index), frozenset(stop_ids),
+                self.jobs.append(Job(prompt, limit, sampling, self._emitter(index), stop_ids,
                                      tuple(dict.fromkeys(stops))))
 
     def _emitter(self, index: int) -> Callable[[Event], None]:
@@ -442,6 +452,22 @@ def chunk_event(run: Run, chat: bool, index: int, text: str | None, finish: str 
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
+def chunk_head(run_id: str, chat: bool, created: int, model: str) -> str:
+    """The text every streamed chunk of a run starts with, up to its choice's index (encoded once)."""
+    head = {"id": run_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [{"index": 0}]}
+    return "data: " + json.dumps(head, ensure_ascii=False)[: -len("0}]}")]
+
+
+def text_chunk(run: Run, index: int, text: str) -> str:
+    """``chunk_event(run, run.chat, index, text, None)`` (the same bytes), from the run's encoded head:
+    one of these goes out per token and request, so only the text is encoded here."""
+    piece = json.dumps(text, ensure_ascii=False)
+    if run.chat:
+        return f'{run.chunk_head}{index}, "delta": {{"content": {piece}}}, "finish_reason": null, "logprobs": null}}]}}\n\n'
+    return f'{run.chunk_head}{index}, "text": {piece}, "finish_reason": null, "logprobs": null}}]}}\n\n'
+
+
 def usage_event(run: Run, chat: bool, completion: int) -> str:
     usage = {"prompt_tokens": run.prompt_tokens, "completion_tokens": completion,
              "total_tokens": run.prompt_tokens + completion}
@@ -482,7 +508,7 @@ async def stream_events(run: Run, params: SamplingParams, chat: bool) -> AsyncIt
         parts = []
         for index, event in ready:
             if event.kind == "text":
-                parts.append(chunk(index, event.text, None))
+                parts.append(text_chunk(run, index, event.text))
             elif event.kind == "done":
                 completion += event.completion_tokens
                 parts.append(chunk(index, None if chat else "", event.finish_reason))
