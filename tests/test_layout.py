@@ -34,7 +34,8 @@ def test_readme_is_a_short_guide_with_its_first_command_early():
 
 
 def test_no_issue_numbers_in_code_or_docs():
-    paths = [*SRC.rglob("*.py"), ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    paths = [*SRC.rglob("*.py"), ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "benchmarks").glob("*.md"),
+             *(ROOT / "benchmarks").glob("*.py")]
     hits = [f"{p.relative_to(ROOT)}:{i + 1}" for p in paths
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines())
             if re.search(r"\bissues? #?\d+", line, re.IGNORECASE)]
