@@ -43,9 +43,12 @@ def model_dir(tmp_path_factory):
     return tiny_chat_model(tmp_path_factory.mktemp("serve") / "chat")
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    served = ServedModel.load(str(model_dir), device="cpu", max_batch=8, max_queue=64, model_id="tiny")
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(model_dir, request):
+    """The app with the model decoding in a thread of this process, or in a model process of its own
+    (`chatsmith.serve.worker`, what `chatsmith serve` runs on the CPU): every test below runs on both."""
+    served = ServedModel.load(str(model_dir), device="cpu", max_batch=8, max_queue=64, model_id="tiny",
+                              process=request.param == "process")
     app = create_app([served], max_body_bytes=BODY_LIMIT, max_new_tokens=200)
     with running(app) as url:
         yield url, served

@@ -52,19 +52,27 @@ class ServedModel:
     tokenizer: Any
     fmt: Any
     context: int
-    scheduler: Scheduler
+    scheduler: Any            # a Scheduler (a thread here) or a worker.ProcessScheduler (a model process)
     created: int
     stops: dict = field(default_factory=dict, repr=False)   # chat? -> (stop ids, stop strings), built once
 
     @classmethod
     def load(cls, path: str, device: str = "auto", template: str | None = None, max_batch: int = 16,
-             max_queue: int = 64, metrics: ServeMetrics | None = None, model_id: str | None = None) -> "ServedModel":
+             max_queue: int = 64, metrics: ServeMetrics | None = None, model_id: str | None = None,
+             process: bool = False) -> "ServedModel":
+        """``process``: decode in a model process of its own (`chatsmith.serve.worker`, CPU models only)
+        instead of a thread of the server's process."""
         from chatsmith.model import load_model, max_context_length
 
         loaded = load_model(path, device=device, template=template, require_template=False)
         name = model_id or str(path).rstrip("/")
-        scheduler = Scheduler(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                              metrics=metrics, name=name)
+        kind = Scheduler
+        if process:
+            from chatsmith.serve.worker import ProcessScheduler
+
+            kind = ProcessScheduler
+        scheduler = kind(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue,
+                         metrics=metrics, name=name)
         return cls(name, loaded.model, loaded.tokenizer, loaded.fmt,
                    max_context_length(loaded.model, loaded.tokenizer), scheduler, int(time.time()))
 
@@ -495,7 +503,9 @@ async def guarded_events(run: Run, params: SamplingParams, judged: Callable) -> 
 
 
 async def stream_events(run: Run, params: SamplingParams, chat: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per text piece, a last chunk per choice, usage if asked, [DONE]."""
+    """Server-sent events: a chunk per choice with the text it generated since the last write (one token's
+    piece while the writer keeps up; when it falls behind, the pieces that queued up meanwhile go out as
+    one chunk instead of one chunk each), a last chunk per choice, usage if asked, [DONE]."""
     completion = 0
 
     def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
@@ -506,14 +516,25 @@ async def stream_events(run: Run, params: SamplingParams, chat: bool) -> AsyncIt
             yield chunk(i, None, None, role=True)
     async for ready in run.events():
         parts = []
+        pending: dict[int, list[str]] = {}          # choice -> text pieces not written yet, in order
+
+        def flush(index: int) -> None:
+            pieces = pending.pop(index, None)
+            if pieces:
+                parts.append(text_chunk(run, index, "".join(pieces)))
+
         for index, event in ready:
             if event.kind == "text":
-                parts.append(text_chunk(run, index, event.text))
+                pending.setdefault(index, []).append(event.text)
             elif event.kind == "done":
+                flush(index)
                 completion += event.completion_tokens
                 parts.append(chunk(index, None if chat else "", event.finish_reason))
             else:
+                flush(index)
                 parts.append(f"data: {json.dumps(error_body(event.text, 'server_error'))}\n\n")
+        for index in list(pending):
+            flush(index)
         yield "".join(parts)
     if params.include_usage:
         yield usage_event(run, chat, completion)

@@ -47,6 +47,10 @@ class ServeConfig:
     device: str = arg("auto", "cpu, cuda, mps or auto.")
     threads: int = arg(0, "Torch CPU threads for generation (0 = all cores but one, which is left to the HTTP "
                           "event loop: OpenMP threads spinning on every core starve it and slow streaming).")
+    scheduler: str = arg("auto", "Where each model decodes: 'process' (a process of its own, so the HTTP event "
+                                 "loop does not share its GIL; CPU only), 'thread' (a thread of the server "
+                                 "process), 'auto' (process on the CPU, thread on a GPU).",
+                         choices=["auto", "process", "thread"])
     feedback: str | None = arg(None, "SQLite file for human judgments posted to /v1/feedback "
                                       "(created if missing; default: feedback off).")
     guard: str | None = arg(None, "Reward-model directory: a chat reply it scores below --guard-threshold is "
@@ -80,8 +84,9 @@ def build_app(cfg: ServeConfig):
 
         guard = Guard(cfg.guard, cfg.guard_threshold, cfg.guard_refusal, device=cfg.device)
     metrics = ServeMetrics()
+    process = model_process(cfg)
     served = [ServedModel.load(path, device=cfg.device, template=cfg.template, max_batch=cfg.max_batch,
-                               max_queue=cfg.max_queue, metrics=metrics, model_id=mid)
+                               max_queue=cfg.max_queue, metrics=metrics, model_id=mid, process=process)
               for path, mid in zip(cfg.models, ids)]
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV) or None
     store = None
@@ -91,6 +96,18 @@ def build_app(cfg: ServeConfig):
         store = FeedbackStore(cfg.feedback)
     return create_app(served, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
                       max_new_tokens=cfg.max_new_tokens, metrics=metrics, feedback=store, guard=guard)
+
+
+def model_process(cfg: ServeConfig) -> bool:
+    """Whether each model decodes in a process of its own (``--scheduler``; a forked process cannot
+    carry a CUDA or MPS context, so those devices decode in a thread)."""
+    from chatsmith.utils import resolve_device
+
+    on_cpu = resolve_device(cfg.device) == "cpu"
+    if cfg.scheduler == "process" and not on_cpu:
+        raise ChatsmithError(f"--scheduler process: the model runs on {resolve_device(cfg.device)}, and a model "
+                             "process is forked, which only CPU models survive; use --scheduler thread or auto")
+    return cfg.scheduler == "process" or (cfg.scheduler == "auto" and on_cpu)
 
 
 def serve(cfg: ServeConfig) -> int:

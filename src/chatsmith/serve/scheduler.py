@@ -63,9 +63,13 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     text: RowText | None = None
     cancelled: bool = False
+    on_cancel: Callable[["Job"], None] | None = field(default=None, repr=False)   # e.g. tell a model process
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            if self.on_cancel is not None:
+                self.on_cancel(self)
 
 
 def length_groups(lengths: Sequence[int], waste: float = 0.2) -> list[list[int]]:
@@ -105,6 +109,9 @@ class Scheduler:
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
+        # called after each loop iteration and once at the end (a model process sends that iteration's
+        # events to the server process in one message: `chatsmith.serve.worker`)
+        self.after_iteration: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -177,7 +184,11 @@ class Scheduler:
                 except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the server
                     self._fail(admit + self.running, f"generation failed: {type(exc).__name__}: {exc}")
                 self._gauges()
+                if self.after_iteration is not None:
+                    self.after_iteration()
         self._fail(list(self.waiting) + self.running, "the server is shutting down")
+        if self.after_iteration is not None:
+            self.after_iteration()
 
     def _take_waiting(self) -> list[Job]:
         """Pop the waiting jobs that fit the free batch slots (cancelled ones are answered and skipped)."""
