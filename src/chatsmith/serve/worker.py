@@ -27,6 +27,7 @@ Tests: `python -m pytest tests/test_serve_worker.py -q`.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import multiprocessing
 import os
@@ -242,6 +243,7 @@ def _child_main(model: Any, tokenizer: Any, max_batch: int, threads: int, comman
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _close_inherited_sockets()
     torch.set_num_threads(threads)
+    gc.freeze()                       # the inherited objects: no collector passes over them (nor copies of their pages)
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=1 << 30)
     recorder = MetricsRecorder()
     scheduler.metrics = recorder
