@@ -59,20 +59,22 @@ class ServedModel:
     @classmethod
     def load(cls, path: str, device: str = "auto", template: str | None = None, max_batch: int = 16,
              max_queue: int = 64, metrics: ServeMetrics | None = None, model_id: str | None = None,
-             process: bool = False) -> "ServedModel":
+             process: bool = False, process_threads: int = 1) -> "ServedModel":
         """``process``: decode in a model process of its own (`chatsmith.serve.worker`, CPU models only)
-        instead of a thread of the server's process."""
+        instead of a thread of the server's process, with ``process_threads`` torch threads (see
+        `worker.ProcessScheduler` on when more than one is safe)."""
         from chatsmith.model import load_model, max_context_length
 
         loaded = load_model(path, device=device, template=template, require_template=False)
         name = model_id or str(path).rstrip("/")
-        kind = Scheduler
         if process:
             from chatsmith.serve.worker import ProcessScheduler
 
-            kind = ProcessScheduler
-        scheduler = kind(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue,
-                         metrics=metrics, name=name)
+            scheduler = ProcessScheduler(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue,
+                                         metrics=metrics, name=name, threads=process_threads)
+        else:
+            scheduler = Scheduler(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue,
+                                  metrics=metrics, name=name)
         return cls(name, loaded.model, loaded.tokenizer, loaded.fmt,
                    max_context_length(loaded.model, loaded.tokenizer), scheduler, int(time.time()))
 

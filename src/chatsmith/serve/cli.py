@@ -46,8 +46,8 @@ class ServeConfig:
                                      "(default: each model's own).")
     max_body_bytes: int = arg(1_000_000, "Largest request body accepted (413 above).")
     device: str = arg("auto", "cpu, cuda, mps or auto.")
-    threads: int = arg(0, "Torch CPU threads for generation (0 = all cores but one, which is left to the HTTP "
-                          "event loop: OpenMP threads spinning on every core starve it and slow streaming).")
+    threads: int = arg(0, "Torch CPU threads for generation, per model (0 = all cores but one, which is left to "
+                          "the HTTP event loop: OpenMP threads spinning on every core starve it and slow streaming).")
     scheduler: str = arg("auto", "Where each model decodes: 'process' (a process of its own, so the HTTP event "
                                  "loop does not share its GIL; CPU only), 'thread' (a thread of the server "
                                  "process), 'auto' (process on the CPU, thread on a GPU).",
@@ -63,8 +63,12 @@ class ServeConfig:
     log_level: str = arg("info", "uvicorn's log level.", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def build_app(cfg: ServeConfig):
-    """Load every model of ``cfg`` and return the ASGI app (schedulers start when the app starts)."""
+def build_app(cfg: ServeConfig, model_threads: int = 1):
+    """Load every model of ``cfg`` and return the ASGI app (schedulers start when the app starts).
+
+    ``model_threads``: torch threads of each model process (`--scheduler process`). More than one only
+    where this process has run no multi-threaded torch op yet (as `serve` ensures): a forked child cannot
+    use the OpenMP thread pool of its parent, and hangs in its first parallel op."""
     from chatsmith.serve.app import ServedModel, create_app
     from chatsmith.serve.metrics import ServeMetrics
 
@@ -87,7 +91,8 @@ def build_app(cfg: ServeConfig):
     metrics = ServeMetrics()
     process = model_process(cfg)
     served = [ServedModel.load(path, device=cfg.device, template=cfg.template, max_batch=cfg.max_batch,
-                               max_queue=cfg.max_queue, metrics=metrics, model_id=mid, process=process)
+                               max_queue=cfg.max_queue, metrics=metrics, model_id=mid, process=process,
+                               process_threads=model_threads)
               for path, mid in zip(cfg.models, ids)]
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV) or None
     store = None
@@ -120,9 +125,13 @@ def serve(cfg: ServeConfig) -> int:
 
     if cfg.threads < 0:
         raise ChatsmithError(f"--threads: expected >= 0, got {cfg.threads}")
+    threads = cfg.threads or max(1, (os.cpu_count() or 2) - 1)
+    process = model_process(cfg)
     if resolve_device(cfg.device) == "cpu":
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) - 1))
-    app = build_app(cfg)
+        # with model processes this one only serves HTTP (and a --guard): one thread, so that it starts no
+        # OpenMP pool, which the forked model processes (using `threads` each) could not use
+        torch.set_num_threads(1 if process else threads)
+    app = build_app(cfg, model_threads=threads if process else 1)
     # the loaded models, transformers and torch are a large graph of long-lived objects: kept out of the
     # cyclic garbage collector, its full collections no longer stall the event loop for a tenth of a second
     gc.collect()

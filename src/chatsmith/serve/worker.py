@@ -20,7 +20,9 @@ its pipe); if the child dies, every open job gets an "error" event.
 
 The child is forked (not spawned: it needs no second load of the model and starts in milliseconds), so
 this is for CPU models only; `serve --scheduler auto` uses it on the CPU and the in-process thread on
-GPUs (a CUDA context does not survive a fork).
+GPUs (a CUDA context does not survive a fork). A forked child cannot use its parent's OpenMP thread pool
+(its first multi-threaded op hangs), so the child runs ``threads`` torch threads (default 1) only as
+`chatsmith serve` arranges it: the server process itself then runs one thread and never starts a pool.
 
 Tests: `python -m pytest tests/test_serve_worker.py -q`.
 """
@@ -113,8 +115,9 @@ class ProcessScheduler:
     """The server side of a model process (see the module docstring); the interface `serve.app` uses."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch: int = 16, max_queue: int = 64,
-                 metrics: Any = None, name: str = "model"):
+                 metrics: Any = None, name: str = "model", threads: int = 1):
         self.model, self.tokenizer = model, tokenizer
+        self.threads = max(1, threads)
         self.max_batch, self.max_queue = max(1, max_batch), max(0, max_queue)
         self.name = name
         self.metrics = None
@@ -135,18 +138,23 @@ class ProcessScheduler:
     # ------------------------------------------------------------------ control
 
     def start(self) -> "ProcessScheduler":
-        import torch
-
         ctx = multiprocessing.get_context("fork")
         command_read, command_write = ctx.Pipe(duplex=False)
         event_read, event_write = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=_child_main, name=f"chatsmith-model-{self.name}", daemon=True,
-                                   args=(self.model, self.tokenizer, self.max_batch, torch.get_num_threads(),
+                                   args=(self.model, self.tokenizer, self.max_batch, self.threads,
                                          command_read, event_write, (command_write, event_read)))
         self.process.start()
         command_read.close()
         event_write.close()
         self.commands, self.events = command_write, event_read
+        try:                          # wait until it is set up (the inherited sockets closed)
+            ready = event_read.poll(60) and event_read.recv() == ("ready",)
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self.process.kill()
+            raise RuntimeError(f"the model process of {self.name} did not start")
         self.thread = threading.Thread(target=self._read, name=f"chatsmith-events-{self.name}", daemon=True)
         self.thread.start()
         return self
@@ -271,6 +279,7 @@ def _child_main(model: Any, tokenizer: Any, max_batch: int, threads: int, comman
 
     scheduler.after_iteration = flush
     scheduler.start()
+    events.send(("ready",))
     try:
         while True:
             try:
