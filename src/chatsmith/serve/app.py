@@ -7,10 +7,13 @@ Routes: `GET /v1/models`, `POST /v1/chat/completions` (messages rendered with th
 template), `POST /v1/completions` (raw text), `GET /health`, `GET /metrics` (Prometheus), `GET /` (the
 web chat page), and with a feedback store `POST /v1/feedback` (a human judgment of two responses) and
 `GET /v1/feedback/pairs` (the pairs queued for judging that wait for one; both 404 when off). With an API key every `/v1` route needs `Authorization: Bearer KEY` (401 otherwise,
-compared in constant time). Streaming answers are server-sent events ending with `data: [DONE]`. With a
-guard (`chatsmith.serve.guard`) every chat reply is judged by a reward model once complete.
+compared in constant time). Streaming answers are server-sent events ending with `data: [DONE]`: a chunk
+per choice and write, with the text generated since the last write (one token's piece while the writer
+keeps up). With a guard (`chatsmith.serve.guard`) every chat reply is judged by a reward model once
+complete. A model's scheduler is a thread here or, for CPU models under `chatsmith serve`, a model
+process of its own (`chatsmith.serve.worker`).
 
-Tests: `python -m pytest tests/test_serve.py -q`.
+Tests: `python -m pytest tests/test_serve.py tests/test_serve_worker.py -q`.
 """
 
 from __future__ import annotations

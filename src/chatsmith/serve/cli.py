@@ -14,7 +14,9 @@ with `--feedback DB` `POST /v1/feedback` (a judgment of two responses, stored in
 `chatsmith.serve.feedback`, exported as preferences by `chatsmith feedback export`) and
 `GET /v1/feedback/pairs` (pairs `chatsmith rlhf --labeler human` queued for people to judge).
 `--guard RM_DIR --guard-threshold T`: chat replies a reward model scores below T become a refusal
-(`chatsmith.serve.guard`; guarded streams are sent once the reply is complete).
+(`chatsmith.serve.guard`; guarded streams are sent once the reply is complete). On the CPU each model
+decodes in a process of its own (`--scheduler auto`, `chatsmith.serve.worker`) with `--threads` torch
+threads, and this process, which serves HTTP, runs one.
 
 Tests: `python -m pytest tests/test_serve.py -q`.
 """

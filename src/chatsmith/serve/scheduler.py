@@ -13,7 +13,8 @@ Each loop iteration: (1) waiting jobs, up to the free batch slots, are prefilled
 prompt lengths, so little padding is computed), sample their first token and join the running rows; (2) one decode step feeds every running row its last token and
 samples the next one with that row's own settings (both in `ContinuousBatch`); rows that hit a stop token, a stop string, their
 token limit or were cancelled leave right away. So a new request joins at the next step and a short
-reply never waits for the batch's longest one.
+reply never waits for the batch's longest one. `chatsmith.serve.worker` runs this scheduler in a model
+process of its own (`after_iteration` sends each iteration's events to the server process at once).
 """
 
 from __future__ import annotations
