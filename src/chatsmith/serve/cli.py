@@ -18,7 +18,7 @@ with `--feedback DB` `POST /v1/feedback` (a judgment of two responses, stored in
 decodes in a process of its own (`--scheduler auto`, `chatsmith.serve.worker`) with `--threads` torch
 threads, and this process, which serves HTTP, runs one.
 
-Tests: `python -m pytest tests/test_serve.py -q`.
+Tests: `python -m pytest tests/test_serve.py tests/test_serve_worker.py -q`.
 """
 
 from __future__ import annotations

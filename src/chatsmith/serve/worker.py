@@ -163,7 +163,8 @@ class ProcessScheduler:
         if self.process is None:
             return
         self._send(("stop",))
-        self.thread.join(timeout)
+        if self.thread is not None:
+            self.thread.join(timeout)
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
@@ -184,7 +185,7 @@ class ProcessScheduler:
                 self.jobs[job_id] = job
                 job.on_cancel = lambda _job, job_id=job_id: self._send(("cancel", job_id))
                 specs.append(_spec(job_id, job))
-        self._send(("submit", specs))
+            self._send_locked(("submit", specs))      # under the lock: no cancel of these jobs can go first
 
     @property
     def running(self) -> int:
@@ -195,10 +196,15 @@ class ProcessScheduler:
 
     def _send(self, message: tuple) -> None:
         with self.lock:
-            try:
-                self.commands.send(message)
-            except (OSError, ValueError):       # the child is gone: _read answers the open jobs
-                pass
+            self._send_locked(message)
+
+    def _send_locked(self, message: tuple) -> None:
+        if self.commands is None:
+            raise RuntimeError(f"the model process of {self.name} is not started (ProcessScheduler.start)")
+        try:
+            self.commands.send(message)
+        except (OSError, ValueError):           # the child is gone: _read answers the open jobs
+            pass
 
     def _read(self) -> None:
         """Hand the child's events to the jobs and its metric updates to /metrics, until it ends."""
