@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from dataclasses import dataclass
 
 from chatsmith.config import arg
@@ -52,7 +53,7 @@ class ServeConfig:
                           "the HTTP event loop: OpenMP threads spinning on every core starve it and slow streaming).")
     scheduler: str = arg("auto", "Where each model decodes: 'process' (a process of its own, so the HTTP event "
                                  "loop does not share its GIL; CPU only), 'thread' (a thread of the server "
-                                 "process), 'auto' (process on the CPU, thread on a GPU).",
+                                 "process), 'auto' (process on the CPU under Linux, else thread).",
                          choices=["auto", "process", "thread"])
     feedback: str | None = arg(None, "SQLite file for human judgments posted to /v1/feedback "
                                       "(created if missing; default: feedback off).")
@@ -108,14 +109,15 @@ def build_app(cfg: ServeConfig, model_threads: int = 1):
 
 def model_process(cfg: ServeConfig) -> bool:
     """Whether each model decodes in a process of its own (``--scheduler``; a forked process cannot
-    carry a CUDA or MPS context, so those devices decode in a thread)."""
+    carry a CUDA or MPS context, so those devices decode in a thread, and ``auto`` forks on Linux only:
+    macOS libraries are not fork-safe)."""
     from chatsmith.utils import resolve_device
 
     on_cpu = resolve_device(cfg.device) == "cpu"
     if cfg.scheduler == "process" and not on_cpu:
         raise ChatsmithError(f"--scheduler process: the model runs on {resolve_device(cfg.device)}, and a model "
                              "process is forked, which only CPU models survive; use --scheduler thread or auto")
-    return cfg.scheduler == "process" or (cfg.scheduler == "auto" and on_cpu)
+    return cfg.scheduler == "process" or (cfg.scheduler == "auto" and on_cpu and sys.platform.startswith("linux"))
 
 
 def serve(cfg: ServeConfig) -> int:

@@ -19,8 +19,8 @@ the metric updates its scheduler recorded (`MetricsRecorder`), which a reader th
 its pipe); if the child dies, every open job gets an "error" event.
 
 The child is forked (not spawned: it needs no second load of the model and starts in milliseconds), so
-this is for CPU models only; `serve --scheduler auto` uses it on the CPU and the in-process thread on
-GPUs (a CUDA context does not survive a fork). A forked child cannot use its parent's OpenMP thread pool
+this is for CPU models only; `serve --scheduler auto` uses it on the CPU under Linux and the in-process
+thread elsewhere (a CUDA context does not survive a fork, nor do some macOS libraries). A forked child cannot use its parent's OpenMP thread pool
 (its first multi-threaded op hangs), so the child runs ``threads`` torch threads (default 1) only as
 `chatsmith serve` arranges it: the server process itself then runs one thread and never starts a pool.
 
