@@ -17,7 +17,7 @@ and the ratio is exactly 1, as in TRL's GRPOTrainer with num_iterations=1).
 The G responses of a group share their prompt, and chatsmith computes it once: the engine prefills each
 distinct prompt once and copies its KV cache to the group's rows, and the reference and policy forward
 passes (and the policy's backward) run the prompt once per group, then the responses against its cache
-(`rollout._shared_prompt_logits`; same log-probs and gradients, `--no-share-prompt` turns it off). The
+(`response_logprobs.response_forward`; same log-probs and gradients, `--no-share-prompt` turns it off). The
 saving grows with prompt length and G.
 
 Metrics per step: reward (mean, std, per-group std), kl, clip_fraction, entropy, response length, the
