@@ -44,6 +44,32 @@ def test_grpo_raises_a_toy_reward(tmp_path):
     assert rows[-1]["kl"] > 0
 
 
+def test_grpo_samples_from_the_weights_its_fused_optimizer_wrote(tmp_path):
+    """GRPO's fused AdamW writes the weights without bumping their version counters; the optimizer bumps
+    them, so the sampling engine's weight copies are rebuilt: the next rollout samples from the new weights
+    (what a fresh copy of the policy samples), not from the old ones."""
+    import copy
+
+    from chatsmith.train.rollout import collect_rollout
+
+    trainer = make_trainer(grpo_cfg(tmp_path, max_steps=1), TokenSetReward(0))
+    assert trainer.optimizer.param_groups[0]["fused"]
+    prompts = [p.ids for p in trainer.prompts]
+
+    def sample(model):
+        ro = collect_rollout(model, None, trainer.tokenizer, prompts, list(range(len(prompts))), max_new_tokens=8,
+                             temperature=1.0, stop_token_ids=trainer.stop_token_ids, seed=5,
+                             need_policy_logprobs=False)
+        return ro.response_ids.tolist()
+
+    before = sample(trainer.policy)
+    versions = [p._version for p in trainer.policy.parameters()]
+    trainer.train_step()
+    assert all(p._version > v for p, v in zip(trainer.policy.parameters(), versions))
+    after = sample(trainer.policy)
+    assert after == sample(copy.deepcopy(trainer.policy)) and after != before
+
+
 def test_grpo_with_several_iterations_clips(tmp_path):
     trainer = make_trainer(grpo_cfg(tmp_path, max_steps=1, num_iterations=3, lr=5e-2), TokenSetReward(0))
     metrics = trainer.train_step()

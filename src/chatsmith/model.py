@@ -527,6 +527,7 @@ def restrict_embedding_training(model: nn.Module, tokenizer: Any, fmt: Any, mode
             raise ChatsmithError("train_embeddings 'seen' needs the token ids of the training data")
         keep_ids.update(int(i) for i in seen_ids)
     keep = sorted(i for i in keep_ids if 0 <= i < rows)
+    hooked: set[int] = set()
     for layer in layers.values():
         weight = layer.weight
         if not weight.requires_grad:     # frozen already (LoRA): nothing to restrict
@@ -534,7 +535,10 @@ def restrict_embedding_training(model: nn.Module, tokenizer: Any, fmt: Any, mode
         mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
         mask[keep] = 1.0
         # Zero gradient rows never move under Adam: both moments stay 0, so the update is 0 / (0 + eps).
-        weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
+        # A tied embedding/head is one tensor: one hook (a second would multiply by the same 0/1 mask again).
+        if id(weight) not in hooked:
+            hooked.add(id(weight))
+            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
         # FSDP replaces the parameter (and its hook); the Trainer re-applies the mask from here.
         setattr(layer, ROW_MASK_ATTRIBUTE, mask)
     return len(keep)

@@ -174,7 +174,7 @@ class GRPOTrainer(Stage):
         # Every step is a whole batch (an epoch's remainder is dropped): a short one would leave ranks empty.
         self.source = ShardedBatchSource(list(range(len(prompts))), cfg.prompts_per_step * self.world, collate=list,
                                          seed=cfg.seed, drop_last=True, rank=0, world_size=1)
-        self.optimizer = build_optimizer(self.policy, cfg)
+        self.optimizer = build_optimizer(self.policy, cfg, fused=True)
         self.scheduler = build_scheduler(self.optimizer, cfg, cfg.max_steps * cfg.num_iterations)
         self.generate_fn = generate_fn
         self.step = 0
