@@ -445,6 +445,14 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[st
     return out
 
 
+def set_training(model: nn.Module, mode: bool) -> None:
+    """`model.train(mode)`, skipped when every module is in that mode already: transformers' `train()`
+    re-applies its hub-kernel mode and walks every module (about 1 ms for a small model), and an RL step
+    switches between sampling (eval) and the update (train) several times."""
+    if any(module.training != mode for module in model.modules()):
+        model.train(mode)
+
+
 def disable_dropout(model: Any) -> Any:
     """Dropout off in place, returned: dropout modules, attention dropout attributes, and the config's
     `*dropout*` / `*pdrop` fields. `model` is a module or a bare config (before a model is built).

@@ -44,7 +44,8 @@ from torch import nn
 from chatsmith.config import arg, validate_config
 from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, restrict_embedding_training
+from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, restrict_embedding_training,
+                             set_training)
 from chatsmith.train import rl_functional as F
 from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_room_for_prompt
@@ -235,7 +236,7 @@ class GRPOTrainer(Stage):
         mask = rollout.response_mask
         total_tokens = float(mask.sum().clamp(min=1))
         sums: dict[str, float] = {}
-        self.policy.train()
+        set_training(self.policy, True)
         micro_batches = rollout_micro_batches(rollout, range(b), cfg.batch_size)
         for _ in range(cfg.num_iterations):
             step_stats: dict[str, float] = {}

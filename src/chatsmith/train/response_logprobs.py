@@ -62,8 +62,8 @@ class HeadLogprobs(torch.autograd.Function):
         entropy, probs = None, None
         if with_entropy or with_grad:
             probs = logp.exp()                                             # what the backward needs
-            if with_entropy:
-                entropy = -(probs * logp).sum(-1)
+            if with_entropy:   # -sum_v p_v log p_v, one dot product per row (no (n, v) temporary)
+                entropy = -torch.linalg.vecdot(probs, logp)
         ctx.temperature = temperature
         ctx.save_for_backward(hidden, weight, tokens, probs, rows)
         if entropy is None:

@@ -39,7 +39,7 @@ from chatsmith.errors import ChatsmithError
 from chatsmith.eval.judges import BUILTIN_REWARDS, call_reward, resolve_reward
 from chatsmith.generate import SamplingConfig
 from chatsmith.generate.continuous import generate_continuous
-from chatsmith.model import disable_dropout
+from chatsmith.model import disable_dropout, set_training
 from chatsmith.train.response_logprobs import response_forward
 from chatsmith.train.preference_functional import position_ids_from_mask
 from chatsmith.utils import note
@@ -303,7 +303,7 @@ def collect_rollout(policy: nn.Module, reference: nn.Module | None, tokenizer: A
     """
     device = next(policy.parameters()).device
     was_training = policy.training
-    policy.eval()
+    set_training(policy, False)
     t0 = time.perf_counter()
     responses, finished = sample(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
                                  temperature=temperature, stop_token_ids=stop_token_ids, seed=seed,
@@ -320,7 +320,7 @@ def collect_rollout(policy: nn.Module, reference: nn.Module | None, tokenizer: A
         rollout.logprobs = policy_logprobs(policy, rollout, temperature, forward_batch_size, share_prompt)
     if reference is not None:
         rollout.ref_logprobs = policy_logprobs(reference, rollout, temperature, forward_batch_size, share_prompt)
-    policy.train(was_training)
+    set_training(policy, was_training)
     rollout.timings = {"generate_s": t1 - t0, "logprob_s": time.perf_counter() - t1}
     return rollout
 
