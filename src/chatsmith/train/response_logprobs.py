@@ -117,7 +117,11 @@ def trainable_rows(head: nn.Module) -> torch.Tensor | None:
 def head_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """`(backbone, lm_head)` of a causal LM whose logits are `lm_head(backbone(...).last_hidden_state)`
     with a bias-free float32 head (Llama, Qwen2, Qwen3, Mistral), else None (wrappers such as PEFT or the
-    LoRA reference view, other architectures: the model's own forward is used)."""
+    LoRA reference view, other architectures: the model's own forward is used). Only a module qualifies:
+    `lora.DisabledAdapterView` passes attribute lookups through to the policy, whose backbone called
+    directly would run with the adapters on."""
+    if not isinstance(model, nn.Module):
+        return None
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_TYPES:
         return None
