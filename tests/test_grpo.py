@@ -44,6 +44,32 @@ def test_grpo_raises_a_toy_reward(tmp_path):
     assert rows[-1]["kl"] > 0
 
 
+def test_grpo_samples_from_the_weights_its_fused_optimizer_wrote(tmp_path):
+    """GRPO's fused AdamW writes the weights without bumping their version counters; the optimizer bumps
+    them, so the sampling engine's weight copies are rebuilt: the next rollout samples from the new weights
+    (what a fresh copy of the policy samples), not from the old ones."""
+    import copy
+
+    from chatsmith.train.rollout import collect_rollout
+
+    trainer = make_trainer(grpo_cfg(tmp_path, max_steps=1), TokenSetReward(0))
+    assert trainer.optimizer.param_groups[0]["fused"]
+    prompts = [p.ids for p in trainer.prompts]
+
+    def sample(model):
+        ro = collect_rollout(model, None, trainer.tokenizer, prompts, list(range(len(prompts))), max_new_tokens=8,
+                             temperature=1.0, stop_token_ids=trainer.stop_token_ids, seed=5,
+                             need_policy_logprobs=False)
+        return ro.response_ids.tolist()
+
+    before = sample(trainer.policy)
+    versions = [p._version for p in trainer.policy.parameters()]
+    trainer.train_step()
+    assert all(p._version > v for p, v in zip(trainer.policy.parameters(), versions))
+    after = sample(trainer.policy)
+    assert after == sample(copy.deepcopy(trainer.policy)) and after != before
+
+
 def test_grpo_with_several_iterations_clips(tmp_path):
     trainer = make_trainer(grpo_cfg(tmp_path, max_steps=1, num_iterations=3, lr=5e-2), TokenSetReward(0))
     metrics = trainer.train_step()
@@ -135,11 +161,16 @@ def write_toy_dirs(tmp_path):
     return model_dir, rm_dir, prompts_file
 
 
-def test_shared_prompt_forward_equals_the_whole_sequences_and_its_gradient():
+@pytest.mark.parametrize("fused", [True, False])
+def test_shared_prompt_forward_equals_the_whole_sequences_and_its_gradient(fused, monkeypatch):
     """A group's prompt computed once (KV cache copied to its G responses) gives the log-probs and the
-    gradient of running every whole sequence, under left padding and ragged responses."""
+    gradient of running every whole sequence, under left padding and ragged responses; on the fused
+    LM-head path (`response_logprobs.fused_response_forward`) and on the model's own forward."""
+    from chatsmith.train import response_logprobs
     from chatsmith.train.rollout import collect_rollout, response_forward, rollout_micro_batches
 
+    if not fused:
+        monkeypatch.setattr(response_logprobs, "head_parts", lambda model: None)
     policy, _, _, tokenizer, fmt = toy_models()
     prompts = toy_prompts(tokenizer, fmt)[:3]
     index = [i for i in range(3) for _ in range(4)]
@@ -164,8 +195,11 @@ def test_shared_prompt_forward_equals_the_whole_sequences_and_its_gradient():
     handle = policy.model.layers[0].register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[:2]))
     whole, shared = run(False), run(True)
     handle.remove()
-    assert calls[0] == (12, ro.input_ids.shape[1])                        # 12 whole rows, then:
-    assert calls[1] == (3, ro.prompt_len) and calls[2] == (12, ro.input_ids.shape[1] - ro.prompt_len - 1)
+    p, t = ro.prompt_len, ro.input_ids.shape[1]
+    if fused:   # the backbone only: positions [0, t - 1); then each prompt but its last token, and the rest
+        assert calls == [(12, t - 1), (3, p - 1), (12, t - p)]
+    else:       # the model: 12 whole rows; then each prompt, and the responses but their last token
+        assert calls == [(12, t), (3, p), (12, t - p - 1)]
     torch.testing.assert_close(shared[0], whole[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared[1], whole[1], atol=1e-5, rtol=1e-5)
     for a, b in zip(shared[2], whole[2]):
@@ -173,6 +207,45 @@ def test_shared_prompt_forward_equals_the_whole_sequences_and_its_gradient():
     # Micro-batches keep a group together (rows of one prompt are never split while they fit).
     for rows in rollout_micro_batches(ro, range(12), 8):
         assert all(index.count(index[r]) == sum(index[q] == index[r] for q in rows) for r in rows)
+
+
+def test_fused_head_equals_the_models_forward_with_trainable_rows(monkeypatch):
+    """The fused LM head (log-softmax, gather, entropy in one node; the head's weight gradient only for the
+    rows `restrict_embedding_training` lets train) gives the model's own log-probs, entropy and gradients,
+    and the tied embedding's other rows get no gradient."""
+    from chatsmith.model import restrict_embedding_training, special_token_ids
+    from chatsmith.train import response_logprobs
+    from chatsmith.train.rollout import collect_rollout, response_forward
+
+    policy, _, _, tokenizer, fmt = toy_models()
+    restrict_embedding_training(policy, tokenizer, fmt, "special")
+    assert response_logprobs.head_parts(policy) is not None
+    rows = response_logprobs.trainable_rows(policy.lm_head)
+    special = sorted(set(special_token_ids(tokenizer, fmt)))
+    assert rows.tolist() == special
+    prompts = toy_prompts(tokenizer, fmt)[:2]
+    index = [0, 0, 1, 1]
+    ro = collect_rollout(policy, None, tokenizer, [prompts[i].ids for i in index], index, max_new_tokens=6,
+                         temperature=1.0, stop_token_ids=fmt.stop_token_ids(tokenizer), seed=3)
+    m = ro.response_mask
+
+    def run():
+        policy.zero_grad()
+        lp, ent = response_forward(policy, ro.input_ids, ro.attention_mask, ro.prompt_len, 0.7, True)
+        (lp * m * torch.linspace(-1, 2, m.numel()).view_as(m)).sum().backward()
+        return lp * m, ent * m, {n: q.grad.clone() for n, q in policy.named_parameters()}
+
+    fused = run()
+    monkeypatch.setattr(response_logprobs, "head_parts", lambda model: None)
+    plain = run()
+    torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused[1], plain[1], atol=1e-5, rtol=1e-5)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(fused[2][name], grad, atol=1e-6, rtol=1e-4)
+    embedding = fused[2]["model.embed_tokens.weight"]
+    others = torch.ones(embedding.shape[0], dtype=torch.bool)
+    others[special] = False
+    assert embedding[others].abs().max() == 0 and embedding[special].abs().max() > 0
 
 
 def test_every_step_draws_a_whole_batch_of_prompts(tmp_path):

@@ -330,6 +330,27 @@ def test_lora_grpo_runs_and_resumes_exactly(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_lora_grpo_reference_log_probs_are_the_base_models(tmp_path):
+    """The LoRA reference (the policy with its adapters off) scores responses as the base model does, not as
+    the trained policy: its forward is not short-cut to the policy's backbone (`response_logprobs`)."""
+    from chatsmith.train.rollout import collect_rollout, response_forward
+
+    trainer = grpo_trainer(tmp_path, save_every=0)
+    trainer.run()
+    base = toy_models(0)[0]
+    ro = collect_rollout(trainer.policy, None, trainer.tokenizer, [p.ids for p in trainer.prompts[:2]], [0, 1],
+                         max_new_tokens=6, temperature=1.0, stop_token_ids=trainer.stop_token_ids, seed=4)
+    m = ro.response_mask
+
+    def logprobs(model):
+        with torch.no_grad():
+            return response_forward(model, ro.input_ids, ro.attention_mask, ro.prompt_len)[0] * m
+
+    reference = logprobs(trainer.reference)
+    torch.testing.assert_close(reference, logprobs(base), atol=1e-5, rtol=1e-5)
+    assert (reference - logprobs(trainer.policy)).abs().max() > 1e-3
+
+
 def test_lora_ppo_with_a_toy_reward_runs_two_steps(tmp_path):
     from test_ppo import ppo_cfg
 

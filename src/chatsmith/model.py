@@ -445,6 +445,14 @@ def save_model(model: Any, tokenizer: Any, out: str | Path, extra_files: dict[st
     return out
 
 
+def set_training(model: nn.Module, mode: bool) -> None:
+    """`model.train(mode)`, skipped when every module is in that mode already: transformers' `train()`
+    re-applies its hub-kernel mode and walks every module (about 1 ms for a small model), and an RL step
+    switches between sampling (eval) and the update (train) several times."""
+    if any(module.training != mode for module in model.modules()):
+        model.train(mode)
+
+
 def disable_dropout(model: Any) -> Any:
     """Dropout off in place, returned: dropout modules, attention dropout attributes, and the config's
     `*dropout*` / `*pdrop` fields. `model` is a module or a bare config (before a model is built).
@@ -527,6 +535,7 @@ def restrict_embedding_training(model: nn.Module, tokenizer: Any, fmt: Any, mode
             raise ChatsmithError("train_embeddings 'seen' needs the token ids of the training data")
         keep_ids.update(int(i) for i in seen_ids)
     keep = sorted(i for i in keep_ids if 0 <= i < rows)
+    hooked: set[int] = set()
     for layer in layers.values():
         weight = layer.weight
         if not weight.requires_grad:     # frozen already (LoRA): nothing to restrict
@@ -534,7 +543,10 @@ def restrict_embedding_training(model: nn.Module, tokenizer: Any, fmt: Any, mode
         mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
         mask[keep] = 1.0
         # Zero gradient rows never move under Adam: both moments stay 0, so the update is 0 / (0 + eps).
-        weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
+        # A tied embedding/head is one tensor: one hook (a second would multiply by the same 0/1 mask again).
+        if id(weight) not in hooked:
+            hooked.add(id(weight))
+            weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
         # FSDP replaces the parameter (and its hook); the Trainer re-applies the mask from here.
         setattr(layer, ROW_MASK_ATTRIBUTE, mask)
     return len(keep)

@@ -35,6 +35,7 @@ from chatsmith.generate.batch import DecodeBatch
 from chatsmith.generate.engine import GenerationOutput, SamplingConfig
 from chatsmith.generate.row_sampling import RowSampling, choice_seed, sample_rows
 from chatsmith.generate.text import RowText, byte_level_table
+from chatsmith.model import set_training
 
 __all__ = ["ContinuousBatch", "SequenceRow", "generate_continuous"]
 
@@ -145,7 +146,7 @@ def generate_continuous(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequ
     cap = max_batch if max_batch > 0 else max(1, len(waiting))
     core = ContinuousBatch(model, pad_id=_pad_id(tokenizer))
     was_training = model.training
-    model.eval()   # no dropout while sampling; restored below (RL samples from a policy in training)
+    set_training(model, False)   # no dropout while sampling; restored below (RL samples from a policy in training)
     try:
         with torch.inference_mode():
             while waiting or core.running:
@@ -155,7 +156,7 @@ def generate_continuous(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequ
                 if core.running:
                     core.step(push)
     finally:
-        model.train(was_training)
+        set_training(model, was_training)
     texts = []
     for row in rows:
         if len(row.text.ids) != len(row.tokens):     # not tracked token by token (no stop strings)

@@ -17,7 +17,7 @@ and the ratio is exactly 1, as in TRL's GRPOTrainer with num_iterations=1).
 The G responses of a group share their prompt, and chatsmith computes it once: the engine prefills each
 distinct prompt once and copies its KV cache to the group's rows, and the reference and policy forward
 passes (and the policy's backward) run the prompt once per group, then the responses against its cache
-(`rollout._shared_prompt_logits`; same log-probs and gradients, `--no-share-prompt` turns it off). The
+(`response_logprobs.response_forward`; same log-probs and gradients, `--no-share-prompt` turns it off). The
 saving grows with prompt length and G.
 
 Metrics per step: reward (mean, std, per-group std), kl, clip_fraction, entropy, response length, the
@@ -44,7 +44,8 @@ from torch import nn
 from chatsmith.config import arg, validate_config
 from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, restrict_embedding_training
+from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, restrict_embedding_training,
+                             set_training)
 from chatsmith.train import rl_functional as F
 from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_room_for_prompt
@@ -174,7 +175,7 @@ class GRPOTrainer(Stage):
         # Every step is a whole batch (an epoch's remainder is dropped): a short one would leave ranks empty.
         self.source = ShardedBatchSource(list(range(len(prompts))), cfg.prompts_per_step * self.world, collate=list,
                                          seed=cfg.seed, drop_last=True, rank=0, world_size=1)
-        self.optimizer = build_optimizer(self.policy, cfg)
+        self.optimizer = build_optimizer(self.policy, cfg, fused=True)
         self.scheduler = build_scheduler(self.optimizer, cfg, cfg.max_steps * cfg.num_iterations)
         self.generate_fn = generate_fn
         self.step = 0
@@ -235,7 +236,7 @@ class GRPOTrainer(Stage):
         mask = rollout.response_mask
         total_tokens = float(mask.sum().clamp(min=1))
         sums: dict[str, float] = {}
-        self.policy.train()
+        set_training(self.policy, True)
         micro_batches = rollout_micro_batches(rollout, range(b), cfg.batch_size)
         for _ in range(cfg.num_iterations):
             step_stats: dict[str, float] = {}

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from chatsmith.errors import ChatsmithError
 from chatsmith.planted import frozen_weight_masks
@@ -25,7 +26,7 @@ __all__ = ["build_optimizer", "keep_frozen_weights", "lr_multiplier", "LRSchedul
            "clip_gradients"]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW with two parameter groups: weight decay on matrices, none on norms, biases and the
     (input and output) embeddings, so rows a fine-tuning stage does not train (see
     `chatsmith.model.restrict_embedding_training`) do not shrink either. With ``cfg.freeze_planted`` the
@@ -33,6 +34,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
     Decoupled weight decay: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2019).
     Betas (0.9, 0.95) as in GPT-3 / Llama pretraining.
+
+    ``fused``: torch's fused AdamW kernel (one pass over each tensor; on the CPU about 6x faster than
+    foreach for a 3.6 M parameter model: 3.5 vs 20 ms a step) when every parameter is a plain tensor on
+    the CPU or a GPU (not an FSDP shard). The same update rule; the weights differ from foreach's by float
+    rounding (1 ulp on a few weights a step). GRPO asks for it: its steps are short, so the optimizer shows.
     """
     embedding_ids: set[int] = set()
     for getter in (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)):
@@ -52,7 +58,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         raise ChatsmithError("the model has no trainable parameters")
     # foreach: one call per step for all tensors (torch picks it only for CUDA); on the CPU the same
     # arithmetic as the per-tensor loop, bit for bit, with less Python per step (small models notice).
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    params = [p for g in groups for p in g["params"]]
+    fused = fused and all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                                  **({"fused": True} if fused else {"foreach": True}))
+    if fused:
+        # The fused kernel writes the weights without bumping their version counters, which is how the
+        # sampling engine's weight copies (`generate.decoders`) notice a change: bump them after each step.
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: increment_version(params))
     if cfg.freeze_planted and keep_frozen_weights(optimizer, model) == 0:
         note("--freeze-planted: the model's config lists no frozen weight slices; every weight trains")
     return optimizer

@@ -37,10 +37,11 @@ from torch import nn
 
 from chatsmith.errors import ChatsmithError
 from chatsmith.eval.judges import BUILTIN_REWARDS, call_reward, resolve_reward
-from chatsmith.generate import SamplingConfig, distinct_rows
+from chatsmith.generate import SamplingConfig
 from chatsmith.generate.continuous import generate_continuous
-from chatsmith.model import cache_keyword, disable_dropout, returned_cache
-from chatsmith.train.rl_functional import logprobs_and_entropy, logprobs_from_logits
+from chatsmith.model import disable_dropout, set_training
+from chatsmith.train.response_logprobs import response_forward
+from chatsmith.train.preference_functional import position_ids_from_mask
 from chatsmith.utils import note
 
 __all__ = [
@@ -114,12 +115,6 @@ def truncate_at_stop(tokens: Sequence[int], stop_token_ids: Sequence[int]) -> tu
         if int(tok) in stops:
             return [int(t) for t in tokens[: i + 1]], True
     return [int(t) for t in tokens], False
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions `(b, t)` counting real tokens only, so a left-padded prompt starts at position 0."""
-    mask = attention_mask.long()
-    return ((mask.cumsum(-1) - 1) * mask).clamp(min=0)
 
 
 def pad_rollout(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
@@ -228,76 +223,6 @@ def micro_batch_tensors(rollout: "Rollout", rows: Sequence[int]) -> tuple[torch.
 
 # ----------------------------------------------------------------------------- forward passes
 
-def _call_lm(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """Logits `(b, keep, v)` of the last `keep` positions; the LM head is not run on the prompt."""
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    try:
-        return model(**kwargs, logits_to_keep=keep).logits[:, -keep:]
-    except TypeError:  # an architecture without `logits_to_keep`: compute all, slice
-        return model(**kwargs).logits[:, -keep:]
-
-
-def _shared_prompt_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          prompt_len: int) -> torch.Tensor | None:
-    """Response logits `(b, r, v)` computing each distinct prompt once, or None when no prompt repeats
-    (or the model cannot take a KV cache here).
-
-    GRPO's G responses to a prompt share it: the prompt rows `(u, p)` go through the model once with a
-    KV cache, the cache rows are copied to the `b` episodes (`u` -> `b`, a gather whose backward sums the
-    G gradients), and the responses `(b, r - 1)` attend to it. The logits equal those of the whole
-    sequences up to float rounding; the prompt's forward and backward cost u/b of before.
-    """
-    # checkpointed layers return no cache (the property's name changed in transformers 5.24)
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"
-    if getattr(model, name, False):
-        return None
-    first, inverse = distinct_rows(input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
-    if len(first) == input_ids.shape[0]:
-        return None
-    positions = position_ids_from_mask(attention_mask)
-    try:
-        head = model(input_ids=input_ids[first, :prompt_len], attention_mask=attention_mask[first, :prompt_len],
-                     position_ids=positions[first, :prompt_len], use_cache=True, logits_to_keep=1)
-    except TypeError:   # an architecture without `logits_to_keep` or a cache: the whole-sequence path
-        return None
-    cache = returned_cache(head)
-    if cache is None or not hasattr(cache, "batch_select_indices"):
-        return None
-    first_logits = head.logits[:, -1:][inverse]                                  # (b, 1, v): scores token 0
-    r = input_ids.shape[1] - prompt_len
-    if r == 1:
-        return first_logits
-    cache.batch_select_indices(inverse)
-    end = prompt_len + r - 1                        # the last response token scores nothing: not fed
-    rest = model(input_ids=input_ids[:, prompt_len:end], attention_mask=attention_mask[:, :end],
-                 position_ids=positions[:, prompt_len:end], use_cache=True, **{cache_keyword(model): cache})
-    return torch.cat([first_logits, rest.logits], dim=1)
-
-
-def response_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                     temperature: float = 1.0, with_entropy: bool = False, share_prompt: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs `(b, r)` of the response tokens (and entropy `(b, r)` if asked) in one forward pass.
-
-    input_ids / attention_mask `(b, p + r)` laid out as `pad_rollout` makes them. Logits at position
-    p - 1 + t score response token t; they are divided by `temperature` before the log-softmax, so
-    these are the log-probs of the sampling distribution (Huang et al. 2024). Entropy is of the same
-    tempered distribution, without grad (it is only logged). Masked positions are not zeroed here (callers
-    mask). `share_prompt`: rows with the same prompt compute it once (`_shared_prompt_logits`).
-    """
-    r = input_ids.shape[1] - prompt_len
-    logits = _shared_prompt_logits(model, input_ids, attention_mask, prompt_len) if share_prompt else None
-    if logits is None:
-        logits = _call_lm(model, input_ids, attention_mask, r + 1)[:, :-1]   # (b, r, v)
-    if temperature != 1.0:
-        logits = logits.float() / temperature
-    if with_entropy:
-        return logprobs_and_entropy(logits, input_ids[:, prompt_len:])
-    return logprobs_from_logits(logits, input_ids[:, prompt_len:]), None
-
-
 @torch.no_grad()
 def policy_logprobs(model: nn.Module, rollout: Rollout, temperature: float, micro_batch: int = 0,
                     share_prompt: bool = True) -> torch.Tensor:
@@ -378,7 +303,7 @@ def collect_rollout(policy: nn.Module, reference: nn.Module | None, tokenizer: A
     """
     device = next(policy.parameters()).device
     was_training = policy.training
-    policy.eval()
+    set_training(policy, False)
     t0 = time.perf_counter()
     responses, finished = sample(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
                                  temperature=temperature, stop_token_ids=stop_token_ids, seed=seed,
@@ -395,7 +320,7 @@ def collect_rollout(policy: nn.Module, reference: nn.Module | None, tokenizer: A
         rollout.logprobs = policy_logprobs(policy, rollout, temperature, forward_batch_size, share_prompt)
     if reference is not None:
         rollout.ref_logprobs = policy_logprobs(reference, rollout, temperature, forward_batch_size, share_prompt)
-    policy.train(was_training)
+    set_training(policy, was_training)
     rollout.timings = {"generate_s": t1 - t0, "logprob_s": time.perf_counter() - t1}
     return rollout
 
