@@ -52,3 +52,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def chatml_tok():
+    """A small ChatML tokenizer trained on SAMPLE_TEXTS (the serving and batching tests)."""
+    from chatsmith.model import build_tokenizer
+
+    return build_tokenizer(SAMPLE_TEXTS, 400, "chatml")
+
+
+@pytest.fixture(scope="module")
+def induction_llama(chatml_tok):
+    """A 2-layer Llama with the induction init: it copies earlier context, so greedy outputs differ by prompt
+    (a plain random model repeats one token whatever the prompt, which would make comparisons weak)."""
+    import torch
+
+    from chatsmith.model import create_model
+
+    torch.manual_seed(0)
+    return create_model(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=128, max_position_embeddings=256), chatml_tok, init="induction").eval()

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from chatsmith.generate import SamplingConfig, generate
-from chatsmith.model import build_tokenizer, create_model
 from chatsmith.generate.batch import left_pad_cat
 from chatsmith.generate.row_sampling import RowSampling, choice_seed, sample_rows
 from chatsmith.serve.scheduler import Job, QueueFull, Scheduler, length_groups
@@ -27,17 +26,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer(SAMPLE_TEXTS, 400, "chatml")
+def tok(chatml_tok):
+    return chatml_tok
 
 
 @pytest.fixture(scope="module")
-def llama(tok):
-    torch.manual_seed(0)
-    # the induction init copies earlier context: greedy outputs differ by prompt (a plain random model
-    # repeats one token whatever the prompt, which would make the comparisons below weak)
-    return create_model(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=128, max_position_embeddings=256), tok, init="induction").eval()
+def llama(induction_llama):
+    return induction_llama
 
 
 @pytest.fixture(scope="module")

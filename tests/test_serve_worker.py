@@ -19,7 +19,6 @@ import torch
 
 from chatsmith.generate import SamplingConfig, generate
 from chatsmith.generate.row_sampling import RowSampling
-from chatsmith.model import build_tokenizer, create_model
 from chatsmith.serve.app import chunk_event, stream_events
 from chatsmith.serve.protocol import SamplingParams
 from chatsmith.serve.scheduler import Event, Job, QueueFull
@@ -27,18 +26,6 @@ from chatsmith.serve.worker import MetricsRecorder, ProcessScheduler
 from conftest import SAMPLE_TEXTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer(SAMPLE_TEXTS, 400, "chatml")
-
-
-@pytest.fixture(scope="module")
-def llama(tok):
-    torch.manual_seed(0)
-    return create_model(dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=128, max_position_embeddings=256), tok, init="induction").eval()
 
 
 class Collector:
@@ -65,11 +52,12 @@ class Collector:
         return "".join(e.text for e in self.events[index] if e.kind == "text")
 
 
-def test_model_process_decodes_what_the_engine_does(tok, llama):
-    prompts = [tok.encode(t) for t in SAMPLE_TEXTS[:6]]
-    ref = generate(llama, tok, prompts, SamplingConfig(max_new_tokens=12, temperature=0, logprobs=False))
+def test_model_process_decodes_what_the_engine_does(chatml_tok, induction_llama):
+    prompts = [chatml_tok.encode(t) for t in SAMPLE_TEXTS[:6]]
+    ref = generate(induction_llama, chatml_tok, prompts,
+                   SamplingConfig(max_new_tokens=12, temperature=0, logprobs=False))
     got = Collector()
-    scheduler = ProcessScheduler(llama, tok, max_batch=4, max_queue=8).start()
+    scheduler = ProcessScheduler(induction_llama, chatml_tok, max_batch=4, max_queue=8).start()
     try:
         scheduler.submit([got.job(i, p, 12) for i, p in enumerate(prompts)])
         got.wait(len(prompts))
@@ -80,9 +68,9 @@ def test_model_process_decodes_what_the_engine_does(tok, llama):
     assert not scheduler.process.is_alive() and not scheduler.jobs
 
 
-def test_queue_bound_cancel_and_a_dead_process(tok, llama):
+def test_queue_bound_cancel_and_a_dead_process(chatml_tok, induction_llama):
     got = Collector()
-    scheduler = ProcessScheduler(llama, tok, max_batch=1, max_queue=1).start()
+    scheduler = ProcessScheduler(induction_llama, chatml_tok, max_batch=1, max_queue=1).start()
     try:
         running = got.job(0, [5, 6, 7], 250)
         scheduler.submit([running])
@@ -103,10 +91,10 @@ def test_queue_bound_cancel_and_a_dead_process(tok, llama):
     assert not scheduler.jobs
 
 
-def test_stop_answers_open_jobs_and_the_process_holds_no_server_socket(tok, llama):
+def test_stop_answers_open_jobs_and_the_process_holds_no_server_socket(chatml_tok, induction_llama):
     listener = socket.create_server(("127.0.0.1", 0))          # a server's listening socket, inherited by the fork
     got = Collector()
-    scheduler = ProcessScheduler(llama, tok, max_batch=1, max_queue=4).start()
+    scheduler = ProcessScheduler(induction_llama, chatml_tok, max_batch=1, max_queue=4).start()
     try:
         if os.path.isdir(f"/proc/{scheduler.process.pid}/fd"):
             fds = os.listdir(f"/proc/{scheduler.process.pid}/fd")
