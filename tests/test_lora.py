@@ -351,6 +351,23 @@ def test_lora_grpo_reference_log_probs_are_the_base_models(tmp_path):
     assert (reference - logprobs(trainer.policy)).abs().max() > 1e-3
 
 
+def test_full_ppo_from_a_lora_sft_model_trains_every_weight(sft_run, reward_run, files, tmp_path):
+    """A LoRA SFT adapter dir as the policy of a full (no LoRA) fine-tune: the merged model is trainable."""
+    from chatsmith.model import load_model
+    from chatsmith.train.ppo import PPOConfig, PPOTrainer
+
+    loaded = load_model(sft_run[0], device="cpu")
+    assert all(p.requires_grad for p in loaded.model.parameters())
+    trainer = PPOTrainer(PPOConfig(policy=str(sft_run[0]), reward_model=str(reward_run[0]), prompts=files["prompts"],
+                                   out=str(tmp_path / "ppo"), max_steps=1, rollout_batch_size=4, batch_size=4,
+                                   ppo_epochs=1, lr=1e-2, max_new_tokens=6, max_len=128, sample_every=0,
+                                   save_every=0, progress=False, device="cpu"))
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    trainer.run()
+    changed = [n for n, p in trainer.policy.named_parameters() if not torch.equal(p, before[n])]
+    assert any("mlp" in n for n in changed) and any("self_attn" in n for n in changed)
+
+
 def test_lora_ppo_with_a_toy_reward_runs_two_steps(tmp_path):
     from test_ppo import ppo_cfg
 

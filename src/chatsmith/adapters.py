@@ -70,7 +70,11 @@ def merge_adapter(model: Any, path: str | Path) -> Any:
     except Exception as exc:  # noqa: BLE001 - peft raises many types for a mismatched adapter
         raise ChatsmithError(f"{path}: cannot load the adapter onto its base model "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    return wrapped.merge_and_unload()
+    merged = wrapped.merge_and_unload()
+    # peft loads an adapter for inference and freezes every weight on the way; the merged model is a plain
+    # model like any other loaded one (a full fine-tune of it, e.g. PPO from a LoRA SFT model, trains it all)
+    merged.requires_grad_(True)
+    return merged
 
 
 def load_adapter_model(path: str | Path, device: str = "auto", dtype: Any = None, template: str | None = None,
