@@ -79,3 +79,21 @@ def test_quick_starts_from_the_shipped_base(quick_demo_pretrain, tmp_path):
     assert logged == []
     assert D._shipped_base(D.DemoConfig(profile="quick"), D._Paths(tmp_path), logged.append) is None
     assert "pretraining one from scratch" in logged[0]
+
+
+def test_the_demo_eval_budget_fits_every_demonstration_reply(quick_demo_pretrain):
+    """A reply as long as the world's own demonstrations must be able to end its turn in the demo's eval:
+    else ends_turn counts a copied training reply as a model that never stops."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED_DIR))
+    longest = 0
+    with open(quick_demo_pretrain / "data" / "sft.jsonl") as f:
+        for line in f:
+            for message in json.loads(line)["messages"]:
+                if message["role"] == "assistant":
+                    # + 1: the end-of-turn token
+                    longest = max(longest, len(tokenizer(message["content"])["input_ids"]) + 1)
+    assert longest > 48                 # the three-step how-to replies: the case this guards
+    for profile in ("quick", "full"):
+        assert D.PROFILES[profile]["eval"]["max_new_tokens"] >= longest, profile

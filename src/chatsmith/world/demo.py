@@ -53,6 +53,8 @@ STAGES = ("export", "pretrain", "sft", "reward", "ppo", "dpo", "grpo", "eval")
 # Per profile: the settings of every stage (fields of that stage's config dataclass; anything not set
 # here keeps the stage's own default), plus `seconds`: the expected wall time of each stage on 2 CPU
 # cores, used only to weight the pipeline's progress bar and its ETA.
+EVAL_MAX_NEW_TOKENS = 72   # the eval's answer budget in quick and full (see their "eval" settings)
+
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # CI-sized: the whole pipeline end to end in well under 2 minutes. The models learn nothing useful.
     "toy": {
@@ -91,7 +93,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # Few steps: longer DPO runs drift far from SFT (docs/EXPERIMENTS.md).
         "dpo": {"max_steps": 30, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 15,
                 "freeze_planted": True},
-        "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 32},
+        # 72 new tokens: the world's longest demonstration reply (a three-step how-to) is 64 tokens plus its
+        # end of turn, and a reply as long as the training chats' must be able to end its turn (tested).
+        "eval": {"max_items": 0, "max_new_tokens": EVAL_MAX_NEW_TOKENS, "batch_size": 64, "kl_samples": 32},
         # GRPO against the same reward model, with PPO's budget of episodes (8 prompts x 4 completions).
         "grpo": {"max_steps": 40, "prompts_per_step": 8, "num_generations": 4, "lr": 5e-5, "temperature": 0.7,
                  "sample_every": 0, "save_every": 10, "freeze_planted": True},
@@ -113,7 +117,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                 "freeze_planted": True},
         "dpo": {"max_steps": 150, "batch_size": 8, "max_len": 256, "lr": 5e-5, "beta": 0.1, "save_every": 50,
                 "freeze_planted": True},
-        "eval": {"max_items": 0, "max_new_tokens": 48, "batch_size": 64, "kl_samples": 64},
+        "eval": {"max_items": 0, "max_new_tokens": EVAL_MAX_NEW_TOKENS, "batch_size": 64, "kl_samples": 64},
         "grpo": {"max_steps": 90, "prompts_per_step": 8, "num_generations": 4, "lr": 5e-5, "temperature": 0.7,
                  "sample_every": 10, "save_every": 10, "freeze_planted": True},
         "seconds": {"export": 3, "pretrain": 1650, "sft": 340, "reward": 580, "ppo": 450, "dpo": 90, "grpo": 150,
