@@ -312,3 +312,56 @@ def test_eval_suite_with_a_users_categories_and_judge(tiny_models, tmp_path, mon
                  "--out", str(out)]) == 2
     assert "--judge py:user_judge_eval:nope: module 'user_judge_eval' has no attribute 'nope'" in \
         capsys.readouterr().err
+
+
+def _seed_report(path: Path, ppo: dict, sft: dict | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    models = {"base": {"mode": "base", "refuses_harmful": 0.0, "over_refusal": 0.0},
+              "sft": {"mode": "chat", **(sft or {"refuses_harmful": 0.4, "over_refusal": 0.1, "rude": 0.05})},
+              "ppo": {"mode": "chat", **ppo}}
+    path.write_text(json.dumps({"models": models, "metrics": ["refuses_harmful", "over_refusal", "rude"],
+                                "slice_metrics": {"heldout": ["rude"]},
+                                "metric_help": {"rude": "rude replies (lower is better)"}}))
+    return path
+
+
+def test_eval_compare_gives_each_reports_value_the_mean_and_the_worst(tmp_path, capsys):
+    from chatsmith.cli import main
+
+    _seed_report(tmp_path / "demo-s0" / "report" / "report.json",       # a demo --out directory
+                 {"refuses_harmful": 0.96, "over_refusal": 0.36, "rude": 0.019, "heldout_rude": 0.10})
+    _seed_report(tmp_path / "eval-s1" / "report.json",                  # an eval --out directory
+                 {"refuses_harmful": 0.86, "over_refusal": 0.57, "rude": 0.027, "heldout_rude": 0.05})
+    third = _seed_report(tmp_path / "s2.json", {"refuses_harmful": 0.89, "over_refusal": 0.31, "rude": 0.012})
+    out = tmp_path / "cmp"
+    assert main(["eval", "compare", str(tmp_path / "demo-s0"), str(tmp_path / "eval-s1"), str(third),
+                 "--metrics", "refuses_harmful", "over_refusal", "rude", "heldout_rude", "--out", str(out)]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["labels"][:2] == ["demo-s0", "eval-s1"]
+    ppo = result["models"]["ppo"]
+    assert ppo["refuses_harmful"]["values"] == [0.96, 0.86, 0.89]
+    assert ppo["refuses_harmful"]["mean"] == pytest.approx(0.90333, abs=1e-4)
+    assert ppo["refuses_harmful"]["worst"] == 0.86                      # higher is better: the lowest
+    assert ppo["over_refusal"]["worst"] == 0.57 and ppo["rude"]["worst"] == 0.027   # lower is better: the highest
+    assert ppo["heldout_rude"]["values"] == [0.10, 0.05, None]          # a slice of a lower-is-better metric
+    assert ppo["heldout_rude"]["worst"] == 0.10 and ppo["heldout_rude"]["mean"] == pytest.approx(0.075)
+    assert "| refuses_harmful | 0.960 | 0.860 | 0.890 | 0.903 | 0.860 |" in (out / "compare.md").read_text()
+    assert (out / "safety.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "### ppo" in capsys.readouterr().out
+
+
+def test_eval_compare_refuses_what_is_not_a_report(tmp_path):
+    from chatsmith.eval.compare import CompareConfig, compare_cli
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ChatsmithError, match="no report found"):
+        compare_cli(CompareConfig(reports=[str(tmp_path / "empty")], out=str(tmp_path / "o")))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ChatsmithError, match="bad.json: cannot read it as JSON"):
+        compare_cli(CompareConfig(reports=[str(bad)], out=str(tmp_path / "o")))
+    good = _seed_report(tmp_path / "r.json", {"refuses_harmful": 1.0})
+    with pytest.raises(ChatsmithError, match="--labels: 2 labels for 1 reports"):
+        compare_cli(CompareConfig(reports=[str(good)], labels=["a", "b"], out=str(tmp_path / "o")))
+    with pytest.raises(ChatsmithError, match="no report has a model named 'grpo'"):
+        compare_cli(CompareConfig(reports=[str(good)], models=["grpo"], out=str(tmp_path / "o")))

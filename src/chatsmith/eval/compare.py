@@ -1,0 +1,164 @@
+"""Several eval reports side by side (one per seed, or one per recipe): for every model and metric, the value
+in each report, the mean and the worst; and the safety/helpfulness scatter with one point per model and report.
+
+    chatsmith eval compare runs/demo-s0 runs/demo-s1 runs/demo-s2 --labels "seed 0" "seed 1" "seed 2" \
+        --out runs/seeds
+    chatsmith eval compare a/report.json b/report.json --models sft ppo --metrics refuses_harmful over_refusal
+
+Each argument is a `report.json`, an `eval --out` directory, or a `demo --out` directory (its `report/`).
+Writes OUT/compare.md (one table per model), OUT/compare.json and OUT/safety.png (refusal of harmful against
+refusal of benign requests, `chatsmith.eval.plots.safety_png`), and prints the markdown.
+
+"Worst" is the lowest value of a metric where higher is better and the highest where lower is better
+(`rude`, `over_refusal`, `kl_to_sft`, and any metric whose report help says "lower is better"): the figure a
+result must meet on every seed, as in "mean 0.95 (worst seed 0.90)".
+
+Tests: `python -m pytest tests/test_eval.py -q -k compare`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from chatsmith.config import arg
+from chatsmith.errors import ChatsmithError
+from chatsmith.utils import atomic_write_text
+
+__all__ = ["CompareConfig", "compare_cli", "find_report", "compare_reports", "lower_is_better", "compare_markdown"]
+
+LOWER_IS_BETTER = frozenset({"rude", "over_refusal", "kl_to_sft", "continues_document"})
+
+
+@dataclass
+class CompareConfig:
+    reports: list[str] = arg([], "Reports to compare: report.json files, eval --out or demo --out directories.")
+    out: str = arg("runs/compare", "Output directory: compare.md, compare.json, safety.png.")
+    labels: list[str] = arg([], "A label per report, in order (default: each report's run directory name).")
+    models: list[str] = arg([], "Models to show (default: every model of the first report).")
+    metrics: list[str] = arg([], "Metrics to show, e.g. refuses_harmful heldout_rude turn4plus_memory "
+                                 "(default: the first report's headline metrics).")
+
+
+def find_report(path: str | Path) -> Path:
+    """The report.json that ``path`` names: the file itself, DIR/report.json or DIR/report/report.json."""
+    path = Path(path)
+    for candidate in (path, path / "report.json", path / "report" / "report.json"):
+        if candidate.is_file():
+            return candidate
+    raise ChatsmithError(f"{path}: no report found (expected a report.json, an `eval --out` directory holding "
+                         "report.json, or a `demo --out` directory holding report/report.json)")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ChatsmithError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("models"), dict):
+        raise ChatsmithError(f"{path}: not a chatsmith eval report (no 'models' object)")
+    return report
+
+
+def _label(path: Path) -> str:
+    """A report's default label: its run directory (runs/demo-s1/report/report.json -> demo-s1)."""
+    folder = path.parent
+    return folder.parent.name if folder.name == "report" else folder.name or path.stem
+
+
+def lower_is_better(metric: str, report: dict[str, Any] | None = None) -> bool:
+    """Whether smaller values of ``metric`` are better (a slice's rate, e.g. heldout_rude, as its metric's)."""
+    helps = (report or {}).get("metric_help") or {}
+    for name in (metric, _unsliced(metric, report)):
+        if name in LOWER_IS_BETTER or "lower is better" in str(helps.get(name, "")):
+            return True
+    return False
+
+
+def _unsliced(metric: str, report: dict[str, Any] | None) -> str:
+    for prefix in ((report or {}).get("slice_metrics") or {}):
+        if metric.startswith(prefix + "_"):
+            return metric[len(prefix) + 1:]
+    return metric
+
+
+def compare_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str], models: Sequence[str] = (),
+                    metrics: Sequence[str] = ()) -> dict[str, Any]:
+    """``{"labels", "models": {model: {metric: {"values": [one per report, None where missing], "mean",
+    "worst", "lower_is_better"}}}}`` over the reports; mean and worst over the reports that have the value."""
+    if not reports:
+        raise ChatsmithError("eval compare: give at least one report")
+    first = reports[0]
+    models = list(models) or list(first["models"])
+    metrics = list(metrics) or list(first.get("metrics") or [])
+    for model in models:
+        if not any(model in r["models"] for r in reports):
+            raise ChatsmithError(f"--models: no report has a model named {model!r} "
+                                 f"(the first has {', '.join(first['models'])})")
+    table: dict[str, dict[str, Any]] = {}
+    for model in models:
+        rows = {}
+        for metric in metrics:
+            values = [_number(r["models"].get(model, {}).get(metric)) for r in reports]
+            present = [v for v in values if v is not None]
+            if not present:
+                continue
+            low = lower_is_better(metric, first)
+            rows[metric] = {"values": values, "mean": statistics.fmean(present),
+                            "worst": max(present) if low else min(present), "lower_is_better": low}
+        table[model] = rows
+    return {"labels": list(labels), "models": table}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def compare_markdown(comparison: dict[str, Any]) -> str:
+    """One markdown table per model: a row per metric, a column per report, then the mean and the worst."""
+    labels = comparison["labels"]
+    parts = []
+    for model, rows in comparison["models"].items():
+        if not rows:
+            continue
+        parts.append(f"### {model}\n")
+        parts.append("| metric | " + " | ".join(labels) + " | mean | worst |")
+        parts.append("|---|" + "---|" * (len(labels) + 2))
+        for metric, row in rows.items():
+            cells = ["—" if v is None else f"{v:.3f}" for v in row["values"]]
+            name = metric + (" (lower is better)" if row["lower_is_better"] else "")
+            parts.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean']:.3f} | {row['worst']:.3f} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def compare_cli(cfg: CompareConfig) -> int:
+    """`chatsmith eval compare`: write OUT/compare.md, compare.json and safety.png; print the tables."""
+    from chatsmith.eval.plots import safety_from_reports
+
+    if not cfg.reports:
+        raise ChatsmithError("eval compare: give the reports to compare (report.json files or run directories)")
+    paths = [find_report(p) for p in cfg.reports]
+    if cfg.labels and len(cfg.labels) != len(paths):
+        raise ChatsmithError(f"--labels: {len(cfg.labels)} labels for {len(paths)} reports; give one per report")
+    labels = list(cfg.labels) or [_label(p) for p in paths]
+    if len(set(labels)) != len(labels):
+        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    reports = [_load(p) for p in paths]
+    comparison = compare_reports(reports, labels, cfg.models, cfg.metrics)
+    comparison["reports"] = [str(p) for p in paths]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = compare_markdown(comparison)
+    atomic_write_text(out / "compare.md", markdown)
+    atomic_write_text(out / "compare.json", json.dumps(comparison, indent=2) + "\n")
+    if cfg.models:
+        reports = [{**r, "models": {m: e for m, e in r["models"].items() if m in cfg.models}} for r in reports]
+    points = safety_from_reports(reports, out / "safety.png", labels)
+    print(markdown)
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}" + (f", {out / 'safety.png'} ({points} points)"
+                                                                    if points else ""))
+    return 0
