@@ -1,7 +1,7 @@
 """Shared fixtures and helpers: tiny tokenizers and models built locally (no downloads), JSONL files.
 
 Helpers the test modules import (`from conftest import ...`): `make_tokenizer`, `tiny_llama_config`,
-`write_jsonl`, `write_tiny_run_inputs`.
+`write_jsonl`, `write_tiny_run_inputs`, `run_chat_cli`.
 """
 
 from __future__ import annotations
@@ -150,3 +150,23 @@ def write_tiny_run_inputs(root: Path, reward_model: bool = False) -> Path:
         tok.save_pretrained(str(root / "rm"))
     write_jsonl(root / "sft.jsonl", [{"messages": chat} for chat in ARITHMETIC_CHATS])
     return root
+
+
+def run_chat_cli(cfg, text: str, monkeypatch) -> tuple[str, str, list[list[dict]]]:
+    """Run `chatsmith chat` (`generate.terminal.chat_cli`, config `cfg`) on `text` as stdin and assert it exits 0;
+    returns (stdout, stderr, a copy of every message list it rendered a prompt from, in order)."""
+    import io
+
+    import chatsmith.generate.terminal as terminal
+
+    seen = []
+    real = terminal.render_prompt
+
+    def spy(messages, tokenizer, fmt):
+        seen.append([dict(m) for m in messages])
+        return real(messages, tokenizer, fmt)
+
+    monkeypatch.setattr(terminal, "render_prompt", spy)
+    out, err = io.StringIO(), io.StringIO()
+    assert terminal.chat_cli(cfg, stdin=io.StringIO(text), stdout=out, stderr=err) == 0
+    return out.getvalue(), err.getvalue(), seen
