@@ -15,6 +15,7 @@ from chatsmith.chat import get_format, render_chat, render_prompt
 from chatsmith.generate import SamplingConfig, generate
 from chatsmith.generate.decoders import fast_path_layers
 from chatsmith.model import load_model, save_model
+from conftest import run_chat_cli
 from families import FAMILIES, build_family
 
 CONVERSATIONS = [
@@ -150,22 +151,11 @@ def test_sft_and_generate_commands_run_on_every_family(saved, tmp_path, capsys):
 def test_chat_command_holds_a_conversation_on_every_family(saved, monkeypatch):
     """`chatsmith chat` (stdin, greedy) keeps the history across turns and renders it with the family's
     template: the second prompt is the first exchange followed by the new user message."""
-    import io
-
-    import chatsmith.generate.terminal as terminal
+    from chatsmith.generate.terminal import ChatConfig
 
     name, path = saved
-    seen = []
-    real = terminal.render_prompt
-
-    def spy(messages, tokenizer, fmt):
-        seen.append([dict(m) for m in messages])
-        return real(messages, tokenizer, fmt)
-
-    monkeypatch.setattr(terminal, "render_prompt", spy)
-    cfg = terminal.ChatConfig(model=str(path), max_new_tokens=4, temperature=0, device="cpu")
-    out, err = io.StringIO(), io.StringIO()
-    assert terminal.chat_cli(cfg, stdin=io.StringIO("Hi there\nAnd Germany?\n"), stdout=out, stderr=err) == 0
+    cfg = ChatConfig(model=str(path), max_new_tokens=4, temperature=0, device="cpu")
+    _, _, seen = run_chat_cli(cfg, "Hi there\nAnd Germany?\n", monkeypatch)
     assert [[m["role"] for m in messages] for messages in seen] == [["user"], ["user", "assistant", "user"]]
     assert seen[1][0]["content"] == "Hi there" and seen[1][2]["content"] == "And Germany?"
 

@@ -5,22 +5,16 @@ Run: python -m pytest tests/test_data_check.py -q
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
-from conftest import make_tokenizer
+from conftest import make_tokenizer, write_jsonl
 
 from chatsmith.cli import main
 from chatsmith.data.check import percentile
 
 U = {"role": "user", "content": "What is the capital of France?"}
 A = {"role": "assistant", "content": "Paris is the capital of France."}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 
-from test_reward import tiny_config, toy_preferences, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(tiny_tokenizer):
-    from chatsmith.chat.templates import BUILTIN_TEMPLATES
-
-    tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = BUILTIN_TEMPLATES["chatml"]
-    return tok
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory, chat_tokenizer):
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(tiny_config(chat_tokenizer))
-    path = tmp_path_factory.mktemp("sft_dpo")
-    model.save_pretrained(path)
-    chat_tokenizer.save_pretrained(path)
-    return path
+from conftest import tiny_llama_config, write_jsonl
+from test_reward import toy_preferences
 
 
 def _examples(rows):
@@ -51,7 +30,7 @@ def test_packed_logprobs_sum_only_the_final_reply(chat_tokenizer):
     from chatsmith.train.preference_data import tokenize_preferences
 
     torch.manual_seed(0)
-    lm = transformers.LlamaForCausalLM(tiny_config(chat_tokenizer)).eval()
+    lm = transformers.LlamaForCausalLM(tiny_llama_config(chat_tokenizer)).eval()
     fmt = get_format("chatml")
     prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
               {"role": "user", "content": "What is the capital of France?"}]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from test_ppo import TokenSetReward, one_thread, toy_models, toy_prompts  # noqa: F401
-from test_reward import tiny_config, toy_preferences, write_jsonl
+from conftest import tiny_llama_config, write_jsonl
+from test_reward import toy_preferences
 
 LORA = dict(lora_r=4, lora_alpha=8.0)
 
@@ -79,7 +80,7 @@ def files(tmp_path_factory):
     tokenizer = make_tokenizer()
     tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"]
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(tiny_config(tokenizer))
+    model = transformers.LlamaForCausalLM(tiny_llama_config(tokenizer))
     model.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     prefs = toy_preferences(24)

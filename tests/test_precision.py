@@ -7,40 +7,22 @@ Run: python -m pytest tests/test_precision.py -q
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import write_tiny_run_inputs
 
 from chatsmith.cli import main
 from chatsmith.errors import ChatsmithError
 from chatsmith.train.devices import Precision, resolve_dtype
 from chatsmith.train.memory import estimate_training_memory, format_bytes, inference_memory, model_shape
 
-ROWS = [[{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]
-        for i in range(12)]
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny chat model, a tiny reward model, SFT data, preferences and prompts."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    root = tmp_path_factory.mktemp("inputs")
-    tok = make_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(root / "model"))
-    tok.save_pretrained(str(root / "model"))
-    config.num_labels = 1
-    LlamaForSequenceClassification(config).save_pretrained(str(root / "rm"))
-    tok.save_pretrained(str(root / "rm"))
-    (root / "sft.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in ROWS))
-    return root
+    """A tiny chat model, a tiny reward model and SFT data."""
+    return write_tiny_run_inputs(tmp_path_factory.mktemp("inputs"), reward_model=True)
 
 
 def test_dtype_flags_resolve_and_fp16_is_refused_off_cuda():

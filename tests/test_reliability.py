@@ -19,30 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import write_tiny_run_inputs
 
 from chatsmith.cli import main
 from chatsmith.utils import read_metrics
-
-ROWS = [[{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]
-        for i in range(12)]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny chat model directory and an SFT data file."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("inputs")
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=128))
-    model.save_pretrained(str(root / "model"))
-    tok.save_pretrained(str(root / "model"))
-    (root / "sft.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in ROWS))
-    return root
+    return write_tiny_run_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def sft_args(files: Path, out: Path, *extra: str, steps: int = 3) -> list[str]:

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_llama_config, write_jsonl
 
 from chatsmith.data.formats import split_train_eval
 from chatsmith.reward_model import RewardModel, render_for_scoring, sequence_rewards, token_scores
@@ -32,50 +33,11 @@ def toy_preferences(n: int = 40, seed: int = 0, ranked_every: int = 5) -> list[d
     return rows
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def tiny_config(tokenizer, **kw):
-    import transformers
-
-    return transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                                    tie_word_embeddings=True, **kw)
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(tiny_tokenizer):
-    from chatsmith.chat.templates import BUILTIN_TEMPLATES
-
-    import copy
-
-    tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = BUILTIN_TEMPLATES["chatml"]
-    return tok
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory, chat_tokenizer):
-    """A tiny 'SFT' causal LM directory (random weights) with the chatml template."""
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(tiny_config(chat_tokenizer))
-    path = tmp_path_factory.mktemp("sft")
-    model.save_pretrained(path)
-    chat_tokenizer.save_pretrained(path)
-    return path
-
-
 def _seq_cls(tokenizer, pad_token_id):
     import transformers
 
     torch.manual_seed(1)
-    cfg = tiny_config(tokenizer, num_labels=1)
+    cfg = tiny_llama_config(tokenizer, num_labels=1)
     cfg.pad_token_id = pad_token_id
     return transformers.LlamaForSequenceClassification(cfg).eval()
 
@@ -116,7 +78,7 @@ def test_reward_model_init_shares_the_sft_transformer(chat_tokenizer):
     import transformers
 
     torch.manual_seed(0)
-    lm = transformers.LlamaForCausalLM(tiny_config(chat_tokenizer)).eval()
+    lm = transformers.LlamaForCausalLM(tiny_llama_config(chat_tokenizer)).eval()
     rm = reward_model_from_causal_lm(lm, chat_tokenizer, seed=3).eval()
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -132,7 +94,7 @@ def test_reward_model_from_a_causal_lm_with_dropout_is_deterministic(chat_tokeni
     import transformers
 
     torch.manual_seed(0)
-    lm = transformers.LlamaForCausalLM(tiny_config(chat_tokenizer, attention_dropout=0.5))
+    lm = transformers.LlamaForCausalLM(tiny_llama_config(chat_tokenizer, attention_dropout=0.5))
     rm = reward_model_from_causal_lm(lm, chat_tokenizer, seed=3).train()
     assert rm.config.attention_dropout == 0.0 and lm.config.attention_dropout == 0.5
     ids, mask = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.ones(1, 6, dtype=torch.long)

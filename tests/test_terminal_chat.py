@@ -6,7 +6,6 @@ system prompt, context guard, and a real subprocess fed through stdin (no TTY).
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -15,9 +14,9 @@ import pytest
 import torch
 
 import chatsmith.generate.terminal as terminal
-from chatsmith.generate.terminal import ChatConfig, chat_cli, fit_history
+from chatsmith.generate.terminal import ChatConfig, fit_history
 from chatsmith.model import build_tokenizer, create_model, save_model
-from conftest import SAMPLE_TEXTS
+from conftest import SAMPLE_TEXTS, run_chat_cli
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +26,6 @@ def chat_model_dir(tmp_path_factory):
     model = create_model(dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                               intermediate_size=64, max_position_embeddings=256), tok)
     return save_model(model, tok, tmp_path_factory.mktemp("chat") / "model")
-
-
-def _run(cfg, text, monkeypatch):
-    """Run chat_cli on ``text`` as stdin; returns (stdout, stderr, list of rendered message lists)."""
-    seen = []
-    real = terminal.render_prompt
-
-    def spy(messages, tokenizer, fmt):
-        seen.append([dict(m) for m in messages])
-        return real(messages, tokenizer, fmt)
-
-    monkeypatch.setattr(terminal, "render_prompt", spy)
-    out, err = io.StringIO(), io.StringIO()
-    assert chat_cli(cfg, stdin=io.StringIO(text), stdout=out, stderr=err) == 0
-    return out.getvalue(), err.getvalue(), seen
 
 
 def _expected_replies(model_dir, prompts, max_new_tokens, max_context=0):
@@ -65,7 +49,7 @@ def _expected_replies(model_dir, prompts, max_new_tokens, max_context=0):
 
 def test_history_system_reset_and_exit(chat_model_dir, monkeypatch):
     cfg = ChatConfig(model=str(chat_model_dir), system="Be brief.", max_new_tokens=4, temperature=0)
-    out, err, seen = _run(cfg, "Hello there\n\nWhat did I say?\n/reset\nHi again\n/exit\nnever sent\n", monkeypatch)
+    out, err, seen = run_chat_cli(cfg, "Hello there\n\nWhat did I say?\n/reset\nHi again\n/exit\nnever sent\n", monkeypatch)
     assert len(seen) == 3                               # the blank line and everything after /exit: not sent
     first, second, third = seen
     assert first == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
@@ -87,7 +71,7 @@ def test_ctrl_d_ends_and_replies_match_generate(chat_model_dir, monkeypatch):
     from chatsmith.model import load_model
 
     cfg = ChatConfig(model=str(chat_model_dir), max_new_tokens=6, temperature=0)
-    out, _, seen = _run(cfg, "What is the capital of France?", monkeypatch)   # no newline, then EOF
+    out, _, seen = run_chat_cli(cfg, "What is the capital of France?", monkeypatch)   # no newline, then EOF
     assert len(seen) == 1
     loaded = load_model(chat_model_dir, device="cpu")
     fmt = get_format("chatml")
@@ -101,7 +85,7 @@ def test_ctrl_d_ends_and_replies_match_generate(chat_model_dir, monkeypatch):
 def test_context_guard_drops_oldest_turns_keeps_system(chat_model_dir, monkeypatch):
     long = "Python is a snake and also a programming language. " * 2
     cfg = ChatConfig(model=str(chat_model_dir), system="Sys.", max_new_tokens=8, temperature=0, max_context=110)
-    out, err, seen = _run(cfg, f"{long}\n{long} again\n{long} third\n", monkeypatch)
+    out, err, seen = run_chat_cli(cfg, f"{long}\n{long} again\n{long} third\n", monkeypatch)
     assert "dropped the" in err and "system prompt is kept" in err
     last = seen[-1]
     assert last[0] == {"role": "system", "content": "Sys."}
@@ -112,7 +96,7 @@ def test_context_guard_drops_oldest_turns_keeps_system(chat_model_dir, monkeypat
 
 def test_message_too_long_is_refused_not_sent(chat_model_dir, monkeypatch):
     cfg = ChatConfig(model=str(chat_model_dir), max_new_tokens=4, temperature=0, max_context=30)
-    out, err, seen = _run(cfg, "word " * 80 + "\nhi\n", monkeypatch)
+    out, err, seen = run_chat_cli(cfg, "word " * 80 + "\nhi\n", monkeypatch)
     assert "message too long" in err
     assert seen[-1] == [{"role": "user", "content": "hi"}]         # the long message left no trace
     assert out == "".join(r + "\n" for r in _expected_replies(chat_model_dir, seen[-1:], 4, 30))

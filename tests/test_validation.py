@@ -22,6 +22,7 @@ import typing
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from conftest import tiny_llama_config, write_jsonl
 from hypothesis import strategies as st
 
 from chatsmith.cli import COMMANDS, build_parser, main
@@ -31,44 +32,6 @@ from chatsmith.errors import ChatsmithError
 
 U = {"role": "user", "content": "What is the capital of France?"}
 A = {"role": "assistant", "content": "Paris is the capital of France."}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(tiny_tokenizer):
-    import copy
-
-    from chatsmith.chat.templates import BUILTIN_TEMPLATES
-
-    tok = copy.deepcopy(tiny_tokenizer)
-    tok.chat_template = BUILTIN_TEMPLATES["chatml"]
-    return tok
-
-
-def tiny_llama_config(tokenizer, **kw):
-    import transformers
-
-    return transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                                    tie_word_embeddings=True, **kw)
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory, chat_tokenizer):
-    """A tiny causal LM directory (what `chatsmith sft` writes), random weights, chatml template."""
-    import transformers
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("sft")
-    transformers.LlamaForCausalLM(tiny_llama_config(chat_tokenizer)).save_pretrained(path)
-    chat_tokenizer.save_pretrained(path)
-    return str(path)
 
 
 # ----------------------------------------------------------------------------- settings

@@ -42,23 +42,17 @@ import torch
 from torch import nn
 
 from chatsmith.config import arg, validate_config
-from chatsmith.data.rules import prompt_budget
-from chatsmith.errors import ChatsmithError
-from chatsmith.model import (RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, disable_dropout, restrict_embedding_training,
-                             set_training)
+from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, set_training
 from chatsmith.train import rl_functional as F
-from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_room_for_prompt
 from chatsmith.train.devices import autocast_context
-from chatsmith.train.lora import DisabledAdapterView, apply_lora, lora_enabled
 from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradients
 from chatsmith.train.parallel import all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing
-from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, check_reward_spec,
-                                     collect_rollout, dropped_prompts_line, freeze, load_policy, load_prompts,
-                                     make_scorer, micro_batch_tensors, note_context_limit, response_forward,
-                                     rollout_micro_batches, sample_row)
-from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
-from chatsmith.utils import note, rank, set_seed, step_seed, world_size
+from chatsmith.train.policy_setup import PolicyStage, load_stage_prompts, prompt_batches, reward_scorer
+from chatsmith.train.rollout import (PromptItem, Rollout, apply_no_eos_penalty, check_reward_spec, collect_rollout,
+                                     micro_batch_tensors, response_forward, rollout_micro_batches, sample_row)
+from chatsmith.train.run import CheckpointParts, TrainingDiverged, TrainResult
+from chatsmith.utils import step_seed
 
 __all__ = ["GRPOConfig", "grpo", "GRPOTrainer"]
 
@@ -112,7 +106,7 @@ class GRPOConfig(TrainConfig):
         check_room_for_prompt(self)
 
 
-class GRPOTrainer(Stage):
+class GRPOTrainer(PolicyStage):
     """Policy + (optional) frozen reference + a reward function; supplies GRPO steps to a
     `chatsmith.train.run.Run` (which owns resume, logging, samples, checkpoints and the final save).
     `grpo(cfg)` is the command."""
@@ -127,54 +121,15 @@ class GRPOTrainer(Stage):
         validate_config(cfg)              # every setting, before any model is loaded
         if scorer is None:
             check_reward_spec(cfg.reward, "--reward")
-        self.runner = Run(cfg, "grpo")
-        self.cfg = cfg
-        self.sample_every, self.num_samples = cfg.sample_every, cfg.num_samples
-        self.device, self.amp_dtype = self.runner.device, self.runner.amp_dtype
-        self.precision = self.runner.precision
         # Under torchrun each rank samples --prompts-per-step prompts of one global batch and the gradients
         # are averaged over ranks before every optimizer step (parallel.all_reduce_gradients).
-        self.distributed = self.runner.distributed
-        self.rank, self.world = (rank(), world_size()) if self.distributed else (0, 1)
-        set_seed(cfg.seed)
-        if policy is None:
-            policy, tokenizer, fmt = load_policy(cfg.model, self.device, cfg.template)
-        lora = lora_enabled(cfg)
-        if lora:
-            policy = apply_lora(policy, cfg, base=cfg.model)
-        if reference is None and cfg.beta != 0.0:
-            # With LoRA the reference is the policy's own weights with the adapters off: no second copy.
-            reference = (DisabledAdapterView(policy) if lora else
-                         load_policy(cfg.model, self.device, cfg.template)[0])
-        self.policy = disable_dropout(policy.to(self.device))
-        if not lora:
-            restrict_embedding_training(self.policy, tokenizer, fmt, cfg.train_embeddings)
+        # The reference is the SFT model itself (with LoRA: the policy's adapters off); beta 0 needs none.
+        self.setup_policy(cfg, cfg.model, cfg.model if cfg.beta != 0.0 else None, policy, tokenizer, fmt, reference)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(self.policy)
-        if reference is not None and not isinstance(reference, DisabledAdapterView):
-            reference = freeze(disable_dropout(reference.to(self.device)))
-        self.reference = reference
-        self.tokenizer, self.fmt = tokenizer, fmt
-        note_context_limit("grpo", cfg.max_len, self.policy, tokenizer)
-        self.stop_token_ids = list(fmt.stop_token_ids(tokenizer)) if fmt is not None else []
-        if not self.stop_token_ids and tokenizer.eos_token_id is not None:
-            self.stop_token_ids = [int(tokenizer.eos_token_id)]
-        if not self.stop_token_ids:
-            raise ChatsmithError(f"{cfg.model}: the chat format has no single-token end-of-turn marker")
-        self.scorer = scorer if scorer is not None else make_scorer(cfg.reward, tokenizer, self.device,
-                                                                    cfg.forward_batch_size)
-        if hasattr(self.scorer, "skip_unfinished"):
-            self.scorer.skip_unfinished = cfg.no_eos_penalty is not None
-        if prompts is None:
-            budget = prompt_budget(cfg.max_len, cfg.max_new_tokens)
-            prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, budget)
-            if dropped:
-                note(dropped_prompts_line("grpo", dropped, budget))
-        self.prompts = prompts
-        # One global batch of prompts per step, the same order on every rank; rank r takes the r-th slice.
-        # Every step is a whole batch (an epoch's remainder is dropped): a short one would leave ranks empty.
-        self.source = ShardedBatchSource(list(range(len(prompts))), cfg.prompts_per_step * self.world, collate=list,
-                                         seed=cfg.seed, drop_last=True, rank=0, world_size=1)
+        self.scorer = reward_scorer(cfg.reward, scorer, self.tokenizer, self.device, cfg)
+        self.prompts = prompts if prompts is not None else load_stage_prompts(cfg, self.tokenizer, self.fmt, "grpo")
+        self.source = prompt_batches(len(self.prompts), cfg.prompts_per_step * self.world, cfg.seed)
         self.optimizer = build_optimizer(self.policy, cfg, fused=True)
         self.scheduler = build_scheduler(self.optimizer, cfg, cfg.max_steps * cfg.num_iterations)
         self.generate_fn = generate_fn
@@ -288,15 +243,9 @@ class GRPOTrainer(Stage):
         return [sample_row(self.step, self.prompts[rollout.prompt_index[i]], rollout, i, rewards[i])
                 for i in list(range(0, rollout.batch_size, self.cfg.num_generations))[:n]]
 
-    # ------------------------------------------------------------------------- the Run's hooks
-    def run(self) -> TrainResult:
-        return self.runner.train(self)
-
+    # ------------------------------------------------------------------------- the Run's hook
     def checkpoint_parts(self) -> CheckpointParts:
         return CheckpointParts(self.policy, self.optimizer, self.scheduler, self.source)
-
-    def final_model(self) -> nn.Module:
-        return self.policy
 
 
 def grpo(cfg: GRPOConfig) -> TrainResult:

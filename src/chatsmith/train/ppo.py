@@ -66,24 +66,22 @@ import torch
 from torch import nn
 
 from chatsmith.config import arg, validate_config
-from chatsmith.data.rules import prompt_budget
 from chatsmith.errors import ChatsmithError
-from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, checked_model_source, disable_dropout, hub_where, quiet_transformers, restrict_embedding_training, save_model
+from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, checked_model_source, disable_dropout, hub_where, quiet_transformers, save_model
 from chatsmith.adapters import is_adapter_dir
 from chatsmith.train import rl_functional as F
-from chatsmith.train.batching import ShardedBatchSource
 from chatsmith.train.config import TrainConfig, check_room_for_prompt
 from chatsmith.train.devices import autocast_context
-from chatsmith.train.lora import AdapterDisabledScorer, DisabledAdapterView, apply_lora, lora_enabled
+from chatsmith.train.lora import AdapterDisabledScorer, apply_lora
 from chatsmith.train.optim import build_optimizer, build_scheduler, clip_gradients
 from chatsmith.train.parallel import (all_reduce_gradients, all_reduce_sum, enable_activation_checkpointing,
                                       sum_over_ranks)
-from chatsmith.train.rollout import (PromptItem, RewardModelScorer, Rollout, apply_no_eos_penalty,
-                                     check_reward_spec, collect_rollout, dropped_prompts_line, freeze, load_policy,
-                                     load_prompts, make_scorer, micro_batch_tensors, note_context_limit,
-                                     response_forward, rollout_micro_batches, sample_row, value_forward)
-from chatsmith.train.run import CheckpointParts, Run, Stage, TrainingDiverged, TrainResult
-from chatsmith.utils import note, rank, set_seed, step_seed, world_size
+from chatsmith.train.policy_setup import PolicyStage, load_stage_prompts, prompt_batches, reward_scorer
+from chatsmith.train.rollout import (PromptItem, RewardModelScorer, Rollout, apply_no_eos_penalty, check_reward_spec,
+                                     collect_rollout, micro_batch_tensors, response_forward, rollout_micro_batches,
+                                     sample_row, value_forward)
+from chatsmith.train.run import CheckpointParts, TrainingDiverged, TrainResult
+from chatsmith.utils import step_seed
 
 __all__ = ["PPOConfig", "ppo", "PPOTrainer"]
 
@@ -173,7 +171,7 @@ def value_source(cfg: "PPOConfig") -> str:
     return cfg.value_model or (cfg.reward_model[3:] if cfg.reward_model.startswith("rm:") else cfg.reward_model)
 
 
-class PPOTrainer(Stage):
+class PPOTrainer(PolicyStage):
     """Holds the four models and supplies PPO steps to a `chatsmith.train.run.Run` (which owns resume, logging,
     samples, checkpoints and the final save). `ppo(cfg)` is the command; tests and `rlhf` use this too.
 
@@ -191,47 +189,15 @@ class PPOTrainer(Stage):
         _check_config(cfg)
         if scorer is None:
             check_reward_spec(cfg.reward_model, "--reward-model")
-        self.runner = Run(cfg, "ppo")
-        self.cfg = cfg
-        self.sample_every, self.num_samples = cfg.sample_every, cfg.num_samples
-        self.device, self.amp_dtype = self.runner.device, self.runner.amp_dtype
-        self.precision = self.runner.precision
         # Under torchrun each rank collects --rollout-batch-size episodes of one global batch; whitening,
         # the KL controller and the token-weighted losses use the whole batch's statistics, and the
         # gradients are summed over ranks (see _update), so W processes train what one process with W times
         # the rollout batch trains.
-        self.distributed = self.runner.distributed
-        self.rank, self.world = (rank(), world_size()) if self.distributed else (0, 1)
+        # The reference is --reference, else the SFT policy itself (with LoRA: the policy's adapters off).
+        self.setup_policy(cfg, cfg.policy, cfg.reference or cfg.policy, policy, tokenizer, fmt, reference)
         self.sum_across = sum_over_ranks if self.distributed else None
-        set_seed(cfg.seed)
-        if policy is None:
-            policy, tokenizer, fmt = load_policy(cfg.policy, self.device, cfg.template)
-        self.lora = lora_enabled(cfg)
-        if self.lora:
-            policy = apply_lora(policy, cfg, base=cfg.policy)
-        if reference is None:
-            if self.lora and (cfg.reference is None or Path(cfg.reference).resolve() == Path(cfg.policy).resolve()):
-                reference = DisabledAdapterView(policy)   # the same weights, adapters off: no second copy
-            else:
-                reference, _, _ = load_policy(cfg.reference or cfg.policy, self.device, cfg.template)
-        self.policy = disable_dropout(policy.to(self.device))
-        if not self.lora:
-            restrict_embedding_training(self.policy, tokenizer, fmt, cfg.train_embeddings)
-        self.reference = (reference if isinstance(reference, DisabledAdapterView)
-                          else freeze(disable_dropout(reference.to(self.device))))
-        self.tokenizer, self.fmt = tokenizer, fmt
-        note_context_limit("ppo", cfg.max_len, self.policy, tokenizer)
-        self.stop_token_ids = list(fmt.stop_token_ids(tokenizer)) if fmt is not None else []
-        if not self.stop_token_ids and tokenizer.eos_token_id is not None:
-            self.stop_token_ids = [int(tokenizer.eos_token_id)]
-        if not self.stop_token_ids:
-            raise ChatsmithError(f"{cfg.policy}: the chat format has no single-token end-of-turn marker, so "
-                                 f"responses cannot be cut and scored at their end")
-        if scorer is None:
-            scorer = make_scorer(cfg.reward_model, tokenizer, self.device, cfg.forward_batch_size)
+        scorer = reward_scorer(cfg.reward_model, scorer, self.tokenizer, self.device, cfg)
         self.scorer = scorer
-        if hasattr(scorer, "skip_unfinished"):
-            scorer.skip_unfinished = cfg.no_eos_penalty is not None
         if value_model is None and self.lora and cfg.value_model is None and isinstance(scorer, RewardModelScorer):
             # The value model is the reward model's own weights with adapters of its own (and its own copy of
             # the score head); the reward is scored with those adapters off: one copy serves both.
@@ -250,16 +216,8 @@ class PPOTrainer(Stage):
         if not self.lora:
             for p in self.value_model.parameters():
                 p.requires_grad_(True)
-        if prompts is None:
-            budget = prompt_budget(cfg.max_len, cfg.max_new_tokens)
-            prompts, dropped = load_prompts(cfg.prompts, tokenizer, fmt, budget)
-            if dropped:
-                note(dropped_prompts_line("ppo", dropped, budget))
-        self.prompts = prompts
-        # One global batch of prompts per step, the same order on every rank; rank r takes the r-th slice.
-        # Every step is a whole batch (an epoch's remainder is dropped): a short one would leave ranks empty.
-        self.source = ShardedBatchSource(list(range(len(prompts))), cfg.rollout_batch_size * self.world,
-                                         collate=list, seed=cfg.seed, drop_last=True, rank=0, world_size=1)
+        self.prompts = prompts if prompts is not None else load_stage_prompts(cfg, self.tokenizer, self.fmt, "ppo")
+        self.source = prompt_batches(len(self.prompts), cfg.rollout_batch_size * self.world, cfg.seed)
         self.models = nn.ModuleDict({"policy": self.policy, "value": self.value_model})
         value_cfg = dataclasses.replace(cfg, lr=cfg.value_lr if cfg.value_lr is not None else cfg.lr)
         self.minibatches_per_epoch = cfg.rollout_batch_size // (cfg.batch_size * cfg.grad_accum)
@@ -458,14 +416,8 @@ class PPOTrainer(Stage):
                 for i in range(min(n, rollout.batch_size))]
 
     # ------------------------------------------------------------------------- the Run's hooks
-    def run(self) -> TrainResult:
-        return self.runner.train(self)
-
     def checkpoint_parts(self) -> CheckpointParts:
         return CheckpointParts(self.models, self.optimizer, self.scheduler, self.source)
-
-    def final_model(self) -> nn.Module:
-        return self.policy
 
     def extra_state(self) -> dict[str, Any]:
         return {"kl_ctl": self.kl_ctl.state_dict()}

@@ -182,8 +182,5 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     trainer = Trainer(cfg, model, tokenizer, source, next_token_loss, eval_fn=eval_fn, stage="pretrain")
     result = trainer.run()
     if is_main_process():
-        ev = ", ".join(f"{k} {v:.3f}" for k, v in result.eval.items())
-        loss = f"{result.loss:.3f}" if result.loss is not None else "n/a"
-        print(f"pretrain: done at step {result.step}, train loss {loss}"
-              f"{', ' + ev if ev else ''}; model saved to {result.out}", file=sys.stderr)
+        print(result.done_line("pretrain"), file=sys.stderr)
     return result

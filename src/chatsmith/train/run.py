@@ -80,6 +80,13 @@ class TrainResult:
     resumed_from: int | None
     metrics: dict[str, float] = field(default_factory=dict)   # the last step's metrics
 
+    def done_line(self, stage: str) -> str:
+        """What a supervised command prints at the end: step, last train loss, last evaluation, where OUT is."""
+        ev = ", ".join(f"{k} {v:.3f}" for k, v in self.eval.items())
+        loss = f"{self.loss:.3f}" if self.loss is not None else "n/a"
+        return (f"{stage}: done at step {self.step}, train loss {loss}{', ' + ev if ev else ''}; "
+                f"model saved to {self.out}")
+
 
 class Stage:
     """A stage's side of a `Run`: its step and what its checkpoint holds. Every hook has a default."""

@@ -254,8 +254,5 @@ def sft(cfg: SFTConfig) -> TrainResult:
                       token_count_fn=lambda batch: batch["n_tokens"])
     result = trainer.run()
     if is_main_process():
-        ev = ", ".join(f"{k} {v:.3f}" for k, v in result.eval.items())
-        loss = f"{result.loss:.3f}" if result.loss is not None else "n/a"
-        print(f"sft: done at step {result.step}, train loss {loss}{', ' + ev if ev else ''}; "
-              f"model saved to {result.out}", file=sys.stderr)
+        print(result.done_line("sft"), file=sys.stderr)
     return result
