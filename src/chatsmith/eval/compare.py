@@ -1,8 +1,8 @@
 """Several eval reports side by side (one per seed, or one per recipe): for every model and metric, the value
 in each report, the mean and the worst; and the safety/helpfulness scatter with one point per model and report.
 
-    chatsmith eval compare runs/demo-s0 runs/demo-s1 runs/demo-s2 --labels "seed 0" "seed 1" "seed 2" \
-        --out runs/seeds
+    chatsmith eval compare runs/demo-s0 runs/demo-s1 runs/demo-s2 --out runs/seeds
+    chatsmith eval compare runs/demo-s0 runs/demo-s1 --labels "seed 0" "seed 1"
     chatsmith eval compare a/report.json b/report.json --models sft ppo --metrics refuses_harmful over_refusal
 
 Each argument is a `report.json`, an `eval --out` directory, or a `demo --out` directory (its `report/`).
