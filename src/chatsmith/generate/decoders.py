@@ -168,7 +168,8 @@ class FastDecoder:
     ``key_ok`` ``(b, max_len)`` marks real (non-pad) key positions; ``length`` is how many cache columns
     are filled (the same for all rows thanks to left padding); ``positions`` ``(b,)`` each row's next
     position id. About 15 kernels per layer and step: one matmul for q/k/v, RoPE as x*cos + roll(x)*sin',
-    addmm for projection + residual, one matmul for gate/up.
+    addmm for projection + residual, one matmul for gate/up. A prefill of left-padded prompts of mixed lengths runs the matmuls
+    over the real tokens only (their rows packed together) and only the attention over the padded layout.
     """
 
     can_drop_rows = True
@@ -223,7 +224,10 @@ class FastDecoder:
         else:
             mask = None
         self.length = 0
-        return self._forward(input_ids, positions, mask)
+        # A padded prefill runs its projections and MLPs over the real tokens only (packed), and its
+        # attention over the padded layout: prompts of mixed lengths waste no matmul rows on padding.
+        real = attention_mask.reshape(-1).nonzero().squeeze(1) if self.padded and t > 1 else None
+        return self._forward(input_ids, positions, mask, real)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step. tokens ``(b,)``; returns logits ``(b, vocab)``."""
@@ -256,11 +260,17 @@ class FastDecoder:
         self.positions = self.positions[rows]
         self.padded = not bool(self.key_ok[:, :n].all())
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                 real: torch.Tensor | None = None) -> torch.Tensor:
+        """ids/positions ``(b, q)``; ``real``: the flat indices (into ``b * q``, increasing) of the non-pad
+        tokens, or None: every position is computed. With ``real`` the hidden states are ``(len(real), d)``
+        and only the attention sees the padded ``(b, q)`` layout (pad positions get zero keys and values,
+        which the mask hides)."""
         b, q = ids.shape
         h, kv, hd = self.n_heads, self.n_kv, self.head_dim
         start, end = self.length, self.length + q
-        hidden = self.embed_layer(ids).to(self.dtype).view(b * q, -1)              # (b*q, d)
+        flat_ids = ids.reshape(-1) if real is None else ids.reshape(-1)[real]
+        hidden = self.embed_layer(flat_ids).to(self.dtype)                         # (b*q or n_real, d)
         cos = self.cos[positions][:, None]                                          # (b, 1, q, hd)
         sin = self.sin[positions][:, None]
         causal = mask is None and q > 1
@@ -268,6 +278,8 @@ class FastDecoder:
         for w, cache in zip(self.weights, self.kv):
             x = F.rms_norm(hidden, (hidden.shape[-1],), w.norm1, w.eps)
             qkv = _matmul(x, w.qkv) if w.qkv_bias is None else _add_matmul(w.qkv_bias, x, w.qkv)
+            if real is not None:
+                qkv = qkv.new_zeros(b * q, qkv.shape[1]).index_copy_(0, real, qkv)
             qkv = qkv.view(b, q, h + 2 * kv, hd).transpose(1, 2)                   # (b, h+2kv, q, hd)
             qk = qkv[:, : h + kv]
             # RoPE (Su et al. 2021, arXiv:2104.09864) on queries and keys at once
@@ -278,6 +290,8 @@ class FastDecoder:
                                                   attn_mask=mask, is_causal=causal, scale=self.scale,
                                                   enable_gqa=gqa)                   # (b, h, q, hd)
             attn = attn.transpose(1, 2).reshape(b * q, h * hd)
+            if real is not None:
+                attn = attn.index_select(0, real)
             hidden = _add_matmul(hidden, attn, w.o)                               # residual + o_proj
             if w.o_bias is not None:
                 hidden = hidden + w.o_bias
@@ -285,7 +299,10 @@ class FastDecoder:
             gate, up = _matmul(x, w.gate_up).chunk(2, dim=-1)
             hidden = _add_matmul(hidden, F.silu(gate) * up, w.down)              # residual + SwiGLU down
         self.length = end
-        last = hidden.view(b, q, -1)[:, -1]                                         # (b, d)
+        if real is None:
+            last = hidden.view(b, q, -1)[:, -1]                                     # (b, d)
+        else:   # left padding: a row's last position is real, its packed index the running count - 1
+            last = hidden[torch.bincount(real // q, minlength=b).cumsum(0) - 1]
         last = F.rms_norm(last, (last.shape[-1],), self.final_norm, self.final_eps)
         return _matmul(last, self.head_t)
 
