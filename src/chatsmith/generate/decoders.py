@@ -168,8 +168,9 @@ class FastDecoder:
     ``key_ok`` ``(b, max_len)`` marks real (non-pad) key positions; ``length`` is how many cache columns
     are filled (the same for all rows thanks to left padding); ``positions`` ``(b,)`` each row's next
     position id. About 15 kernels per layer and step: one matmul for q/k/v, RoPE as x*cos + roll(x)*sin',
-    addmm for projection + residual, one matmul for gate/up. A prefill of left-padded prompts of mixed lengths runs the matmuls
-    over the real tokens only (their rows packed together) and only the attention over the padded layout.
+    addmm for projection + residual, one matmul for gate/up. A prefill of left-padded prompts of mixed
+    lengths runs the matmuls over the real tokens only (their rows packed together) and only the attention
+    over the padded layout.
     """
 
     can_drop_rows = True

@@ -50,11 +50,11 @@ from chatsmith.world.shipped import install_shipped_base, read_manifest, shipped
 
 STAGES = ("export", "pretrain", "sft", "reward", "ppo", "dpo", "grpo", "eval")
 
+EVAL_MAX_NEW_TOKENS = 72   # the eval's answer budget in quick and full (see their "eval" settings)
+
 # Per profile: the settings of every stage (fields of that stage's config dataclass; anything not set
 # here keeps the stage's own default), plus `seconds`: the expected wall time of each stage on 2 CPU
 # cores, used only to weight the pipeline's progress bar and its ETA.
-EVAL_MAX_NEW_TOKENS = 72   # the eval's answer budget in quick and full (see their "eval" settings)
-
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # CI-sized: the whole pipeline end to end in well under 2 minutes. The models learn nothing useful.
     "toy": {
