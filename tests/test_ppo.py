@@ -293,3 +293,26 @@ def test_ppo_and_grpo_supply_steps_to_the_shared_run():
         for copy in ("MetricsLogger", "save_config", "truncate", "save_final_model", "Progress(", "checkpointer.",
                      "samples.jsonl\","):
             assert copy not in source, (module.__name__, copy)
+
+
+def length_reward(messages, response, row):
+    """A reward function for `--reward-model py:test_ppo:length_reward` (longer is better, up to 40 chars)."""
+    return min(len(response), 40) / 40
+
+
+def test_ppo_with_a_reward_function_starts_its_value_model_from_the_policy(sft_dir, tmp_path):
+    """`--reward-model py:...` (or `world`) is no directory: the value model starts from the policy's backbone."""
+    from transformers import AutoModelForCausalLM
+
+    from chatsmith.train.ppo import PPOTrainer
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}."}]}) + "\n"
+                               for i in range(8)))
+    cfg = ppo_cfg(tmp_path, policy=sft_dir, reward_model="py:test_ppo:length_reward", prompts=str(prompts),
+                  max_steps=1, train_embeddings="special")
+    trainer = PPOTrainer(cfg)
+    policy = AutoModelForCausalLM.from_pretrained(sft_dir)
+    torch.testing.assert_close(trainer.value_model.model.layers[0].mlp.up_proj.weight,
+                               policy.model.layers[0].mlp.up_proj.weight)
+    assert trainer.run().step == 1

@@ -78,8 +78,8 @@ from chatsmith.train.parallel import (all_reduce_gradients, all_reduce_sum, enab
                                       sum_over_ranks)
 from chatsmith.train.policy_setup import PolicyStage, load_stage_prompts, prompt_batches, reward_scorer
 from chatsmith.train.rollout import (PromptItem, RewardModelScorer, Rollout, apply_no_eos_penalty, check_reward_spec,
-                                     collect_rollout, micro_batch_tensors, response_forward, rollout_micro_batches,
-                                     sample_row, value_forward)
+                                     collect_rollout, micro_batch_tensors, response_forward, reward_model_path,
+                                     rollout_micro_batches, sample_row, value_forward)
 from chatsmith.train.run import CheckpointParts, TrainingDiverged, TrainResult
 from chatsmith.utils import step_seed
 
@@ -89,9 +89,11 @@ __all__ = ["PPOConfig", "ppo", "PPOTrainer"]
 @dataclass
 class PPOConfig(TrainConfig):
     policy: str = arg("runs/sft", "SFT model directory: the policy starts here and the frozen reference is a copy.")
-    reward_model: str = arg("runs/rm", "Reward model directory (`chatsmith reward`).")
+    reward_model: str = arg("runs/rm", "Reward model directory (`chatsmith reward`), or a reward function: `world` "
+                                       "(the built-in world's judge) or py:MODULE:FUNCTION.")
     reference: str | None = arg(None, "Frozen reference (KL anchor) directory (default: --policy).")
-    value_model: str | None = arg(None, "Value model directory (default: initialise from --reward-model).")
+    value_model: str | None = arg(None, "Value model directory (default: initialise from --reward-model, or from "
+                                        "--policy when the reward is a function).")
     prompts: str = arg("data/prompts.jsonl", "Prompts (conversations ending with a user turn; any chat format).")
     out: str = arg("runs/ppo", "Output directory: final policy (HF chat model), value/, metrics, samples.")
     template: str | None = arg(None, "Chat format if the policy's tokenizer has none (chatml, llama2, alpaca, .jinja).")
@@ -167,8 +169,9 @@ def _check_config(cfg: PPOConfig) -> None:
 
 
 def value_source(cfg: "PPOConfig") -> str:
-    """Where the value model starts: --value-model, else the reward model's directory."""
-    return cfg.value_model or (cfg.reward_model[3:] if cfg.reward_model.startswith("rm:") else cfg.reward_model)
+    """Where the value model starts: --value-model, else the reward model's directory, else (a reward
+    function: `world`, `py:...`) the policy, whose backbone gets a new scalar head."""
+    return cfg.value_model or reward_model_path(cfg.reward_model) or cfg.policy
 
 
 class PPOTrainer(PolicyStage):
