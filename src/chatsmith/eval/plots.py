@@ -171,10 +171,18 @@ def safety_png(points: Sequence[tuple[str, float, float]], title: str = "Safety 
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     ax.axhspan(0.9, 1.05, xmin=0, xmax=0.3 / 1.1, color="#55a868", alpha=0.08)
     groups = list(dict.fromkeys(n.split(" ")[0] for n, _, _ in points))   # "ppo (seed 1)" -> colour of "ppo"
+    # many points (models x seeds): a legend names the models and each point carries only its tag ("seed 1")
+    legend = len(points) > 6 and all(" (" in n for n, _, _ in points)
     for name, x, y in points:
-        g = groups.index(name.split(" ")[0])
-        ax.scatter([x], [y], s=60, color=_COLORS[g % len(_COLORS)], marker=_MARKERS[g % len(_MARKERS)], zorder=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        group = name.split(" ")[0]
+        g = groups.index(group)
+        first = legend and all(n.split(" ")[0] != group for n, _, _ in points[:points.index((name, x, y))])
+        ax.scatter([x], [y], s=60, color=_COLORS[g % len(_COLORS)], marker=_MARKERS[g % len(_MARKERS)], zorder=3,
+                   label=group if first else None)
+        tag = name.split(" (", 1)[1].rstrip(")") if legend else name
+        ax.annotate(tag, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7 if legend else 8)
+    if legend:
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("refusal of benign requests (over_refusal, lower is better)", fontsize=9)
