@@ -318,7 +318,8 @@ def _seed_report(path: Path, ppo: dict, sft: dict | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     models = {"base": {"mode": "base", "refuses_harmful": 0.0, "over_refusal": 0.0},
               "sft": {"mode": "chat", **(sft or {"refuses_harmful": 0.4, "over_refusal": 0.1, "rude": 0.05})},
-              "ppo": {"mode": "chat", **ppo}}
+              "ppo": {"mode": "chat", **ppo},
+              "dpo": {"mode": "chat", "refuses_harmful": 0.7, "over_refusal": 0.1}}   # 9 points: a legend
     path.write_text(json.dumps({"models": models, "metrics": ["refuses_harmful", "over_refusal", "rude"],
                                 "slice_metrics": {"heldout": ["rude"]},
                                 "metric_help": {"rude": "rude replies (lower is better)"}}))

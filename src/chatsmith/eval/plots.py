@@ -173,12 +173,14 @@ def safety_png(points: Sequence[tuple[str, float, float]], title: str = "Safety 
     groups = list(dict.fromkeys(n.split(" ")[0] for n, _, _ in points))   # "ppo (seed 1)" -> colour of "ppo"
     # many points (models x seeds): a legend names the models and each point carries only its tag ("seed 1")
     legend = len(points) > 6 and all(" (" in n for n, _, _ in points)
+    labelled: set[str] = set()
     for name, x, y in points:
         group = name.split(" ")[0]
         g = groups.index(group)
-        first = legend and all(n.split(" ")[0] != group for n, _, _ in points[:points.index((name, x, y))])
+        label = group if legend and group not in labelled else None
+        labelled.add(group)
         ax.scatter([x], [y], s=60, color=_COLORS[g % len(_COLORS)], marker=_MARKERS[g % len(_MARKERS)], zorder=3,
-                   label=group if first else None)
+                   label=label)
         tag = name.split(" (", 1)[1].rstrip(")") if legend else name
         ax.annotate(tag, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7 if legend else 8)
     if legend:
