@@ -366,3 +366,7 @@ def test_eval_compare_refuses_what_is_not_a_report(tmp_path):
         compare_cli(CompareConfig(reports=[str(good)], labels=["a", "b"], out=str(tmp_path / "o")))
     with pytest.raises(ChatsmithError, match="no report has a model named 'grpo'"):
         compare_cli(CompareConfig(reports=[str(good)], models=["grpo"], out=str(tmp_path / "o")))
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"models": {"ppo": {"rude": 0.1}}}))
+    with pytest.raises(ChatsmithError, match="lists no metrics; name them with --metrics"):
+        compare_cli(CompareConfig(reports=[str(bare)], out=str(tmp_path / "o")))

@@ -94,6 +94,8 @@ def compare_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str], mo
     first = reports[0]
     models = list(models) or list(first["models"])
     metrics = list(metrics) or list(first.get("metrics") or [])
+    if not metrics:
+        raise ChatsmithError("eval compare: the first report lists no metrics; name them with --metrics")
     for model in models:
         if not any(model in r["models"] for r in reports):
             raise ChatsmithError(f"--models: no report has a model named {model!r} "
