@@ -53,7 +53,7 @@ def test_toy_demo_end_to_end_resumes_and_caches(tmp_path, monkeypatch, capsys):
 
     calls.clear()
     assert D.run_demo(cfg) == 0                       # resumes: finished stages are skipped
-    assert calls == ["reward", "ppo", "dpo", "grpo"]
+    assert calls == ["reward", "dpo", "ppo", "grpo"]
     printed = capsys.readouterr().out
 
     report = json.loads((out / "report" / "report.json").read_text())

@@ -12,8 +12,10 @@ Stages, each in its own directory under --out (runs/demo):
                demo reuses it, and so does an upgrade that changes the world's chats but not its corpus.
   3. sft       supervised fine-tuning on the demonstrations (sft/)
   4. reward    a reward model on the preference pairs (rm/)
-  5. ppo       RLHF with PPO against the reward model (ppo/)
-  6. dpo       DPO on the same preferences, for comparison (dpo/)
+  5. dpo       DPO on the same preferences: offline preference learning from the SFT model (dpo/)
+  6. ppo       RLHF with PPO against the reward model, starting from the DPO model (ppo/): offline
+               preferences first and on-policy RL after them, the order of Llama 2's and Tulu 3's recipes
+               (over-refusal half of PPO from SFT at about the same refusal rate; docs/EXPERIMENTS.md)
   7. grpo      GRPO against the same reward model, with PPO's budget of episodes, for comparison (grpo/)
   8. eval      the held-out behaviour suite on base, SFT, PPO, DPO and GRPO (report/: report.json, .md,
                .html)
@@ -48,7 +50,7 @@ from chatsmith.utils import atomic_directory, atomic_write_text
 from chatsmith.world.progress import PipelineProgress
 from chatsmith.world.shipped import install_shipped_base, read_manifest, shipped_base_for
 
-STAGES = ("export", "pretrain", "sft", "reward", "ppo", "dpo", "grpo", "eval")
+STAGES = ("export", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "eval")
 
 EVAL_MAX_NEW_TOKENS = 72   # the eval's answer budget in quick and full (see their "eval" settings)
 
@@ -239,7 +241,7 @@ def _init_code_digest() -> str:
 # What each stage reads: the stages whose models it uses and its files in the exported data/.
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "export": ((), ()), "pretrain": ((), ("corpus.jsonl",)), "sft": (("pretrain",), ("sft.jsonl",)),
-    "reward": (("sft",), ("preferences.jsonl",)), "ppo": (("sft", "reward"), ("prompts.jsonl",)),
+    "reward": (("sft",), ("preferences.jsonl",)), "ppo": (("dpo", "reward"), ("prompts.jsonl",)),
     "dpo": (("sft",), ("preferences.jsonl",)), "grpo": (("sft", "reward"), ("prompts.jsonl",)),
     "eval": (("pretrain", "sft", "reward", "ppo", "dpo", "grpo"), ("eval",)),
 }
@@ -327,7 +329,7 @@ def _build_stage_config(stage: str, paths: _Paths, cfg: DemoConfig, settings: di
         "pretrain": {"data": str(data / "corpus.jsonl"), "out": str(paths.base)},
         "sft": {"model": str(paths.base), "data": str(data / "sft.jsonl"), "out": str(paths.sft)},
         "reward": {"model": str(paths.sft), "data": str(data / "preferences.jsonl"), "out": str(paths.rm)},
-        "ppo": {"policy": str(paths.sft), "reward_model": str(paths.rm), "prompts": str(data / "prompts.jsonl"),
+        "ppo": {"policy": str(paths.dpo), "reward_model": str(paths.rm), "prompts": str(data / "prompts.jsonl"),
                 "out": str(paths.ppo)},
         "dpo": {"model": str(paths.sft), "data": str(data / "preferences.jsonl"), "out": str(paths.dpo)},
         "grpo": {"model": str(paths.sft), "prompts": str(data / "prompts.jsonl"), "reward": f"rm:{paths.rm}",
