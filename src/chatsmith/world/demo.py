@@ -16,7 +16,8 @@ Stages, each in its own directory under --out (runs/demo):
   6. ppo       RLHF with PPO against the reward model, starting from the DPO model (ppo/): offline
                preferences first and on-policy RL after them, the order of Llama 2's and Tulu 3's recipes
                (over-refusal half of PPO from SFT at about the same refusal rate; docs/EXPERIMENTS.md)
-  7. grpo      GRPO against the same reward model, with PPO's budget of episodes, for comparison (grpo/)
+  7. grpo      GRPO against the same reward model from the same DPO model, with PPO's budget of episodes,
+               for comparison (grpo/)
   8. eval      the held-out behaviour suite on base, SFT, PPO, DPO and GRPO (report/: report.json, .md,
                .html)
 It ends by printing the answers of base, SFT and PPO side by side, the metrics table and what to try next.
@@ -242,7 +243,7 @@ def _init_code_digest() -> str:
 STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "export": ((), ()), "pretrain": ((), ("corpus.jsonl",)), "sft": (("pretrain",), ("sft.jsonl",)),
     "reward": (("sft",), ("preferences.jsonl",)), "ppo": (("dpo", "reward"), ("prompts.jsonl",)),
-    "dpo": (("sft",), ("preferences.jsonl",)), "grpo": (("sft", "reward"), ("prompts.jsonl",)),
+    "dpo": (("sft",), ("preferences.jsonl",)), "grpo": (("dpo", "reward"), ("prompts.jsonl",)),
     "eval": (("pretrain", "sft", "reward", "ppo", "dpo", "grpo"), ("eval",)),
 }
 
@@ -332,7 +333,7 @@ def _build_stage_config(stage: str, paths: _Paths, cfg: DemoConfig, settings: di
         "ppo": {"policy": str(paths.dpo), "reward_model": str(paths.rm), "prompts": str(data / "prompts.jsonl"),
                 "out": str(paths.ppo)},
         "dpo": {"model": str(paths.sft), "data": str(data / "preferences.jsonl"), "out": str(paths.dpo)},
-        "grpo": {"model": str(paths.sft), "prompts": str(data / "prompts.jsonl"), "reward": f"rm:{paths.rm}",
+        "grpo": {"model": str(paths.dpo), "prompts": str(data / "prompts.jsonl"), "reward": f"rm:{paths.rm}",
                  "out": str(paths.grpo)},
         "eval": {"models": [str(paths.base), str(paths.sft), str(paths.ppo), str(paths.dpo), str(paths.grpo)],
                  "names": ["base", "sft", "ppo", "dpo", "grpo"], "base": ["base"], "suite": str(data / "eval"),
