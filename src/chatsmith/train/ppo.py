@@ -1,6 +1,7 @@
 """RLHF with PPO: make a chat model score higher under a reward model without drifting from where it started.
 
     chatsmith ppo --policy runs/sft --reward-model runs/rm --prompts data/prompts.jsonl --out runs/ppo
+    chatsmith ppo --policy runs/dpo ...   # from a DPO model, as the demo does: it is also the KL anchor
     chatsmith ppo ... --resume            # continue from OUT/checkpoint (bit-identical on CPU)
 
 This is a faithful, readable PPO-for-language-models, following Ziegler et al. (2019), "Fine-Tuning Language
@@ -9,8 +10,8 @@ checklist of Huang et al. (2024), "The N+ Implementation Details of RLHF with PP
 in `rl_functional.py` (pure functions, each with its citation); this file wires the four models together.
 
 Four roles
-    policy     pi      the model being trained, initialised from the SFT model
-    reference  pi_ref  a frozen copy of the SFT model (the KL anchor)
+    policy     pi      the model being trained, initialised from `--policy` (an SFT or DPO model)
+    reference  pi_ref  a frozen copy of that starting model (the KL anchor), or `--reference`
     reward     r       a frozen reward model (`chatsmith reward`), scores normalised (mean 0, std 1)
     value      V       a trainable copy of the reward model whose scalar head is read at every token
 Dropout is off in all four (Huang et al. 2024).
