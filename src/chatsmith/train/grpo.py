@@ -59,7 +59,8 @@ __all__ = ["GRPOConfig", "grpo", "GRPOTrainer"]
 
 @dataclass
 class GRPOConfig(TrainConfig):
-    model: str = arg("runs/sft", "SFT model directory (the policy starts here; the reference is a frozen copy).")
+    model: str = arg("runs/sft", "The chat model to start from, SFT or DPO (the policy starts here; the "
+                                 "reference is a frozen copy).")
     prompts: str = arg("data/prompts.jsonl", "Prompts (conversations ending with a user turn).")
     reward: str = arg("world", "Reward: 'world' (the built-in world's judge; prompts need category + expected), "
                       "'rm:PATH' (a reward model from `chatsmith reward`) or py:MODULE:FUNCTION (your function "
@@ -123,7 +124,7 @@ class GRPOTrainer(PolicyStage):
             check_reward_spec(cfg.reward, "--reward")
         # Under torchrun each rank samples --prompts-per-step prompts of one global batch and the gradients
         # are averaged over ranks before every optimizer step (parallel.all_reduce_gradients).
-        # The reference is the SFT model itself (with LoRA: the policy's adapters off); beta 0 needs none.
+        # The reference is the starting model itself (with LoRA: the policy's adapters off); beta 0 needs none.
         self.setup_policy(cfg, cfg.model, cfg.model if cfg.beta != 0.0 else None, policy, tokenizer, fmt, reference)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(self.policy)
