@@ -112,7 +112,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "export": {"seed": 0, "scale": 1.0, "eval_size": 50, "fact_check_pairs": 4000},
         "pretrain": {"preset": "tiny", "max_steps": 1500, "batch_size": 8, "max_len": 256, "lr": 3e-3,
                      "warmup_steps": 30, "save_every": 100, "init": "induction", "freeze_planted": True},
-        "sft": {"max_steps": 1200, "batch_size": 8, "max_len": 256, "lr": 1e-3, "warmup_steps": 30,
+        # A gentler SFT than quick's (lr 3e-4 for 2,400 steps, not 1e-3 for 1,200) keeps more of what the base
+        # knows about which requests are harmful: SFT's over-refusal 0.20 -> 0.08 over three seeds, and PPO
+        # after it refuses more and over-refuses less (docs/EXPERIMENTS.md).
+        "sft": {"max_steps": 2400, "batch_size": 8, "max_len": 256, "lr": 3e-4, "warmup_steps": 30,
                 "save_every": 200, "freeze_planted": True},
         "reward": {"max_steps": 1500, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 64,
                    "norm_max_new_tokens": 48, "save_every": 50, "freeze_planted": True},
@@ -124,7 +127,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "eval": {"max_items": 0, "max_new_tokens": EVAL_MAX_NEW_TOKENS, "batch_size": 64, "kl_samples": 64},
         "grpo": {"max_steps": 90, "prompts_per_step": 8, "num_generations": 4, "lr": 5e-5, "temperature": 0.7,
                  "sample_every": 10, "save_every": 10, "freeze_planted": True},
-        "seconds": {"export": 3, "pretrain": 1650, "sft": 340, "reward": 580, "ppo": 450, "dpo": 90, "grpo": 150,
+        "seconds": {"export": 3, "pretrain": 1650, "sft": 680, "reward": 580, "ppo": 450, "dpo": 90, "grpo": 150,
                     "eval": 65},
     },
 }
@@ -153,7 +156,7 @@ SHIPPED_BASE_PROFILES = ("quick",)
 @dataclass
 class DemoConfig:
     out: str = arg("runs/demo", "Directory for every stage's output (data/, base/, sft/, rm/, ppo/, dpo/, report/).")
-    profile: str = arg("quick", "quick (7 to 11 min on 2 CPU cores), full (25 to 36 min), or toy (CI, seconds).",
+    profile: str = arg("quick", "quick (7 to 11 min on 2 CPU cores), full (30 to 45 min), or toy (CI, seconds).",
                        choices=list(PROFILES))
     seed: int = arg(0, "Seed of every training stage (the world's seed is set per profile).", min=0, max=SEED_MAX)
     override: list[str] = arg([], "Stage settings on top of the profile, as STAGE.FIELD=VALUE "
