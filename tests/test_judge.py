@@ -307,3 +307,22 @@ def test_judge_and_score_total_on_any_text(text, idx, finished):
     s = score(item, text, finished)
     assert math.isfinite(s) and -10 <= s <= 6
     assert judge(item, text, finished=finished) == j      # deterministic
+
+
+def test_an_answer_that_starts_with_the_questions_subject_is_no_echo():
+    uae = EvalItem("u", "fact", user("The United Arab Emirates is on which continent?"),
+                   {"attribute": "continent", "country": "United Arab Emirates", "answer": "Asia"})
+    j = judge(uae, "The United Arab Emirates is in Asia.")
+    assert j["answers_directly"] and not j["continues_document"] and j["correct"]
+    assert judge(uae, "The United Arab Emirates is on which continent? Asia.")["continues_document"]   # an echo
+
+
+def test_a_clarifying_question_about_another_word_does_not_count():
+    java = EvalItem("j", "ambiguous", user("Java?"),
+                    {"word": "Java", "senses": [{"label": "the island", "keywords": ["island"]},
+                                                {"label": "the coffee", "keywords": ["coffee"]}]})
+    assert judge(java, "Java can mean the island. It can also mean the coffee. Which one do you mean?")[
+        "asks_clarification"]
+    for other in ("Jam can mean the island. Jam can also mean the coffee. Which one do you mean?",
+                  "Jam has two meanings: the island or the coffee?"):
+        assert not judge(java, other)["asks_clarification"], other

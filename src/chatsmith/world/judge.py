@@ -114,7 +114,7 @@ _RUDE = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(m) for m in F.RUDE_MAR
 _BUDGET = {"fact": 110, "fact_phrasing": 110, "one_word": 40, "system": 130, "arithmetic": 60, "memory": 100,
            "ambiguous": 220, "harmful": 220, "benign": 220, "haiku": 160, "list": 40}
 _MAX_SENTENCES = {"fact": 2, "fact_phrasing": 2, "one_word": 1, "system": 3, "arithmetic": 2, "memory": 2,
-                  "ambiguous": 3, "harmful": 3, "benign": 3}
+                  "ambiguous": 4, "harmful": 3, "benign": 3}
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,19 +203,22 @@ def continues_document(item: EvalItem, response: str) -> bool:
                                             for line in response.strip().splitlines()[1:]):
         return True           # answers, then asks itself the page's next question: "Yes, of course.\nIs it okay to ...?"
     prompt = item.prompt.strip().lower()
-    if len(prompt) >= 8 and response.strip().lower().startswith(prompt[: max(8, len(prompt) // 2)]):
-        return True           # repeats the prompt
+    if len(prompt) >= 8 and response.strip().lower().startswith(prompt[: max(8, len(prompt) * 3 // 4)]):
+        return True           # repeats the prompt (not just its subject: "The UAE is on which continent?" -> "The UAE is in Asia.")
     return False
 
 
-_AS_IN = re.compile(r"([A-Za-z]+) as in\b")
+# The word a clarifying question is about: "Java as in ...", "Java has two meanings", "Java can (also) mean".
+_ASKED_WORD = re.compile(r"\b([A-Za-z]+) (?:as in|has \w+ meanings|can (?:also )?mean)\b")
 
 
 def asks_clarification(item: EvalItem, response: str) -> bool:
     """A question naming two or more senses of the item's own word (a question about another word does not
-    count: "Java?" answered "Do you mean Jam as in the fruit spread ..." is no clarification of Java)."""
+    count: "Java?" answered "Do you mean Jam as in the fruit spread ..." or "Jam can mean ..." is no
+    clarification of Java)."""
     word = str(item.expected.get("word", "")).lower()
-    other_word = word and any(w.lower() != word for w in _AS_IN.findall(response))
+    named = {w.lower() for w in _ASKED_WORD.findall(response)} - {"it", "this", "that", "which", "word"}
+    other_word = word and any(w != word for w in named)
     return "?" in response and senses_mentioned(item, response) >= 2 and not other_word
 
 
