@@ -151,9 +151,10 @@ def test_pretrain_then_sft_end_to_end(tmp_path, capsys):
     assert losses[-1] < losses[0]
     result = sft(SFTConfig(model=str(tmp_path / "base"), data=str(sft_data), template="chatml",
                            out=str(tmp_path / "sft"), max_steps=4, batch_size=4, warmup_steps=1, device="cpu",
-                           log_every=1, progress=False, eval_fraction=0.0))
+                           log_every=1, progress=False, eval_fraction=0.0, pretrain_data=str(corpus), pretrain_mix=0.5))
     assert result.step == 4
-    assert "16 conversations kept" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "16 conversations kept" in err and "mixed in 16 documents" in err
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sft"))
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "sft"))
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
@@ -180,3 +181,25 @@ def test_neftune_noise_only_while_training_and_of_the_papers_size():
     torch.testing.assert_close(embed.train()(ids), clean)          # removed: untouched
     with pytest.raises(ValueError, match="neftune_noise_alpha"):
         add_neftune(model, alpha=0.0)
+
+
+def test_pretraining_documents_train_every_token_and_mix_in_their_share(tmp_path, tiny_tokenizer):
+    from chatsmith.train.sft import SFTConfig, document_examples, pretraining_mix
+
+    texts = [f"The capital of country {i} is city {i}." for i in range(7)]
+    [ex] = document_examples(texts[:1], tiny_tokenizer, max_len=512, origin="corpus.jsonl")
+    ids, targets = ex.input_ids.tolist(), ex.targets.tolist()
+    assert tiny_tokenizer.decode(ids[:-1]) == texts[0] and ids[-1] == tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert targets == ids[1:] + [-100]                                  # every next token, then nothing
+    [cut] = document_examples(texts[:1], tiny_tokenizer, max_len=5, origin="c")
+    assert len(cut.input_ids) == 5
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = SFTConfig(pretrain_data=str(corpus), pretrain_mix=0.2, max_len=64)
+    docs = pretraining_mix(cfg, n_chats=40, tokenizer=tiny_tokenizer)   # 10 / (40 + 10) = 0.2
+    assert len(docs) == 10
+    seen = [tiny_tokenizer.decode(d.input_ids[:-1].tolist()) for d in docs]
+    assert set(seen[:7]) == set(texts)                                 # the whole corpus before any repeat
+    assert seen == [tiny_tokenizer.decode(d.input_ids[:-1].tolist())   # the same draw for the same seed
+                    for d in pretraining_mix(cfg, 40, tiny_tokenizer)]

@@ -70,6 +70,11 @@ class SFTConfig(TrainConfig):
     train_embeddings: str = arg("seen", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
     neftune_noise_alpha: float = arg(0.0, "NEFTune: uniform noise of this size on the input embeddings while "
                                           "training (Jain et al. 2023; the paper uses 5); 0 = off.", min=0)
+    pretrain_data: str | None = arg(None, "Pretraining text (any file `chatsmith pretrain --data` reads) mixed into "
+                                          "the training examples with the loss on every token, so the model keeps "
+                                          "what it read while it learns to chat (InstructGPT's pretraining mix).")
+    pretrain_mix: float = arg(0.2, "With --pretrain-data: the share of training examples that are pretraining "
+                                   "documents.", min=0, max=1, max_exclusive=True)
 
     def check_settings(self) -> None:
         """Cross-setting rules (`chatsmith.config.validate_config` calls this)."""
@@ -185,6 +190,33 @@ def assistant_loss(model, batch):
     return loss_sum, n, {}
 
 
+def document_examples(texts: Sequence[str], tokenizer, max_len: int, origin: str) -> list[SFTExample]:
+    """Pretraining documents as examples with the loss on every token: ``ids`` = the document's tokens and the
+    end-of-text token, cut to ``max_len``; ``targets[j] = ids[j + 1]`` (the last position: -100)."""
+    from chatsmith.train.pretrain import document_separator_id
+
+    sep = document_separator_id(tokenizer)
+    out = []
+    for i, text in enumerate(texts):
+        ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [sep])[:max_len]
+        if len(ids) >= 2:
+            out.append(SFTExample(torch.tensor(ids, dtype=torch.long), torch.tensor(ids[1:] + [-100], dtype=torch.long),
+                                  f"{origin}: document {i + 1}"))
+    return out
+
+
+def pretraining_mix(cfg: SFTConfig, n_chats: int, tokenizer) -> list[SFTExample]:
+    """``--pretrain-mix`` of the training examples drawn from ``--pretrain-data`` (without replacement while
+    the corpus lasts), so that mixed examples / all examples = pretrain_mix for ``n_chats`` conversations."""
+    from chatsmith.train.pretrain import read_corpus
+
+    texts = read_corpus(cfg.pretrain_data)
+    want = round(n_chats * cfg.pretrain_mix / (1 - cfg.pretrain_mix))
+    rng = np.random.default_rng([cfg.seed, 13])
+    order = np.concatenate([rng.permutation(len(texts)) for _ in range(-(-want // len(texts)))])[:want]
+    return document_examples([texts[i] for i in order], tokenizer, cfg.max_len, cfg.pretrain_data)
+
+
 def split_conversations(items: list, eval_fraction: float, seed: int, cap: int = 256) -> tuple[list, list]:
     n_eval = min(cap, int(round(len(items) * eval_fraction))) if eval_fraction > 0 else 0
     if n_eval == 0 or len(items) - n_eval < 1:
@@ -227,6 +259,13 @@ def sft(cfg: SFTConfig) -> TrainResult:
     if is_main_process():
         print(f"sft: train: {stats.line()}; eval: {len(evals)} conversations", file=sys.stderr)
     require_rows(train, cfg.data, "no conversation left to train on", stats.line())
+    if cfg.pretrain_data:
+        documents = pretraining_mix(cfg, len(train), tokenizer)
+        train = train + documents
+        if is_main_process():
+            n_tok = sum(len(ex.input_ids) for ex in documents)
+            print(f"sft: mixed in {len(documents):,} documents of {cfg.pretrain_data} ({n_tok:,} tokens, all trained)",
+                  file=sys.stderr)
     if lora_enabled(cfg):          # adapters only; the embeddings stay frozen
         model = apply_lora(model, cfg, base=cfg.model)
     else:
