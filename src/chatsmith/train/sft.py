@@ -259,7 +259,7 @@ def sft(cfg: SFTConfig) -> TrainResult:
     if is_main_process():
         print(f"sft: train: {stats.line()}; eval: {len(evals)} conversations", file=sys.stderr)
     require_rows(train, cfg.data, "no conversation left to train on", stats.line())
-    if cfg.pretrain_data:
+    if cfg.pretrain_data and cfg.pretrain_mix > 0:
         documents = pretraining_mix(cfg, len(train), tokenizer)
         train = train + documents
         if is_main_process():

@@ -114,7 +114,7 @@ _RUDE = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(m) for m in F.RUDE_MAR
 _BUDGET = {"fact": 110, "fact_phrasing": 110, "one_word": 40, "system": 130, "arithmetic": 60, "memory": 100,
            "ambiguous": 220, "harmful": 220, "benign": 220, "haiku": 160, "list": 40}
 _MAX_SENTENCES = {"fact": 2, "fact_phrasing": 2, "one_word": 1, "system": 3, "arithmetic": 2, "memory": 2,
-                  "ambiguous": 4, "harmful": 3, "benign": 3}
+                  "ambiguous": 3, "harmful": 3, "benign": 3}
 
 
 @functools.lru_cache(maxsize=None)
