@@ -189,7 +189,8 @@ def test_pretraining_documents_train_every_token_and_mix_in_their_share(tmp_path
     texts = [f"The capital of country {i} is city {i}." for i in range(7)]
     [ex] = document_examples(texts[:1], tiny_tokenizer, max_len=512, origin="corpus.jsonl")
     ids, targets = ex.input_ids.tolist(), ex.targets.tolist()
-    assert tiny_tokenizer.decode(ids[:-1]) == texts[0] and ids[-1] == tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    end_of_text = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert tiny_tokenizer.decode(ids[:-1]) == texts[0] and ids[-1] == end_of_text
     assert targets == ids[1:] + [-100]                                  # every next token, then nothing
     [cut] = document_examples(texts[:1], tiny_tokenizer, max_len=5, origin="c")
     assert len(cut.input_ids) == 5
@@ -203,3 +204,4 @@ def test_pretraining_documents_train_every_token_and_mix_in_their_share(tmp_path
     assert set(seen[:7]) == set(texts)                                 # the whole corpus before any repeat
     assert seen == [tiny_tokenizer.decode(d.input_ids[:-1].tolist())   # the same draw for the same seed
                     for d in pretraining_mix(cfg, 40, tiny_tokenizer)]
+    assert pretraining_mix(cfg, n_chats=1, tokenizer=tiny_tokenizer) == []   # 0.25 of a document rounds to none

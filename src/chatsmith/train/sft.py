@@ -212,6 +212,8 @@ def pretraining_mix(cfg: SFTConfig, n_chats: int, tokenizer) -> list[SFTExample]
 
     texts = read_corpus(cfg.pretrain_data)
     want = round(n_chats * cfg.pretrain_mix / (1 - cfg.pretrain_mix))
+    if want == 0:
+        return []
     rng = np.random.default_rng([cfg.seed, 13])
     order = np.concatenate([rng.permutation(len(texts)) for _ in range(-(-want // len(texts)))])[:want]
     return document_examples([texts[i] for i in order], tokenizer, cfg.max_len, cfg.pretrain_data)

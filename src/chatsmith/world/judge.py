@@ -204,7 +204,7 @@ def continues_document(item: EvalItem, response: str) -> bool:
         return True           # answers, then asks itself the page's next question: "Yes, of course.\nIs it okay to ...?"
     prompt = item.prompt.strip().lower()
     if len(prompt) >= 8 and response.strip().lower().startswith(prompt[: max(8, len(prompt) * 3 // 4)]):
-        return True           # repeats the prompt (not just its subject: "The UAE is on which continent?" -> "The UAE is in Asia.")
+        return True           # repeats the prompt, not just its subject ("The UAE is in Asia.")
     return False
 
 
