@@ -95,6 +95,8 @@ class Spec:
 
 SPECS = {
     "chatml": Spec(BUILTIN_TEMPLATES["chatml"], "<|im_start|>assistant\n", lambda nxt: "<|im_end|>", "<|im_end|>"),
+    "chatml-space": Spec(BUILTIN_TEMPLATES["chatml-space"], "<|im_start|>assistant\n", lambda nxt: "<|im_end|>",
+                         "<|im_end|>"),
     "llama2": Spec(BUILTIN_TEMPLATES["llama2"], " [/INST] ", lambda nxt: " </s>", "</s>"),
     "alpaca": Spec(BUILTIN_TEMPLATES["alpaca"], "### Response:\n", lambda nxt: "</s>", "</s>"),
     "chatml_default_system": Spec(CHATML_DEFAULT_SYSTEM, "<|im_start|>assistant\n", lambda nxt: "<|im_end|>",
@@ -250,6 +252,25 @@ def test_builtin_texts_match_their_documented_layout(tok):
     assert tok.decode([i for i, m in zip(r.input_ids, r.assistant_mask) if m]) == "Hello</s>"
     prompt = alpaca.render_text(with_input[:1], add_generation_prompt=True)
     assert prompt.endswith("### Input:\nBonjour\n\n### Response:\n")
+
+
+def test_a_space_before_a_message_is_tokenized_with_its_first_word(tok):
+    """`"[INST] " + content`, `"\\n " + content`: the space joins the content's first word, as it does when
+    the whole text is tokenized, so a message's first word gets its mid-sentence token; a reply's does only
+    where the model generates the space (not llama2's, which ends the generation prompt)."""
+    space = tok.convert_tokens_to_ids("Ġ")
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the capital"},
+            {"role": "assistant", "content": "the capital is Paris."}, {"role": "user", "content": "the city"}]
+    r = render_chat(conv, tok, "chatml-space")
+    assert r.text.count("\n the ") == 2 and "\nthe capital is" in r.text
+    assert r.input_ids == tok(r.text, add_special_tokens=False).input_ids
+    # the user's first word is the token it is mid-sentence; the reply, written without a space, is not
+    the = tok(" the", add_special_tokens=False).input_ids
+    assert len(the) == 1 and r.input_ids.count(the[0]) == 2
+    llama = render_chat(conv[1:], tok, "llama2")
+    assert llama.input_ids.count(the[0]) == 2  # "[INST] the capital", "[INST] the city"
+    prompt = render_prompt(conv[1:2], tok, "llama2")
+    assert prompt[-1] == space and llama.input_ids[:len(prompt)] == prompt  # the reply's space is the prompt's
 
 
 def test_builtin_special_tokens_and_stops(tok):

@@ -225,6 +225,9 @@ class _Literal:
     # (start, end) character ranges of `text` the model generates (mask 1): end-of-turn text at its start,
     # text generated before the next reply at its end, a tool call anywhere
     spans: tuple[tuple[int, int], ...] = ()
+    # The text's final space is tokenized with the content that follows (`ids` stop before it): see
+    # `_joins_space`.
+    joins_space: bool = False
 
 
 @dataclass
@@ -303,7 +306,28 @@ def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, bas
                 header = after.rstrip() if later_text else ""  # never the generation prompt
             if header:
                 spans.setdefault(position + 1, []).append((0, len(header)))
-    return _Plan(_tokenize_literals(codec, raw_pieces, spans), masked)
+    joins = {position - 1 for position, piece in enumerate(raw_pieces)
+             if _joins_space(raw_pieces, spans, masked, position)}
+    return _Plan(_tokenize_literals(codec, raw_pieces, spans, joins), masked)
+
+
+def _joins_space(raw_pieces: list, spans: dict[int, list[tuple[int, int]]], masked: frozenset, position: int) -> bool:
+    """Whether the literal before content slot `position` ends with a space that is tokenized with the content.
+
+    A template that writes `"[INST] " + content` or `"\\n " + content` means the content's first word to be
+    read as it is mid-sentence (`" What"`: one byte-level token `ĠWhat`, not `"Ġ", "What"`), which is also
+    how the whole rendered text tokenizes. The space joins the content when that keeps prompts a prefix of
+    training rows: always before a user/system content (a prompt holds it whole), and before a reply only
+    when the space is text the model generates (the template writes it after the generation prompt).
+    """
+    if position == 0 or not isinstance(raw_pieces[position], int):
+        return False
+    before = raw_pieces[position - 1]
+    if not isinstance(before, str) or not before.endswith(" ") or before.endswith("  "):
+        return False
+    if raw_pieces[position] not in masked:
+        return True
+    return any(start < len(before) <= end for start, end in spans.get(position - 1, []))
 
 
 def _segments(length: int, spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -322,10 +346,16 @@ def _segments(length: int, spans: list[tuple[int, int]]) -> list[tuple[int, int,
     return out
 
 
-def _tokenize_literals(codec: _Codec, raw_pieces: list, spans: dict[int, list[tuple[int, int]]]) -> list:
+def _tokenize_literals(codec: _Codec, raw_pieces: list, spans: dict[int, list[tuple[int, int]]],
+                       joins: set[int]) -> list:
     """Pieces with every literal tokenized (once per structure) segment by segment: its masked character
-    ranges (`spans`: end of turn, text generated before a reply, a tool call) apart from the rest."""
-    cuts = {p: _segments(len(piece), spans.get(p, [])) for p, piece in enumerate(raw_pieces) if isinstance(piece, str)}
+    ranges (`spans`: end of turn, text generated before a reply, a tool call) apart from the rest. A literal
+    in `joins` is tokenized without its final space (the next content is, with it)."""
+    cuts = {}
+    for p, piece in enumerate(raw_pieces):
+        if isinstance(piece, str):
+            length = len(piece) - (p in joins)
+            cuts[p] = _segments(length, [(a, min(b, length)) for a, b in spans.get(p, []) if a < length])
     segment_ids = iter(codec.encode_template([raw_pieces[p][a:b] for p, segs in cuts.items() for a, b, _ in segs]))
     pieces: list = []
     for position, piece in enumerate(raw_pieces):
@@ -338,7 +368,8 @@ def _tokenize_literals(codec: _Codec, raw_pieces: list, spans: dict[int, list[tu
             segment = list(next(segment_ids))
             ids += segment
             mask += [bit] * len(segment)
-        pieces.append(_Literal(piece, ids, mask, tuple((a, b) for a, b, bit in cuts[position] if bit)))
+        pieces.append(_Literal(piece, ids, mask, tuple(sorted(spans.get(position, ()))),
+                               position in joins))
     return pieces
 
 
@@ -536,8 +567,12 @@ def render_chat(messages: list[dict], tokenizer, fmt: ChatFormat | str | None,
         text = fmt.render_text(messages, add_generation_prompt)
         contents = _align(fmt, plan, text, messages, slots)
 
-    content_ids = iter(codec.encode_plain([c for c in contents if c]))
-    contents_iter = iter(contents)
+    # A content after a literal that joins its final space is tokenized with that space (`_joins_space`).
+    joined = [k > 0 and isinstance(plan.pieces[k - 1], _Literal) and plan.pieces[k - 1].joins_space
+              for k, piece in enumerate(plan.pieces) if isinstance(piece, int)]
+    encoded = [" " + c if join else c for c, join in zip(contents, joined)]
+    content_ids = iter(codec.encode_plain([e for e in encoded if e]))
+    contents_iter = iter(zip(contents, encoded))
     ids: list[int] = []
     mask: list[int] = []
     parts: list[str] = []
@@ -547,9 +582,9 @@ def render_chat(messages: list[dict], tokenizer, fmt: ChatFormat | str | None,
             mask += piece.mask
             parts.append(piece.text)
         else:
-            content = next(contents_iter)
+            content, text_encoded = next(contents_iter)
             parts.append(content)
-            if content:
+            if text_encoded:
                 piece_ids = next(content_ids)
                 ids += piece_ids
                 mask += [1 if piece in plan.masked_slots else 0] * len(piece_ids)

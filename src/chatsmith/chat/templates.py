@@ -41,6 +41,19 @@ _CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# ChatML with a space before every user and system message (replies start right after the header, so the
+# generation prompt is ChatML's). A byte-level BPE then reads a message's first word the way it reads it
+# mid-sentence, as one token (" Java" -> `ĠJava`; "Java" at the start of a text is `J`, `ava`): a small model
+# recognises the word it learnt in running text. SentencePiece's dummy prefix does the same (Kudo and
+# Richardson 2018). `render.py` tokenizes the space with the message, as the whole text tokenizes.
+_CHATML_SPACE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{% set lead = '' %}{% else %}{% set lead = ' ' %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + lead + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 # Llama-2 chat (Touvron et al. 2023, and Meta's reference `chat_completion`): each user turn is
 # `<s>[INST] … [/INST]`, each reply ` … </s>`; an optional system prompt sits in the first user turn.
 _LLAMA2 = (
@@ -75,17 +88,19 @@ _ALPACA = (
     "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
 )
 
-BUILTIN_TEMPLATES: dict[str, str] = {"chatml": _CHATML, "llama2": _LLAMA2, "alpaca": _ALPACA}
+BUILTIN_TEMPLATES: dict[str, str] = {"chatml": _CHATML, "chatml-space": _CHATML_SPACE, "llama2": _LLAMA2,
+                                     "alpaca": _ALPACA}
 
 BUILTIN_SPECIAL_TOKENS: dict[str, list[str]] = {
     "chatml": ["<|im_start|>", "<|im_end|>"],
+    "chatml-space": ["<|im_start|>", "<|im_end|>"],
     "llama2": ["<s>", "</s>"],
     "alpaca": ["</s>"],
 }
 
-_BUILTIN_STOP_STRINGS: dict[str, list[str]] = {"chatml": ["<|im_end|>"], "llama2": ["</s>"], "alpaca": ["</s>"]}
+_BUILTIN_STOP_STRINGS: dict[str, list[str]] = {"chatml": ["<|im_end|>"], "chatml-space": ["<|im_end|>"], "llama2": ["</s>"], "alpaca": ["</s>"]}
 _BUILTIN_BOS_EOS: dict[str, tuple[str | None, str]] = {
-    "chatml": (None, "<|im_end|>"), "llama2": ("<s>", "</s>"), "alpaca": (None, "</s>"),
+    "chatml": (None, "<|im_end|>"), "chatml-space": (None, "<|im_end|>"), "llama2": ("<s>", "</s>"), "alpaca": (None, "</s>"),
 }
 
 _TEMPLATE_HINT = "pass --template chatml|llama2|alpaca|FILE.jinja"
