@@ -35,9 +35,12 @@ How the mask is made exact without `{% generation %}` markers
 5. Tokenization is done segment by segment: template text with special tokens recognised, message
    contents as plain text (`encode_special_tokens`, so a typed `<|im_end|>` or `</s>` stays text). The ids
    are therefore what the model sees at inference: the prompt tokenized, then reply tokens generated — no
-   BPE merge crosses a message boundary. The result is checked with `decode(ids) == text`; a tokenizer
-   that cannot round-trip segments (e.g. SentencePiece adding a prefix space to each piece) falls back
-   to tokenizing the whole text with offsets: a token is in the mask if any of its characters is, and a
+   BPE merge crosses a message boundary, with one exception: a template's single space right before a
+   message (`"[INST] " + content`, chatml-space's `"\\n " + content`) is tokenized with the message, as
+   the whole text tokenizes (` What` is one byte-level token); before a reply only where the model
+   generates that space (not llama2's, which ends the generation prompt). The result is checked with
+   `decode(ids) == text`; a tokenizer that cannot round-trip segments (e.g. SentencePiece adding a prefix
+   space to each piece) falls back to tokenizing the whole text with offsets: a token is in the mask if any of its characters is, and a
    control token inside a message content is refused with a `DataError`.
 
 Built-in templates insert contents verbatim, so for them the text is assembled from the cached skeleton

@@ -98,12 +98,14 @@ BUILTIN_SPECIAL_TOKENS: dict[str, list[str]] = {
     "alpaca": ["</s>"],
 }
 
-_BUILTIN_STOP_STRINGS: dict[str, list[str]] = {"chatml": ["<|im_end|>"], "chatml-space": ["<|im_end|>"], "llama2": ["</s>"], "alpaca": ["</s>"]}
+_BUILTIN_STOP_STRINGS: dict[str, list[str]] = {"chatml": ["<|im_end|>"], "chatml-space": ["<|im_end|>"],
+                                               "llama2": ["</s>"], "alpaca": ["</s>"]}
 _BUILTIN_BOS_EOS: dict[str, tuple[str | None, str]] = {
-    "chatml": (None, "<|im_end|>"), "chatml-space": (None, "<|im_end|>"), "llama2": ("<s>", "</s>"), "alpaca": (None, "</s>"),
+    "chatml": (None, "<|im_end|>"), "chatml-space": (None, "<|im_end|>"), "llama2": ("<s>", "</s>"),
+    "alpaca": (None, "</s>"),
 }
 
-_TEMPLATE_HINT = "pass --template chatml|llama2|alpaca|FILE.jinja"
+_TEMPLATE_HINT = "pass --template chatml|chatml-space|llama2|alpaca|FILE.jinja"
 
 
 # ----------------------------------------------------------------------------- Jinja environment

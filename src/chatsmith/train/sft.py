@@ -50,8 +50,9 @@ from chatsmith.utils import is_main_process, set_seed
 class SFTConfig(TrainConfig):
     model: str = arg("runs/base", "Model directory to fine-tune (any local HF causal LM).")
     data: str = arg("data/sft.jsonl", "Conversations (messages / ShareGPT / Alpaca / prompt-completion).")
-    template: str | None = arg(None, "Chat format: chatml, llama2, alpaca, jinja, or a .jinja file "
-                                     "(default: the model's own chat_template).")
+    template: str | None = arg(None, "Chat format: chatml, chatml-space (a space before each user "
+                                     "message), llama2, alpaca, jinja, or a .jinja file (default: the model's "
+                                     "own chat_template).")
     format: str | None = arg(None, "Data format override (default: auto-detected).")
     on_bad_row: str = arg("error", "What to do with invalid rows.", choices=["error", "skip"])
     overlength: str = arg("truncate", "Conversations longer than --max-len: truncate at a turn boundary "
