@@ -377,7 +377,7 @@ def test_user_rewrites_are_refused_too(tok):
 
 def test_get_format_sources(tok, tmp_path):
     assert get_format("chatml").name == "chatml"
-    with pytest.raises(TemplateError, match="--template chatml\\|llama2\\|alpaca\\|FILE.jinja"):
+    with pytest.raises(TemplateError, match="--template chatml\\|chatml-space\\|llama2\\|alpaca\\|FILE.jinja"):
         get_format("jinja", tok)  # the test tokenizer carries no chat_template
     with pytest.raises(TemplateError, match="--template"):
         get_format(None, tok)
