@@ -132,11 +132,6 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-# The chat models' format. The world's tokenizer is a small byte-level BPE: with a space before each user
-# message, the message's first word is the token the base learnt in running text (chat/templates.py,
-# docs/EXPERIMENTS.md). The base keeps plain ChatML: it is shown as the completion engine it is.
-CHAT_TEMPLATE = "chatml-space"
-
 SHOWN_MODELS = ("base", "sft", "ppo")   # the side-by-side columns at the end
 
 # The targets of `--profile quick`, checked in the demo's report (the demo's target column). A string is
@@ -337,8 +332,7 @@ def _build_stage_config(stage: str, paths: _Paths, cfg: DemoConfig, settings: di
     wiring: dict[str, Any] = {
         "export": {"out": str(data)},
         "pretrain": {"data": str(data / "corpus.jsonl"), "out": str(paths.base)},
-        "sft": {"model": str(paths.base), "data": str(data / "sft.jsonl"), "out": str(paths.sft),
-                "template": CHAT_TEMPLATE},
+        "sft": {"model": str(paths.base), "data": str(data / "sft.jsonl"), "out": str(paths.sft)},
         "reward": {"model": str(paths.sft), "data": str(data / "preferences.jsonl"), "out": str(paths.rm)},
         "ppo": {"policy": str(paths.dpo), "reward_model": str(paths.rm), "prompts": str(data / "prompts.jsonl"),
                 "out": str(paths.ppo)},
