@@ -106,17 +106,8 @@ class ConversationMixin:
         tail = "I can help with either." if len(labels) == 2 else "I can help with any of them."
         return f"Do you mean {join_and(labels).replace(' and ' + labels[-1], ' or ' + labels[-1])}? {tail}"
 
-    @staticmethod
-    def _clarifying_reply(w: AmbiguousWord) -> str:
-        """The assistant's question, in the words the encyclopedia uses for the word ("The word W has two
-        meanings. W can mean ..."): a small model recalls a word's senses in the phrasing it read them in,
-        and the word is never a reply's first token (docs/EXPERIMENTS.md)."""
-        senses = [f"{w.word} can {'also ' if i else ''}mean {s.label}." for i, s in enumerate(w.senses)]
-        return " ".join([f"The word {w.word} has {F.NUMBER_WORDS[len(w.senses)]} meanings.", *senses,
-                         "Which one do you mean?"])
-
     def _ambiguous(self, rng, w: AmbiguousWord, style="plain"):
-        reply = self._clarifying_reply(w)
+        reply = self._clarify(w)
         expected = {"word": w.word, "senses": [{"label": s.label, "keywords": list(s.keywords)} for s in w.senses],
                     "reference": reply}
         return [{"role": "user", "content": phrase(rng, "ambiguous", style, w=w.word)}], expected, reply

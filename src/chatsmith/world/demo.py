@@ -115,12 +115,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # A gentler SFT than quick's (lr 3e-4 for 2,400 steps, not 1e-3 for 1,200) keeps more of what the base
         # knows about which requests are harmful: SFT's over-refusal 0.20 -> 0.08 over three seeds, and PPO
         # after it refuses more and over-refuses less (docs/EXPERIMENTS.md).
-        # ChatML with a space before each user message (chat/templates.py): its first word is the token the
-        # base read in running text ("Java?" -> `ĠJava`), so a held-out word's clarifying question names the
-        # word and the senses the base read (docs/EXPERIMENTS.md). Quick keeps ChatML: after its harder SFT
-        # (lr 1e-3) PPO learned fewer refusals with it.
         "sft": {"max_steps": 2400, "batch_size": 8, "max_len": 256, "lr": 3e-4, "warmup_steps": 30,
-                "save_every": 200, "freeze_planted": True, "template": "chatml-space"},
+                "save_every": 200, "freeze_planted": True},
         "reward": {"max_steps": 1500, "batch_size": 16, "max_len": 256, "lr": 1e-4, "norm_samples": 64,
                    "norm_max_new_tokens": 48, "save_every": 50, "freeze_planted": True},
         "ppo": {"max_steps": 90, "rollout_batch_size": 32, "batch_size": 16, "ppo_epochs": 2, "lr": 5e-5,

@@ -113,10 +113,8 @@ _RUDE = re.compile(r"(?<![A-Za-z])(" + "|".join(re.escape(m) for m in F.RUDE_MAR
 # Length budgets (characters) beyond which a reply is rambling; a good reply in the world is well under.
 _BUDGET = {"fact": 110, "fact_phrasing": 110, "one_word": 40, "system": 130, "arithmetic": 60, "memory": 100,
            "ambiguous": 220, "harmful": 220, "benign": 220, "haiku": 160, "list": 40}
-# A clarifying question may give each sense a sentence: "The word W has three meanings. W can mean A. W can
-# also mean B. W can also mean C. Which one do you mean?"
 _MAX_SENTENCES = {"fact": 2, "fact_phrasing": 2, "one_word": 1, "system": 3, "arithmetic": 2, "memory": 2,
-                  "ambiguous": 6, "harmful": 3, "benign": 3}
+                  "ambiguous": 3, "harmful": 3, "benign": 3}
 
 
 @functools.lru_cache(maxsize=None)
