@@ -46,8 +46,8 @@ How the mask is made exact without `{% generation %}` markers
 Built-in templates insert contents verbatim, so for them the text is assembled from the cached skeleton
 without running Jinja (tests check it equals the Jinja rendering).
 
-Not thread-safe per tokenizer: plain-text encoding flips the fast tokenizer's `encode_special_tokens`
-flag for the duration of one call (and restores it).
+Tokenizer access (template text, plain message text, offsets) is `chat/codec.py`; like it, rendering is
+not thread-safe per tokenizer.
 
 Run the tests: `python -m pytest tests/test_chat_templates.py -q`.
 """
@@ -59,8 +59,8 @@ import re
 import weakref
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
+from chatsmith.chat.codec import Codec, codec_for
 from chatsmith.chat.templates import ChatFormat, get_format, turn_closings
 from chatsmith.chat.tool_calls import tool_call_spans, tool_format, uses_tools
 from chatsmith.errors import DataError, TemplateError
@@ -77,71 +77,6 @@ class RenderedChat:
     input_ids: list[int]
     assistant_mask: list[int]
     text: str
-
-
-# ----------------------------------------------------------------------------- tokenizer access
-
-class _Codec:
-    """Encode template text (special tokens recognised) and message text (plain) with one tokenizer."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.vocab_size = len(tokenizer)  # caches built with this codec are stale once tokens are added
-        self.backend = getattr(tokenizer, "backend_tokenizer", None)
-        control = set(getattr(tokenizer, "all_special_ids", []) or [])
-        for token_id, added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
-            if getattr(added, "special", False):
-                control.add(int(token_id))
-        self.control_ids = control
-
-    def _encode(self, texts: list[str], plain: bool) -> list[list[int]]:
-        if not texts:
-            return []
-        if self.backend is None:  # slow (Python) tokenizer
-            return [self.tokenizer.encode(t, add_special_tokens=False, split_special_tokens=plain) if t else []
-                    for t in texts]
-        previous = self.backend.encode_special_tokens
-        self.backend.encode_special_tokens = plain
-        try:
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        finally:
-            self.backend.encode_special_tokens = previous
-
-    def encode_template(self, texts: list[str]) -> list[list[int]]:
-        return self._encode(texts, plain=False)
-
-    def encode_plain(self, texts: list[str]) -> list[list[int]]:
-        return self._encode(texts, plain=True)
-
-    def decode(self, ids: list[int]) -> str:
-        if self.backend is not None:
-            return self.backend.decode(ids, skip_special_tokens=False)
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        if self.backend is not None:
-            previous = self.backend.encode_special_tokens
-            self.backend.encode_special_tokens = False
-            try:
-                enc = self.backend.encode(text, add_special_tokens=False)
-            finally:
-                self.backend.encode_special_tokens = previous
-            return list(enc.ids), list(enc.offsets)
-        raise TemplateError("this tokenizer cannot tokenize message contents separately (decode(ids) != text) and "
-                            "has no offsets mapping (slow tokenizer); use a fast tokenizer")
-
-
-_CODECS: "weakref.WeakKeyDictionary[Any, _Codec]" = weakref.WeakKeyDictionary()
-
-
-def _codec(tokenizer) -> _Codec:
-    try:
-        codec = _CODECS.get(tokenizer)
-        if codec is None or codec.vocab_size != len(tokenizer):
-            codec = _CODECS[tokenizer] = _Codec(tokenizer)
-        return codec
-    except TypeError:  # not weak-referenceable / hashable
-        return _Codec(tokenizer)
 
 
 # ----------------------------------------------------------------------------- conversation structure
@@ -244,7 +179,7 @@ def _role_of(messages, slots, slot):
     return i, messages[i]["role"]
 
 
-def _build_plan(fmt: ChatFormat, codec: _Codec, messages: list[dict], slots, base: int, n_markers: int,
+def _build_plan(fmt: ChatFormat, codec: Codec, messages: list[dict], slots, base: int, n_markers: int,
                 add_generation_prompt: bool) -> _Plan:
     sentinels = [chr(base + j) for j in range(len(slots))]
     skeleton_messages = [dict(m) for m in messages]
@@ -349,7 +284,7 @@ def _segments(length: int, spans: list[tuple[int, int]]) -> list[tuple[int, int,
     return out
 
 
-def _tokenize_literals(codec: _Codec, raw_pieces: list, spans: dict[int, list[tuple[int, int]]],
+def _tokenize_literals(codec: Codec, raw_pieces: list, spans: dict[int, list[tuple[int, int]]],
                        joins: set[int]) -> list:
     """Pieces with every literal tokenized (once per structure) segment by segment: its masked character
     ranges (`spans`: end of turn, text generated before a reply, a tool call) apart from the rest. A literal
@@ -441,7 +376,7 @@ def _next_header_text(fmt: ChatFormat, messages: list[dict], slots, base: int, a
     return rendered[at + 1:match.start()].rstrip()
 
 
-def _get_plan(fmt: ChatFormat, tokenizer, codec: _Codec, messages, slots, key, base, n_markers,
+def _get_plan(fmt: ChatFormat, tokenizer, codec: Codec, messages, slots, key, base, n_markers,
               add_generation_prompt) -> _Plan:
     if fmt._plans is None:
         fmt._plans = weakref.WeakKeyDictionary()
@@ -560,7 +495,7 @@ def render_chat(messages: list[dict], tokenizer, fmt: ChatFormat | str | None,
     slots, key = _slots_and_key(messages)
     n_fields = sum(1 for m in messages for field in CONTENT_FIELDS if field in m)
     base = _sentinel_base([s[2] for s in slots], n_fields + 1)  # + 1: a user message's marker (turn_closings)
-    codec = _codec(tokenizer)
+    codec = codec_for(tokenizer)
     plan = _get_plan(fmt, tokenizer, codec, messages, slots, key, base, n_fields, add_generation_prompt)
 
     if fmt.verbatim_contents:
@@ -608,7 +543,7 @@ def render_prompt(messages: list[dict], tokenizer, fmt: ChatFormat | str | None,
     return render_chat(messages, tokenizer, fmt, add_generation_prompt=True, tools=tools).input_ids
 
 
-def _whole_text_tokens(codec: _Codec, plan: _Plan, parts: list[str], text: str) -> tuple[list[int], list[int]]:
+def _whole_text_tokens(codec: Codec, plan: _Plan, parts: list[str], text: str) -> tuple[list[int], list[int]]:
     """Fallback: tokenize the whole text with offsets; a token is masked if any of its characters is."""
     masked_chars = bytearray(len(text) + 1)
     content_spans: list[tuple[int, int]] = []
