@@ -40,8 +40,8 @@ How the mask is made exact without `{% generation %}` markers
    the whole text tokenizes (` What` is one byte-level token); before a reply only where the model
    generates that space (not llama2's, which ends the generation prompt). The result is checked with
    `decode(ids) == text`; a tokenizer that cannot round-trip segments (e.g. SentencePiece adding a prefix
-   space to each piece) falls back to tokenizing the whole text with offsets: a token is in the mask if any of its characters is, and a
-   control token inside a message content is refused with a `DataError`.
+   space to each piece) falls back to tokenizing the whole text with offsets: a token is in the mask if
+   any of its characters is, and a control token inside a message content is refused with a `DataError`.
 
 Built-in templates insert contents verbatim, so for them the text is assembled from the cached skeleton
 without running Jinja (tests check it equals the Jinja rendering).
