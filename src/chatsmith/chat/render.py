@@ -163,15 +163,13 @@ class _Literal:
     # (start, end) character ranges of `text` the model generates (mask 1): end-of-turn text at its start,
     # text generated before the next reply at its end, a tool call anywhere
     spans: tuple[tuple[int, int], ...] = ()
-    # The text's final space is tokenized with the content that follows (`ids` stop before it): see
-    # `_joins_space`.
-    joins_space: bool = False
 
 
 @dataclass
 class _Plan:
     pieces: list  # `_Literal` or slot index (int), in the order the template writes them
     masked_slots: frozenset
+    joined: tuple = ()  # per content piece, in order: tokenized with the space before it (`_joins_space`)
 
 
 def _role_of(messages, slots, slot):
@@ -246,7 +244,8 @@ def _build_plan(fmt: ChatFormat, codec: Codec, messages: list[dict], slots, base
                 spans.setdefault(position + 1, []).append((0, len(header)))
     joins = {position - 1 for position, piece in enumerate(raw_pieces)
              if _joins_space(raw_pieces, spans, masked, position)}
-    return _Plan(_tokenize_literals(codec, raw_pieces, spans, joins), masked)
+    joined = tuple(position - 1 in joins for position, piece in enumerate(raw_pieces) if isinstance(piece, int))
+    return _Plan(_tokenize_literals(codec, raw_pieces, spans, joins), masked, joined)
 
 
 def _joins_space(raw_pieces: list, spans: dict[int, list[tuple[int, int]]], masked: frozenset, position: int) -> bool:
@@ -306,8 +305,7 @@ def _tokenize_literals(codec: Codec, raw_pieces: list, spans: dict[int, list[tup
             segment = list(next(segment_ids))
             ids += segment
             mask += [bit] * len(segment)
-        pieces.append(_Literal(piece, ids, mask, tuple(sorted(spans.get(position, ()))),
-                               position in joins))
+        pieces.append(_Literal(piece, ids, mask, tuple(sorted(spans.get(position, ())))))
     return pieces
 
 
@@ -506,9 +504,7 @@ def render_chat(messages: list[dict], tokenizer, fmt: ChatFormat | str | None,
         contents = _align(fmt, plan, text, messages, slots)
 
     # A content after a literal that joins its final space is tokenized with that space (`_joins_space`).
-    joined = [k > 0 and isinstance(plan.pieces[k - 1], _Literal) and plan.pieces[k - 1].joins_space
-              for k, piece in enumerate(plan.pieces) if isinstance(piece, int)]
-    encoded = [" " + c if join else c for c, join in zip(contents, joined)]
+    encoded = [" " + c if join else c for c, join in zip(contents, plan.joined)] if any(plan.joined) else contents
     content_ids = iter(codec.encode_plain([e for e in encoded if e]))
     contents_iter = iter(zip(contents, encoded))
     ids: list[int] = []
