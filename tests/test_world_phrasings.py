@@ -78,8 +78,10 @@ def test_training_rows_vary_their_wording(world):
              for kind in ("capital", "continent", "language") for t in P.plain_templates(kind)]
     starts = Counter(f.split(" ")[0] for f in fact_users)
     assert len(starts) >= 15, starts                        # many openings, not a handful of templates
-    assert sum(f[:1].islower() for f in fact_users) > 0.03 * len(fact_users)           # lower case
-    assert sum(f.rstrip()[-1:] not in ".?!" for f in fact_users) > 0.03 * len(fact_users)  # no final punctuation
+    # casual forms, counted over every chat's first message (about 1,000; each form is 3-7% of them), so the
+    # bound holds whatever the random stream draws
+    assert sum(f[:1].islower() for f in firsts) > 0.015 * len(firsts)                  # lower case
+    assert sum(f.rstrip()[-1:] not in ".?!" for f in firsts) > 0.015 * len(firsts)     # no final punctuation
     wrapped = [w.split("{q}")[0].strip() for w in P.TRAIN_WRAPPERS if w.split("{q}")[0].strip()]
     assert sum(any(f.startswith(w) for w in wrapped) for f in firsts) > 0.03 * len(firsts)
     varied = sum(not any(p.fullmatch(f) for p in plain) for f in fact_users)
