@@ -282,7 +282,13 @@ def test_lora_ppo_from_adapter_dirs_shares_the_reward_weights_with_the_value_mod
     assert isinstance(trainer.scorer, AdapterDisabledScorer)
     assert trainer.scorer.rm.model is trainer.value_model          # one copy serves reward and value
     seqs = [[5, 17, 42, 99, 3]]
-    before = trainer.scorer.rm.score_token_ids(seqs)
+    with torch.no_grad():
+        before = trainer.scorer(*_rollout_like(seqs))[:1]
+    from chatsmith.reward_model import load_reward_model
+
+    # The reward is the reward model as trained (its value-model copy of the head starts rescaled, see ppo.py).
+    torch.testing.assert_close(before, load_reward_model(reward_run[0], device="cpu").score_token_ids(seqs),
+                               atol=1e-6, rtol=1e-6)
     trainer.run()
     with torch.no_grad():
         torch.testing.assert_close(trainer.scorer(*_rollout_like(seqs))[:1], before, atol=1e-6, rtol=1e-6)

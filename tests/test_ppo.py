@@ -316,3 +316,32 @@ def test_ppo_with_a_reward_function_starts_its_value_model_from_the_policy(sft_d
     torch.testing.assert_close(trainer.value_model.model.layers[0].mlp.up_proj.weight,
                                policy.model.layers[0].mlp.up_proj.weight)
     assert trainer.run().step == 1
+
+
+def test_value_model_from_a_reward_model_predicts_in_the_units_of_the_normalised_rewards(tmp_path):
+    """PPO's rewards are the reward model's normalised scores (raw - mean) / std, so the value model copied
+    from it starts in those units: its head reads raw / std at every token (a Llama head has no bias to take
+    the mean off: a constant offset of mean / std remains), while the frozen reward model PPO scores with
+    stays as trained."""
+    from transformers import AutoModelForSequenceClassification
+
+    from chatsmith.reward_model import token_scores
+    from chatsmith.train.ppo import PPOTrainer
+    from test_grpo import write_toy_dirs
+
+    model_dir, rm_dir, prompts_file = write_toy_dirs(tmp_path)
+    raw = AutoModelForSequenceClassification.from_pretrained(str(rm_dir))
+    torch.nn.init.normal_(raw.score.weight, std=0.5)
+    raw.config.chatsmith_reward_mean, raw.config.chatsmith_reward_std = 3.0, 4.0
+    raw.save_pretrained(str(rm_dir))
+    trainer = PPOTrainer(ppo_cfg(tmp_path, policy=str(model_dir), reward_model=str(rm_dir),
+                                 prompts=str(prompts_file), max_steps=1, rollout_batch_size=4))
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8], [7, 7, 21, 64, 90, 2]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        raw_scores = token_scores(raw, ids, mask)[:, :-1]          # the states each response token is chosen in
+        values = value_forward(trainer.value_model, ids, mask, prompt_len=1)
+        normalised = trainer.scorer.rm.normalize(token_scores(trainer.scorer.rm.model, ids, mask)[:, :-1])
+    torch.testing.assert_close(values, raw_scores / 4.0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(values - normalised, torch.full_like(values, 3.0 / 4.0), atol=1e-5, rtol=1e-4)
+    assert float(raw_scores.std()) > 0.1     # the positions differ: not a constant head

@@ -69,6 +69,33 @@ def score_head(model: nn.Module) -> nn.Module:
     return head
 
 
+def trainable_score_head(model: nn.Module) -> nn.Linear:
+    """The `score` Linear that trains: the head itself, or under LoRA peft's trainable copy of it
+    (`modules_to_save`), leaving the frozen original the reward is scored with untouched."""
+    head = score_head(model)
+    copies = getattr(head, "modules_to_save", None)
+    if copies is not None:
+        head = copies[head.active_adapter if isinstance(head.active_adapter, str) else head.active_adapter[0]]
+    return head
+
+
+@torch.no_grad()
+def fold_normalization_into_head(model: nn.Module, mean: float, std: float) -> None:
+    """Rescale a reward model's trainable score head in place so that it outputs `(raw - mean) / std`.
+
+    PPO's value model starts as a copy of the reward model (Ziegler et al. 2019), but PPO's rewards are the
+    normalised scores (mean 0, std 1 over SFT samples, `chatsmith reward`). A copy left in raw units predicts
+    values `std` times too large (the world's reward models: std 4 to 5), so the first steps' advantages are
+    mostly the value model's error (explained variance about -3) until it has relearnt the scale. The weight
+    is divided by `std`; a head with a bias also takes the mean off, a head without one (Llama, Qwen2: bias=False)
+    keeps an offset of `-mean / std`, which the value loss removes within a few steps.
+    """
+    head = trainable_score_head(model)
+    head.weight.div_(std)
+    if head.bias is not None:
+        head.bias.sub_(mean).div_(std)
+
+
 def mask_for_model(model: nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A 4D bool mask as the model's attention implementation wants it (eager adds masks to scores)."""
     if mask.ndim != 4:

@@ -13,7 +13,8 @@ Four roles
     policy     pi      the model being trained, initialised from `--policy` (an SFT or DPO model)
     reference  pi_ref  a frozen copy of that starting model (the KL anchor), or `--reference`
     reward     r       a frozen reward model (`chatsmith reward`), scores normalised (mean 0, std 1)
-    value      V       a trainable copy of the reward model whose scalar head is read at every token
+    value      V       a trainable copy of the reward model whose scalar head is read at every token, its head
+                       rescaled to the normalised scores' units (`reward_model.fold_normalization_into_head`)
 Dropout is off in all four (Huang et al. 2024).
 With `--lora-r R` the policy trains LoRA adapters and the reference is the same weights with the adapters
 disabled (`train.lora.DisabledAdapterView`, unless --reference names another model). The value model is the
@@ -70,6 +71,7 @@ from chatsmith.config import arg, validate_config
 from chatsmith.errors import ChatsmithError
 from chatsmith.model import RL_EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, checked_model_source, disable_dropout, hub_where, quiet_transformers, save_model
 from chatsmith.adapters import is_adapter_dir
+from chatsmith.reward_model import fold_normalization_into_head
 from chatsmith.train import rl_functional as F
 from chatsmith.train.config import TrainConfig, check_room_for_prompt
 from chatsmith.train.devices import autocast_context
@@ -202,6 +204,7 @@ class PPOTrainer(PolicyStage):
         self.sum_across = sum_over_ranks if self.distributed else None
         scorer = reward_scorer(cfg.reward_model, scorer, self.tokenizer, self.device, cfg)
         self.scorer = scorer
+        from_caller = value_model is not None
         if value_model is None and self.lora and cfg.value_model is None and isinstance(scorer, RewardModelScorer):
             # The value model is the reward model's own weights with adapters of its own (and its own copy of
             # the score head); the reward is scored with those adapters off: one copy serves both.
@@ -213,6 +216,9 @@ class PPOTrainer(PolicyStage):
                 value_model = apply_lora(value_model, cfg, base=value_source(self.cfg), task="reward")
         elif self.lora:
             value_model = apply_lora(value_model, cfg, task="reward")
+        if cfg.value_model is None and isinstance(scorer, RewardModelScorer) and not from_caller:
+            # Values in the units of the rewards PPO uses: the reward model's normalised scores.
+            fold_normalization_into_head(value_model, scorer.rm.mean, scorer.rm.std)
         self.value_model = disable_dropout(value_model.to(self.device))
         if cfg.activation_checkpointing:
             for model in (self.policy, self.value_model):
