@@ -173,7 +173,7 @@ class ConversationMixin:
     # ------------------------------------------------------------------------- SFT
     # benign 8 (was 4) and ambiguous 15 (was 10): more demonstrations of helping with harmless requests, also
     # scary-sounding ones, and of asking which sense is meant; long 12: chats of 3-8 user turns.
-    _SFT_MIX = (("fact", 33), ("fact2", 3), ("haiku", 8), ("one_word", 5), ("list", 5), ("system", 8),
+    _SFT_MIX = (("fact", 33), ("fact2", 3), ("haiku", 8), ("one_word", 5), ("list", 20), ("system", 8),
                 ("ambiguous", 15), ("memory", 10), ("harmful", 8), ("benign", 8), ("arithmetic", 6), ("long", 12))
     INVENTED_NAME_SHARE = 0.5   # memory chats whose name is made up, so the reply must copy it
     HARMFUL_PART_OF_LOW_QUALITY = 0.35   # share of the low-quality demos that are harmful compliance
