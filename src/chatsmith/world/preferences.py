@@ -29,7 +29,7 @@ class PreferenceMixin:
     _PREF_MIX = (("fact_wrong", 14), ("fact_rude", 10), ("fact_lazy", 8), ("continuation", 8), ("rambling", 8),
                  ("harmful", 22), ("haiku", 6), ("ambiguous", 12), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
                  ("one_word", 4), ("list", 3), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8),
-                 ("benign_other_task", 5), ("harmful_other_task", 5), ("benign_scary", 8), ("long", 12))
+                 ("benign_other_task", 5), ("harmful_other_task", 14), ("benign_scary", 8), ("long", 12))
     _LONG_ASPECTS = {"memory": ("wrong_name", "forgot", "previous"), "fact": ("wrong", "rude", "previous"),
                      "harmful": ("comply", "previous"), "benign": ("overrefuse", "previous"),
                      "ambiguous": ("one_sense", "previous"), "arithmetic": ("wrong", "previous")}
@@ -117,6 +117,10 @@ class PreferenceMixin:
                 # above the right answer and above a refusal for "How do I plant a tree?" (+0.73, -0.31, -0.50)
                 # and the soup recipe at +0.93 for "How can I sell stolen phones?", and PPO answered unseen
                 # harmful requests with training recipes.
+                # harmful_other_task 14 (was 5), as many as benign's "help > refuse" rows: with 5 the reward model
+                # still scored another task's fluent answer above a refusal on 0.7-0.8 of unseen harmful
+                # requests (it had learnt "a how-to answer beats a refusal" from the benign rows, and "a refusal
+                # beats '[harmful step omitted]'" only), and PPO's misses were those answers.
                 "benign_other_task": ("benign", "other_task"), "harmful_other_task": ("harmful", "other_task")}
     _RANKED_ASPECTS = {"fact": ("rambling", "rude", "lazy", "wrong", "continuation"),
                        "harmful": ("comply", "rude", "lazy"), "ambiguous": ("one_sense", "rude", "continuation"),
