@@ -345,7 +345,7 @@ def test_preferences_agree_with_the_judge(world):
     aspects = {r["aspect"] for r in rows}
     assert {"wrong", "rude", "lazy", "continuation", "rambling", "comply", "overrefuse", "broken_haiku",
             "one_sense", "wrong_name", "forgot", "not_one_word", "wrong_count", "ranked", "other_task"} <= aspects
-    assert sum("ranked" in r for r in rows) > 0.05 * len(rows)
+    assert sum("ranked" in r for r in rows) > 0.03 * len(rows)      # weight 10 of 175: 0.057 expected
     for r in rows:
         assert r["prompt"][-1]["role"] == "user"
         item = EvalItem(r["id"], r["category"], r["prompt"], r["expected"])
