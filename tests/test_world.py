@@ -421,3 +421,37 @@ def test_prompts_and_eval_items_are_judgeable_and_references_score_high(world):
     assert showcase["showcase-haiku"].prompt == "Write a haiku about programming."
     assert showcase["showcase-python"].prompt == "Python"
     assert len(showcase["showcase-memory"].messages) == 3
+
+
+def test_preferences_reward_following_the_system_prompt_and_distinct_list_items(world):
+    """PPO dropped "Have a nice day!" and wrote "1. Portugal\n2. Portugal" where the reward model had no pair
+    that tells those apart: the rejected reply is the right answer without the system prompt's format, or the
+    asked count of items with repeats."""
+    rows = world.preference_records()
+    fmt = [r for r in rows if r["aspect"] == "ignores_format"]
+    assert {r["expected"]["format"] for r in fmt} == {"sign_off", "one_word"}
+    for r in fmt:
+        assert r["prompt"][0]["role"] == "system"
+        if r["expected"]["format"] == "sign_off":
+            assert r["chosen"] == f"{r['rejected']} {F.SIGN_OFF}"
+        else:
+            assert r["expected"]["answer"] in r["rejected"] and len(r["rejected"].split()) > 2
+    repeats = [r for r in rows if r["aspect"] == "repeated_items"]
+    assert repeats
+    for r in repeats:
+        good, bad = r["chosen"].split("\n"), r["rejected"].split("\n")
+        items = [line.split(". ", 1)[1] for line in bad]
+        assert len(good) == len(bad) and bad[0] == good[0] and len(set(items)) < len(items)
+
+
+def test_memory_pairs_reject_another_name_or_country_of_the_chat(world):
+    """The long chats' memory pairs include the mistake PPO makes ("Your name is Afghanistan." after a
+    question about Afghanistan): another entity the chat mentioned, recalled in place of the user's."""
+    rows = [r for r in world.preference_records() if r["aspect"] == "distractor"]
+    assert len(rows) >= 3
+    entities = {x for c in F.COUNTRIES for x in (c.ref, c.capital)} | set(F.NAMES)
+    for r in rows:
+        earlier = " ".join(m["content"] for m in r["prompt"][:-1])
+        wrong = re.sub(r"^(Your name is|You live in) ", "", r["rejected"]).rstrip(".")
+        assert r["expected"]["name"] in earlier and wrong != r["expected"]["name"] and wrong in entities
+        assert wrong in earlier or not any(e in earlier for e in entities - {r["expected"]["name"]})

@@ -26,11 +26,17 @@ class PreferenceMixin:
     # last turn of a 3-8 turn chat, its good reply against a bad one (also an earlier reply said again).
     # harmful 22 = benign 14 + benign_scary 8: both sides of the safety boundary get as many pairs; with 16,
     # PPO refused 0.80 of held-out harmful requests (0.96 before the scary-sounding benign pairs came).
+    # system_format 6 and list_repeats 4: the right answer without the system prompt's format, and a list of the
+    # asked length that says items again; full's PPO dropped "Have a nice day!" on 23 of the 45 system prompts
+    # its SFT model had followed, and wrote "1. Portugal\n2. Portugal", where no pair told those apart.
     _PREF_MIX = (("fact_wrong", 14), ("fact_rude", 10), ("fact_lazy", 8), ("continuation", 8), ("rambling", 8),
                  ("harmful", 22), ("haiku", 6), ("ambiguous", 12), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
                  ("one_word", 4), ("list", 3), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8),
-                 ("benign_other_task", 5), ("harmful_other_task", 14), ("benign_scary", 8), ("long", 12))
-    _LONG_ASPECTS = {"memory": ("wrong_name", "forgot", "previous"), "fact": ("wrong", "rude", "previous"),
+                 ("benign_other_task", 5), ("harmful_other_task", 14), ("benign_scary", 8), ("long", 12),
+                 ("system_format", 6), ("list_repeats", 4))
+    # A long chat's memory question is also answered, wrongly, with another name, country or capital the chat
+    # mentioned ("Your name is Afghanistan." after a question about Afghanistan): PPO's usual miss at turn 4+.
+    _LONG_ASPECTS = {"memory": ("wrong_name", "forgot", "previous", "distractor", "distractor"), "fact": ("wrong", "rude", "previous"),
                      "harmful": ("comply", "previous"), "benign": ("overrefuse", "previous"),
                      "ambiguous": ("one_sense", "previous"), "arithmetic": ("wrong", "previous")}
 
@@ -88,14 +94,28 @@ class PreferenceMixin:
         if aspect == "wrong_name":
             other = rng.choice([x for x in self.train_names if x != expected["name"]])
             return f"Your name is {other}."
+        if aspect == "distractor":   # another name, country or capital of the chat, recalled in its place
+            text = " ".join(m["content"] for m in msgs[:-1])
+            said = [x for c in F.COUNTRIES for x in (c.ref, c.capital) if x in text and c.name != expected["name"]]
+            said += [n for n in F.NAMES if n in text and n != expected["name"]]
+            other = rng.choice(said) if said else rng.choice([n for n in self.train_names if n != expected["name"]])
+            return f"You live in {other}." if expected.get("recall") == "place" else f"Your name is {other}."
         if aspect == "forgot":
             return rng.choice(("I don't know your name.", "Sorry, I don't remember your name."))
         if aspect == "previous":   # an earlier reply of the chat said again (PPO's "Python" -> "Your name is Ana.")
             earlier = [m["content"] for m in msgs if m["role"] == "assistant" and m["content"] != good
                        and len(m["content"]) <= len(good) + 40]   # keeps the pair within the chat's budget
             return rng.choice(earlier) if earlier else rng.choice(LAZY_POLITE)
+        if aspect == "ignores_format":   # the right answer without the system prompt's format
+            if expected.get("format") == "sign_off":
+                return good[: -len(F.SIGN_OFF)].rstrip()
+            aspect = "not_one_word"
         if aspect == "not_one_word":   # right answer, but a full sentence
             return fill(ANSWER_TEMPLATES[expected["attribute"]], F.COUNTRY_BY_NAME[expected["country"]])
+        if aspect == "repeated_items":   # the asked count, but items said again ("1. Portugal\n2. Portugal")
+            items = [line.split(". ", 1)[1] for line in good.split("\n")]
+            k = rng.randrange(1, len(items))
+            return number_list(items[:k] + [rng.choice(items[:k]) for _ in items[k:]])
         if aspect == "wrong_count":
             items = [line.split(". ", 1)[1] for line in good.split("\n")]
             return number_list(items[:-1]) if len(items) > 2 else number_list(items + items[:1])
@@ -121,7 +141,8 @@ class PreferenceMixin:
                 # still scored another task's fluent answer above a refusal on 0.7-0.8 of unseen harmful
                 # requests (it had learnt "a how-to answer beats a refusal" from the benign rows, and "a refusal
                 # beats '[harmful step omitted]'" only), and PPO's misses were those answers.
-                "benign_other_task": ("benign", "other_task"), "harmful_other_task": ("harmful", "other_task")}
+                "benign_other_task": ("benign", "other_task"), "harmful_other_task": ("harmful", "other_task"),
+                "system_format": ("system", "ignores_format"), "list_repeats": ("list", "repeated_items")}
     _RANKED_ASPECTS = {"fact": ("rambling", "rude", "lazy", "wrong", "continuation"),
                        "harmful": ("comply", "rude", "lazy"), "ambiguous": ("one_sense", "rude", "continuation"),
                        "memory": ("wrong_name", "forgot", "rude"), "haiku": ("broken_haiku", "rude", "continuation")}
