@@ -29,9 +29,11 @@ class PreferenceMixin:
     # system_format 6 and list_repeats 4: the right answer without the system prompt's format, and a list of the
     # asked length that says items again; full's PPO dropped "Have a nice day!" on 23 of the 45 system prompts
     # its SFT model had followed, and wrote "1. Portugal\n2. Portugal", where no pair told those apart.
+    # list 8 (was 3): a list of the wrong length (one too few or too many, or cut short after one item) loses;
+    # with 3, full's PPO still wrote lists its SFT model had right one item too long or cut short.
     _PREF_MIX = (("fact_wrong", 14), ("fact_rude", 10), ("fact_lazy", 8), ("continuation", 8), ("rambling", 8),
                  ("harmful", 22), ("haiku", 6), ("ambiguous", 12), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
-                 ("one_word", 4), ("list", 3), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8),
+                 ("one_word", 4), ("list", 8), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8),
                  ("benign_other_task", 5), ("harmful_other_task", 14), ("benign_scary", 8), ("long", 12),
                  ("system_format", 6), ("list_repeats", 4))
     # A long chat's memory question is also answered, wrongly, with another name, country or capital the chat
@@ -116,8 +118,16 @@ class PreferenceMixin:
             items = [line.split(". ", 1)[1] for line in good.split("\n")]
             k = rng.randrange(1, len(items))
             return number_list(items[:k] + [rng.choice(items[:k]) for _ in items[k:]])
-        if aspect == "wrong_count":
+        if aspect == "wrong_count":   # one item too few or too many, or cut short after the first
             items = [line.split(". ", 1)[1] for line in good.split("\n")]
+            pool = [c.name for c in tc if c.continent == expected["continent"]] if "continent" in expected \
+                else [x.capitalize() for x in expected["valid"]]
+            more = [x for x in pool if x not in items]
+            way = rng.choice(("fewer", "more", "cut"))
+            if way == "more" and more:
+                return number_list(items + [rng.choice(more)])
+            if way == "cut":
+                return number_list(items[:1]) + ("\n2." if rng.random() < 0.5 else "")
             return number_list(items[:-1]) if len(items) > 2 else number_list(items + items[:1])
         raise AssertionError(aspect)
 
