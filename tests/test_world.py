@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from chatsmith.world import facts as F
-from chatsmith.world.judge import EvalItem, judge, score
+from chatsmith.world.judge import EvalItem, judge, list_items, score
 from chatsmith.world import World, WorldExportConfig, export_world
 from chatsmith.world.text import CAPITAL_SENTENCES, shuffled_deck, draw, invented_name
 from chatsmith.errors import ChatsmithError
@@ -442,6 +442,14 @@ def test_preferences_reward_following_the_system_prompt_and_distinct_list_items(
         good, bad = r["chosen"].split("\n"), r["rejected"].split("\n")
         items = [line.split(". ", 1)[1] for line in bad]
         assert len(good) == len(bad) and bad[0] == good[0] and len(set(items)) < len(items)
+    # wrong lengths: one item too few, one too many, or cut short after the first ("1. Pink\n2.")
+    lengths = [r for r in rows if r["aspect"] == "wrong_count"]
+    shapes = set()
+    for r in lengths:
+        good, bad = r["chosen"].split("\n"), r["rejected"].split("\n")
+        assert bad[0] == good[0] and len(list_items(r["rejected"])) != int(r["expected"]["n"])
+        shapes.add("cut" if len(list_items(r["rejected"])) == 1 and len(good) > 2 else len(bad) - len(good))
+    assert {"cut", -1, 1} <= shapes
 
 
 def test_memory_pairs_reject_another_name_or_country_of_the_chat(world):
