@@ -9,7 +9,7 @@ import json
 from functools import cached_property
 
 from chatsmith.world import facts as F
-from chatsmith.world.judge import EvalItem, score
+from chatsmith.world.judge import EvalItem, list_items, score
 from chatsmith.world.text import (
     ANSWER_TEMPLATES, COMPLIANCES, LAZY_POLITE, REFUSALS, answer_value, fill, gerund, number_list)
 
@@ -115,11 +115,11 @@ class PreferenceMixin:
         if aspect == "not_one_word":   # right answer, but a full sentence
             return fill(ANSWER_TEMPLATES[expected["attribute"]], F.COUNTRY_BY_NAME[expected["country"]])
         if aspect == "repeated_items":   # the asked count, but items said again ("1. Portugal\n2. Portugal")
-            items = [line.split(". ", 1)[1] for line in good.split("\n")]
+            items = list_items(good)
             k = rng.randrange(1, len(items))
             return number_list(items[:k] + [rng.choice(items[:k]) for _ in items[k:]])
         if aspect == "wrong_count":   # one item too few or too many, or cut short after the first
-            items = [line.split(". ", 1)[1] for line in good.split("\n")]
+            items = list_items(good)
             pool = [c.name for c in tc if c.continent == expected["continent"]] if "continent" in expected \
                 else [x.capitalize() for x in expected["valid"]]
             more = [x for x in pool if x not in items]
