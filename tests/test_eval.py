@@ -349,6 +349,35 @@ def test_eval_compare_gives_each_reports_value_the_mean_and_the_worst(tmp_path, 
     assert "| refuses_harmful | 0.960 | 0.860 | 0.890 | 0.903 | 0.860 |" in (out / "compare.md").read_text()
     assert (out / "safety.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "### ppo" in capsys.readouterr().out
+    assert ppo["refuses_harmful"]["noise"] is None and ppo["refuses_harmful"]["intervals"] == [None] * 3   # no counts
+
+
+def test_eval_compare_gives_the_sampling_noise_of_each_rate(tmp_path):
+    """With the reports' item counts, each rate gets its 95% Wilson interval and the table its noise: 0.90 on 56
+    harmful requests is 0.79-0.95, so seeds at 0.86 and 0.93 are within it."""
+    from chatsmith.eval.compare import CompareConfig, compare_cli, wilson_interval
+
+    assert wilson_interval(0.5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)      # not empty at a rate of 0
+    assert wilson_interval(1.0, 20)[1] == 1.0 and wilson_interval(0.9, 1000)[1] - 0.9 < 0.02
+    with pytest.raises(ValueError):
+        wilson_interval(0.5, 0)
+    counts = {"refuses_harmful": 56, "over_refusal": 70, "rude": 564, "mean_reward": 564}   # reward: not a rate
+    paths = [_seed_report(tmp_path / f"s{i}.json", {"refuses_harmful": r, "over_refusal": o, "rude": 0.01,
+                                                     "mean_reward": 0.3, "counts": counts})
+             for i, (r, o) in enumerate(((0.93, 0.43), (1.0, 0.11), (0.86, 0.09)))]
+    out = tmp_path / "cmp"
+    compare_cli(CompareConfig(reports=[str(p) for p in paths], models=["ppo"], out=str(out),
+                              metrics=["refuses_harmful", "over_refusal", "rude", "mean_reward"]))
+    ppo = json.loads((out / "compare.json").read_text())["models"]["ppo"]
+    lo, hi = ppo["refuses_harmful"]["intervals"][0]
+    assert lo < 0.93 < hi and ppo["refuses_harmful"]["counts"] == [56, 56, 56]
+    assert ppo["refuses_harmful"]["intervals"][1][1] == 1.0
+    assert ppo["refuses_harmful"]["noise"] == pytest.approx(0.07, abs=0.005)       # mean 0.93 on 56 items
+    assert ppo["rude"]["noise"] < 0.01 and ppo["mean_reward"]["noise"] is None      # 564 items; not a rate
+    table = (out / "compare.md").read_text()
+    assert "| refuses_harmful | 0.930 | 1.000 | 0.860 | 0.930 | 0.860 | 0.07 |" in table
+    assert "| mean_reward | 0.300 | 0.300 | 0.300 | 0.300 | 0.300 | — |" in table and "Wilson" in table
 
 
 def test_eval_compare_refuses_what_is_not_a_report(tmp_path):

@@ -13,12 +13,18 @@ refusal of benign requests, `chatsmith.eval.plots.safety_png`), and prints the m
 (`rude`, `over_refusal`, `kl_to_sft`, and any metric whose report help says "lower is better"): the figure a
 result must meet on every seed, as in "mean 0.95 (worst seed 0.90)".
 
+"±95%" is the sampling noise of a rate measured on a finite eval set: half the width of the 95% Wilson
+interval at the mean rate and the reports' item count (a report's `counts`). A rate of 0.90 on 56 harmful
+requests is 0.79-0.95; two seeds that differ by less than that may not differ at all. compare.json gives
+each value its own interval.
+
 Tests: `python -m pytest tests/test_eval.py -q -k compare`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +34,11 @@ from chatsmith.config import arg
 from chatsmith.errors import ChatsmithError
 from chatsmith.utils import atomic_write_text
 
-__all__ = ["CompareConfig", "compare_cli", "find_report", "compare_reports", "lower_is_better", "compare_markdown"]
+__all__ = ["CompareConfig", "compare_cli", "find_report", "compare_reports", "lower_is_better", "compare_markdown",
+           "wilson_interval"]
 
 LOWER_IS_BETTER = frozenset({"rude", "over_refusal", "kl_to_sft", "continues_document"})
+NOT_RATES = frozenset({"mean_reward", "kl_to_sft"})   # scores, not shares of items: no Wilson interval
 
 
 @dataclass
@@ -85,10 +93,31 @@ def _unsliced(metric: str, report: dict[str, Any] | None) -> str:
     return metric
 
 
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (Wilson 1927) of a rate observed on ``n`` items, at ``z`` standard errors
+    (1.96: 95%). Unlike the normal interval it stays inside [0, 1] and is not empty at rates of 0 or 1, which
+    is why Brown, Cai and DasGupta (2001) recommend it for the small counts of an eval set.
+    ``wilson_interval(0.5, 10) == (0.2366…, 0.7634…)``."""
+    if n <= 0:
+        raise ValueError(f"wilson_interval: n must be positive, got {n}")
+    z2 = z * z
+    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _count(report: dict[str, Any], model: str, metric: str) -> int | None:
+    """How many items ``metric`` was measured on for ``model`` (the report's ``counts``), or None."""
+    n = ((report["models"].get(model) or {}).get("counts") or {}).get(metric)
+    return int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 else None
+
+
 def compare_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str], models: Sequence[str] = (),
                     metrics: Sequence[str] = ()) -> dict[str, Any]:
     """``{"labels", "models": {model: {metric: {"values": [one per report, None where missing], "mean",
-    "worst", "lower_is_better"}}}}`` over the reports; mean and worst over the reports that have the value."""
+    "worst", "lower_is_better", "counts", "intervals", "noise"}}}}`` over the reports; mean and worst over the
+    reports that have the value. For a rate with item counts: each value's 95% Wilson interval, and "noise",
+    half the interval's width at the mean rate and the mean count (None for other metrics)."""
     if not reports:
         raise ChatsmithError("eval compare: give at least one report")
     first = reports[0]
@@ -109,8 +138,18 @@ def compare_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str], mo
             if not present:
                 continue
             low = lower_is_better(metric, first)
-            rows[metric] = {"values": values, "mean": statistics.fmean(present),
-                            "worst": max(present) if low else min(present), "lower_is_better": low}
+            mean = statistics.fmean(present)
+            is_rate = _unsliced(metric, first) not in NOT_RATES and all(0 <= v <= 1 for v in present)
+            counts = [_count(r, model, metric) if is_rate else None for r in reports]
+            rated = [(v, n) for v, n in zip(values, counts) if v is not None and n is not None]
+            noise = None
+            if rated:
+                lo, hi = wilson_interval(mean, round(statistics.fmean(n for _, n in rated)))
+                noise = (hi - lo) / 2
+            rows[metric] = {"values": values, "mean": mean, "worst": max(present) if low else min(present),
+                            "lower_is_better": low, "counts": counts, "noise": noise,
+                            "intervals": [list(wilson_interval(v, n)) if v is not None and n is not None
+                                          else None for v, n in zip(values, counts)]}
         table[model] = rows
     return {"labels": list(labels), "models": table}
 
@@ -127,13 +166,17 @@ def compare_markdown(comparison: dict[str, Any]) -> str:
         if not rows:
             continue
         parts.append(f"### {model}\n")
-        parts.append("| metric | " + " | ".join(labels) + " | mean | worst |")
-        parts.append("|---|" + "---|" * (len(labels) + 2))
+        parts.append("| metric | " + " | ".join(labels) + " | mean | worst | ±95% |")
+        parts.append("|---|" + "---|" * (len(labels) + 3))
         for metric, row in rows.items():
             cells = ["—" if v is None else f"{v:.3f}" for v in row["values"]]
             name = metric + (" (lower is better)" if row["lower_is_better"] else "")
-            parts.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean']:.3f} | {row['worst']:.3f} |")
+            noise = "—" if row.get("noise") is None else f"{row['noise']:.2f}"
+            parts.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean']:.3f} | {row['worst']:.3f} | {noise} |")
         parts.append("")
+    if parts:
+        parts.append("±95%: half the 95% Wilson interval of the mean rate on that many eval items, the sampling "
+                     "noise of the eval set alone; compare.json has each value's interval.\n")
     return "\n".join(parts)
 
 
