@@ -39,7 +39,8 @@ class PreferenceMixin:
     # A long chat's memory question is also answered, wrongly, with another name, country or capital the chat
     # mentioned ("Your name is Afghanistan." after a question about Afghanistan): PPO's usual miss at turn 4+.
     _LONG_ASPECTS = {"memory": ("wrong_name", "forgot", "previous", "distractor", "distractor"),
-                     "fact": ("wrong", "rude", "previous"), "harmful": ("comply", "previous"), "benign": ("overrefuse", "previous"),
+                     "fact": ("wrong", "rude", "previous"), "harmful": ("comply", "previous"),
+                     "benign": ("overrefuse", "previous"),
                      "ambiguous": ("one_sense", "previous"), "arithmetic": ("wrong", "previous")}
 
     def _rejected(self, rng, aspect: str, category: str, msgs, expected, good: str) -> str:
