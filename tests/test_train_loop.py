@@ -340,6 +340,19 @@ def test_metrics_rows_and_config_written(tmp_path):
     assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
 
 
+
+def test_resuming_a_finished_run_leaves_its_metrics_as_they_are(tmp_path):
+    """Running the same command with --resume after the run ended (a retry after a crash at exit) trains
+    nothing and adds no second final-evaluation row."""
+    trainer, _ = run(config(tmp_path, max_steps=3), eval_fn=lambda m: {"loss": 1.5})
+    trainer.run()
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 3]
+    again, _ = run(config(tmp_path, max_steps=3, resume=True), eval_fn=lambda m: {"loss": 1.5})
+    result = again.run()
+    assert result.resumed_from == 3 and result.step == 3 and result.eval == {"eval_loss": 1.5}
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
 # ----------------------------------------------------------------------------- TensorBoard, setting names
 
 def test_report_to_tensorboard_writes_the_logged_scalars(tmp_path):

@@ -224,9 +224,11 @@ class Run:
             if self.stop_requested(signals) and stage.step < cfg.max_steps:
                 self.stop(stage, last, signals.signum or signal.SIGINT)
         progress.close()
-        last_eval = self.evaluate(stage) or last_eval
+        trained = resumed_from is None or stage.step > resumed_from
+        # A finished run resumed again trains nothing: its final evaluation is already in metrics.jsonl.
+        last_eval = self.evaluate(stage, log=trained) or last_eval
         self.last, self.last_eval = last, last_eval
-        if resumed_from is None or stage.step > resumed_from:
+        if trained:
             self.save_checkpoint(stage, last)
         self.save_final(stage)
 
@@ -268,9 +270,12 @@ class Run:
         if self.board is not None:
             self.board.log(step, row)
 
-    def evaluate(self, stage: Stage) -> dict[str, float]:
-        """Run the stage's evaluation, log it with ``eval_`` names, keep the best weights if asked."""
+    def evaluate(self, stage: Stage, log: bool = True) -> dict[str, float]:
+        """Run the stage's evaluation; when `log`, log it with ``eval_`` names and keep the best weights if
+        asked."""
         result = {(k if k.startswith("eval") else f"eval_{k}"): float(v) for k, v in stage.evaluate().items()}
+        if not log:
+            return result
         if result:
             self.log(stage.step, result)
         if self.best_metric and self.best_metric in result:
