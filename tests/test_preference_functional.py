@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatsmith.train.preference_functional import (bradley_terry_loss, dpo_implicit_rewards, dpo_loss,
+from chatsmith.train.preference_functional import (bradley_terry_loss, chosen_nll, dpo_implicit_rewards, dpo_loss,
                                                    expand_rankings, gather_last_token, last_token_index,
                                                    pack_trees, pairwise_accuracy, position_ids_from_mask,
                                                    prefix_tree, ranking_loss, ranking_pairs, segment_sum,
@@ -124,6 +124,13 @@ def test_dpo_loss_values():
     with pytest.raises(ValueError):
         dpo_loss(pc, pr, rc, rr, loss_type="nope")
 
+
+
+def test_chosen_nll_is_the_best_responses_per_token_nll():
+    """RPO's term: per example, minus the best (first) response's summed log-prob over its token count."""
+    logps = torch.tensor([-6.0, -1.0, -9.0, -4.0, -2.0])      # example 0: 3 ranked responses; example 1: 2
+    tokens = torch.tensor([3, 1, 9, 2, 2])
+    torch.testing.assert_close(chosen_nll(logps, tokens, [3, 2]), torch.tensor([2.0, 2.0]))
 
 def test_prefix_tree_keeps_a_token_per_branch():
     tree = prefix_tree([[1, 2, 3, 4], [1, 2, 5], [1, 2]])

@@ -10,8 +10,9 @@ second model is kept in memory; on `--resume` they are recomputed from `--model`
 checkpoint). K-way rankings give all C(K, 2) pairs within one example, each response's log-prob
 computed once, the loss averaged per example (as InstructGPT does for reward models). The prompt shared
 by an example's responses is computed once (tree packing) and logits are computed only at positions
-whose next token is a response token. Optional: conservative DPO (`--label-smoothing`, Mitchell 2023)
-and IPO (`--loss-type ipo`, Azar et al. 2023).
+whose next token is a response token. Optional: conservative DPO (`--label-smoothing`, Mitchell 2023),
+IPO (`--loss-type ipo`, Azar et al. 2023) and RPO (`--rpo-alpha`: plus the best response's per-token NLL,
+Pang et al. 2024).
 
 Reports per step and on a held-out split: implicit reward accuracy (share of pairs where
 beta * log(pi/ref) ranks the chosen response higher), mean implicit reward margin, chosen/rejected
@@ -40,7 +41,7 @@ from chatsmith.model import EMBEDDING_MODES, TRAIN_EMBEDDINGS_HELP, restrict_emb
 from chatsmith.reward_model import backbone_hidden
 from chatsmith.train.lora import adapter_disabled, apply_lora, lora_enabled
 from chatsmith.train.preference_data import PreferenceConfig, load_preference_split, tokenize_preference_split
-from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, dpo_loss, expand_rankings,
+from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, chosen_nll, dpo_loss, expand_rankings,
                                                    pack_trees, segment_mean, segment_sum, token_logprobs)
 from chatsmith.utils import note
 
@@ -57,6 +58,9 @@ class DPOConfig(PreferenceConfig):
     loss_type: str = arg("sigmoid", "sigmoid (DPO) or ipo (Azar et al. 2023).", choices=["sigmoid", "ipo"])
     label_smoothing: float = arg(0.0, "Conservative DPO: probability that a preference label is flipped.",
                                  min=0, max=0.5, max_exclusive=True)
+    rpo_alpha: float = arg(0.0, "Weight of the chosen (best) response's per-token NLL added to the DPO loss "
+                                "(RPO, Pang et al. 2024; TRL's rpo_alpha, 1.0 in the paper): keeps DPO from "
+                                "lowering the chosen replies' likelihood too. 0: plain DPO.", min=0)
     lr: float = arg(5e-5, "Peak learning rate (AdamW).")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     train_embeddings: str = arg("seen", TRAIN_EMBEDDINGS_HELP, choices=list(EMBEDDING_MODES))
@@ -126,9 +130,17 @@ def reference_logprobs(model: nn.Module, trees: Sequence[PrefixTree], pad_id: in
     return out
 
 
-def _pairwise_stats(policy_logps: torch.Tensor, reference_logps: torch.Tensor, num_responses: list[int],
+def response_token_counts(packed: PackedTrees) -> torch.Tensor:
+    """Response tokens `(n,)` of each conversation of a batch packed with targets."""
+    n = len(packed.last_token)
+    return torch.bincount(packed.target_response, minlength=n)[:n]
+
+
+def _pairwise_stats(policy_logps: torch.Tensor, reference_logps: torch.Tensor, packed: PackedTrees,
                     cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-example DPO loss `(g,)` and per-pair statistics from per-conversation log-probs `(n,)`."""
+    """Per-example DPO loss `(g,)` (plus `rpo_alpha` x the best response's per-token NLL) and per-pair
+    statistics, from per-conversation log-probs `(n,)`."""
+    num_responses = packed.num_responses
     better, worse, group = expand_rankings(num_responses, policy_logps.device)
     losses, chosen_r, rejected_r = dpo_loss(policy_logps[better], policy_logps[worse], reference_logps[better],
                                             reference_logps[worse], beta=cfg.beta,
@@ -136,6 +148,10 @@ def _pairwise_stats(policy_logps: torch.Tensor, reference_logps: torch.Tensor, n
     per_example = segment_mean(losses, group, len(num_responses))
     stats = {"chosen_reward": chosen_r, "rejected_reward": rejected_r,
              "chosen_logp": policy_logps[better].detach(), "rejected_logp": policy_logps[worse].detach()}
+    if cfg.rpo_alpha:
+        nll = chosen_nll(policy_logps, response_token_counts(packed), num_responses)
+        per_example = per_example + cfg.rpo_alpha * nll
+        stats["chosen_nll"] = nll.detach()
     return per_example, stats
 
 
@@ -143,9 +159,12 @@ def _pair_sums(stats: dict[str, torch.Tensor]) -> dict[str, tuple[float, int]]:
     """(sum, count) over pairs (a ranking contributes all its pairs), for the Trainer to reduce exactly."""
     margin = stats["chosen_reward"] - stats["rejected_reward"]
     n = int(margin.numel())
-    return {"reward_accuracy": (float((margin > 0).float().sum()), n), "reward_margin": (float(margin.sum()), n),
+    sums = {"reward_accuracy": (float((margin > 0).float().sum()), n), "reward_margin": (float(margin.sum()), n),
             **{k: (float(stats[k].sum()), n) for k in ("chosen_reward", "rejected_reward", "chosen_logp",
                                                        "rejected_logp")}}
+    if "chosen_nll" in stats:            # per example, not per pair
+        sums["chosen_nll"] = (float(stats["chosen_nll"].sum()), int(stats["chosen_nll"].numel()))
+    return sums
 
 
 def _summarise(stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -157,8 +176,7 @@ def make_dpo_loss(cfg: DPOConfig):
 
     def loss_fn(model: nn.Module, batch: DPOBatch):
         policy = packed_logprobs(model, batch.packed)
-        per_example, stats = _pairwise_stats(policy, batch.reference_logps.to(policy.device),
-                                             batch.packed.num_responses, cfg)
+        per_example, stats = _pairwise_stats(policy, batch.reference_logps.to(policy.device), batch.packed, cfg)
         return per_example.sum(), batch.n_targets, _pair_sums(stats)
 
     return loss_fn
@@ -175,7 +193,7 @@ def evaluate_dpo(model: nn.Module, batches: Sequence[DPOBatch], cfg: DPOConfig) 
     for batch in batches:
         batch = move_to_device(batch, device)
         policy = packed_logprobs(model, batch.packed)
-        per_example, stats = _pairwise_stats(policy, batch.reference_logps, batch.packed.num_responses, cfg)
+        per_example, stats = _pairwise_stats(policy, batch.reference_logps, batch.packed, cfg)
         total += float(per_example.sum())
         n += batch.n_targets
         for k, v in stats.items():

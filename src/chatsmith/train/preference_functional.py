@@ -207,6 +207,19 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, chosen_rewards, rejected_rewards
 
 
+
+def chosen_nll(logps: torch.Tensor, num_tokens: torch.Tensor, num_responses: list[int]) -> torch.Tensor:
+    """Per-example negative log-likelihood of its best response, per token: `(g,)`.
+
+    `logps (n,)`: summed response log-probs of all conversations, best-first per example (as in
+    `expand_rankings`); `num_tokens (n,)`: their response token counts. The term RPO adds to DPO (Pang et al.
+    2024, "Iterative Reasoning Preference Optimization", eq. 1; TRL's `rpo_alpha`): DPO alone can lower the
+    chosen response's likelihood along with the rejected one's and move the mass to replies no pair showed.
+    """
+    counts = torch.tensor(num_responses, dtype=torch.long, device=logps.device)
+    first = counts.cumsum(0) - counts          # index of each example's best response
+    return -logps[first] / num_tokens[first].clamp(min=1).to(logps.dtype)
+
 # ----------------------------------------------------------------------------- shared-prompt packing
 
 @dataclass
