@@ -207,7 +207,6 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, chosen_rewards, rejected_rewards
 
 
-
 def chosen_nll(logps: torch.Tensor, num_tokens: torch.Tensor, num_responses: list[int]) -> torch.Tensor:
     """Per-example negative log-likelihood of its best response, per token: `(g,)`.
 
@@ -219,6 +218,7 @@ def chosen_nll(logps: torch.Tensor, num_tokens: torch.Tensor, num_responses: lis
     counts = torch.tensor(num_responses, dtype=torch.long, device=logps.device)
     first = counts.cumsum(0) - counts          # index of each example's best response
     return -logps[first] / num_tokens[first].clamp(min=1).to(logps.dtype)
+
 
 # ----------------------------------------------------------------------------- shared-prompt packing
 
