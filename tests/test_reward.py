@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -213,3 +214,49 @@ def test_a_causal_lm_is_not_loaded_as_a_reward_model(sft_dir):
     with pytest.raises(ChatsmithError, match=r"this is a causal LM \(LlamaForCausalLM\), not a reward model; "
                                              r"train one with `chatsmith reward`"):
         load_reward_model(sft_dir, device="cpu")
+
+
+def test_a_reward_ensemble_scores_the_mean_of_its_members(tmp_path, sft_dir):
+    """--ensemble 3: members differing only in their seed, in OUT and OUT/members/; loading OUT gives the mean
+    of the members' normalised scores; PPO's scorer uses it; training OUT again alone drops the members."""
+    from chatsmith.errors import ChatsmithError
+    from chatsmith.reward_model import ENSEMBLE_FILE, RewardEnsemble, load_reward_model, score_conversations
+    from chatsmith.train.reward import RewardConfig, train_reward_model
+    from chatsmith.train.rollout import make_scorer
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", toy_preferences(48))
+    out = tmp_path / "rm"
+    cfg = RewardConfig(model=str(sft_dir), data=data, out=str(out), batch_size=8, max_len=64, eval_fraction=0.25,
+                       norm_samples=4, norm_max_new_tokens=4, progress=False, seed=5, max_steps=6, lr=3e-3,
+                       ensemble=3)
+    summary = train_reward_model(cfg)
+    assert len(summary["ensemble_eval_accuracy"]) == 3
+    assert json.loads((out / ENSEMBLE_FILE).read_text())["members"] == ["members/member-1", "members/member-2"]
+    seeds = [yaml_seed(out), yaml_seed(out / "members/member-1"), yaml_seed(out / "members/member-2")]
+    assert seeds == [5, 6, 7]
+
+    convs = [[{"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": a}]
+             for a in ("The capital of Peru is Lima.", "No. Go away.", "Lima")]
+    ensemble = load_reward_model(out, device="cpu")
+    assert isinstance(ensemble, RewardEnsemble) and len(ensemble.members) == 3
+    alone = [score_conversations(load_reward_model(d, device="cpu", ensemble=False), conversations=convs)
+             for d in (out, out / "members/member-1", out / "members/member-2")]
+    assert not torch.allclose(alone[0], alone[1])        # other seeds, other models
+    mean = torch.stack(alone).mean(0)
+    torch.testing.assert_close(score_conversations(ensemble, conversations=convs), mean)
+
+    scorer = make_scorer(str(out), ensemble.tokenizer, "cpu")
+    assert isinstance(scorer.rm, RewardEnsemble)
+
+    (out / ENSEMBLE_FILE).write_text(json.dumps({"members": ["members/gone"]}))
+    with pytest.raises(ChatsmithError, match="members/gone is missing"):
+        load_reward_model(out, device="cpu")
+    train_reward_model(dataclasses.replace(cfg, ensemble=1, overwrite=True))
+    assert not (out / ENSEMBLE_FILE).exists()
+    assert not isinstance(load_reward_model(out, device="cpu"), RewardEnsemble)
+
+
+def yaml_seed(run_dir):
+    import yaml
+
+    return yaml.safe_load((run_dir / "train_config.yaml").read_text())["seed"]

@@ -18,7 +18,8 @@ pad == eos; HF's own pooling looks for the last non-pad id instead). The (mean, 
 saved by `chatsmith reward` is read from config.json (`chatsmith_reward_mean` / `chatsmith_reward_std`)
 or `reward_normalization.json`. Used by PPO/GRPO (rewards, value-model init), evaluation and
 `chatsmith score`; training lives in `chatsmith.train.reward`. A LoRA reward adapter directory
-(`chatsmith reward --lora-r`) loads as its base with the adapter and score head merged (`load_reward_adapter`).
+(`chatsmith reward --lora-r`) loads as its base with the adapter and score head merged (`load_reward_adapter`);
+one trained with `--ensemble N` loads as a `RewardEnsemble` scoring the mean of its members' normalised scores.
 This API is stable: extend it only with defaulted keyword arguments.
 
 Run the tests: `python -m pytest tests/test_reward.py -q`.
@@ -41,13 +42,14 @@ __all__ = [
     "RewardModel", "load_reward_model", "score_conversations", "token_scores", "sequence_rewards",
     "packed_rewards", "backbone_hidden", "backbone", "score_head", "mask_for_model", "render_for_scoring",
     "NORM_MEAN_KEY", "NORM_STD_KEY", "FORMAT_KEY", "NORM_FILE", "check_reward_model_dir", "score_head_in_weights",
-    "load_reward_adapter",
+    "load_reward_adapter", "RewardEnsemble", "ENSEMBLE_FILE", "ensemble_member_dirs",
 ]
 
 NORM_MEAN_KEY = "chatsmith_reward_mean"
 NORM_STD_KEY = "chatsmith_reward_std"
 FORMAT_KEY = "chatsmith_chat_format"
 NORM_FILE = "reward_normalization.json"
+ENSEMBLE_FILE = "reward_ensemble.json"   # `chatsmith reward --ensemble N`: the other members' directories
 
 
 # ----------------------------------------------------------------------------- model plumbing
@@ -238,6 +240,68 @@ class RewardModel:
         return self.normalize(out) if normalize else out
 
 
+@dataclass
+class RewardEnsemble:
+    """Reward models trained alike but for their seed, scoring as one: the mean of their normalised scores.
+
+    A single reward model's preferences on prompts unlike its training pairs vary with its seed; the mean of
+    a few is steadier, and RL that optimises it exploits any one member's errors less (Coste et al. 2024,
+    "Reward Model Ensembles Help Mitigate Overoptimization"; Eisenstein et al. 2023). `chatsmith reward
+    --ensemble N` writes the members; `load_reward_model` returns this when OUT names them. The interface
+    is `RewardModel`'s: `model`, `tokenizer` and `fmt` are the first member's (all share one vocabulary).
+    """
+
+    members: list[RewardModel]
+    path: str | None = None
+    mean: float = 0.0      # the members normalise their own scores
+    std: float = 1.0
+
+    @property
+    def model(self) -> nn.Module:
+        return self.members[0].model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.members[0].tokenizer
+
+    @property
+    def fmt(self) -> Any:
+        return self.members[0].fmt
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """The identity: an ensemble's scores are already the mean of normalised scores."""
+        return raw
+
+    @torch.no_grad()
+    def score_token_ids(self, sequences: Sequence[Sequence[int]], batch_size: int = 16,
+                        normalize: bool = True) -> torch.Tensor:
+        """`(n,)` float32 on CPU: the mean over members of each member's normalised score (`normalize` is
+        accepted for `RewardModel`'s signature; raw scores of different members are not on one scale)."""
+        return torch.stack([m.score_token_ids(sequences, batch_size) for m in self.members]).mean(0)
+
+
+def ensemble_member_dirs(path: str | Path) -> list[Path]:
+    """The extra members a reward-model directory names in ENSEMBLE_FILE (empty: a single model)."""
+    file = Path(path) / ENSEMBLE_FILE
+    if not file.is_file():
+        return []
+    try:
+        names = json.loads(file.read_text())["members"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ChatsmithError(f"{file}: not a reward-ensemble file ({exc}); train again with `chatsmith reward "
+                             "--ensemble N`") from None
+    dirs = [Path(path) / str(name) for name in names]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise ChatsmithError(f"{file}: member directory {missing[0]} is missing; train again with "
+                             "`chatsmith reward --ensemble N --resume`")
+    return dirs
+
+
 def score_head_in_weights(path: Path) -> bool | None:
     """Whether the safetensors weights in ``path`` hold a ``score`` head (None: no safetensors to read)."""
     from safetensors import safe_open
@@ -297,13 +361,27 @@ def check_reward_model_dir(path: str | Path) -> None:
 
 
 def load_reward_model(path: str | Path, device: str = "auto", dtype: torch.dtype | str | None = None,
-                      template: str | None = None) -> RewardModel:
+                      template: str | None = None, ensemble: bool = True) -> RewardModel | RewardEnsemble:
     """Load a reward-model directory written by `chatsmith reward` (or any HF seq-classification dir).
 
     The normalisation comes from config.json (`chatsmith_reward_mean/std`), else
     reward_normalization.json, else (0, 1). The chat format is the one the model was trained with
-    (`template` overrides it; needed only for directories chatsmith did not write).
+    (`template` overrides it; needed only for directories chatsmith did not write). A directory trained
+    with `--ensemble N` loads as a `RewardEnsemble` of all N (`ensemble=False`: its first member only).
     """
+    first = _load_one_reward_model(path, device, dtype, template)
+    members = ensemble_member_dirs(first.path) if ensemble and first.path else []
+    if not members:
+        return first
+    loaded = [first] + [_load_one_reward_model(d, device, dtype, template) for d in members]
+    for d, m in zip(members, loaded[1:]):
+        if m.tokenizer.get_vocab() != first.tokenizer.get_vocab():
+            raise ChatsmithError(f"{d}: this ensemble member's vocabulary differs from {first.path}'s")
+    return RewardEnsemble(loaded, first.path)
+
+
+def _load_one_reward_model(path: str | Path, device: str, dtype: torch.dtype | str | None,
+                           template: str | None) -> RewardModel:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from chatsmith.chat.templates import get_format

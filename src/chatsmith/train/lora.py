@@ -237,7 +237,7 @@ def merge(cfg: MergeConfig) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
         raise ChatsmithError(f"--out {out}: exists and is not empty; pass --overwrite to replace it")
     if read_adapter_config(adapter).get("task_type") == "SEQ_CLS":
-        rm = load_reward_model(adapter, device="cpu")
+        rm = load_reward_model(adapter, device="cpu", ensemble=False)
         setattr(rm.model.config, NORM_MEAN_KEY, rm.mean)
         setattr(rm.model.config, NORM_STD_KEY, rm.std)
         setattr(rm.model.config, FORMAT_KEY, getattr(rm.fmt, "name", None))

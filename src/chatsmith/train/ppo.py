@@ -253,7 +253,7 @@ class PPOTrainer(PolicyStage):
             if not hub and is_adapter_dir(source):   # a LoRA reward or value model: its base with the adapter merged
                 from chatsmith.reward_model import load_reward_model
 
-                return load_reward_model(source, device="cpu").model
+                return load_reward_model(source, device="cpu", ensemble=False).model
             with quiet_transformers():
                 return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
         except ChatsmithError as exc:

@@ -24,6 +24,7 @@ Run the tests: `python -m pytest tests/test_reward.py -q`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -38,13 +39,13 @@ from torch import nn
 from chatsmith.config import arg, validate_config
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.model import disable_dropout
-from chatsmith.reward_model import (FORMAT_KEY, NORM_FILE, NORM_MEAN_KEY, NORM_STD_KEY, RewardModel, backbone,
+from chatsmith.reward_model import (ENSEMBLE_FILE, FORMAT_KEY, NORM_FILE, NORM_MEAN_KEY, NORM_STD_KEY, RewardModel, backbone,
                                     load_reward_model, packed_rewards, score_conversations, score_head)
 from chatsmith.train.lora import apply_lora, lora_enabled
 from chatsmith.train.preference_data import PreferenceConfig, load_preference_split, tokenize_preference_split
 from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, expand_rankings, pack_trees,
                                                    pairwise_accuracy, ranking_loss)
-from chatsmith.utils import note
+from chatsmith.utils import atomic_write_text, barrier, is_main_process, note
 
 __all__ = [
     "RewardConfig", "train_reward_model", "ScoreConfig", "score", "reward_model_from_causal_lm",
@@ -52,6 +53,8 @@ __all__ = [
     "accuracy_by_group",
 ]
 
+
+ENSEMBLE_MEMBERS = "members"   # OUT/members/member-K: the other reward models of --ensemble N
 
 # ----------------------------------------------------------------------------- model init
 
@@ -99,6 +102,9 @@ class RewardConfig(PreferenceConfig):
     norm_samples: int = arg(64, "How many responses to normalise on.", min=0)
     norm_max_new_tokens: int = arg(64, "Length limit of the SFT samples used for normalisation.", min=1)
     norm_temperature: float = arg(1.0, "Sampling temperature of those samples.", min=0, min_exclusive=True)
+    ensemble: int = arg(1, "Train N reward models that differ only in their seed (--seed, --seed + 1, ...): the "
+                        "first in OUT, the others in OUT/members/; PPO, GRPO and eval given OUT score with the mean "
+                        "of their normalised scores, which generalises more steadily than one model.", min=1)
 
 
 @torch.no_grad()
@@ -199,13 +205,38 @@ def _sample_sft_responses(causal_lm: nn.Module, tokenizer: Any, fmt: Any, prompt
 
 
 def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
-    """`chatsmith reward`: train, evaluate, normalise and save a reward model. Returns the final metrics."""
+    """`chatsmith reward`: train, evaluate, normalise and save a reward model (with --ensemble N, N of them).
+    Returns the final metrics (of the first member, with `ensemble_eval_accuracy` listing every member's)."""
     validate_config(cfg)              # every setting, before any work (Python callers too)
+    summary = _train_one_reward_model(cfg)
+    file = Path(cfg.out) / ENSEMBLE_FILE
+    if cfg.ensemble == 1:
+        if file.is_file() and is_main_process():
+            file.unlink()             # OUT trained again as a single model: its old members no longer count
+        return summary
+    names, accuracies = [], [summary.get("eval_accuracy")]
+    for k in range(1, cfg.ensemble):
+        name = f"{ENSEMBLE_MEMBERS}/member-{k}"
+        note(f"reward: ensemble member {k + 1} of {cfg.ensemble} (seed {cfg.seed + k}) in {Path(cfg.out) / name}")
+        member = _train_one_reward_model(dataclasses.replace(cfg, seed=cfg.seed + k, ensemble=1,
+                                                             out=str(Path(cfg.out) / name)))
+        names.append(name)
+        accuracies.append(member.get("eval_accuracy"))
+    if is_main_process():
+        atomic_write_text(file, json.dumps({"members": names, "reduce": "mean"}, indent=1) + "\n")
+    barrier()
+    summary["ensemble_eval_accuracy"] = accuracies
+    note(f"reward: ensemble of {cfg.ensemble} in {cfg.out} (held-out accuracy of each: "
+         + ", ".join("n/a" if a is None else f"{a:.1%}" for a in accuracies) + ")")
+    return summary
+
+
+def _train_one_reward_model(cfg: RewardConfig) -> dict[str, Any]:
     from chatsmith.model import load_model
     from chatsmith.train.batching import ShardedBatchSource
     from chatsmith.train.checkpoint import save_final_model
     from chatsmith.train.supervised import Trainer
-    from chatsmith.utils import MetricsLogger, atomic_write_text, resolve_device, set_seed
+    from chatsmith.utils import MetricsLogger, resolve_device, set_seed
 
     set_seed(cfg.seed)
     train_examples, eval_examples = load_preference_split(cfg)
@@ -271,8 +302,6 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
                   "eval_pairs": eval_tok.n_pairs, "dropped_long": train_tok.n_dropped + eval_tok.n_dropped})
     summary = dict(final, eval_accuracy_by_group=by_group)
     norm_json = json.dumps({"mean": mean, "std": std, "source": norm_source, "count": int(raw.numel())}, indent=1)
-    from chatsmith.utils import barrier, is_main_process
-
     if is_main_process():
         # into --out, keeping metrics.jsonl and checkpoint/ beside the model (see loop.save_final_model)
         save_final_model(model.cpu(), tokenizer, Path(cfg.out), {NORM_FILE: norm_json + "\n"})
