@@ -39,8 +39,8 @@ from torch import nn
 from chatsmith.config import arg, validate_config
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.model import disable_dropout
-from chatsmith.reward_model import (ENSEMBLE_FILE, FORMAT_KEY, NORM_FILE, NORM_MEAN_KEY, NORM_STD_KEY, RewardModel, backbone,
-                                    load_reward_model, packed_rewards, score_conversations, score_head)
+from chatsmith.reward_model import (ENSEMBLE_FILE, FORMAT_KEY, NORM_FILE, NORM_MEAN_KEY, NORM_STD_KEY, RewardModel,
+                                    backbone, load_reward_model, packed_rewards, score_conversations, score_head)
 from chatsmith.train.lora import apply_lora, lora_enabled
 from chatsmith.train.preference_data import PreferenceConfig, load_preference_split, tokenize_preference_split
 from chatsmith.train.preference_functional import (PackedTrees, PrefixTree, expand_rankings, pack_trees,
