@@ -206,3 +206,23 @@ def test_a_repeated_list_flag_adds_to_the_list():
                                       "ppo.kl_coef=0.2"])
     assert cfg.override == ["pretrain.max_steps=5", "sft.max_steps=7", "ppo.kl_coef=0.2"]
     assert parse_config(D.DemoConfig, []).override == []
+
+
+def test_the_progress_line_counts_a_reward_ensembles_members_in_turn(tmp_path):
+    """The demo's bar reads the running stage's metrics.jsonl: with --ensemble 3 the stage is three runs."""
+    import yaml
+
+    from chatsmith.world.progress import PipelineProgress
+
+    (tmp_path / "train_config.yaml").write_text(yaml.safe_dump({"max_steps": 100, "ensemble": 3}))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 60}) + "\n")
+    progress = PipelineProgress({"reward": 10.0}, enabled=False)
+    progress.stage_dir = tmp_path
+    assert progress.stage_fraction() == (pytest.approx(0.2), "step 60/100, model 1/3")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 100}) + "\n")
+    member = tmp_path / "members" / "member-1"
+    member.mkdir(parents=True)
+    (member / "metrics.jsonl").write_text(json.dumps({"step": 40}) + "\n")
+    assert progress.stage_fraction() == (pytest.approx(140 / 300), "step 40/100, model 2/3")
+    (tmp_path / "train_config.yaml").write_text(yaml.safe_dump({"max_steps": 100}))
+    assert progress.stage_fraction() == (1.0, "step 100/100")

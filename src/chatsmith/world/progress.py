@@ -66,14 +66,23 @@ class PipelineProgress:
         self._show(force=True)
 
     def stage_fraction(self) -> tuple[float, str]:
-        """(fraction of the running stage done, 'step k/n' or '')."""
+        """(fraction of the running stage done, 'step k/n' or ''); a reward ensemble's members (OUT/members/)
+        count in turn: 'step k/n, model m/N'."""
         if self.stage_dir is None:
             return 0.0, ""
-        total = _planned_steps(self.stage_dir)
-        step = _last_logged_step(self.stage_dir)
-        if not total or step is None:
+        from chatsmith.train.reward import ENSEMBLE_MEMBERS
+
+        config = _train_config(self.stage_dir)
+        total = int(config.get("max_steps") or 0)
+        size = max(1, int(config.get("ensemble") or 1))
+        runs = [self.stage_dir] + [self.stage_dir / ENSEMBLE_MEMBERS / f"member-{k}" for k in range(1, size)]
+        steps = [_last_logged_step(d) for d in runs]
+        if not total or steps[0] is None:
             return 0.0, ""
-        return min(1.0, step / total), f"step {step}/{total}"
+        done = [min(total, s or 0) for s in steps]
+        current = next((k for k, s in enumerate(done) if s < total), size - 1)
+        label = f"step {done[current]}/{total}" + (f", model {current + 1}/{size}" if size > 1 else "")
+        return min(1.0, sum(done) / (total * size)), label
 
     def eta(self, fraction: float) -> float:
         """Seconds left: the running stage extrapolated from its own step rate once it has logged a step,
@@ -135,17 +144,17 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def _planned_steps(directory: Path) -> int | None:
+def _train_config(directory: Path) -> dict:
+    """The running stage's train_config.yaml ({} while it does not exist or is being rewritten)."""
     path = directory / "train_config.yaml"
     if not path.is_file():
-        return None
+        return {}
     try:
         import yaml
 
-        value = (yaml.safe_load(path.read_text()) or {}).get("max_steps")
-        return int(value) if value else None
+        return yaml.safe_load(path.read_text()) or {}
     except Exception:  # noqa: BLE001 - a file being rewritten; try again on the next poll
-        return None
+        return {}
 
 
 def _last_logged_step(directory: Path) -> int | None:
