@@ -244,9 +244,9 @@ class RewardModel:
 class RewardEnsemble:
     """Reward models trained alike but for their seed, scoring as one: the mean of their normalised scores.
 
-    A single reward model's preferences on prompts unlike its training pairs vary with its seed; the mean of
-    a few is steadier, and RL that optimises it exploits any one member's errors less (Coste et al. 2024,
-    "Reward Model Ensembles Help Mitigate Overoptimization"; Eisenstein et al. 2023). `chatsmith reward
+    RL that optimises the mean exploits any one member's errors less (Coste et al. 2024, "Reward Model
+    Ensembles Help Mitigate Overoptimization"; Eisenstein et al. 2023, on how far that goes when the members
+    share their pretraining, as here they share the SFT model). `chatsmith reward
     --ensemble N` writes the members; `load_reward_model` returns this when OUT names them. The interface
     is `RewardModel`'s: `model`, `tokenizer` and `fmt` are the first member's (all share one vocabulary).
     """

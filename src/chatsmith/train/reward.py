@@ -104,7 +104,7 @@ class RewardConfig(PreferenceConfig):
     norm_temperature: float = arg(1.0, "Sampling temperature of those samples.", min=0, min_exclusive=True)
     ensemble: int = arg(1, "Train N reward models that differ only in their seed (--seed, --seed + 1, ...): the "
                         "first in OUT, the others in OUT/members/; PPO, GRPO and eval given OUT score with the mean "
-                        "of their normalised scores, which generalises more steadily than one model.", min=1)
+                        "of their normalised scores (Coste et al. 2024: less reward over-optimisation).", min=1)
 
 
 @torch.no_grad()
@@ -223,7 +223,7 @@ def train_reward_model(cfg: RewardConfig) -> dict[str, Any]:
         names.append(name)
         accuracies.append(member.get("eval_accuracy"))
     if is_main_process():
-        atomic_write_text(file, json.dumps({"members": names, "reduce": "mean"}, indent=1) + "\n")
+        atomic_write_text(file, json.dumps({"members": names}, indent=1) + "\n")
     barrier()
     summary["ensemble_eval_accuracy"] = accuracies
     note(f"reward: ensemble of {cfg.ensemble} in {cfg.out} (held-out accuracy of each: "
