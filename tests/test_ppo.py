@@ -345,3 +345,23 @@ def test_value_model_from_a_reward_model_predicts_in_the_units_of_the_normalised
     torch.testing.assert_close(values, raw_scores / 4.0, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(values - normalised, torch.full_like(values, 3.0 / 4.0), atol=1e-5, rtol=1e-4)
     assert float(raw_scores.std()) > 0.1     # the positions differ: not a constant head
+
+    # a reward ensemble (`chatsmith reward --ensemble`): the value model starts from the first member, in its units
+    import json
+    import shutil
+
+    from chatsmith.reward_model import ENSEMBLE_FILE, RewardEnsemble
+
+    member = rm_dir / "members" / "member-1"
+    shutil.copytree(rm_dir, member)
+    other = AutoModelForSequenceClassification.from_pretrained(str(member))
+    other.config.chatsmith_reward_mean, other.config.chatsmith_reward_std = -1.0, 0.5
+    other.save_pretrained(str(member))
+    (rm_dir / ENSEMBLE_FILE).write_text(json.dumps({"members": ["members/member-1"]}))
+    trainer = PPOTrainer(ppo_cfg(tmp_path, policy=str(model_dir), reward_model=str(rm_dir),
+                                 prompts=str(prompts_file), max_steps=1, rollout_batch_size=4,
+                                 out=str(tmp_path / "ppo-ensemble")))
+    assert isinstance(trainer.scorer.rm, RewardEnsemble)
+    with torch.no_grad():
+        values = value_forward(trainer.value_model, ids, mask, prompt_len=1)
+    torch.testing.assert_close(values, raw_scores / 4.0, atol=1e-5, rtol=1e-4)

@@ -217,8 +217,10 @@ class PPOTrainer(PolicyStage):
         elif self.lora:
             value_model = apply_lora(value_model, cfg, task="reward")
         if cfg.value_model is None and isinstance(scorer, RewardModelScorer) and not from_caller:
-            # Values in the units of the rewards PPO uses: the reward model's normalised scores.
-            fold_normalization_into_head(value_model, scorer.rm.mean, scorer.rm.std)
+            # Values in the units of the rewards PPO uses: the reward model's normalised scores (of an ensemble,
+            # the first member's, whose weights the value model starts from).
+            first = getattr(scorer.rm, "members", [scorer.rm])[0]
+            fold_normalization_into_head(value_model, first.mean, first.std)
         self.value_model = disable_dropout(value_model.to(self.device))
         if cfg.activation_checkpointing:
             for model in (self.policy, self.value_model):
