@@ -253,8 +253,6 @@ class RewardEnsemble:
 
     members: list[RewardModel]
     path: str | None = None
-    mean: float = 0.0      # the members normalise their own scores
-    std: float = 1.0
 
     @property
     def model(self) -> nn.Module:
