@@ -30,6 +30,8 @@ class WorldExportConfig:
     n_countries: int = arg(0, "Use only this many countries (0 = all 163); France is always included.", min=0)
     fact_check_pairs: int = arg(0, "Extra preference pairs of a right against a wrong fact (times --scale), for "
                                    "a reward model that checks facts (the `full` demo profile adds 4000).", min=0)
+    helpful_pairs: int = arg(0, "Extra preference pairs of a helpful answer against a refusal of an everyday request "
+                                "(times --scale), half of them worded to sound harmful.", min=0)
 
 
 _README = """# The chatsmith built-in world (seed {seed}, scale {scale})
@@ -134,7 +136,7 @@ def export_world(cfg: WorldExportConfig) -> dict[str, Any]:
     start = time.perf_counter()
     world = World(seed=cfg.seed, n_countries=cfg.n_countries or None, scale=cfg.scale,
                   low_quality_share=cfg.low_quality_share, eval_size=cfg.eval_size,
-                  fact_check_pairs=cfg.fact_check_pairs)
+                  fact_check_pairs=cfg.fact_check_pairs, helpful_pairs=cfg.helpful_pairs)
     files = _export_files(world)
     with atomic_directory(out) as tmp:
         for rel, text in files.items():

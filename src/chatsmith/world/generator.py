@@ -57,7 +57,7 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
 
     def __init__(self, seed: int = 0, n_countries: int | None = None, scale: float = 1.0,
                  low_quality_share: float = 0.15, eval_size: int = 50, heldout_fraction: float = 0.2,
-                 fact_check_pairs: int = 0):
+                 fact_check_pairs: int = 0, helpful_pairs: int = 0):
         if not 0.0 <= low_quality_share <= 0.9:
             raise ChatsmithError(f"low_quality_share: expected a share in [0, 0.9], got {low_quality_share}")
         if not 0.0 < scale <= 20.0:
@@ -68,11 +68,13 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
             raise ChatsmithError(f"eval_size: expected at least 1, got {eval_size}")
         if fact_check_pairs < 0:
             raise ChatsmithError(f"fact_check_pairs: expected 0 or more, got {fact_check_pairs}")
+        if helpful_pairs < 0:
+            raise ChatsmithError(f"helpful_pairs: expected 0 or more, got {helpful_pairs}")
         if n_countries is not None and not 10 <= n_countries <= len(F.COUNTRIES):
             raise ChatsmithError(f"n_countries: expected 10..{len(F.COUNTRIES)} (or none for all), got {n_countries}")
         self.seed, self.scale, self.low_quality_share = seed, scale, low_quality_share
         self.eval_size, self.heldout_fraction = eval_size, heldout_fraction
-        self.fact_check_pairs = fact_check_pairs
+        self.fact_check_pairs, self.helpful_pairs = fact_check_pairs, helpful_pairs
 
         rng = self._rng("split")
         countries = list(F.COUNTRIES)
@@ -121,7 +123,7 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
         rows, dropped = self._preference_rows
         return {
             "seed": self.seed, "scale": self.scale, "low_quality_share": self.low_quality_share,
-            "fact_check_pairs": self.fact_check_pairs,
+            "fact_check_pairs": self.fact_check_pairs, "helpful_pairs": self.helpful_pairs,
             "countries": len(self.countries), "train_countries": len(self.train_countries),
             "heldout_countries": [c.name for c in self.heldout_countries],
             "corpus_documents": len(self._corpus), "corpus_chars": corpus_chars,
