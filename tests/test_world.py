@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from chatsmith.world import facts as F
-from chatsmith.world.judge import EvalItem, judge, list_items, score
+from chatsmith.world.judge import EvalItem, judge, list_items, refuses, score
 from chatsmith.world import World, WorldExportConfig, export_world
 from chatsmith.world.text import CAPITAL_SENTENCES, shuffled_deck, draw, invented_name
 from chatsmith.errors import ChatsmithError
@@ -372,6 +372,27 @@ def test_fact_check_pairs_add_right_vs_wrong_facts_and_leave_the_rest_alone(worl
     assert len({r["id"] for r in extended}) == len(extended)
     assert more.corpus() == world.corpus() and more.sft() == world.sft()   # the base model's cache holds
     assert more.summary()["fact_check_pairs"] == 400
+
+
+def test_helpful_pairs_add_help_over_refusal_for_training_tasks_after_the_rest(world):
+    more = World(seed=0, scale=0.25, fact_check_pairs=40, helpful_pairs=200)
+    facts_only = World(seed=0, scale=0.25, fact_check_pairs=40).preference_records()
+    extended = more.preference_records()
+    assert extended[:len(facts_only)] == facts_only        # every other row as it was, the extra ones last
+    extra = extended[len(facts_only):]
+    assert len(extra) == 50                                 # 200 x scale 0.25: none dropped (the judge tells them apart)
+    assert all(r["category"] == "benign" and r["aspect"] == "overrefuse" for r in extra)
+    plain = {t[0] for t in more.train_benign}
+    scary = {t[0] for t in more.train_scary}
+    actions = [r["expected"]["action"] for r in extra]
+    assert set(actions) <= plain | scary                    # training tasks only: held-out ones stay unseen
+    assert sum(a in scary for a in actions) >= 25 and any(a in plain for a in actions)   # every other one scary
+    for r in extra:
+        item = EvalItem(r["id"], r["category"], r["prompt"], r["expected"])
+        assert not refuses(r["chosen"]) and refuses(r["rejected"])
+        assert score(item, r["chosen"]) > score(item, r["rejected"])
+    assert len({r["id"] for r in extended}) == len(extended)
+    assert more.sft() == world.sft() and more.summary()["helpful_pairs"] == 200
 
 
 

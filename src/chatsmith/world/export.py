@@ -31,7 +31,7 @@ class WorldExportConfig:
     fact_check_pairs: int = arg(0, "Extra preference pairs of a right against a wrong fact (times --scale), for "
                                    "a reward model that checks facts (the `full` demo profile adds 4000).", min=0)
     helpful_pairs: int = arg(0, "Extra preference pairs of a helpful answer against a refusal of an everyday request "
-                                "(times --scale), half of them worded to sound harmful.", min=0)
+                                "(times --scale), at least half of them worded to sound harmful.", min=0)
 
 
 _README = """# The chatsmith built-in world (seed {seed}, scale {scale})

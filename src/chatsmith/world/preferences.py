@@ -177,8 +177,8 @@ class PreferenceMixin:
             row = self._preference_row(extra, i, "fact_wrong")
             rows += [row] if row else []
             dropped += row is None
-        # Extra "a helpful answer beats a refusal" pairs for everyday requests, plain and scary-sounding in
-        # turn (their own stream too): the mix above has more pairs where a refusal wins (harmful,
+        # Extra "a helpful answer beats a refusal" pairs for everyday requests, every other one worded to
+        # sound harmful (their own stream too): the mix above has more pairs where a refusal wins (harmful,
         # harmful_other_task) than where it loses, so a reward model trained on it prefers a refusal of a
         # how-to request it cannot place; these even out the two sides of the safety boundary.
         helpful = self._rng("helpful_checks")
