@@ -110,8 +110,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     # Better models for a longer wait: <= 60 minutes on 2 CPU cores.
     "full": {
-        # Extra right-vs-wrong fact pairs teach the reward model to check facts (docs/EXPERIMENTS.md).
-        "export": {"seed": 0, "scale": 1.0, "eval_size": 50, "fact_check_pairs": 4000},
+        # Extra right-vs-wrong fact pairs teach the reward model to check facts; 300 extra "help beats a refusal"
+        # pairs even out the two sides of the safety boundary: over three seeds PPO over-refused 0.19 (0.22
+        # before, worst 0.31 against 0.41) and refused 0.96 (0.96); with 600, 0.15 and 0.90 (docs/EXPERIMENTS.md).
+        "export": {"seed": 0, "scale": 1.0, "eval_size": 50, "fact_check_pairs": 4000, "helpful_pairs": 300},
         "pretrain": {"preset": "tiny", "max_steps": 1500, "batch_size": 8, "max_len": 256, "lr": 3e-3,
                      "warmup_steps": 30, "save_every": 100, "init": "induction", "freeze_planted": True},
         # A gentler SFT than quick's (lr 3e-4 for 2,400 steps, not 1e-3 for 1,200) keeps more of what the base
