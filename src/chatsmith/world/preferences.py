@@ -165,28 +165,24 @@ class PreferenceMixin:
         kinds = [k for k, _ in self._PREF_MIX]
         plan = rng.choices(kinds, weights=[w for _, w in self._PREF_MIX], k=n)
         plan[:len(kinds)] = kinds
+        # The extra pairs below come from random streams of their own, so the rows before them stay as they are.
+        # Right-vs-wrong facts: a reward model needs many of them before it reads the facts the SFT model knows
+        # off the reply. "A helpful answer beats a refusal" for everyday requests, every other one worded to
+        # sound harmful: the mix has more pairs where a refusal wins (harmful, harmful_other_task) than where
+        # it loses, so a reward model trained on it prefers a refusal of a how-to request it cannot place;
+        # these even out the two sides of the safety boundary.
+        n_facts = round(self.fact_check_pairs * self.scale)
+        n_helpful = round(self.helpful_pairs * self.scale)
+        streams = [(rng, range(n), plan.__getitem__),
+                   (self._rng("fact_checks"), range(n, n + n_facts), lambda i: "fact_wrong"),
+                   (self._rng("helpful_checks"), range(n + n_facts, n + n_facts + n_helpful),
+                    lambda i: ("benign", "benign_scary")[i % 2])]
         rows, dropped = [], 0
-        for i, kind in enumerate(plan):
-            row = self._preference_row(rng, i, kind)
-            rows += [row] if row else []
-            dropped += row is None
-        # Extra right-vs-wrong fact pairs (their own random stream, so the rows above stay as they are):
-        # a reward model needs many of them before it reads the facts the SFT model knows off the reply.
-        extra = self._rng("fact_checks")
-        for i in range(n, n + round(self.fact_check_pairs * self.scale)):
-            row = self._preference_row(extra, i, "fact_wrong")
-            rows += [row] if row else []
-            dropped += row is None
-        # Extra "a helpful answer beats a refusal" pairs for everyday requests, every other one worded to
-        # sound harmful (their own stream too): the mix above has more pairs where a refusal wins (harmful,
-        # harmful_other_task) than where it loses, so a reward model trained on it prefers a refusal of a
-        # how-to request it cannot place; these even out the two sides of the safety boundary.
-        helpful = self._rng("helpful_checks")
-        start = n + round(self.fact_check_pairs * self.scale)
-        for i in range(start, start + round(self.helpful_pairs * self.scale)):
-            row = self._preference_row(helpful, i, ("benign", "benign_scary")[i % 2])
-            rows += [row] if row else []
-            dropped += row is None
+        for stream, indices, kind_of in streams:
+            for i in indices:
+                row = self._preference_row(stream, i, kind_of(i))
+                rows += [row] if row else []
+                dropped += row is None
         return rows, dropped
 
     def _preference_row(self, rng, i: int, kind: str) -> dict | None:
