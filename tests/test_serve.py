@@ -26,6 +26,7 @@ import torch
 pytest.importorskip("openai")
 import openai  # noqa: E402
 
+from chatsmith.chat.reasoning import split_reasoning  # noqa: E402
 from chatsmith.chat.render import render_prompt  # noqa: E402
 from chatsmith.generate import generate  # noqa: E402
 from chatsmith.generate.engine import chat_sampling_config  # noqa: E402
@@ -110,6 +111,32 @@ def test_chat_matches_engine_with_usage_streaming_and_not(server, client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == out.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == len(ids)
+
+
+# ChatML whose generation prompt opens a think block (as DeepSeek-R1's does): the reply starts inside it.
+THINKING_CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
+
+
+def test_thinking_is_served_as_reasoning_content(model_dir):
+    """Text up to `</think>` comes back as `reasoning_content` (whole and streamed), the rest as `content`:
+    both equal the engine's own greedy text split there (chat/reasoning.py)."""
+    served = ServedModel.load(str(model_dir), device="cpu", template=THINKING_CHATML, model_id="tiny")
+    with running(create_app([served], max_new_tokens=200)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        for question in ("Why is the sky blue?", "Say </think> and then Paris."):
+            messages = [{"role": "user", "content": question}]
+            ids, ref = _greedy_reply(served, messages, 30)
+            assert served.tokenizer.decode(ids).endswith("<think>\n")
+            reasoning, reply = split_reasoning(ref.texts[0], started=True)
+            out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0)
+            message = out.choices[0].message
+            assert (message.model_extra["reasoning_content"], message.content) == (reasoning, reply)
+            chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=30,
+                                                         temperature=0, stream=True))
+            deltas = [c.choices[0].delta for c in chunks if c.choices]
+            assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == reasoning
+            assert "".join(d.content or "" for d in deltas) == reply
 
 
 def test_raw_stream_ends_with_done(server):

@@ -239,3 +239,22 @@ def test_qwen3_think_block_is_trained_unless_the_prompt_holds_it(tokenizers):
         assert QWEN3_THINK + "See you." in r.text   # the template writes the block in both modes
         masked = [tok.decode(r.input_ids[a:b], skip_special_tokens=False) for a, b in masked_runs(r.assistant_mask)]
         assert masked == ["Hello!<|im_end|>", last]
+
+
+def test_reasoning_is_trained_where_the_template_writes_it(tokenizers):
+    """`reasoning_content`: Qwen3's template writes it itself (latest turn only) and it is in the mask; ChatML,
+    which knows nothing of reasoning, gets it folded into the reply as a think block, also in the mask."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "reasoning_content": "A greeting."},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you.", "reasoning_content": "They leave."}]
+    expect, tok, fmt = template_for("qwen3", tokenizers)
+    r = render_chat(messages, tok, fmt)
+    masked = [tok.decode(r.input_ids[a:b], skip_special_tokens=False) for a, b in masked_runs(r.assistant_mask)]
+    assert masked == ["Hello!<|im_end|>", "<think>\nThey leave.\n</think>\n\nSee you.<|im_end|>"]
+    assert "A greeting." not in r.text           # Qwen3 drops the reasoning of turns before the last query
+    tok = build_tokenizer(FAMILIES["qwen2"])
+    r = render_chat(messages, tok, get_format("chatml"))
+    masked = [tok.decode(r.input_ids[a:b], skip_special_tokens=False) for a, b in masked_runs(r.assistant_mask)]
+    assert masked == ["<think>\nA greeting.\n</think>\n\nHello!<|im_end|>",
+                      "<think>\nThey leave.\n</think>\n\nSee you.<|im_end|>"]
+    with pytest.raises(Exception, match="reasoning_content"):
+        render_chat([{"role": "user", "content": "Hi", "reasoning_content": "no"}], tok, get_format("chatml"))

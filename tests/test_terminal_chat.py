@@ -127,3 +127,28 @@ def test_cli_subprocess_without_tty(chat_model_dir):
     missing = subprocess.run([sys.executable, "-m", "chatsmith.cli", "chat", str(chat_model_dir) + "-nope"],
                              input="", capture_output=True, text=True, timeout=300, env=env)
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_thinking_goes_to_stderr_and_stays_out_of_the_history(tmp_path, monkeypatch):
+    """With a template whose generation prompt opens a think block, the reply's text up to `</think>` is
+    thinking: printed on stderr, not stdout, and not sent back with the next turn."""
+    from chatsmith.chat.reasoning import split_reasoning
+
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
+    from servers import tiny_chat_model     # a model that copies from its context, so it says something
+    model_dir = tiny_chat_model(tmp_path / "model")
+    cfg = ChatConfig(model=str(model_dir), template=template, max_new_tokens=12, temperature=0)
+    out, err, seen = run_chat_cli(cfg, "The cat sat on the mat\nAnd now?\n", monkeypatch)
+    from chatsmith.chat import get_format, render_prompt
+    from chatsmith.generate import chat_sampling_config, generate
+    from chatsmith.model import load_model
+    loaded = load_model(model_dir, device="cpu")
+    fmt = get_format(template)
+    ids = render_prompt(seen[0], loaded.tokenizer, fmt)
+    text = generate(loaded.model, loaded.tokenizer, [ids],
+                    chat_sampling_config(fmt, loaded.tokenizer, temperature=0, max_new_tokens=12)).texts[0]
+    reasoning, reply = split_reasoning(text, started=True)
+    assert reasoning and reasoning in err and reasoning not in out
+    assert out.splitlines()[0] == reply.strip()
+    assert seen[1][1] == {"role": "assistant", "content": reply.strip()}

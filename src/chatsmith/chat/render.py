@@ -43,6 +43,10 @@ How the mask is made exact without `{% generation %}` markers
    space to each piece) falls back to tokenizing the whole text with offsets: a token is in the mask if
    any of its characters is, and a control token inside a message content is refused with a `DataError`.
 
+An assistant message may carry its reasoning in `reasoning_content` (chat/reasoning.py): a template that reads
+that field writes it itself; for any other it is folded into the content as `<think>…</think>` before the
+reply, so it is trained on with the reply.
+
 Built-in templates insert contents verbatim, so for them the text is assembled from the cached skeleton
 without running Jinja (tests check it equals the Jinja rendering).
 
@@ -61,6 +65,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from chatsmith.chat.codec import Codec, codec_for
+from chatsmith.chat.reasoning import REASONING_FIELD, fold_reasoning
 from chatsmith.chat.templates import ChatFormat, get_format, turn_closings
 from chatsmith.chat.tool_calls import tool_call_spans, tool_format, uses_tools
 from chatsmith.errors import DataError, TemplateError
@@ -97,6 +102,10 @@ def _check_messages(messages) -> list[dict]:
                 raise DataError(f"message {i} ({role}): {field!r} must be a string, got {type(value).__name__}")
         if "content" not in message or message["content"] is None:
             raise DataError(f"message {i} ({role}): missing 'content'")
+        reasoning = message.get(REASONING_FIELD)
+        if reasoning is not None and (role != "assistant" or not isinstance(reasoning, str)):
+            raise DataError(f"message {i} ({role}): {REASONING_FIELD!r} must be a string on an assistant message, "
+                            f"got {type(reasoning).__name__} on a {role} message")
         # transformers drops None-valued keys before rendering; so do we (same text, same structure key)
         checked.append(message if None not in message.values() else {k: v for k, v in message.items() if v is not None})
     return checked
@@ -487,7 +496,7 @@ def render_chat(messages: list[dict], tokenizer, fmt: ChatFormat | str | None,
     """
     if not isinstance(fmt, ChatFormat):
         fmt = get_format(fmt, tokenizer)
-    messages = _check_messages(messages)
+    messages = fold_reasoning(_check_messages(messages), fmt.template)
     if uses_tools(messages, tools):
         fmt = tool_format(fmt, tools, messages)
     slots, key = _slots_and_key(messages)

@@ -9,7 +9,8 @@
 Row formats (auto-detected from the first 50 rows of a file, majority vote; force with `format=`):
 - `messages`   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}  (OpenAI style;
                content may also be a list of {"type": "text", "text": ...} parts; tool calls, `tool`
-               messages and a row-level `tools` list as in `chatsmith.data.tools`)
+               messages and a row-level `tools` list as in `chatsmith.data.tools`; an assistant message may
+               carry its thinking in `reasoning_content`, see `chatsmith.chat.reasoning`)
 - `sharegpt`   {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}  (also accepts
                from = user/assistant/chatgpt/model; an optional top-level "system" string)
 - `alpaca`     {"instruction": "...", "input": "..." (optional), "output": "...", "system": "..." (optional)}
@@ -56,6 +57,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 from chatsmith.errors import DataError
+from chatsmith.chat.reasoning import REASONING_FIELD, fold_reasoning
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "ranked")
 KINDS = ("text", "chat", "preference", "prompt")
@@ -319,7 +321,13 @@ def _messages(value: Any, where: str, *, role_key: str = "role", content_key: st
         content = _text(msg[keys_content], f"{at}.{keys_content}")
         if mapped == "assistant" and not content.strip() and calls is None:
             raise RowError(EMPTY, f"{at}: empty assistant reply")
-        out.append({"role": mapped, "content": content, **tools.message_tool_fields(msg, mapped, calls, at)})
+        extra = tools.message_tool_fields(msg, mapped, calls, at)
+        reasoning = msg.get(REASONING_FIELD) if role_map is None else None
+        if reasoning is not None:
+            if mapped != "assistant":
+                raise RowError(WRONG_TYPE, f"{at}: {REASONING_FIELD!r} belongs on an assistant message, not {mapped}")
+            extra[REASONING_FIELD] = _text(reasoning, f"{at}.{REASONING_FIELD}")
+        out.append({"role": mapped, "content": content, **extra})
     return out
 
 
@@ -355,14 +363,19 @@ def _response(value: Any, where: str) -> tuple[list[dict] | None, str]:
         if msgs[0]["role"] != "assistant":
             raise RowError(WRONG_TYPE, f"field {where!r} should be an assistant message, got role "
                             f"{msgs[0]['role']!r}")
-        return None, msgs[0]["content"]
+        return None, _reply_text(msgs[0])
     if isinstance(value, list):
         msgs = _messages(value, where)
         if msgs[-1]["role"] != "assistant":
             raise RowError(NO_ASSISTANT, f"field {where!r} should end with an assistant message, ends with "
                             f"{msgs[-1]['role']}")
-        return (msgs[:-1] or None), msgs[-1]["content"]
+        return (msgs[:-1] or None), _reply_text(msgs[-1])
     raise RowError(WRONG_TYPE, f"field {where!r} should be a string or a list of messages, got {type_name(value)}")
+
+
+def _reply_text(message: dict) -> str:
+    """A preference reply is text: its reasoning, if any, goes before it as a think block (chat/reasoning.py)."""
+    return fold_reasoning([message], "")[0]["content"]
 
 
 def _same_messages(a: list[dict], b: list[dict]) -> bool:

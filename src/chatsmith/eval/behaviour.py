@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from chatsmith.chat.reasoning import split_reasoning
 from chatsmith.config import SEED_MAX, arg, validate_config
 from chatsmith.errors import ChatsmithError, DataError
 from chatsmith.eval import CORE_METRICS
@@ -376,8 +377,10 @@ def evaluate_model(mut: ModelUnderTest, items: Sequence[Any], *, max_new_tokens:
     start = time.perf_counter()
     judge_fn = judge_fn or resolve_judge("world")
     conversations = [item.messages for item in items]
-    texts, finished, _, _ = generate_answers(mut, conversations, max_new_tokens=max_new_tokens,
-                                             batch_size=batch_size)
+    generated, finished, _, _ = generate_answers(mut, conversations, max_new_tokens=max_new_tokens,
+                                                 batch_size=batch_size)
+    # The judge reads the reply a user is shown; thinking before it (chat/reasoning.py) is kept apart.
+    reasonings, texts = zip(*(split_reasoning(text) for text in generated)) if generated else ((), ())
     verdicts = [call_judge(judge_fn, item, text, done) for item, text, done in zip(items, texts, finished)]
     rates, counts = sliced_aggregate(items, verdicts, specs, judge_fn)   # suite, heldout_*, turn*_ rates
     metrics: dict[str, float | None] = dict(rates)
@@ -385,8 +388,8 @@ def evaluate_model(mut: ModelUnderTest, items: Sequence[Any], *, max_new_tokens:
 
     rewards: list[float] = []
     if reward_scorer is not None:
-        rewards = reward_scorer([list(conv) + [{"role": "assistant", "content": text}]
-                                 for conv, text in zip(conversations, texts)])
+        rewards = reward_scorer([list(conv) + [_reply_message(text, reasoning)]
+                                 for conv, text, reasoning in zip(conversations, texts, reasonings)])
         metrics["mean_reward"] = sum(rewards) / len(rewards) if rewards else None
         counts["mean_reward"] = len(rewards)
     if reference is not None and kl_samples > 0:
@@ -404,11 +407,17 @@ def evaluate_model(mut: ModelUnderTest, items: Sequence[Any], *, max_new_tokens:
     for i, (item, text, done, verdict) in enumerate(zip(items, texts, finished, verdicts)):
         samples.append({"model": mut.name, "mode": mut.mode, "id": item.id, "category": item.category,
                         "messages": item.messages, "response": text, "finished": done,
-                        "judge": _jsonable(verdict), "reward": rewards[i] if rewards else None})
+                        "judge": _jsonable(verdict), "reward": rewards[i] if rewards else None,
+                        **({"reasoning": reasonings[i]} if reasonings[i] is not None else {})})
     if details is not None:
         details.append(ModelEvaluation(mut.name, mut.path, mut.mode, metrics, counts, samples, rewards,
                                        time.perf_counter() - start))
     return metrics
+
+
+def _reply_message(text: str, reasoning: str | None) -> dict:
+    """The assistant message of a generated reply, its thinking (if any) in `reasoning_content`."""
+    return {"role": "assistant", "content": text, **({"reasoning_content": reasoning} if reasoning is not None else {})}
 
 
 def _jsonable(value: Any) -> Any:
@@ -456,7 +465,7 @@ def run_showcase(mut: ModelUnderTest, prompts: Sequence[tuple[str, list[str], An
         texts, done, _, _ = generate_answers(mut, [conversations[label] for label, _ in active],
                                              max_new_tokens=max_new_tokens, batch_size=len(active))
         for (label, _), reply, stop in zip(active, texts, done):
-            conversations[label].append({"role": "assistant", "content": reply})
+            conversations[label].append({"role": "assistant", "content": split_reasoning(reply)[1]})
             finished[label] = stop
     verdicts = {}
     for label, _, item in prompts:

@@ -26,6 +26,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from chatsmith.chat.reasoning import split_reasoning
 from chatsmith.errors import ChatsmithError, DataError
 
 BUILTIN_JUDGES = {"world": "py:chatsmith.world.judge:judge"}
@@ -110,11 +111,15 @@ def resolve_reward(spec: str | Callable[..., float], option: str = "--reward") -
 
 def accepts_finished(fn: Callable[..., Any]) -> bool:
     """Does `fn` take a `finished=` keyword (or **kwargs)?"""
+    return _accepts(fn, "finished")
+
+
+def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return "finished" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def call_judge(judge_fn: Callable[..., dict], item: Any, response: str, finished: bool) -> dict:
@@ -126,11 +131,14 @@ def call_judge(judge_fn: Callable[..., dict], item: Any, response: str, finished
 
 def call_reward(reward_fn: Callable[..., float], messages: list[dict], response: str, item: dict,
                 finished: bool) -> float:
-    """The reward as a float, passing `finished` when the function accepts it."""
-    if accepts_finished(reward_fn):
-        value = reward_fn(messages, response, item, finished=finished)
-    else:
-        value = reward_fn(messages, response, item)
+    """The reward as a float, passing `finished` when the function accepts it. The function scores the reply
+    a user is shown: thinking before it (`<think>…</think>`, chat/reasoning.py) is removed, and passed as
+    `reasoning=` (None when there is none) to a function that takes that keyword."""
+    reasoning, reply = split_reasoning(response)
+    kwargs: dict[str, Any] = {"finished": finished} if accepts_finished(reward_fn) else {}
+    if _accepts(reward_fn, "reasoning"):
+        kwargs["reasoning"] = reasoning
+    value = reward_fn(messages, reply, item, **kwargs)
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -9,6 +9,9 @@ format's end-of-turn token or text. The reply joins the history, so the model se
 Ctrl-D quits, Ctrl-C stops a reply early. When the rendered history plus `--max-new-tokens` would not fit
 the model's context, the oldest turns are dropped (never the system prompt) and a notice says so.
 
+A reasoning model's thinking (`<think>…</think>`, chat/reasoning.py) goes to stderr, dimmed on a terminal,
+and stays out of the history, as API clients keep it out of the conversation they send back.
+
 It reads plain lines from stdin, so it also works in a pipe: `printf 'Hi\n' | chatsmith chat runs/sft`
 prints just the replies (the `you>` / `assistant>` prompts appear only on a terminal).
 """
@@ -19,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from chatsmith.chat.reasoning import ReasoningSplitter, opens_reasoning
 from chatsmith.chat.render import render_prompt
 from chatsmith.config import SEED_MAX, arg, validate_config
 from chatsmith.errors import ChatsmithError
@@ -134,16 +138,26 @@ def chat_cli(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None
         if interactive:
             stdout.write("assistant> ")
         pieces: list[str] = []
+        splitter = ReasoningSplitter(opens_reasoning(tokenizer.decode(ids[-16:])))
+
+        def show(parts: list[tuple[str, str]]) -> None:
+            for kind, text in parts:
+                if kind == "reasoning":     # thinking: on stderr, dimmed on a terminal; not part of the reply
+                    stderr.write(f"\x1b[2m{text}\x1b[0m" if _is_tty(stderr) else text)
+                    stderr.flush()
+                else:
+                    pieces.append(text)
+                    stdout.write(text)
+                    stdout.flush()
         try:
             for piece in generator.stream(ids, sampling):
-                pieces.append(piece)
-                stdout.write(piece)
-                stdout.flush()
+                show(splitter.feed(piece))
         except KeyboardInterrupt:
             print("\n[reply stopped]", file=stderr)
+        show(splitter.finish())
         stdout.write("\n")
         stdout.flush()
-        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+        history.append({"role": "assistant", "content": "".join(pieces).strip()})   # as clients do: no thinking
     return 0
 
 

@@ -9,7 +9,8 @@ web chat page), and with a feedback store `POST /v1/feedback` (a human judgment 
 `GET /v1/feedback/pairs` (the pairs queued for judging that wait for one; both 404 when off). With an API key every `/v1` route needs `Authorization: Bearer KEY` (401 otherwise,
 compared in constant time). Streaming answers are server-sent events ending with `data: [DONE]`: a chunk
 per choice and write, with the text generated since the last write (one token's piece while the writer
-keeps up). With a guard (`chatsmith.serve.guard`) every chat reply is judged by a reward model once
+keeps up). A chat reply's thinking (`<think>…</think>`) comes back as `reasoning_content`, whole or as its own
+deltas, the rest as `content` (chat/reasoning.py). With a guard (`chatsmith.serve.guard`) every chat reply is judged by a reward model once
 complete. A model's scheduler is a thread here or, for CPU models under `chatsmith serve`, a model
 process of its own (`chatsmith.serve.worker`).
 
@@ -33,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chatsmith.chat.reasoning import ReasoningSplitter, opens_reasoning, split_reasoning
 from chatsmith.errors import ChatsmithError
 from chatsmith.serve.metrics import CONTENT_TYPE, ServeMetrics
 from chatsmith.serve.protocol import (APIError, SamplingParams, error_body, parse_messages, parse_prompts,
@@ -368,6 +370,11 @@ class Run:
         stops = list(params.stop) + list(template_stops)
         self.chunk_head = chunk_head(self.id, chat, self.created, served.id)
         self.prompt_tokens = sum(len(p) for p in prompts) * params.n
+        # Chat replies are split into thinking (`reasoning_content`) and reply (`content`), chat/reasoning.py;
+        # a prompt whose generation prompt opens the block (DeepSeek-R1's) starts the reply inside it.
+        self.thinking_started = [chat and opens_reasoning(served.tokenizer.decode(p[-16:])) for p in prompts]
+        self.splitters = [ReasoningSplitter(self.thinking_started[i // params.n])
+                          for i in range(len(prompts) * params.n)] if chat else []
         self.jobs: list[Job] = []
         for p, prompt in enumerate(prompts):
             limit = min(params.max_tokens or cap, cap, served.context - len(prompt))
@@ -433,8 +440,11 @@ async def collect(request: Request, run: Run, chat: bool) -> dict:
     for i, parts in enumerate(texts):
         text = "".join(parts)
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "finish_reason": finish[i], "logprobs": None})
+            reasoning, reply = split_reasoning(text, run.thinking_started[i // run.params.n])
+            message = {"role": "assistant", "content": reply}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            choices.append({"index": i, "message": message, "finish_reason": finish[i], "logprobs": None})
         else:
             choices.append({"index": i, "text": text, "finish_reason": finish[i], "logprobs": None})
     return {"id": run.id, "object": "chat.completion" if chat else "text_completion", "created": run.created,
@@ -472,13 +482,23 @@ def chunk_head(run_id: str, chat: bool, created: int, model: str) -> str:
     return "data: " + json.dumps(head, ensure_ascii=False)[: -len("0}]}")]
 
 
-def text_chunk(run: Run, index: int, text: str) -> str:
+def text_chunk(run: Run, index: int, text: str, field: str = "content") -> str:
     """``chunk_event(run, run.chat, index, text, None)`` (the same bytes), from the run's encoded head:
-    one of these goes out per token and request, so only the text is encoded here."""
+    one of these goes out per token and request, so only the text is encoded here. `field`: the chat delta's
+    key, "content" or "reasoning_content"."""
     piece = json.dumps(text, ensure_ascii=False)
     if run.chat:
-        return f'{run.chunk_head}{index}, "delta": {{"content": {piece}}}, "finish_reason": null, "logprobs": null}}]}}\n\n'
+        return f'{run.chunk_head}{index}, "delta": {{"{field}": {piece}}}, "finish_reason": null, "logprobs": null}}]}}\n\n'
     return f'{run.chunk_head}{index}, "text": {piece}, "finish_reason": null, "logprobs": null}}]}}\n\n'
+
+
+def chat_text_chunks(run: Run, index: int, text: str | None) -> str:
+    """The chunks for a piece of a chat reply (None: the end of it): thinking as `reasoning_content`
+    deltas, the reply as `content` ones; text that may be half a `<think>` tag waits for the next piece."""
+    splitter = run.splitters[index]
+    parts = splitter.feed(text) if text is not None else splitter.finish()
+    return "".join(text_chunk(run, index, piece, "reasoning_content" if kind == "reasoning" else "content")
+                   for kind, piece in parts)
 
 
 def usage_event(run: Run, chat: bool, completion: int) -> str:
@@ -500,6 +520,9 @@ async def guarded_events(run: Run, params: SamplingParams, judged: Callable) -> 
         yield f"data: {json.dumps(exc.body())}\n\n"
     else:
         for choice in result["choices"]:
+            reasoning = choice["message"].get("reasoning_content")
+            if reasoning:
+                yield text_chunk(run, choice["index"], reasoning, "reasoning_content")
             yield (chunk_event(run, True, choice["index"], choice["message"]["content"], None)
                    + chunk_event(run, True, choice["index"], None, choice["finish_reason"]))
         if params.include_usage:
@@ -523,16 +546,20 @@ async def stream_events(run: Run, params: SamplingParams, chat: bool) -> AsyncIt
         parts = []
         pending: dict[int, list[str]] = {}          # choice -> text pieces not written yet, in order
 
-        def flush(index: int) -> None:
+        def flush(index: int, end: bool = False) -> None:
             pieces = pending.pop(index, None)
-            if pieces:
+            if pieces and chat:
+                parts.append(chat_text_chunks(run, index, "".join(pieces)))
+            elif pieces:
                 parts.append(text_chunk(run, index, "".join(pieces)))
+            if end and chat:
+                parts.append(chat_text_chunks(run, index, None))
 
         for index, event in ready:
             if event.kind == "text":
                 pending.setdefault(index, []).append(event.text)
             elif event.kind == "done":
-                flush(index)
+                flush(index, end=True)
                 completion += event.completion_tokens
                 parts.append(chunk(index, None if chat else "", event.finish_reason))
             else:
