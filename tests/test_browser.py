@@ -151,3 +151,37 @@ def test_chat_compare_and_label_in_chromium(tmp_path, monkeypatch):
                               "ON j.id = p.judgment").fetchall()
     edited = "Paris is the capital of France." if readme_shot else None
     assert judged == [(pair_ids[0], "b", QUEUED[0][2], edited)]
+
+
+def test_thinking_is_shown_apart_from_the_reply_in_chromium(tmp_path, monkeypatch):
+    """A model whose generation prompt opens a think block: the page shows the streamed `reasoning_content`
+    above the reply, muted, and the reply alone as the answer (both equal to the API's own greedy answer)."""
+    executable = browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
+    monkeypatch.chdir(tmp_path)
+    model = str(tiny_chat_model(Path("runs") / "thinker"))
+    app = build_app(ServeConfig(models=[model], device="cpu", template=template, max_new_tokens=64))
+    with running(app) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(url + "/#chat")
+            page.wait_for_function("document.querySelectorAll('#model option').length === 1")
+            set_value(page, "#temperature", "0")
+            set_value(page, "#max_tokens", "16")
+            page.fill("#input", MESSAGE)
+            page.press("#input", "Enter")
+            page.wait_for_function("document.querySelector('#log .msg.assistant .thinking') && "
+                                   "!document.getElementById('send').disabled")
+            expected = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "model": model, "messages": [{"role": "user", "content": MESSAGE}], "max_tokens": 16,
+                "temperature": 0}).json()["choices"][0]["message"]
+            assert expected["reasoning_content"]
+            assert page.inner_text("#log .msg.assistant .thinking") == expected["reasoning_content"].strip()
+            assert page.inner_text("#log .msg.assistant .body") == expected["content"].strip()
+        finally:
+            browser.close()
