@@ -130,12 +130,14 @@ class _FakeRun:
     """What `stream_events` reads of a `Run`: two choices whose events arrive in prepared batches."""
 
     def __init__(self, batches):
+        from chatsmith.chat.reasoning import ReasoningSplitter
         from chatsmith.serve.app import chunk_head
 
         self.id, self.created, self.chat, self.prompt_tokens = "chatcmpl-x", 1700000000, True, 5
         self.served = type("Served", (), {"id": "tiny"})()
         self.chunk_head = chunk_head(self.id, True, self.created, "tiny")
         self.jobs = [None, None]
+        self.splitters = [ReasoningSplitter(), ReasoningSplitter()]   # chat replies: thinking apart (none here)
         self.batches = batches
 
     async def events(self):
