@@ -56,6 +56,28 @@ def set_value(page, selector: str, value: str) -> None:
     page.locator(selector).dispatch_event("change")
 
 
+def chat_page(browser, url: str, n_models: int):
+    """The page's chat view once its `n_models` models are listed, greedy, 16 tokens a reply."""
+    page = browser.new_page(viewport={"width": 1180, "height": 760})
+    page.set_default_timeout(60_000)
+    page.goto(url + "/#chat")
+    page.wait_for_function(f"document.querySelectorAll('#model option').length === {n_models}")
+    set_value(page, "#temperature", "0")
+    set_value(page, "#max_tokens", "16")
+    return page
+
+
+def ask(page, url: str, model: str, shown: str) -> dict:
+    """Send MESSAGE in the chat view, wait until the JavaScript condition `shown` holds and the reply is
+    done, and return the API's own greedy answer to it (its message)."""
+    page.fill("#input", MESSAGE)
+    page.press("#input", "Enter")
+    page.wait_for_function(f"({shown}) && !document.getElementById('send').disabled")
+    return httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "model": model, "messages": [{"role": "user", "content": MESSAGE}], "max_tokens": 16,
+        "temperature": 0}).json()["choices"][0]["message"]
+
+
 QUEUED = [  # (question, response A, response B): pairs `chatsmith rlhf --labeler human` could have queued
     ("What is the capital of France?", "The capital of France is Paris.",
      "France is a country in Europe. Its capital is Lyon, I think."),
@@ -82,23 +104,12 @@ def test_chat_compare_and_label_in_chromium(tmp_path, monkeypatch):
     with running(app) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
         try:
-            page = browser.new_page(viewport={"width": 1180, "height": 760})
-            page.set_default_timeout(60_000)
-            page.goto(url + "/#chat")
-            page.wait_for_function("document.querySelectorAll('#model option').length === 2")
-            set_value(page, "#temperature", "0")
-            set_value(page, "#max_tokens", "16")
+            page = chat_page(browser, url, n_models=2)
 
             # chat: the streamed reply appears and equals the API's greedy reply
-            page.fill("#input", MESSAGE)
-            page.press("#input", "Enter")
-            page.wait_for_function("document.querySelector('#log .msg.assistant .body') && "
-                                   "document.querySelector('#log .msg.assistant .body').textContent.length > 0 && "
-                                   "!document.getElementById('send').disabled")
+            expected = ask(page, url, models[0], "document.querySelector('#log .msg.assistant .body') && "
+                           "document.querySelector('#log .msg.assistant .body').textContent.length > 0")["content"]
             shown = page.inner_text("#log .msg.assistant .body")
-            expected = httpx.post(url + "/v1/chat/completions", timeout=60, json={
-                "model": models[0], "messages": [{"role": "user", "content": MESSAGE}], "max_tokens": 16,
-                "temperature": 0}).json()["choices"][0]["message"]["content"]
             assert shown == expected.strip() or shown == expected
             page.reload()                                       # the conversation survives a reload
             page.wait_for_selector("#log .msg.assistant")
@@ -167,19 +178,8 @@ def test_thinking_is_shown_apart_from_the_reply_in_chromium(tmp_path, monkeypatc
     with running(app) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
         try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            page.goto(url + "/#chat")
-            page.wait_for_function("document.querySelectorAll('#model option').length === 1")
-            set_value(page, "#temperature", "0")
-            set_value(page, "#max_tokens", "16")
-            page.fill("#input", MESSAGE)
-            page.press("#input", "Enter")
-            page.wait_for_function("document.querySelector('#log .msg.assistant .thinking') && "
-                                   "!document.getElementById('send').disabled")
-            expected = httpx.post(url + "/v1/chat/completions", timeout=60, json={
-                "model": model, "messages": [{"role": "user", "content": MESSAGE}], "max_tokens": 16,
-                "temperature": 0}).json()["choices"][0]["message"]
+            page = chat_page(browser, url, n_models=1)
+            expected = ask(page, url, model, "document.querySelector('#log .msg.assistant .thinking')")
             assert expected["reasoning_content"]
             assert page.inner_text("#log .msg.assistant .thinking") == expected["reasoning_content"].strip()
             assert page.inner_text("#log .msg.assistant .body") == expected["content"].strip()
