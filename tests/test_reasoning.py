@@ -13,7 +13,8 @@ from chatsmith.chat.reasoning import ReasoningSplitter, fold_reasoning, opens_re
 
 
 def test_split_reasoning_of_a_whole_reply():
-    assert split_reasoning("<think>\nIs it okay? No.\n</think>\n\nI can't help.") == ("Is it okay? No.", "I can't help.")
+    assert split_reasoning("<think>\nIs it okay? No.\n</think>\n\nI can't help.") == ("Is it okay? No.",
+                                                                                 "I can't help.")
     assert split_reasoning("Paris.") == (None, "Paris.")
     assert split_reasoning("The tag <think> mid-reply is text.") == (None, "The tag <think> mid-reply is text.")
     assert split_reasoning("<think>\nstill thinking when the budget ran out") == (

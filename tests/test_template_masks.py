@@ -244,8 +244,10 @@ def test_qwen3_think_block_is_trained_unless_the_prompt_holds_it(tokenizers):
 def test_reasoning_is_trained_where_the_template_writes_it(tokenizers):
     """`reasoning_content`: Qwen3's template writes it itself (latest turn only) and it is in the mask; ChatML,
     which knows nothing of reasoning, gets it folded into the reply as a think block, also in the mask."""
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "reasoning_content": "A greeting."},
-                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you.", "reasoning_content": "They leave."}]
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!", "reasoning_content": "A greeting."},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "See you.", "reasoning_content": "They leave."}]
     expect, tok, fmt = template_for("qwen3", tokenizers)
     r = render_chat(messages, tok, fmt)
     masked = [tok.decode(r.input_ids[a:b], skip_special_tokens=False) for a, b in masked_runs(r.assistant_mask)]

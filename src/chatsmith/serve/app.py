@@ -10,9 +10,9 @@ web chat page), and with a feedback store `POST /v1/feedback` (a human judgment 
 compared in constant time). Streaming answers are server-sent events ending with `data: [DONE]`: a chunk
 per choice and write, with the text generated since the last write (one token's piece while the writer
 keeps up). A chat reply's thinking (`<think>…</think>`) comes back as `reasoning_content`, whole or as its own
-deltas, the rest as `content` (chat/reasoning.py). With a guard (`chatsmith.serve.guard`) every chat reply is judged by a reward model once
-complete. A model's scheduler is a thread here or, for CPU models under `chatsmith serve`, a model
-process of its own (`chatsmith.serve.worker`).
+deltas, the rest as `content` (chat/reasoning.py). With a guard (`chatsmith.serve.guard`) every chat reply is
+judged by a reward model once complete. A model's scheduler is a thread here or, for CPU models under
+`chatsmith serve`, a model process of its own (`chatsmith.serve.worker`).
 
 Tests: `python -m pytest tests/test_serve.py tests/test_serve_worker.py -q`.
 """
@@ -488,7 +488,8 @@ def text_chunk(run: Run, index: int, text: str, field: str = "content") -> str:
     key, "content" or "reasoning_content"."""
     piece = json.dumps(text, ensure_ascii=False)
     if run.chat:
-        return f'{run.chunk_head}{index}, "delta": {{"{field}": {piece}}}, "finish_reason": null, "logprobs": null}}]}}\n\n'
+        return (f'{run.chunk_head}{index}, "delta": {{"{field}": {piece}}}, '
+                f'"finish_reason": null, "logprobs": null}}]}}\n\n')
     return f'{run.chunk_head}{index}, "text": {piece}, "finish_reason": null, "logprobs": null}}]}}\n\n'
 
 
