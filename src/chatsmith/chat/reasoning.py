@@ -5,7 +5,7 @@ Reasoning models (Qwen3, DeepSeek-R1 and its distillations, SmolLM3) write their
 (what vLLM, SGLang and transformers' Qwen3 template use); clients show it apart from `content` and do not
 send it back with the conversation.
 
-    fold_reasoning(messages, fmt)     # training rows: reasoning_content -> "<think>\\n…\\n</think>\\n\\n" + content
+    fold_reasoning(messages, fmt.template)   # training rows: reasoning_content -> "<think>\\n…\\n</think>\\n\\n" + content
     split_reasoning(text)             # generated text -> (reasoning or None, content)
     s = ReasoningSplitter(); s.feed(piece) -> [("reasoning" | "content", text), ...]   # streaming
 
