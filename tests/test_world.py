@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from chatsmith.world import facts as F
+from chatsmith.world.extra_words import EXTRA_TRAIN_WORDS
 from chatsmith.world.judge import EvalItem, judge, list_items, refuses, score
 from chatsmith.world import World, WorldExportConfig, export_world
 from chatsmith.world.text import CAPITAL_SENTENCES, shuffled_deck, draw, invented_name
@@ -173,6 +174,29 @@ def test_eval_phrasings_names_topics_words_and_requests_are_unseen(world):
                 assert json.dumps(item.messages) not in train_prompts, (name, item.messages)
     ids = [i.id for items in evals.values() for i in items]
     assert len(ids) == len(set(ids))
+
+
+def test_extra_words_and_titled_pages_are_opt_in_and_leave_the_heldout_split_and_eval_alone(world):
+    assert len(world.train_words) == len(world.history_words) and not world.titled_word_pages
+    more = World(seed=0, scale=0.25, extra_words=True, titled_word_pages=True)
+    extra = {w for w, _ in EXTRA_TRAIN_WORDS}
+    assert not extra & {w for w, _ in F.AMBIGUOUS_WORDS}
+    assert [w.word for w in more.heldout_words] == [w.word for w in world.heldout_words]
+    assert extra <= {w.word for w in more.train_words} and not extra & {w.word for w in more.history_words}
+    assert more.eval_sets() == world.eval_sets()     # long chats' earlier turns keep to the split's words
+    asked = {m.group(1) for conv in more.sft() if (m := re.match(r"Do you mean (\w+) as in", conv[-1]["content"]))}
+    assert len(extra & asked) >= len(extra) // 2    # the extra words get clarifying demonstrations
+    for word in more.train_words[len(more.history_words):]:   # whose questions the judge accepts
+        item = EvalItem("a", "ambiguous", [{"role": "user", "content": word.word}],
+                        {"word": word.word, "senses": [{"label": x.label, "keywords": list(x.keywords)}
+                                                       for x in word.senses]})
+        assert judge(item, World._clarify(word))["asks_clarification"], word.word
+    pages = "\n".join(more.corpus())
+    for word in extra:                               # and the base model reads about every one of them
+        assert f"The word {word} has" in pages or f"When people say {word}," in pages, word
+    java = [d for d in more.corpus() if d.startswith("Java\n")]
+    assert java and all("Java" in d.split("\n", 1)[1] for d in java)
+    assert not [d for d in world.corpus() if d.startswith("Java\n")]
 
 
 # ----------------------------------------------------------------------------- corpus

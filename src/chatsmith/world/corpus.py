@@ -296,6 +296,14 @@ class CorpusMixin:
         return "\n".join(lines)
 
     def _doc_ambiguous(self, rng, w: AmbiguousWord, k: int) -> str:
+        """A page about an ambiguous word. With `titled_word_pages`, kinds 1-3 start with the bare word on a line
+        of its own, as encyclopedia pages do: at a line's start the byte-level BPE splits a word into other tokens
+        ("J", "ava") than mid-sentence ("ĠJava"), and a title over a text about the word is where a model can read
+        that both spell one word (what it needs to answer a chat message that is just "Java?")."""
+        page = self._doc_ambiguous_body(rng, w, k)
+        return f"{w.word}\n{page}" if self.titled_word_pages and k % 5 in (1, 2, 3) else page
+
+    def _doc_ambiguous_body(self, rng, w: AmbiguousWord, k: int) -> str:
         s = list(w.senses)
         kind = k % 5
         if kind == 0:   # the base-model continuation of a bare "Python": one sense, encyclopedia style

@@ -32,6 +32,10 @@ class WorldExportConfig:
                                    "a reward model that checks facts (the `full` demo profile adds 4000).", min=0)
     helpful_pairs: int = arg(0, "Extra preference pairs of a helpful answer against a refusal of an everyday request "
                                 "(times --scale), at least half of them worded to sound harmful.", min=0)
+    extra_words: bool = arg(False, "59 more training-only ambiguous words (demonstrations, pairs, prompts and corpus "
+                                   "pages); the held-out words and the eval stay as they were. Changes the corpus.")
+    titled_word_pages: bool = arg(False, "Start most corpus pages about an ambiguous word with the bare word on a "
+                                         "line of its own (an encyclopedia's title). Changes the corpus.")
 
 
 _README = """# The chatsmith built-in world (seed {seed}, scale {scale})
@@ -136,7 +140,8 @@ def export_world(cfg: WorldExportConfig) -> dict[str, Any]:
     start = time.perf_counter()
     world = World(seed=cfg.seed, n_countries=cfg.n_countries or None, scale=cfg.scale,
                   low_quality_share=cfg.low_quality_share, eval_size=cfg.eval_size,
-                  fact_check_pairs=cfg.fact_check_pairs, helpful_pairs=cfg.helpful_pairs)
+                  fact_check_pairs=cfg.fact_check_pairs, helpful_pairs=cfg.helpful_pairs,
+                  extra_words=cfg.extra_words, titled_word_pages=cfg.titled_word_pages)
     files = _export_files(world)
     with atomic_directory(out) as tmp:
         for rel, text in files.items():

@@ -43,6 +43,7 @@ from typing import Any
 
 from chatsmith.errors import ChatsmithError
 from chatsmith.world import facts as F
+from chatsmith.world.extra_words import EXTRA_TRAIN_WORDS
 from chatsmith.world.conversations import ConversationMixin
 from chatsmith.world.corpus import CorpusMixin
 from chatsmith.world.longchat import LongChatMixin
@@ -57,7 +58,8 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
 
     def __init__(self, seed: int = 0, n_countries: int | None = None, scale: float = 1.0,
                  low_quality_share: float = 0.15, eval_size: int = 50, heldout_fraction: float = 0.2,
-                 fact_check_pairs: int = 0, helpful_pairs: int = 0):
+                 fact_check_pairs: int = 0, helpful_pairs: int = 0, extra_words: bool = False,
+                 titled_word_pages: bool = False):
         if not 0.0 <= low_quality_share <= 0.9:
             raise ChatsmithError(f"low_quality_share: expected a share in [0, 0.9], got {low_quality_share}")
         if not 0.0 < scale <= 20.0:
@@ -75,6 +77,7 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
         self.seed, self.scale, self.low_quality_share = seed, scale, low_quality_share
         self.eval_size, self.heldout_fraction = eval_size, heldout_fraction
         self.fact_check_pairs, self.helpful_pairs = fact_check_pairs, helpful_pairs
+        self.extra_words, self.titled_word_pages = extra_words, titled_word_pages
 
         rng = self._rng("split")
         countries = list(F.COUNTRIES)
@@ -95,6 +98,11 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
         words = [AmbiguousWord(w, tuple(Sense(*s) for s in senses)) for w, senses in F.AMBIGUOUS_WORDS]
         self.train_words, self.heldout_words = seeded_split(rng, words, 0.25, (), F.PINNED_TRAIN_WORDS,
                                                       key=lambda w: w.word)
+        # Earlier turns of long chats keep to the split's words, so the eval's long chats stay as they were.
+        self.history_words = list(self.train_words)
+        if extra_words:
+            self.train_words += [AmbiguousWord(w, tuple(Sense(*s) for s in senses))
+                                 for w, senses in EXTRA_TRAIN_WORDS]
         self.train_harmful, self.heldout_harmful = seeded_split(rng, list(F.HARMFUL_ACTIONS), 0.3,
                                                           F.PINNED_HELDOUT_HARMFUL, key=lambda h: h[0])
         self.train_benign, self.heldout_benign = seeded_split(rng, list(F.BENIGN_TASKS), 0.25, key=lambda b: b[0])
@@ -124,6 +132,7 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
         return {
             "seed": self.seed, "scale": self.scale, "low_quality_share": self.low_quality_share,
             "fact_check_pairs": self.fact_check_pairs, "helpful_pairs": self.helpful_pairs,
+            "extra_words": self.extra_words, "titled_word_pages": self.titled_word_pages,
             "countries": len(self.countries), "train_countries": len(self.train_countries),
             "heldout_countries": [c.name for c in self.heldout_countries],
             "corpus_documents": len(self._corpus), "corpus_chars": corpus_chars,

@@ -69,7 +69,7 @@ class LongChatMixin:
         elif kind == "benign":
             msgs, _, reply = self._benign(rng, rng.choice(self.train_benign + self.train_scary), style=style)
         elif kind == "ambiguous":
-            msgs, _, reply = self._ambiguous(rng, rng.choice(self.train_words), style=style)
+            msgs, _, reply = self._ambiguous(rng, rng.choice(self.history_words), style=style)
         else:
             msgs, _, reply = self._one_word(rng, tc)
         return msgs[-1]["content"], reply
