@@ -95,14 +95,16 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
         topics = [Topic(*t) for t in F.HAIKU_TOPICS]
         self.train_topics, self.heldout_topics = seeded_split(rng, topics, 0.25, F.PINNED_HELDOUT_TOPICS,
                                                         key=lambda t: t.noun)
-        words = [AmbiguousWord(w, tuple(Sense(*s) for s in senses)) for w, senses in F.AMBIGUOUS_WORDS]
+        def as_words(table):
+            return [AmbiguousWord(w, tuple(Sense(*s) for s in senses)) for w, senses in table]
+
+        words = as_words(F.AMBIGUOUS_WORDS)
         self.train_words, self.heldout_words = seeded_split(rng, words, 0.25, (), F.PINNED_TRAIN_WORDS,
                                                       key=lambda w: w.word)
         # Earlier turns of long chats keep to the split's words, so the eval's long chats stay as they were.
         self.history_words = list(self.train_words)
         if extra_words:
-            self.train_words += [AmbiguousWord(w, tuple(Sense(*s) for s in senses))
-                                 for w, senses in EXTRA_TRAIN_WORDS]
+            self.train_words += as_words(EXTRA_TRAIN_WORDS)
         self.train_harmful, self.heldout_harmful = seeded_split(rng, list(F.HARMFUL_ACTIONS), 0.3,
                                                           F.PINNED_HELDOUT_HARMFUL, key=lambda h: h[0])
         self.train_benign, self.heldout_benign = seeded_split(rng, list(F.BENIGN_TASKS), 0.25, key=lambda b: b[0])
