@@ -281,9 +281,14 @@ def test_two_process_rlhf_equals_one_process_with_the_joint_batch(tmp_path):
     assert [r["round"] for r in ddp] == [1, 2] and single[0]["comparisons_added"] == 4
     for key in ("comparisons_added", "comparisons_total", "label_score", "ppo_score", "ppo_kl"):
         assert ddp[0][key] == pytest.approx(single[0][key], rel=1e-4, abs=1e-5), key
+    start = load_file(str(tmp_path / "sft" / "model.safetensors"))
     for model in ("rm", "ppo"):
         w1, w2 = (load_file(str(tmp_path / run / "round_1" / model / "model.safetensors")) for run in ("single", "ddp"))
-        assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4, model
+        differ = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+        moved = max(float((w1[k] - start[k]).abs().max()) for k in w1 if k in start and w1[k].shape == start[k].shape)
+        # Float rounding in the all-reduce, which AdamW's normalised steps on near-zero gradients scale up to
+        # about 1% of PPO's step at lr 1e-2; a wrong gradient average would differ by the step itself.
+        assert differ < max(1e-4, 0.02 * moved), (model, differ, moved)
     # Round 2 samples the round-1 policies, equal up to float rounding (AdamW's sign-like steps on near-zero
     # gradients make that 1e-5, enough to flip a rare near-tie of the toy model's flat distribution).
     rows = [[json.loads(x) for x in (tmp_path / run / "round_2" / "samples.jsonl").read_text().splitlines()]
