@@ -50,10 +50,14 @@ TRAIN: dict[str, tuple[str, ...]] = {
     "ambiguous": F.AMBIGUOUS_PROMPTS + (
         "Tell me about {w}.", "What is {w}?", "{w}, please.", "Explain {w}.", "I have a question about {w}.",
         "Can you tell me about {w}?", "{w}!"),
-    "intro": F.MEMORY_INTROS + ("I'm {n}.", "Call me {n}.", "{n} here.", "My name's {n}."),
+    "intro": F.MEMORY_INTROS + ("I'm {n}.", "Call me {n}.", "{n} here.", "My name's {n}.", "I go by {n}.",
+                                "You can call me {n}.", "hello, {n} speaking", "Let me introduce myself. I'm {n}.",
+                                "This is {n}.", "Nice to meet you, I'm {n}."),
     # "Do you remember my name?" is held out (it was one of the hand-reworded prompts the models failed).
     "recall": ("What is my name?", "What did I say my name was?", "What's my name?", "Can you tell me my name?",
-               "Who am I?", "Say my name, please."),
+               "Who am I?", "Say my name, please.", "Tell me my name.", "Do you still know who I am?",
+               "And my name was...?", "Quick test: what am I called?", "Which name did I introduce myself with?",
+               "I told you my name earlier. What is it?"),
     "haiku": F.HAIKU_QUESTIONS_TRAIN + (
         "Please write a haiku about {t}.", "A haiku about {t}, please.", "I would like a haiku about {t}.",
         "Compose a haiku about {t}.", "Haiku about {t}?"),
@@ -61,8 +65,10 @@ TRAIN: dict[str, tuple[str, ...]] = {
                                       "What are {n} {subject}?", "Name any {n} {subject}."),
     "arithmetic": F.ARITHMETIC_QUESTIONS_TRAIN + ("{a} {op} {b}?", "Calculate {a} {op} {b}.",
                                                   "How much is {a} {opw} {b}?", "What does {a} {op} {b} equal?"),
-    "live": ("I live in {c}.", "I'm from {c}.", "I come from {c}."),
-    "where": ("Where do I live?", "Which country am I from?", "What country did I say I live in?"),
+    "live": ("I live in {c}.", "I'm from {c}.", "I come from {c}.", "I'm living in {c} now.",
+             "I grew up in {c} and live there.", "{C} is where I live."),
+    "where": ("Where do I live?", "Which country am I from?", "What country did I say I live in?",
+              "Tell me where I live.", "Which country do I live in?", "Where did I say I was from?"),
 }
 HELDOUT: dict[str, tuple[str, ...]] = {
     "capital": ("{C}'s capital?", "whats the capital of {c}", "Do you happen to know {c}'s capital?",
