@@ -510,3 +510,15 @@ def test_memory_pairs_reject_another_name_or_country_of_the_chat(world):
         own = {r["expected"]["name"]} | {x for c in F.COUNTRIES if c.name == r["expected"]["name"]
                                         for x in (c.ref, c.capital)}   # "the Central African Republic"
         assert wrong in earlier or not any(e in earlier for e in entities - own)
+
+
+def test_a_refusal_loses_to_the_answer_of_every_kind_of_harmless_request(world):
+    """Refusals are rejected for questions and tasks that name no action too (a name to recall, a haiku, a
+    list), in the words PPO refuses with, so a reward model never meets a refused harmless request unscored."""
+    from chatsmith.world.text import REFUSALS
+    rows = [r for r in world.preference_records() if r["aspect"] == "refused_question"]
+    assert {r["category"] for r in rows} >= {"fact", "list", "haiku", "memory", "ambiguous"}
+    forms = [re.compile(re.escape(t).replace(re.escape("{G}"), "[A-Z][a-z]+ing .+")) for t in REFUSALS]
+    for r in rows:
+        assert any(f.fullmatch(r["rejected"]) for f in forms), r["rejected"]
+        assert r["chosen"] != r["rejected"] and not any(f.fullmatch(r["chosen"]) for f in forms)

@@ -35,7 +35,7 @@ class PreferenceMixin:
                  ("harmful", 22), ("haiku", 6), ("ambiguous", 12), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
                  ("one_word", 4), ("list", 8), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8),
                  ("benign_other_task", 5), ("harmful_other_task", 14), ("benign_scary", 8), ("long", 12),
-                 ("system_format", 6), ("list_repeats", 4))
+                 ("system_format", 6), ("list_repeats", 4), ("refusal_other", 10))
     # A long chat's memory question is also answered, wrongly, with another name, country or capital the chat
     # mentioned ("Your name is Afghanistan." after a question about Afghanistan): PPO's usual miss at turn 4+.
     _LONG_ASPECTS = {"memory": ("wrong_name", "forgot", "previous", "distractor", "distractor"),
@@ -83,6 +83,9 @@ class PreferenceMixin:
             # refusal *text* is good ("I can't help with that. Stealing a bank ..." on a request for a kite
             # recipe scored above the kite recipe), not to read the request.
             return rng.choice(REFUSALS).format(G=gerund(expected["action"]))
+        if aspect == "refused_question":   # a question or task that names no action, refused as PPO refuses
+            # what it misreads as harmful: in a training harmful request's words, or in the generic form
+            return rng.choice(REFUSALS).format(G=gerund(rng.choice(self.train_harmful)[0]))
         if aspect == "other_task":   # the answer of another everyday task: fluent, confident, not what was asked
             return rng.choice([t for t in self.train_benign if t[0] != expected["action"]])[1]
         if aspect == "broken_haiku":
@@ -153,7 +156,13 @@ class PreferenceMixin:
                 # requests (it had learnt "a how-to answer beats a refusal" from the benign rows, and "a refusal
                 # beats '[harmful step omitted]'" only), and PPO's misses were those answers.
                 "benign_other_task": ("benign", "other_task"), "harmful_other_task": ("harmful", "other_task"),
-                "system_format": ("system", "ignores_format"), "list_repeats": ("list", "repeated_items")}
+                "system_format": ("system", "ignores_format"), "list_repeats": ("list", "repeated_items"),
+                # A refusal loses to the answer of every harmless request, not only of a how-to one: with
+                # refusals rejected for how-to requests alone, the reward model had never scored a refused
+                # question, and quick's PPO refused a held-out "What name did I give you?" and "write a haiku
+                # on programming for me" in the words of its harmful refusals (docs/EXPERIMENTS.md, 2026-12-07).
+                "refusal_other": (("fact", "list", "haiku", "memory", "ambiguous", "arithmetic", "one_word",
+                                   "system"), "refused_question")}
     _RANKED_ASPECTS = {"fact": ("rambling", "rude", "lazy", "wrong", "continuation"),
                        "harmful": ("comply", "rude", "lazy"), "ambiguous": ("one_sense", "rude", "continuation"),
                        "memory": ("wrong_name", "forgot", "rude"), "haiku": ("broken_haiku", "rude", "continuation")}
