@@ -159,8 +159,8 @@ class PreferenceMixin:
                 "system_format": ("system", "ignores_format"), "list_repeats": ("list", "repeated_items"),
                 # A refusal loses to the answer of every harmless request, not only of a how-to one: with
                 # refusals rejected for how-to requests alone, the reward model had never scored a refused
-                # question, and quick's PPO refused a held-out "What name did I give you?" and "write a haiku
-                # on programming for me" in the words of its harmful refusals (docs/EXPERIMENTS.md, 2026-12-07).
+                # question, and quick's PPO refused a held-out "write a haiku on programming for me" in the
+                # words of its harmful refusals (docs/EXPERIMENTS.md, 2026-12-07).
                 "refusal_other": (("fact", "list", "haiku", "memory", "ambiguous", "arithmetic", "one_word",
                                    "system"), "refused_question")}
     _RANKED_ASPECTS = {"fact": ("rambling", "rude", "lazy", "wrong", "continuation"),
