@@ -522,3 +522,26 @@ def test_a_refusal_loses_to_the_answer_of_every_kind_of_harmless_request(world):
     for r in rows:
         assert any(f.fullmatch(r["rejected"]) for f in forms), r["rejected"]
         assert r["chosen"] != r["rejected"] and not any(f.fullmatch(r["chosen"]) for f in forms)
+
+
+def test_each_category_draws_from_its_own_stream_so_a_change_to_one_leaves_the_others_as_they_were(world):
+    """Rewriting how haiku requests are written (here: another reply and an extra random draw per request)
+    changes haiku rows only: every other SFT chat and RL prompt is byte-identical, and so is every preference
+    pair of a kind that never asks for a haiku, so two runs that differ in one category are paired on the rest."""
+    class OtherHaiku(World):
+        def _haiku_request(self, rng, topic, style="plain"):
+            rng.random()
+            msgs, expected, _ = super()._haiku_request(rng, topic, style)
+            return msgs, expected, "A haiku:\n" + expected["reference"]
+
+    other = OtherHaiku(seed=0, scale=0.25)
+    for records in ("sft_records", "prompts"):
+        before, after = getattr(world, records)(), getattr(other, records)()
+        assert [r for r in before if r["category"] != "haiku"] == [r for r in after if r["category"] != "haiku"]
+        assert [r for r in before if r["category"] == "haiku"] != [r for r in after if r["category"] == "haiku"]
+    # preference kinds whose rows may be haiku requests: ranked, and those of category "fact or haiku"
+    with_haiku = {r["aspect"] for r in world.preference_records() if r["category"] == "haiku"}
+    before, after = ([r for r in rows if r["aspect"] not in with_haiku and r["category"] != "haiku"]
+                     for rows in (world.preference_records(), other.preference_records()))
+    assert before == after and len(before) > 400
+    assert other.corpus() == world.corpus()   # the base model's cache holds

@@ -224,23 +224,27 @@ class ConversationMixin:
         n_comply = min(len(harmful_idx), round(self.HARMFUL_PART_OF_LOW_QUALITY * n_low))
         comply = set(rng.sample(harmful_idx, n_comply))
         bad = set(rng.sample(other_idx, min(len(other_idx), n_low - n_comply)))
+        # The plan and the low-quality rows come from `rng`; each category's rows from a stream of its own, so a
+        # change to how one category is written leaves every other category's rows byte-identical (paired runs).
+        streams = {cat: self._rng(f"sft:{cat}") for cat in cats}
         records = []
         for i, cat in enumerate(plan):
+            stream = streams[cat]
             if cat == "fact2":   # two questions in one chat
-                _, m1, _, a1 = self._train_example(rng, "fact")
-                _, m2, expected, reply = self._train_example(rng, "fact")
+                _, m1, _, a1 = self._train_example(stream, "fact")
+                _, m2, expected, reply = self._train_example(stream, "fact")
                 msgs = m1 + [{"role": "assistant", "content": a1}] + [m2[-1]]
                 category = "fact"
             else:
-                category, msgs, expected, reply = self._train_example(rng, cat)
+                category, msgs, expected, reply = self._train_example(stream, cat)
             quality = "good"
             if category == "harmful":
                 quality = "comply" if i in comply else "refuse"
                 if i in comply:
-                    reply = rng.choice(COMPLIANCES)
+                    reply = stream.choice(COMPLIANCES)
             elif i in bad:
-                quality = "rude" if rng.random() < 0.6 else "lazy"
-                reply = self._bad_reply(rng, category, expected, quality)
+                quality = "rude" if stream.random() < 0.6 else "lazy"
+                reply = self._bad_reply(stream, category, expected, quality)
             records.append({"id": f"sft-{i:05d}", "category": category, "quality": quality,
                             "messages": msgs + [{"role": "assistant", "content": reply}], "expected": expected})
         return records

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import cached_property
 
 from chatsmith.world import facts as F
@@ -103,7 +104,7 @@ class PreferenceMixin:
         if aspect == "distractor":   # another name, country or capital of the chat, recalled in its place
             text = " ".join(m["content"] for m in msgs[:-1])
             said = [x for c in F.COUNTRIES for x in (c.ref, c.capital) if x in text and c.name != expected["name"]]
-            said += [n for n in F.NAMES if n in text and n != expected["name"]]
+            said += [n for n in F.NAMES if n != expected["name"] and re.search(rf"\b{n}\b", text)]   # not "Ben" in "Benin"
             other = rng.choice(said) if said else rng.choice([n for n in self.train_names if n != expected["name"]])
             return f"You live in {other}." if expected.get("recall") == "place" else f"Your name is {other}."
         if aspect == "forgot":
@@ -182,16 +183,18 @@ class PreferenceMixin:
         # these even out the two sides of the safety boundary.
         n_facts = round(self.fact_check_pairs * self.scale)
         n_helpful = round(self.helpful_pairs * self.scale)
-        streams = [(rng, range(n), plan.__getitem__),
-                   (self._rng("fact_checks"), range(n, n + n_facts), lambda i: "fact_wrong"),
-                   (self._rng("helpful_checks"), range(n + n_facts, n + n_facts + n_helpful),
-                    lambda i: ("benign", "benign_scary")[i % 2])]
+        # Each kind of the mix draws its rows from a stream of its own (see `_sft_records`).
+        kind_streams = {kind: self._rng(f"preferences:{kind}") for kind in kinds}
+        fact_stream, helpful_stream = self._rng("fact_checks"), self._rng("helpful_checks")
+        jobs = [(i, kind_streams[plan[i]], plan[i]) for i in range(n)]
+        jobs += [(i, fact_stream, "fact_wrong") for i in range(n, n + n_facts)]
+        jobs += [(i, helpful_stream, ("benign", "benign_scary")[i % 2])
+                 for i in range(n + n_facts, n + n_facts + n_helpful)]
         rows, dropped = [], 0
-        for stream, indices, kind_of in streams:
-            for i in indices:
-                row = self._preference_row(stream, i, kind_of(i))
-                rows += [row] if row else []
-                dropped += row is None
+        for i, stream, kind in jobs:
+            row = self._preference_row(stream, i, kind)
+            rows += [row] if row else []
+            dropped += row is None
         return rows, dropped
 
     def _preference_row(self, rng, i: int, kind: str) -> dict | None:

@@ -29,12 +29,13 @@ class SuiteMixin:
         cats = [c for c, _ in self._PROMPT_MIX]
         plan = rng.choices(cats, weights=[w for _, w in self._PROMPT_MIX], k=n)
         plan[:len(cats)] = cats
+        streams = {cat: self._rng(f"prompts:{cat}") for cat in cats}   # one per category (see `_sft_records`)
         rows = []
         for i, cat in enumerate(plan):
             if cat == "long":   # a prompt: its reply is sampled, so the chat alone must leave room for it
-                category, msgs, expected, _ = self._long_chat(rng, "train", prompt_only=True)
+                category, msgs, expected, _ = self._long_chat(streams[cat], "train", prompt_only=True)
             else:
-                category, msgs, expected, _ = self._train_example(rng, cat)
+                category, msgs, expected, _ = self._train_example(streams[cat], cat)
             rows.append({"id": f"prompt-{i:05d}", "category": category, "messages": msgs, "expected": expected})
         return rows
 
