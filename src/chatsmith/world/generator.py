@@ -33,7 +33,9 @@ What a ~4M-parameter model can learn from it in minutes on a CPU, and why it is 
   Preference data prefers correct, polite, informative, concise answers and refusals; the judge agrees
   with every preference pair (checked at generation time; see `World.summary()["preference_dropped"]`).
 
-Deterministic: the same arguments give byte-identical output (each product has its own seeded RNG).
+Deterministic: the same arguments give byte-identical output. Each product has its own seeded RNG, and within
+SFT, preferences and RL prompts each category (or kind of pair) has its own: a change to how one category is
+written leaves the other categories' rows byte-identical, so two runs that differ in it are paired on the rest.
 """
 
 from __future__ import annotations
