@@ -84,8 +84,9 @@ def test_every_clarification_names_the_senses_of_its_word():
 
 # ----------------------------------------------------------------------------- determinism
 
-def _export(tmp_path: Path, name: str, seed: int) -> dict[str, bytes]:
-    cfg = WorldExportConfig(out=str(tmp_path / name), seed=seed, scale=0.03, n_countries=40, eval_size=10)
+def _export(tmp_path: Path, name: str, seed: int, data_seed: int = 0) -> dict[str, bytes]:
+    cfg = WorldExportConfig(out=str(tmp_path / name), seed=seed, data_seed=data_seed, scale=0.03, n_countries=40,
+                            eval_size=10)
     export_world(cfg)
     root = Path(cfg.out)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -110,6 +111,22 @@ def test_export_is_byte_identical_for_a_seed_and_differs_across_seeds(tmp_path, 
     assert any("chosen" in r for r in prefs) and any(len(r.get("ranked", ())) == 4 for r in prefs)
 
 
+def test_a_data_seed_draws_the_training_rows_again_and_keeps_corpus_splits_and_eval(tmp_path):
+    a = _export(tmp_path, "a", 0)
+    d = _export(tmp_path, "d", 0, data_seed=1)
+    for name in ("sft.jsonl", "preferences.jsonl", "prompts.jsonl"):
+        assert a[name] != d[name], name
+        assert len(a[name].splitlines()) == len(d[name].splitlines()) or name == "preferences.jsonl"
+    for name in a:
+        if name.startswith("eval/") or name == "corpus.jsonl":
+            assert a[name] == d[name], name       # the base model and the yardstick stay as they were
+    assert json.loads(d["world.json"])["data_seed"] == 1 and json.loads(a["world.json"])["data_seed"] == 0
+    w0, w1 = World(seed=0, scale=0.03, n_countries=40), World(seed=0, scale=0.03, n_countries=40, data_seed=1)
+    assert w0.heldout_countries == w1.heldout_countries and w0.train_names == w1.train_names
+    with pytest.raises(ChatsmithError, match="data_seed"):
+        World(data_seed=-1)
+
+
 def test_export_via_cli_and_refuses_a_foreign_directory(tmp_path):
     from chatsmith.cli import main
 
@@ -117,6 +134,8 @@ def test_export_via_cli_and_refuses_a_foreign_directory(tmp_path):
     assert main(["world", "export", str(out), "--scale", "0.02", "--n-countries", "20", "--eval-size", "5"]) == 0
     assert (out / "eval" / "showcase.jsonl").is_file() and "corpus.jsonl" in (out / "README.md").read_text()
     assert main(["world", "export", str(out), "--scale", "0.02", "--n-countries", "20", "--seed", "3"]) == 0
+    assert main(["world", "export", str(out), "--scale", "0.02", "--n-countries", "20", "--data-seed", "2"]) == 0
+    assert json.loads((out / "world.json").read_text())["data_seed"] == 2
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

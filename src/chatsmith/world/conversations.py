@@ -212,7 +212,7 @@ class ConversationMixin:
     @cached_property
     def _sft_records(self) -> list[dict]:
         """SFT chats with their bookkeeping: category, quality ('good', 'refuse', 'comply', 'rude', 'lazy')."""
-        rng = self._rng("sft")
+        rng = self._data_rng("sft")
         n = self._n(4000, minimum=20)
         cats = [c for c, _ in self._SFT_MIX]
         plan = rng.choices(cats, weights=[w for _, w in self._SFT_MIX], k=n)
@@ -226,7 +226,7 @@ class ConversationMixin:
         bad = set(rng.sample(other_idx, min(len(other_idx), n_low - n_comply)))
         # The plan and the low-quality rows come from `rng`; each category's rows from a stream of its own, so a
         # change to how one category is written leaves every other category's rows byte-identical (paired runs).
-        streams = {cat: self._rng(f"sft:{cat}") for cat in cats}
+        streams = {cat: self._data_rng(f"sft:{cat}") for cat in cats}
         records = []
         for i, cat in enumerate(plan):
             stream = streams[cat]

@@ -22,6 +22,9 @@ from chatsmith.world.generator import World
 class WorldExportConfig:
     out: str = arg("data/world", "Directory to write (replaced atomically; must be empty or an earlier export).")
     seed: int = arg(0, "Random seed: the same seed gives byte-identical files.", min=0, max=SEED_MAX)
+    data_seed: int = arg(0, "Draw the training data (SFT chats, preference pairs, RL prompts) again with this seed; "
+                            "the splits, the corpus (so a cached base model) and the eval stay as they are.",
+                         min=0, max=SEED_MAX)
     scale: float = arg(1.0, "Size multiplier for the corpus, SFT, preference and prompt counts (1.0 = ~2 MB corpus).",
                        min=0, min_exclusive=True)
     low_quality_share: float = arg(0.15, "Share of SFT demonstrations that are rude/lazy or comply with "
@@ -138,7 +141,7 @@ def export_world(cfg: WorldExportConfig) -> dict[str, Any]:
             raise ChatsmithError(f"--out {out}: not empty and not an earlier world export "
                                  f"(found {', '.join(foreign[:5])}); choose an empty or new directory")
     start = time.perf_counter()
-    world = World(seed=cfg.seed, n_countries=cfg.n_countries or None, scale=cfg.scale,
+    world = World(seed=cfg.seed, data_seed=cfg.data_seed, n_countries=cfg.n_countries or None, scale=cfg.scale,
                   low_quality_share=cfg.low_quality_share, eval_size=cfg.eval_size,
                   fact_check_pairs=cfg.fact_check_pairs, helpful_pairs=cfg.helpful_pairs,
                   extra_words=cfg.extra_words, titled_word_pages=cfg.titled_word_pages)

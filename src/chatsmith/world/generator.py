@@ -61,13 +61,15 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
     def __init__(self, seed: int = 0, n_countries: int | None = None, scale: float = 1.0,
                  low_quality_share: float = 0.15, eval_size: int = 50, heldout_fraction: float = 0.2,
                  fact_check_pairs: int = 0, helpful_pairs: int = 0, extra_words: bool = False,
-                 titled_word_pages: bool = False):
+                 titled_word_pages: bool = False, data_seed: int = 0):
         if not 0.0 <= low_quality_share <= 0.9:
             raise ChatsmithError(f"low_quality_share: expected a share in [0, 0.9], got {low_quality_share}")
         if not 0.0 < scale <= 20.0:
             raise ChatsmithError(f"scale: expected a number in (0, 20], got {scale}")
         if not 0.05 <= heldout_fraction <= 0.5:
             raise ChatsmithError(f"heldout_fraction: expected a share in [0.05, 0.5], got {heldout_fraction}")
+        if data_seed < 0:
+            raise ChatsmithError(f"data_seed: expected 0 or more, got {data_seed}")
         if eval_size < 1:
             raise ChatsmithError(f"eval_size: expected at least 1, got {eval_size}")
         if fact_check_pairs < 0:
@@ -80,6 +82,7 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
         self.eval_size, self.heldout_fraction = eval_size, heldout_fraction
         self.fact_check_pairs, self.helpful_pairs = fact_check_pairs, helpful_pairs
         self.extra_words, self.titled_word_pages = extra_words, titled_word_pages
+        self.data_seed = data_seed
 
         rng = self._rng("split")
         countries = list(F.COUNTRIES)
@@ -122,6 +125,11 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
         # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms.
         return random.Random(f"chatsmith-world:{self.seed}:{name}")
 
+    def _data_rng(self, name: str) -> random.Random:
+        """The stream of a training-data product (SFT, preferences, RL prompts): `data_seed` draws those rows
+        again while the splits, the corpus (so the base model) and the eval stay as they are; 0 is `_rng`."""
+        return self._rng(name) if self.data_seed == 0 else self._rng(f"data{self.data_seed}:{name}")
+
     def _n(self, base: int, minimum: int = 1) -> int:
         return max(minimum, round(base * self.scale))
 
@@ -134,7 +142,7 @@ class World(CorpusMixin, ConversationMixin, LongChatMixin, PreferenceMixin, Suit
             quality[r["quality"]] = quality.get(r["quality"], 0) + 1
         rows, dropped = self._preference_rows
         return {
-            "seed": self.seed, "scale": self.scale, "low_quality_share": self.low_quality_share,
+            "seed": self.seed, "data_seed": self.data_seed, "scale": self.scale, "low_quality_share": self.low_quality_share,
             "fact_check_pairs": self.fact_check_pairs, "helpful_pairs": self.helpful_pairs,
             "extra_words": self.extra_words, "titled_word_pages": self.titled_word_pages,
             "countries": len(self.countries), "train_countries": len(self.train_countries),

@@ -170,7 +170,7 @@ class PreferenceMixin:
 
     @cached_property
     def _preference_rows(self) -> tuple[list[dict], int]:
-        rng = self._rng("preferences")
+        rng = self._data_rng("preferences")
         n = self._n(3000, minimum=len(self._PREF_MIX))
         kinds = [k for k, _ in self._PREF_MIX]
         plan = rng.choices(kinds, weights=[w for _, w in self._PREF_MIX], k=n)
@@ -184,8 +184,8 @@ class PreferenceMixin:
         n_facts = round(self.fact_check_pairs * self.scale)
         n_helpful = round(self.helpful_pairs * self.scale)
         # Each kind of the mix draws its rows from a stream of its own (see `_sft_records`).
-        kind_streams = {kind: self._rng(f"preferences:{kind}") for kind in kinds}
-        fact_stream, helpful_stream = self._rng("fact_checks"), self._rng("helpful_checks")
+        kind_streams = {kind: self._data_rng(f"preferences:{kind}") for kind in kinds}
+        fact_stream, helpful_stream = self._data_rng("fact_checks"), self._data_rng("helpful_checks")
         jobs = [(i, kind_streams[plan[i]], plan[i]) for i in range(n)]
         jobs += [(i, fact_stream, "fact_wrong") for i in range(n, n + n_facts)]
         jobs += [(i, helpful_stream, ("benign", "benign_scary")[i % 2])

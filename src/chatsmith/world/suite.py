@@ -24,12 +24,12 @@ class SuiteMixin:
 
     @cached_property
     def _prompt_rows(self) -> list[dict]:
-        rng = self._rng("prompts")
+        rng = self._data_rng("prompts")
         n = self._n(1000, minimum=len(self._PROMPT_MIX))
         cats = [c for c, _ in self._PROMPT_MIX]
         plan = rng.choices(cats, weights=[w for _, w in self._PROMPT_MIX], k=n)
         plan[:len(cats)] = cats
-        streams = {cat: self._rng(f"prompts:{cat}") for cat in cats}   # one per category (see `_sft_records`)
+        streams = {cat: self._data_rng(f"prompts:{cat}") for cat in cats}   # one per category (see `_sft_records`)
         rows = []
         for i, cat in enumerate(plan):
             if cat == "long":   # a prompt: its reply is sampled, so the chat alone must leave room for it
