@@ -15,7 +15,9 @@ from test_ppo import one_thread  # noqa: F401
 def world_prompts_file(tmp_path, n: int = 6):
     from chatsmith.world import World
 
-    rows = [r for r in World(seed=0).prompts() if r["category"] in ("fact", "harmful", "haiku")][:n]
+    # one-turn prompts: a long chat would not fit the tests' max_len and is skipped
+    rows = [r for r in World(seed=0).prompts()
+            if r["category"] in ("fact", "harmful", "haiku") and len(r["messages"]) == 1][:n]
     path = tmp_path / "world_prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
