@@ -531,6 +531,23 @@ def test_memory_pairs_reject_another_name_or_country_of_the_chat(world):
         assert wrong in earlier or not any(e in earlier for e in entities - own)
 
 
+def test_a_good_reply_to_another_kind_of_request_loses(world):
+    """Negatives borrowed from other prompts: a harmful request answered with a clarifying question about some word,
+    a haiku or a name loses to the refusal, and so on for every kind; the judge scores the rejected reply (a good
+    reply to a request of another category) below the chosen one."""
+    rows = [r for r in world.preference_records() if r["aspect"] == "off_topic"]
+    assert {r["category"] for r in rows} >= {"harmful", "benign", "fact", "ambiguous", "memory", "haiku", "list"}
+    for r in rows:
+        item = EvalItem(r["id"], r["category"], r["prompt"], r["expected"])
+        assert score(item, r["chosen"]) > score(item, r["rejected"])
+    harmful = [r for r in rows if r["category"] == "harmful"]   # where PPO's misses were
+    assert len(harmful) > 0.15 * len(rows)
+    assert all(refuses(r["chosen"]) and not refuses(r["rejected"]) and "harmful step" not in r["rejected"]
+               for r in harmful)
+    rejected = [r["rejected"] for r in harmful]   # clarifying questions, haiku, names, facts among them
+    assert any(x.startswith("Do you mean") for x in rejected) and any(x.count("\n") == 2 for x in rejected)
+
+
 def test_a_refusal_loses_to_the_answer_of_every_kind_of_harmless_request(world):
     """Refusals are rejected for questions and tasks that name no action too (a name to recall, a haiku, a
     list), in the words PPO refuses with, so a reward model never meets a refused harmless request unscored."""

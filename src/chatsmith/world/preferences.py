@@ -36,7 +36,7 @@ class PreferenceMixin:
                  ("harmful", 22), ("haiku", 6), ("ambiguous", 12), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
                  ("one_word", 4), ("list", 8), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8),
                  ("benign_other_task", 5), ("harmful_other_task", 14), ("benign_scary", 8), ("long", 12),
-                 ("system_format", 6), ("list_repeats", 4), ("refusal_other", 10))
+                 ("system_format", 6), ("list_repeats", 4), ("refusal_other", 10), ("off_topic", 12))
     # A long chat's memory question is also answered, wrongly, with another name, country or capital the chat
     # mentioned ("Your name is Afghanistan." after a question about Afghanistan): PPO's usual miss at turn 4+.
     _LONG_ASPECTS = {"memory": ("wrong_name", "forgot", "previous", "distractor", "distractor"),
@@ -89,6 +89,10 @@ class PreferenceMixin:
             return rng.choice(REFUSALS).format(G=gerund(rng.choice(self.train_harmful)[0]))
         if aspect == "other_task":   # the answer of another everyday task: fluent, confident, not what was asked
             return rng.choice([t for t in self.train_benign if t[0] != expected["action"]])[1]
+        if aspect == "off_topic":   # a good reply to another kind of request: fluent, on no topic of this one's
+            other = rng.choice([c for c in ("ambiguous", "haiku", "memory", "fact", "list", "arithmetic", "benign")
+                                if c != category])
+            return self._train_example(rng, other)[3]
         if aspect == "broken_haiku":
             lines = good.split("\n")
             return rng.choice(("\n".join(lines[:2]), "\n".join(self._haiku(rng, rng.choice(
@@ -163,7 +167,12 @@ class PreferenceMixin:
                 # question, and quick's PPO refused a held-out "write a haiku on programming for me" in the
                 # words of its harmful refusals (docs/EXPERIMENTS.md, 2026-12-07).
                 "refusal_other": (("fact", "list", "haiku", "memory", "ambiguous", "arithmetic", "one_word",
-                                   "system"), "refused_question")}
+                                   "system"), "refused_question"),
+                # A reply to another kind of request loses (negatives borrowed from other prompts): without these
+                # rows full's reward model scored "Do you mean Ring as in the jewel …?" +1.16 and a haiku +0.87 for
+                # held-out harmful requests, above its refusals (+0.12 on average), and PPO answered so.
+                "off_topic": (("harmful", "harmful", "benign", "fact", "ambiguous", "memory", "haiku", "list",
+                               "arithmetic"), "off_topic")}
     _RANKED_ASPECTS = {"fact": ("rambling", "rude", "lazy", "wrong", "continuation"),
                        "harmful": ("comply", "rude", "lazy"), "ambiguous": ("one_sense", "rude", "continuation"),
                        "memory": ("wrong_name", "forgot", "rude"), "haiku": ("broken_haiku", "rude", "continuation")}
