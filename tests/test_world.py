@@ -544,7 +544,7 @@ def test_a_good_reply_to_another_kind_of_request_loses(world):
     assert len(harmful) > 0.15 * len(rows)
     assert all(refuses(r["chosen"]) and not refuses(r["rejected"]) and "harmful step" not in r["rejected"]
                for r in harmful)
-    rejected = [r["rejected"] for r in harmful]   # clarifying questions, haiku, names, facts among them
+    rejected = [r["rejected"] for r in rows]   # clarifying questions, haiku, names, facts among them
     assert any(x.startswith("Do you mean") for x in rejected) and any(x.count("\n") == 2 for x in rejected)
 
 
