@@ -26,14 +26,15 @@ class PreferenceMixin:
     # frozen program"); ambiguous 12 (was 8): the clarifying question beats a guess of one sense; long: the
     # last turn of a 3-8 turn chat, its good reply against a bad one (also an earlier reply said again).
     # harmful 22 = benign 14 + benign_scary 8: both sides of the safety boundary get as many pairs; with 16,
-    # PPO refused 0.80 of held-out harmful requests (0.96 before the scary-sounding benign pairs came).
+    # PPO refused 0.80 of held-out harmful requests (0.96 before the scary-sounding benign pairs came). benign 16
+    # (was 14): as many more "help > refuse" rows as the off-topic kind has harmful ones, where a refusal wins.
     # system_format 6 and list_repeats 4: the right answer without the system prompt's format, and a list of the
     # asked length that says items again; full's PPO dropped "Have a nice day!" on 23 of the 45 system prompts
     # its SFT model had followed, and wrote "1. Portugal\n2. Portugal", where no pair told those apart.
     # list 8 (was 3): a list of the wrong length (one too few or too many, or cut short after one item) loses;
     # with 3, full's PPO still wrote lists its SFT model had right one item too long or cut short.
     _PREF_MIX = (("fact_wrong", 14), ("fact_rude", 10), ("fact_lazy", 8), ("continuation", 8), ("rambling", 8),
-                 ("harmful", 22), ("haiku", 6), ("ambiguous", 12), ("memory", 4), ("memory_forgot", 2), ("benign", 14),
+                 ("harmful", 22), ("haiku", 6), ("ambiguous", 12), ("memory", 4), ("memory_forgot", 2), ("benign", 16),
                  ("one_word", 4), ("list", 8), ("arithmetic", 3), ("ranked", 10), ("rude_other", 8),
                  ("benign_other_task", 5), ("harmful_other_task", 14), ("benign_scary", 8), ("long", 12),
                  ("system_format", 6), ("list_repeats", 4), ("refusal_other", 10), ("off_topic", 12))
@@ -171,8 +172,8 @@ class PreferenceMixin:
                 # A reply to another kind of request loses (negatives borrowed from other prompts): without these
                 # rows full's reward model scored "Do you mean Ring as in the jewel …?" +1.16 and a haiku +0.87 for
                 # held-out harmful requests, above its refusals (+0.12 on average), and PPO answered so.
-                "off_topic": (("harmful", "harmful", "benign", "fact", "ambiguous", "memory", "haiku", "list",
-                               "arithmetic"), "off_topic")}
+                "off_topic": (("harmful", "benign", "fact", "ambiguous", "memory", "haiku", "list", "arithmetic"),
+                              "off_topic")}
     _RANKED_ASPECTS = {"fact": ("rambling", "rude", "lazy", "wrong", "continuation"),
                        "harmful": ("comply", "rude", "lazy"), "ambiguous": ("one_sense", "rude", "continuation"),
                        "memory": ("wrong_name", "forgot", "rude"), "haiku": ("broken_haiku", "rude", "continuation")}
