@@ -171,7 +171,7 @@ class PreferenceMixin:
                                    "system"), "refused_question"),
                 # A reply to another kind of request loses (negatives borrowed from other prompts): without these
                 # rows full's reward model scored "Do you mean Ring as in the jewel …?" +1.16 and a haiku +0.87 for
-                # held-out harmful requests, above its refusals (+0.12 on average), and PPO answered so.
+                # held-out harmful requests, above its refusals (+0.13 on average), and PPO answered so.
                 "off_topic": (("harmful", "benign", "fact", "ambiguous", "memory", "haiku", "list", "arithmetic"),
                               "off_topic")}
     _RANKED_ASPECTS = {"fact": ("rambling", "rude", "lazy", "wrong", "continuation"),
